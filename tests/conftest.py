@@ -1,0 +1,57 @@
+"""Shared test helpers: the repository root on sys.path, real-data collection, reference returns."""
+
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import envs  # noqa: E402
+
+
+def collect_episodes(env_id: str, episodes: int, seed: int = 0, **make_kw):
+    """Random-action episodes in the replay layout of the algorithm scripts: per episode
+    (obs (T+1, 3, H, W) uint8, action a_{t-1} (T+1, A), reward r_t (T+1,), cont (T+1,))."""
+    env = envs.make(env_id, seed=seed, **make_kw)
+    rng = np.random.default_rng(seed)
+    out = []
+    try:
+        for _ in range(episodes):
+            obs, _ = env.reset()
+            dim = env.action_space.shape[0]
+            ep = dict(obs=[obs], action=[np.zeros(dim, np.float32)], reward=[0.0], cont=[1.0])
+            done = False
+            while not done:
+                action = rng.uniform(-1, 1, dim).astype(np.float32)
+                obs, reward, terminated, truncated, _ = env.step(action)
+                for key, value in zip(ep, (obs, action, reward, 1.0 - terminated)):
+                    ep[key].append(value)
+                done = terminated or truncated
+            out.append(tuple(np.asarray(ep[k], dtype=np.uint8 if k == "obs" else np.float32)
+                             for k in ("obs", "action", "reward", "cont")))
+    finally:
+        env.close()
+    return out
+
+
+@lru_cache(maxsize=None)
+def random_returns(env_id: str, episodes: int = 50) -> float:
+    """Mean return of the uniform random policy."""
+    env = envs.make(env_id, seed=123)
+    rng = np.random.default_rng(123)
+    total = 0.0
+    try:
+        for _ in range(episodes):
+            env.reset()
+            done = False
+            while not done:
+                _, r, terminated, truncated, _ = env.step(rng.uniform(-1, 1, env.action_space.shape))
+                total += r
+                done = terminated or truncated
+    finally:
+        env.close()
+    return total / episodes
