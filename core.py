@@ -104,6 +104,9 @@ class Args:
     """include the replay buffer in checkpoints so that --resume keeps the same data"""
     resume: Optional[str] = None
     """path of a checkpoint to continue from (same schedule and step counters)"""
+    measure_updates: int = 0
+    """if > 0: time this many updates on a synthetic batch at the configured sizes, print the
+    median seconds per update and exit (speed benchmarks)"""
     capture_video: bool = False
     """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard"""
 
@@ -773,6 +776,10 @@ class Agent:
         action = dist.sample() if explore else deterministic_action(dist)
         return action[0].float().cpu().numpy(), (post, action.float())
 
+    def num_parameters(self) -> int:
+        """Trained parameters: world model, actor, critics (not the target critics)."""
+        return sum(p.numel() for m in (self.wm, self.actor, self.critics) for p in m.parameters())
+
     def modules(self) -> dict:
         return dict(wm=self.wm, actor=self.actor, critics=self.critics, target_critics=self.target_critics,
                     model_opt=self.model_opt, critic_opt=self.critic_opt,
@@ -868,12 +875,41 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def measure_update_speed(args: Args, device: torch.device, action_dim: int = 6) -> dict:
+    """Median seconds per update over `args.measure_updates` updates (after 2 warm-ups) on a
+    random batch of the configured size: model and optimiser cost only, no env, no replay."""
+    agent = Agent(args, action_dim, device)
+    T, B, S = args.seq_len, args.batch_size, args.crop_size
+    batch = dict(obs=torch.randint(0, 255, (T, B, 3, S, S), dtype=torch.uint8, device=device),
+                 action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
+                 reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device))
+    times = []
+    for i in range(args.measure_updates + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        agent.update(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    params = agent.num_parameters()
+    result = dict(seconds_per_update=float(np.median(times)), updates=len(times), parameters=params,
+                  device=str(device), precision=args.precision, compile=args.compile)
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    print(json.dumps(result))
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # Main loop (Algorithm 1)
 # ---------------------------------------------------------------------------------------------
 
 
 def main(args: Args):
+    if args.measure_updates > 0:
+        return measure_update_speed(args, resolve_device(args.device))
     checkpoint = None
     if args.resume:
         if not Path(args.resume).is_file():
@@ -917,7 +953,7 @@ def main(args: Args):
         torch.set_rng_state(checkpoint["rng"]["torch"])
         print(f"resumed from {args.resume} at env step {counters['env_steps']}")
 
-    params = sum(p.numel() for m in (agent.wm, agent.actor, agent.critics) for p in m.parameters())
+    params = agent.num_parameters()
     print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | replay "
           f"{replay.capacity:,} agent steps, up to {replay.nbytes / 2**30:.2f} GiB (filled lazily) | "
           f"{args.updates_per_step} updates per agent step, batch {args.batch_size}x{args.seq_len}")

@@ -98,6 +98,9 @@ class Args:
     """include the replay buffer in checkpoints so that --resume keeps the same data"""
     resume: Optional[str] = None
     """path of a checkpoint to continue from (same schedule and step counters)"""
+    measure_updates: int = 0
+    """if > 0: time this many updates on a synthetic batch at the configured sizes, print the
+    median seconds per update and exit (speed benchmarks)"""
     capture_video: bool = False
     """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard"""
 
@@ -678,6 +681,10 @@ class Agent:
         action = dist.sample() if explore else mode(dist)
         return action[0].float().cpu().numpy(), (latent, action.float())
 
+    def num_parameters(self) -> int:
+        """Trained parameters: world model, actor, critic (not the slow target critic)."""
+        return sum(p.numel() for m in (self.wm, self.ac.actor, self.ac.critic) for p in m.parameters())
+
     def state_dict(self) -> dict:
         return dict(wm=self.wm.state_dict(), ac=self.ac.state_dict(),
                     model_opt=self.model_opt.state_dict(), actor_opt=self.actor_opt.state_dict(),
@@ -774,12 +781,41 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def measure_update_speed(args: Args, device: torch.device, action_dim: int = 6) -> dict:
+    """Median seconds per update over `args.measure_updates` updates (after 2 warm-ups) on a
+    random batch of the configured size: model and optimiser cost only, no env, no replay."""
+    agent = Agent(args, action_dim, False, device)
+    T, B = args.batch_length, args.batch_size
+    batch = dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
+                 action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
+                 reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device))
+    times = []
+    for i in range(args.measure_updates + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        agent.update(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    params = agent.num_parameters()
+    result = dict(seconds_per_update=float(np.median(times)), updates=len(times), parameters=params,
+                  device=str(device), precision=args.precision, compile=args.compile)
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    print(json.dumps(result))
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # Main loop
 # ---------------------------------------------------------------------------------------------
 
 
 def main(args: Args):
+    if args.measure_updates > 0:
+        return measure_update_speed(args, resolve_device(args.device))
     checkpoint = None
     if args.resume:
         if not Path(args.resume).is_file():
@@ -821,8 +857,7 @@ def main(args: Args):
         torch.set_rng_state(checkpoint["rng"]["torch"])
         print(f"resumed from {args.resume} at env step {counters['env_steps']}")
 
-    params = sum(p.numel() for p in agent.wm.parameters()) + sum(
-        p.numel() for p in agent.ac.parameters() if p.requires_grad)
+    params = agent.num_parameters()
     ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
     print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | replay "
           f"{replay.capacity:,} agent steps, up to {replay.nbytes / 2**30:.2f} GiB (filled lazily) | "
