@@ -30,7 +30,6 @@ with N = T * B start states. Images are uint8 (3, 64, 64) until the encoder, whi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os

@@ -55,3 +55,34 @@ def random_returns(env_id: str, episodes: int = 50) -> float:
     finally:
         env.close()
     return total / episodes
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_then_resume(script: str, flags: list[str], first: int, second: int, cwd: Path):
+    """Run `script` to `first` env steps with --save-model, then --resume it to `second`.
+    Checks both exit cleanly and return the run folder, the first run's record count and both
+    checkpoints (counters and update counts)."""
+    import subprocess
+
+    import torch
+
+    def run(total, *extra):
+        cmd = [sys.executable, str(ROOT / script), *flags, "--total-steps", str(total), "--save-model", *extra]
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out
+
+    run(first)
+    (run_dir,) = (cwd / "runs").iterdir()
+    n_first = len(read_metrics(run_dir))
+    ckpt_first = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    out = run(second, "--resume", str(run_dir / "checkpoint.pt"))
+    assert "resumed from" in out.stdout
+    ckpt_second = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    return run_dir, n_first, ckpt_first, ckpt_second
