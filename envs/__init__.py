@@ -12,7 +12,8 @@ Env ids (`<family>-<domain>-<task>`):
 | `dcs-<domain>-<task>`   | Distracting Control Suite: `distraction` none/easy/medium/hard     |
 |                         | (background video + camera + colour) or `background` (video only)  |
 | `natural-<domain>-<task>` | CVRL's Natural Mujoco: video pixels behind the agent              |
-| `toy-reach`             | a dot to move onto a target; numpy-rendered, for tests and CPU     |
+| `toy-reach`             | a dot to move onto a random target; numpy-rendered, for tests      |
+| `toy-reach-center`      | the same with the target always at the centre: CPU learning checks |
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import difflib
 from envs.distractions import LEVELS, NUM_VIDEOS, SCALE
 
 FAMILIES = ("dmc", "dcs", "natural", "toy")
-ID_FORMS = "dmc-<domain>-<task>, dcs-<domain>-<task>, natural-<domain>-<task>, toy-reach"
+ID_FORMS = ("dmc-<domain>-<task>, dcs-<domain>-<task>, natural-<domain>-<task>, toy-reach, "
+            "toy-reach-center")
 SPLITS = ("train", "val")
 
 __all__ = ["make", "FAMILIES", "LEVELS", "default_action_repeat"]
@@ -64,8 +66,8 @@ def make(env_id: str, *, distraction: str = "none", dynamic: bool = True, seed: 
     """Build an environment.
 
     Args:
-        env_id: `dmc-<domain>-<task>`, `dcs-<domain>-<task>`, `natural-<domain>-<task>` or
-            `toy-reach` (e.g. `dcs-walker-walk`).
+        env_id: `dmc-<domain>-<task>`, `dcs-<domain>-<task>`, `natural-<domain>-<task>`,
+            `toy-reach` or `toy-reach-center` (e.g. `dcs-walker-walk`).
         distraction: for `dcs-*`: `none`, `easy`, `medium`, `hard` (Distracting Control Suite:
             camera and colour scale 0.1 / 0.2 / 0.3, 4 / 8 / all background videos) or
             `background` (all videos, no camera or colour change). Other families: `none`.
@@ -101,12 +103,13 @@ def make(env_id: str, *, distraction: str = "none", dynamic: bool = True, seed: 
                          f"{image_size}")
 
     if family == "toy":
-        if rest != "reach":
-            raise ValueError(f"unknown env {env_id!r}; the toy family has only 'toy-reach'")
+        if rest not in ("reach", "reach-center"):
+            raise ValueError(f"unknown env {env_id!r}; the toy family has 'toy-reach' and "
+                             "'toy-reach-center'")
         from envs.toy import ToyReach
 
         return ToyReach(seed=seed, image_size=image_size, action_repeat=action_repeat,
-                        time_limit=time_limit or 50)
+                        time_limit=time_limit or 50, fixed_target=rest == "reach-center")
 
     from envs import distractions as dist
     from envs.dmc import DMCPixels
