@@ -64,10 +64,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_then_resume(script: str, flags: list[str], first: int, second: int, cwd: Path):
-    """Run `script` to `first` env steps with --save-model, then --resume it to `second`.
-    Checks both exit cleanly and return the run folder, the first run's record count and both
-    checkpoints (counters and update counts)."""
+def check_run_then_resume(script: str, flags: list[str], first: int, second: int, cwd: Path,
+                          loss_key: str):
+    """Run `script` to `first` env steps with --save-model, then --resume it to `second`; check the
+    outputs every script promises: TensorBoard events, metrics.jsonl with evaluation returns and a
+    finite `loss_key`, a checkpoint whose counters and update count the resumed run continues."""
     import subprocess
 
     import torch
@@ -85,4 +86,15 @@ def run_then_resume(script: str, flags: list[str], first: int, second: int, cwd:
     out = run(second, "--resume", str(run_dir / "checkpoint.pt"))
     assert "resumed from" in out.stdout
     ckpt_second = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    return run_dir, n_first, ckpt_first, ckpt_second
+
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    records = read_metrics(run_dir)
+    assert any("eval/episodic_return" in r for r in records[:n_first])
+    assert any(np.isfinite(r.get(loss_key, np.nan)) for r in records[:n_first])
+    assert any("charts/SPS" in r for r in records[:n_first])
+    assert ckpt_first["counters"]["env_steps"] == first and ckpt_first["agent"]["updates"] > 0
+    # the resumed run continues the step counter and the schedule
+    assert ckpt_second["counters"]["env_steps"] == second
+    assert ckpt_second["agent"]["updates"] > ckpt_first["agent"]["updates"]
+    steps = [r["step"] for r in records[n_first:]]
+    assert min(steps) > first and max(steps) == second

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dreamerv2 as dv2
-from conftest import ROOT, collect_episodes, random_returns, read_metrics, run_then_resume
+from conftest import ROOT, collect_episodes, random_returns, read_metrics, check_run_then_resume
 
 
 def tiny_args(**kw):
@@ -145,17 +145,7 @@ def test_fifty_updates_on_a_fixed_batch_reduce_the_world_model_loss(cartpole_rep
 def test_cli_runs_end_to_end_writes_logs_and_checkpoint_and_resumes(tmp_path):
     flags = ["--env", "dmc-cartpole-balance", "--preset", "tiny", "--eval-every", "1000",
              "--log-every", "400", "--prefill", "60"]
-    run_dir, n_first, first, second = run_then_resume("dreamerv2.py", flags, 1200, 2000, tmp_path)
-    assert list(run_dir.glob("events.out.tfevents.*"))
-    records = read_metrics(run_dir)
-    assert any("eval/episodic_return" in r for r in records[:n_first])
-    assert any(np.isfinite(r.get("losses/model_loss", np.nan)) for r in records[:n_first])
-    assert any("charts/SPS" in r for r in records[:n_first])
-    assert first["counters"]["env_steps"] == 1200 and first["agent"]["updates"] > 0
-    # the resumed run continues the step counter and the schedule
-    assert second["counters"]["env_steps"] == 2000 and second["agent"]["updates"] > first["agent"]["updates"]
-    steps = [r["step"] for r in records[n_first:]]
-    assert min(steps) > 1200 and max(steps) == 2000
+    check_run_then_resume("dreamerv2.py", flags, 1200, 2000, tmp_path, "losses/model_loss")
 
 
 def test_bad_cli_input_gets_a_clear_message(tmp_path):
