@@ -170,6 +170,7 @@ def test_core_beats_random_on_toy_reach_center(tmp_path, monkeypatch):
     run_dir = core.main(core.preset_args(**SMOKE_CONFIG, seed=1))
     evals = [r["eval/episodic_return"] for r in read_metrics(run_dir) if "eval/episodic_return" in r]
     baseline = random_returns(SMOKE_CONFIG["env"])
+    print(f"eval returns every 1000 steps: {[round(e, 1) for e in evals]}; random policy {baseline:.1f}")
     assert max(evals[-3:]) > baseline + 10 and evals[-1] > baseline, (evals, baseline)
 
 
