@@ -66,7 +66,8 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """name of this experiment (part of the run name)"""
     env: str = "dcs-walker-walk"
-    """env id: dcs-<domain>-<task>, dmc-<domain>-<task>, natural-<domain>-<task> or toy-reach"""
+    """env id: dcs-<domain>-<task>, dmc-<domain>-<task>, natural-<domain>-<task>, toy-reach or
+    toy-reach-center"""
     distraction: str = "medium"
     """dcs-* only: none | easy | medium | hard | background (ignored for other families)"""
     dynamic: bool = True
@@ -871,7 +872,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+        raise SystemExit(f"error: --device {name}: CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA devices here")
     return device
 
 
@@ -919,11 +922,6 @@ def main(args: Args):
         raise SystemExit(f"--crop-size {args.crop_size} must not exceed --render-size {args.render_size}")
     device = resolve_device(args.device)
 
-    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger = Logger(run_dir, args)
-
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -935,9 +933,16 @@ def main(args: Args):
                                          action_repeat=args.action_repeat, split=split,
                                          video_dir=args.video_dir, time_limit=args.time_limit)
     # Evaluation on the validation videos, as the paper does.
-    env, eval_env = make("train", args.seed), make("val", args.seed + 10_000)
-    if not hasattr(env.action_space, "shape") or hasattr(env.action_space, "n"):
-        raise SystemExit(f"{args.env}: CoRe's SAC needs a continuous (Box) action space")
+    try:  # bad input (env id, distraction, video folder) ends here with a message, not a traceback
+        env, eval_env = make("train", args.seed), make("val", args.seed + 10_000)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    if hasattr(env.action_space, "n"):
+        raise SystemExit(f"error: {args.env} has discrete actions; CoRe's SAC needs a Box action space")
+    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = Logger(run_dir, args)
     action_dim = env.action_space.shape[0]
 
     agent = Agent(args, action_dim, device)

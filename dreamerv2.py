@@ -59,7 +59,8 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """name of this experiment (part of the run name)"""
     env: str = "dmc-walker-walk"
-    """env id: dmc-<domain>-<task>, dcs-<domain>-<task>, natural-<domain>-<task> or toy-reach"""
+    """env id: dmc-<domain>-<task>, dcs-<domain>-<task>, natural-<domain>-<task>, toy-reach or
+    toy-reach-center"""
     distraction: str = "none"
     """dcs-* only: none | easy | medium | hard | background"""
     dynamic: bool = True
@@ -776,7 +777,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+        raise SystemExit(f"error: --device {name}: CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA devices here")
     return device
 
 
@@ -822,11 +825,6 @@ def main(args: Args):
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
     device = resolve_device(args.device)
 
-    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger = Logger(run_dir, args)
-
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -836,7 +834,14 @@ def main(args: Args):
                                          dynamic=args.dynamic, seed=seed, image_size=64,
                                          action_repeat=args.action_repeat, split=split,
                                          video_dir=args.video_dir)
-    env, eval_env = make("train", args.seed), make(args.eval_split, args.seed + 10_000)
+    try:  # bad input (env id, distraction, video folder) ends here with a message, not a traceback
+        env, eval_env = make("train", args.seed), make(args.eval_split, args.seed + 10_000)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = Logger(run_dir, args)
     discrete = hasattr(env.action_space, "n")
     action_dim = env.action_space.n if discrete else env.action_space.shape[0]
     repeat = args.action_repeat or envs.default_action_repeat(args.env)

@@ -148,10 +148,16 @@ def test_cli_runs_end_to_end_writes_logs_and_checkpoint_and_resumes(tmp_path):
     check_run_then_resume("dreamerv2.py", flags, 1200, 2000, tmp_path, "losses/model_loss")
 
 
-def test_bad_cli_input_gets_a_clear_message(tmp_path):
-    cmd = [sys.executable, str(ROOT / "dreamerv2.py"), "--env", "dcs-walkr-walk", "--preset", "tiny"]
+@pytest.mark.parametrize("flags,message", [
+    (["--env", "dcs-walkr-walk"], "did you mean 'walker'"),
+    (["--env", "dcs-walker-walk", "--distraction", "extreme"], "unknown distraction 'extreme'"),
+    (["--device", "cuda:99"], "--device cuda:99"),
+])
+def test_bad_cli_input_gets_a_clear_message_and_no_traceback(tmp_path, flags, message):
+    cmd = [sys.executable, str(ROOT / "dreamerv2.py"), "--preset", "tiny", *flags]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "did you mean 'walker'" in out.stderr
+    assert out.returncode != 0 and message in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
