@@ -329,8 +329,8 @@ class PixelDecoder(nn.Module):
                                  nn.ConvTranspose2d(filters, 3, 3, 2, output_padding=pad))
 
     def forward(self, state):
-        x = self.fc(state).reshape(-1, self.filters, self.side, self.side)
-        return self.net(x).reshape(*state.shape[:-1], 3, *self.net(x).shape[-2:])
+        image = self.net(self.fc(state).reshape(-1, self.filters, self.side, self.side))
+        return image.reshape(*state.shape[:-1], *image.shape[1:])
 
 
 class LayerNormGRUCell(nn.Module):
@@ -643,7 +643,9 @@ def model_loss(wm: WorldModel, batch: dict, args: Args):
 
 
 def sac_states(wm: WorldModel, batch: dict, args: Args, grad_to_model: bool) -> torch.Tensor:
-    """Posterior states z_t (T, B, D) of the batch, differentiable in Theta if `grad_to_model`."""
+    """Posterior states z_t (T, B, D) of the batch, differentiable in Theta if `grad_to_model`.
+    The batch is filtered again after the J_M step: J_Q(theta_i, Theta) is a loss of the updated
+    Theta (Algorithm 1 trains the model, then the critic, on the same mini-batch)."""
     with torch.set_grad_enabled(grad_to_model):
         _, post, _, _ = world_model_forward(wm, batch)
         return RSSM.latent(post, mean=args.sac_state == "mean")

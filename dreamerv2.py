@@ -295,31 +295,26 @@ class RSSM(nn.Module):
         """32 independent categoricals; rsample() is one-hot with straight-through gradients."""
         return td.Independent(td.OneHotCategoricalStraightThrough(logits=logits.float()), 1)
 
-    def _stochastic(self, logits: torch.Tensor, deter: torch.Tensor, sample: bool) -> dict:
+    def _stochastic(self, logits: torch.Tensor, deter: torch.Tensor) -> dict:
         logits = logits.reshape(*logits.shape[:-1], self.stoch, self.classes)
-        dist = self.dist(logits)
-        stoch = dist.rsample() if sample else F.one_hot(logits.argmax(-1), self.classes).float()
-        return dict(deter=deter, stoch=stoch, logits=logits)
+        return dict(deter=deter, stoch=self.dist(logits).rsample(), logits=logits)
 
-    def img_step(self, state: dict, action: torch.Tensor, sample: bool = True) -> dict:
+    def img_step(self, state: dict, action: torch.Tensor) -> dict:
         """Prior step: h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}]), z_t ~ p(z_t | h_t)."""
         x = self.img_in(torch.cat([state["stoch"].flatten(-2), action], -1))
         deter = self.cell(x, state["deter"])
-        return self._stochastic(self.img_out(deter), deter, sample)
+        return self._stochastic(self.img_out(deter), deter)
 
-    def obs_step(self, state: dict, action: torch.Tensor, embed: torch.Tensor,
-                 sample: bool = True) -> tuple[dict, dict]:
+    def obs_step(self, state: dict, action: torch.Tensor, embed: torch.Tensor) -> tuple[dict, dict]:
         """Prior step, then the posterior z_t ~ q(z_t | h_t, e_t)."""
-        prior = self.img_step(state, action, sample)
-        post = self._stochastic(self.obs_out(torch.cat([prior["deter"], embed], -1)),
-                                prior["deter"], sample)
+        prior = self.img_step(state, action)
+        post = self._stochastic(self.obs_out(torch.cat([prior["deter"], embed], -1)), prior["deter"])
         return post, prior
 
-    def observe(self, embed: torch.Tensor, action: torch.Tensor, state: dict | None = None):
-        """Filter a sequence. embed (T, B, E); action (T, B, A) is a_{t-1}, the action that led to
-        observation t. Returns posteriors and priors as dicts of (T, B, ...)."""
-        if state is None:
-            state = self.initial(embed.shape[1], embed.device)
+    def observe(self, embed: torch.Tensor, action: torch.Tensor):
+        """Filter a sequence from the zero state. embed (T, B, E); action (T, B, A) is a_{t-1}, the
+        action that led to observation t. Returns posteriors and priors as dicts of (T, B, ...)."""
+        state = self.initial(embed.shape[1], embed.device)
         posts, priors = [], []
         for t in range(embed.shape[0]):
             state, prior = self.obs_step(state, action[t], embed[t])
@@ -593,15 +588,14 @@ def behaviour_losses(wm: WorldModel, ac: ActorCritic, post: dict, args: Args, di
     # Imagined steps after a predicted episode end count less: weight_t = prod_{k<t} gamma_k.
     weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-2]], 0), 0).detach()
     policy = ac.actor(feats[:-1].detach())
+    critic = ac.critic(feats[:-1].detach()).squeeze(-1).float()  # v(z_t), also the baseline
     grad = args.actor_grad if args.actor_grad != "auto" else ("reinforce" if discrete else "dynamics")
     if grad == "dynamics":
         objective = target  # rho = 1: backpropagate V_t through the model into the actions
     else:  # rho = 0: REINFORCE with the critic as baseline
-        baseline = ac.critic(feats[:-1].detach()).squeeze(-1).float()
-        objective = policy.log_prob(actions.detach()) * (target - baseline).detach()
+        objective = policy.log_prob(actions.detach()) * (target - critic).detach()
     entropy = policy.entropy()
     actor_loss = -(weight * (objective + args.actor_entropy * entropy)).mean()
-    critic = ac.critic(feats[:-1].detach()).squeeze(-1).float()
     critic_loss = -(td.Normal(critic, 1.0).log_prob(target.detach()) * weight).mean()
     metrics = dict(actor_loss=actor_loss, critic_loss=critic_loss, actor_entropy=entropy.mean(),
                    imagined_reward=reward.mean(), value=critic.mean(), lambda_return=target.mean())
@@ -633,7 +627,8 @@ class Agent:
             for net in (self.wm.encoder, self.wm.decoder, self.wm.reward, self.ac.actor, self.ac.critic):
                 net.compile()
 
-    def _update(self, batch: dict) -> dict:
+    def update(self, batch: dict) -> dict:
+        """One world-model update, then one actor and one critic update on imagined rollouts."""
         with self.autocast:
             model_loss, post, metrics = world_model_loss(self.wm, batch, self.args)
         self.model_opt.zero_grad(set_to_none=True)
@@ -655,10 +650,6 @@ class Agent:
         self.actor_opt.step()
         self.critic_opt.step()
         metrics.update(ac_metrics)
-        return metrics
-
-    def update(self, batch: dict) -> dict:
-        metrics = self._update(batch)
         if self.updates % self.args.target_update_every == 0:
             self.ac.target_critic.load_state_dict(self.ac.critic.state_dict())
         self.updates += 1

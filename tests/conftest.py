@@ -98,3 +98,13 @@ def check_run_then_resume(script: str, flags: list[str], first: int, second: int
     assert ckpt_second["agent"]["updates"] > ckpt_first["agent"]["updates"]
     steps = [r["step"] for r in records[n_first:]]
     assert min(steps) > first and max(steps) == second
+
+
+def check_beats_random(run_dir: Path, env_id: str):
+    """The learning-check criterion: of the evaluations (20 deterministic episodes each), the best
+    of the last three beats the random policy by 10 (about 3 standard errors of its mean) and the
+    last one beats it. Prints the curve (visible with pytest -s)."""
+    evals = [r["eval/episodic_return"] for r in read_metrics(run_dir) if "eval/episodic_return" in r]
+    baseline = random_returns(env_id)
+    print(f"eval returns every 1000 steps: {[round(e, 1) for e in evals]}; random policy {baseline:.1f}")
+    assert max(evals[-3:]) > baseline + 10 and evals[-1] > baseline, (evals, baseline)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import core
-from conftest import collect_episodes, random_returns, read_metrics, check_run_then_resume
+from conftest import collect_episodes, check_beats_random, check_run_then_resume
 
 
 def tiny_args(**kw):
@@ -165,13 +165,10 @@ def test_cli_runs_end_to_end_on_dcs_writes_logs_and_checkpoint_and_resumes(tmp_p
 
 @pytest.mark.slow
 def test_core_beats_random_on_toy_reach_center(tmp_path, monkeypatch):
-    """About 8 minutes on 2 CPU cores; same criterion as the DreamerV2 check."""
+    """About 8 minutes on 2 CPU cores (criterion: conftest.check_beats_random)."""
     monkeypatch.chdir(tmp_path)
     run_dir = core.main(core.preset_args(**SMOKE_CONFIG, seed=1))
-    evals = [r["eval/episodic_return"] for r in read_metrics(run_dir) if "eval/episodic_return" in r]
-    baseline = random_returns(SMOKE_CONFIG["env"])
-    print(f"eval returns every 1000 steps: {[round(e, 1) for e in evals]}; random policy {baseline:.1f}")
-    assert max(evals[-3:]) > baseline + 10 and evals[-1] > baseline, (evals, baseline)
+    check_beats_random(run_dir, SMOKE_CONFIG["env"])
 
 
 # toy-reach-center keeps its own 50-step episodes (time_limit=None), as random_returns measures them.

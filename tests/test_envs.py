@@ -306,6 +306,25 @@ def test_toy_reach_is_fast_and_a_good_policy_beats_random():
     assert np.mean(returns["greedy"]) > np.mean(returns["random"]) + 20  # 50-step episodes
 
 
+def test_toy_reach_center_keeps_the_target_at_the_centre_and_a_good_policy_beats_random():
+    env = envs.make("toy-reach-center", seed=0)
+    targets, returns = [], {"random": [], "greedy": []}
+    rng = np.random.default_rng(0)
+    for policy in returns:
+        for _ in range(10):
+            env.reset()
+            targets.append(env.target.copy())
+            total, done = 0.0, False
+            while not done:
+                a = env.optimal_action() if policy == "greedy" else rng.uniform(-1, 1, 2)
+                _, r, terminated, truncated, _ = env.step(a)
+                total += r
+                done = terminated or truncated
+            returns[policy].append(total)
+    assert np.all(np.array(targets) == 0)
+    assert np.mean(returns["greedy"]) > np.mean(returns["random"]) + 20
+
+
 def test_envs_close_cleanly_without_egl_errors():
     code = ("import envs; e = envs.make('dcs-cartpole-swingup', distraction='easy', image_size=16);"
             "e.reset(); e.step([0.0]); e.close()")
