@@ -1,19 +1,25 @@
 """Environments for reconstruction-free world-model RL: `envs.make(env_id, ...)`.
 
-Every env is a Gymnasium env with uint8 `(3, image_size, image_size)` pixel observations and a
-`Box` action space in [-1, 1]; `info["env_steps"]` is the number of simulator steps the call took
-(the action repeat, or fewer at the end of an episode).
+Every env is a Gymnasium env with uint8 `(3, image_size, image_size)` pixel observations (a dict
+with `image` and `proprio` for `robosuite-*` with `proprio=True`) and a `Box` action space in
+[-1, 1] (`Discrete` for `minigrid-*`); `info["env_steps"]` is the number of simulator steps the
+call took (the action repeat, or fewer at the end of an episode).
 
-Env ids (`<family>-<domain>-<task>`):
-
-| id                      | what the agent sees                                                |
-|-------------------------|--------------------------------------------------------------------|
-| `dmc-<domain>-<task>`   | the clean DeepMind Control Suite task (any suite task)             |
-| `dcs-<domain>-<task>`   | Distracting Control Suite: `distraction` none/easy/medium/hard     |
-|                         | (background video + camera + colour) or `background` (video only)  |
-| `natural-<domain>-<task>` | CVRL's Natural Mujoco: video pixels behind the agent              |
-| `toy-reach`             | a dot to move onto a random target; numpy-rendered, for tests      |
-| `toy-reach-center`      | the same with the target always at the centre: CPU learning checks |
+| id                          | what the agent sees                           | `distraction`         |
+|-----------------------------|-----------------------------------------------|-----------------------|
+| `dmc-<domain>-<task>`       | the clean DeepMind Control Suite task         | none                  |
+| `dcs-<domain>-<task>`       | Distracting Control Suite: video background,  | none, easy, medium,   |
+|                             | camera and colour changes                     | hard, background      |
+| `natural-<domain>-<task>`   | CVRL's Natural Mujoco: video behind the agent | none                  |
+| `manipulation-<task>`       | dm_control.manipulation, e.g. `reach-duplo`   | none                  |
+| `robosuite-<task>-<robot>`  | robosuite (CoRe Sec. 3.4), e.g. `door-panda`  | none, color-lighting, |
+|                             |                                               | color-lighting-camera |
+| `pybullet-boxpush`          | CVRL's box pushing, with moving shadows       | none                  |
+| `minigrid-<name>`           | MiniGrid from above, BLAST's 100-step return  | none, color_direction,|
+|                             | (e.g. `minigrid-dynamic-obstacles-6x6`)       | smaller_agent,        |
+|                             |                                               | random_frames, video  |
+| `toy-reach`                 | a dot to move onto a random target (tests)    | none                  |
+| `toy-reach-center`          | the same, target at the centre (CPU checks)   | none                  |
 """
 
 from __future__ import annotations
@@ -22,12 +28,20 @@ import difflib
 
 from envs.distractions import LEVELS, NUM_VIDEOS, SCALE
 
-FAMILIES = ("dmc", "dcs", "natural", "toy")
-ID_FORMS = ("dmc-<domain>-<task>, dcs-<domain>-<task>, natural-<domain>-<task>, toy-reach, "
-            "toy-reach-center")
+FAMILIES = ("dmc", "dcs", "natural", "manipulation", "robosuite", "pybullet", "minigrid", "toy")
+ID_FORMS = ("dmc-<domain>-<task>, dcs-<domain>-<task>, natural-<domain>-<task>, "
+            "manipulation-<task>, robosuite-<task>-<robot>, pybullet-boxpush, minigrid-<name>, "
+            "toy-reach, toy-reach-center")
+# Valid `distraction` values per family; families not listed take only 'none'.
+# (`LEVELS` is the Distracting Control Suite's list.)
+FAMILY_LEVELS = {
+    "dcs": LEVELS,
+    "robosuite": ("none", "color-lighting", "color-lighting-camera"),
+    "minigrid": ("none", "color_direction", "smaller_agent", "random_frames", "video"),
+}
 SPLITS = ("train", "val")
 
-__all__ = ["make", "FAMILIES", "LEVELS", "default_action_repeat"]
+__all__ = ["make", "FAMILIES", "FAMILY_LEVELS", "LEVELS", "default_action_repeat"]
 
 
 def _suggest(word: str, choices) -> str:
@@ -36,12 +50,12 @@ def _suggest(word: str, choices) -> str:
 
 
 def default_action_repeat(env_id: str) -> int:
-    """The per-task action repeat `make` uses when `action_repeat=None`."""
+    """The action repeat `make` uses when `action_repeat=None`."""
     from envs.dmc import ACTION_REPEAT, DEFAULT_ACTION_REPEAT
 
     family, _, rest = env_id.partition("-")
-    if family == "toy":
-        return 1
+    if family not in ("dmc", "dcs", "natural"):
+        return 1  # robosuite (20 Hz), box pushing (24 Hz), manipulation (25 Hz), grids, toys
     return ACTION_REPEAT.get(rest.partition("-")[0], DEFAULT_ACTION_REPEAT)
 
 
@@ -62,25 +76,30 @@ def _parse_control_id(env_id: str, family: str, rest: str) -> tuple[str, str]:
 
 def make(env_id: str, *, distraction: str = "none", dynamic: bool = True, seed: int = 0,
          image_size: int = 64, action_repeat: int | None = None, split: str = "train",
-         video_dir=None, time_limit: int | None = None):
+         video_dir=None, time_limit: int | None = None, proprio: bool = False):
     """Build an environment.
 
     Args:
-        env_id: `dmc-<domain>-<task>`, `dcs-<domain>-<task>`, `natural-<domain>-<task>`,
-            `toy-reach` or `toy-reach-center` (e.g. `dcs-walker-walk`).
-        distraction: for `dcs-*`: `none`, `easy`, `medium`, `hard` (Distracting Control Suite:
-            camera and colour scale 0.1 / 0.2 / 0.3, 4 / 8 / all background videos) or
-            `background` (all videos, no camera or colour change). Other families: `none`.
-        dynamic: distractions move during the episode (video plays back and forth, camera and
-            colours drift); False holds one frame, pose and colour set per episode.
+        env_id: one of the forms in the module docstring (e.g. `dcs-walker-walk`).
+        distraction: `none`, or for `dcs-*`: `easy`, `medium`, `hard` (Distracting Control
+            Suite: camera and colour scale 0.1 / 0.2 / 0.3, 4 / 8 / all background videos) or
+            `background` (all videos, no camera or colour change); for `robosuite-*`:
+            `color-lighting` or `color-lighting-camera` (static, resampled every episode); for
+            `minigrid-*`: `color_direction`, `smaller_agent`, `random_frames` or `video`.
+        dynamic: DCS distractions move during the episode (video plays back and forth, camera
+            and colours drift); False holds one frame, pose and colour set per episode.
         seed: seeds the task and the distractions; `reset(seed=...)` reseeds.
         image_size: side of the square observation.
         action_repeat: simulator steps per action; None uses the per-task literature default
-            (ball_in_cup 4, cartpole 8, cheetah 4, finger 2, reacher 4, walker 2, others 2).
+            (ball_in_cup 4, cartpole 8, cheetah 4, finger 2, reacher 4, walker 2, other control
+            suite domains 2, everything else 1).
         split: `train` or `val` background videos (disjoint sets).
         video_dir: DAVIS 2017 folder or a folder of video files; None uses the built-in pool.
         time_limit: episode length in simulator steps before action repeat; None uses the
-            family default (1000 for the control suite, 50 for toy-reach).
+            family default (control suite 1000, manipulation 250 (10 s), robosuite 500,
+            box pushing 200, MiniGrid 100, toy 50).
+        proprio: `robosuite-*` only: observations become {"image": pixels, "proprio": the
+            robots' proprioceptive state (float32)}.
     """
     if not isinstance(env_id, str) or "-" not in env_id:
         raise ValueError(f"unknown env {env_id!r}; known: {ID_FORMS}")
@@ -88,19 +107,23 @@ def make(env_id: str, *, distraction: str = "none", dynamic: bool = True, seed: 
     if family not in FAMILIES:
         raise ValueError(f"unknown env family {family!r} in {env_id!r}{_suggest(family, FAMILIES)};"
                          f" known: {ID_FORMS}")
-    if distraction not in LEVELS:
-        raise ValueError(f"unknown distraction {distraction!r}{_suggest(distraction, LEVELS)}; "
-                         f"known: {', '.join(LEVELS)}")
-    if family != "dcs" and distraction != "none":
-        raise ValueError(f"distraction={distraction!r} applies to dcs-* envs only; {env_id!r} takes "
-                         f"distraction='none' (try 'dcs-{rest}')")
+    levels = FAMILY_LEVELS.get(family, ("none",))
+    if distraction not in levels:
+        takes = [f for f, lv in FAMILY_LEVELS.items() if distraction in lv]
+        hint = (f"; {distraction!r} is for {', '.join(f + '-*' for f in takes)} envs" if takes
+                else _suggest(distraction, levels))
+        raise ValueError(f"unknown distraction {distraction!r} for {env_id!r}{hint}; "
+                         f"{family}-* takes: {', '.join(levels)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    if proprio and family != "robosuite":
+        raise ValueError(f"proprio=True needs a robosuite-* env, got {env_id!r}")
     if action_repeat is None:
         action_repeat = default_action_repeat(env_id)
     if action_repeat < 1 or image_size < 8:
         raise ValueError(f"action_repeat must be >= 1 and image_size >= 8, got {action_repeat}, "
                          f"{image_size}")
+    common = dict(seed=seed, image_size=image_size, action_repeat=action_repeat)
 
     if family == "toy":
         if rest not in ("reach", "reach-center"):
@@ -108,11 +131,42 @@ def make(env_id: str, *, distraction: str = "none", dynamic: bool = True, seed: 
                              "'toy-reach-center'")
         from envs.toy import ToyReach
 
-        return ToyReach(seed=seed, image_size=image_size, action_repeat=action_repeat,
-                        time_limit=time_limit or 50, fixed_target=rest == "reach-center")
+        return ToyReach(**common, time_limit=time_limit or 50, fixed_target=rest == "reach-center")
+    if family == "pybullet":
+        if rest != "boxpush":
+            raise ValueError(f"unknown env {env_id!r}; the pybullet family has 'pybullet-boxpush'")
+        from envs.boxpush import BoxPush
+
+        return BoxPush(**common, time_limit=time_limit or 200)
+    if family == "robosuite":
+        from envs import robosuite_env
+
+        task, robot = robosuite_env.parse(rest)
+        return robosuite_env.RobosuitePixels(task, robot, distraction=distraction, proprio=proprio,
+                                             time_limit=time_limit or 500, **common)
+    if family == "minigrid":
+        from envs.minigrid_env import HORIZON, MiniGridPixels, registered_ids
+
+        known = registered_ids()
+        if env_id not in known:
+            raise ValueError(f"unknown env {env_id!r}{_suggest(env_id, known)}; known: "
+                             + ", ".join(known))
+        gym_id = known[env_id]
+        return MiniGridPixels(gym_id, distraction=distraction, split=split, video_dir=video_dir,
+                              time_limit=time_limit or HORIZON, **common)
+
+    from envs.dmc import DMCPixels, manipulation_tasks
+
+    if family == "manipulation":
+        known = {f"manipulation-{k}": v for k, v in manipulation_tasks().items()}
+        if env_id not in known:
+            raise ValueError(f"unknown env {env_id!r}{_suggest(env_id, known)}; known: "
+                             + ", ".join(known))
+        name = known[env_id]
+        return DMCPixels("manipulation", rest, manipulation=name, time_limit=time_limit or 250,
+                         **common)
 
     from envs import distractions as dist
-    from envs.dmc import DMCPixels
     from envs.videos import clips_for_level, video_pool
 
     domain, task = _parse_control_id(env_id, family, rest)
@@ -126,5 +180,4 @@ def make(env_id: str, *, distraction: str = "none", dynamic: bool = True, seed: 
             layers.append(dist.ColorDrift(SCALE[distraction], dynamic))
     elif family == "natural":
         layers.append(dist.NaturalBackground(video_pool(split, video_dir), image_size, dynamic))
-    return DMCPixels(domain, task, seed=seed, image_size=image_size, action_repeat=action_repeat,
-                     time_limit=time_limit or 1000, distractions=layers)
+    return DMCPixels(domain, task, time_limit=time_limit or 1000, distractions=layers, **common)
