@@ -66,10 +66,12 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """name of this experiment (part of the run name)"""
     env: str = "dcs-walker-walk"
-    """env id: dcs-<domain>-<task>, dmc-<domain>-<task>, natural-<domain>-<task>, toy-reach or
-    toy-reach-center"""
-    distraction: str = "medium"
-    """dcs-* only: none | easy | medium | hard | background (ignored for other families)"""
+    """env id: dcs-<domain>-<task>, dmc-<domain>-<task>, natural-<domain>-<task>,
+    manipulation-<task>, robosuite-<task>-<robot>, pybullet-boxpush, toy-reach, toy-reach-center
+    (README, "Environments")"""
+    distraction: Optional[str] = None
+    """dcs-*: none | easy | medium | hard | background; robosuite-*: none | color-lighting |
+    color-lighting-camera; None: medium for dcs-* (the paper's setting), none otherwise"""
     dynamic: bool = True
     """distractions move within an episode (False: static per episode)"""
     video_dir: Optional[str] = None
@@ -106,8 +108,8 @@ class Args:
     resume: Optional[str] = None
     """path of a checkpoint to continue from (same schedule and step counters)"""
     measure_updates: int = 0
-    """if > 0: time this many updates on a synthetic batch at the configured sizes, print the
-    median seconds per update and exit (speed benchmarks)"""
+    """if > 0: time this many updates on a synthetic batch at the configured sizes and 50 steps of
+    the acting loop on --env, print one JSON line and exit (benchmark.sh speed)"""
     capture_video: bool = False
     """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard"""
 
@@ -880,9 +882,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def measure_update_speed(args: Args, device: torch.device, action_dim: int = 6) -> dict:
-    """Median seconds per update over `args.measure_updates` updates (after 2 warm-ups) on a
-    random batch of the configured size: model and optimiser cost only, no env, no replay."""
+def measure_speed(args: Args, device: torch.device) -> dict:
+    """Speed benchmark. Updates: median seconds per update over `args.measure_updates` updates
+    (after 2 warm-ups) on a random batch of the configured size (model and optimisers only, no
+    env, no replay). Acting: env steps per second of the acting loop (policy step + env step,
+    exploration actions) over 50 agent steps on `args.env`."""
+    distraction = args.distraction or ("medium" if args.env.startswith("dcs-") else "none")
+    env = envs.make(args.env, distraction=distraction, dynamic=args.dynamic, seed=args.seed,
+                    image_size=args.render_size, action_repeat=args.action_repeat,
+                    video_dir=args.video_dir, time_limit=args.time_limit)
+    action_dim = env.action_space.shape[0]
     agent = Agent(args, action_dim, device)
     T, B, S = args.seq_len, args.batch_size, args.crop_size
     batch = dict(obs=torch.randint(0, 255, (T, B, 3, S, S), dtype=torch.uint8, device=device),
@@ -898,8 +907,24 @@ def measure_update_speed(args: Args, device: torch.device, action_dim: int = 6) 
             torch.cuda.synchronize()
         if i >= 2:
             times.append(time.perf_counter() - start)
-    params = agent.num_parameters()
-    result = dict(seconds_per_update=float(np.median(times)), updates=len(times), parameters=params,
+    obs, _ = env.reset(seed=args.seed)
+    state, env_steps, policy_time = None, 0, 0.0
+    start = time.perf_counter()
+    for i in range(52):
+        if i == 2:  # warm-up excluded
+            start, env_steps, policy_time = time.perf_counter(), 0, 0.0
+        t = time.perf_counter()
+        action, state = agent.act(obs, state, explore=True)
+        policy_time += time.perf_counter() - t
+        obs, _, terminated, truncated, info = env.step(action)
+        env_steps += info["env_steps"]
+        if terminated or truncated:
+            (obs, _), state = env.reset(), None
+    acting_time = time.perf_counter() - start
+    env.close()
+    result = dict(seconds_per_update=float(np.median(times)), updates=len(times),
+                  parameters=agent.num_parameters(), env=args.env,
+                  env_steps_per_second=env_steps / acting_time, policy_ms=1000 * policy_time / 50,
                   device=str(device), precision=args.precision, compile=args.compile)
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -914,7 +939,7 @@ def measure_update_speed(args: Args, device: torch.device, action_dim: int = 6) 
 
 def main(args: Args):
     if args.measure_updates > 0:
-        return measure_update_speed(args, resolve_device(args.device))
+        return measure_speed(args, resolve_device(args.device))
     checkpoint = None
     if args.resume:
         if not Path(args.resume).is_file():
@@ -929,7 +954,7 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    distraction = args.distraction if args.env.startswith("dcs-") else "none"
+    distraction = args.distraction or ("medium" if args.env.startswith("dcs-") else "none")
     make = lambda split, seed: envs.make(args.env, distraction=distraction, dynamic=args.dynamic,  # noqa: E731
                                          seed=seed, image_size=args.render_size,
                                          action_repeat=args.action_repeat, split=split,

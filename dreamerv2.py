@@ -59,10 +59,13 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """name of this experiment (part of the run name)"""
     env: str = "dmc-walker-walk"
-    """env id: dmc-<domain>-<task>, dcs-<domain>-<task>, natural-<domain>-<task>, toy-reach or
-    toy-reach-center"""
+    """env id: dmc-<domain>-<task>, dcs-<domain>-<task>, natural-<domain>-<task>,
+    manipulation-<task>, robosuite-<task>-<robot>, pybullet-boxpush, minigrid-<name> (discrete
+    actions), toy-reach, toy-reach-center (README, "Environments")"""
     distraction: str = "none"
-    """dcs-* only: none | easy | medium | hard | background"""
+    """dcs-*: none | easy | medium | hard | background; robosuite-*: none | color-lighting |
+    color-lighting-camera; minigrid-*: none | color_direction | smaller_agent | random_frames |
+    video"""
     dynamic: bool = True
     """distractions move within an episode (False: static per episode)"""
     video_dir: Optional[str] = None
@@ -99,8 +102,8 @@ class Args:
     resume: Optional[str] = None
     """path of a checkpoint to continue from (same schedule and step counters)"""
     measure_updates: int = 0
-    """if > 0: time this many updates on a synthetic batch at the configured sizes, print the
-    median seconds per update and exit (speed benchmarks)"""
+    """if > 0: time this many updates on a synthetic batch at the configured sizes and 50 steps of
+    the acting loop on --env, print one JSON line and exit (benchmark.sh speed)"""
     capture_video: bool = False
     """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard"""
 
@@ -774,10 +777,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def measure_update_speed(args: Args, device: torch.device, action_dim: int = 6) -> dict:
-    """Median seconds per update over `args.measure_updates` updates (after 2 warm-ups) on a
-    random batch of the configured size: model and optimiser cost only, no env, no replay."""
-    agent = Agent(args, action_dim, False, device)
+def measure_speed(args: Args, device: torch.device) -> dict:
+    """Speed benchmark. Updates: median seconds per update over `args.measure_updates` updates
+    (after 2 warm-ups) on a random batch of the configured size (model and optimisers only, no
+    env, no replay). Acting: env steps per second of the acting loop (policy step + env step,
+    exploration actions) over 50 agent steps on `args.env`."""
+    env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=args.seed,
+                    image_size=64, action_repeat=args.action_repeat, video_dir=args.video_dir)
+    discrete = hasattr(env.action_space, "n")
+    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
+    agent = Agent(args, action_dim, discrete, device)
     T, B = args.batch_length, args.batch_size
     batch = dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
                  action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
@@ -792,8 +801,24 @@ def measure_update_speed(args: Args, device: torch.device, action_dim: int = 6) 
             torch.cuda.synchronize()
         if i >= 2:
             times.append(time.perf_counter() - start)
-    params = agent.num_parameters()
-    result = dict(seconds_per_update=float(np.median(times)), updates=len(times), parameters=params,
+    obs, _ = env.reset(seed=args.seed)
+    state, env_steps, policy_time = None, 0, 0.0
+    start = time.perf_counter()
+    for i in range(52):
+        if i == 2:  # warm-up excluded
+            start, env_steps, policy_time = time.perf_counter(), 0, 0.0
+        t = time.perf_counter()
+        action, state = agent.act(obs, state, explore=True)
+        policy_time += time.perf_counter() - t
+        obs, _, terminated, truncated, info = env.step(env_action(action, discrete))
+        env_steps += info["env_steps"]
+        if terminated or truncated:
+            (obs, _), state = env.reset(), None
+    acting_time = time.perf_counter() - start
+    env.close()
+    result = dict(seconds_per_update=float(np.median(times)), updates=len(times),
+                  parameters=agent.num_parameters(), env=args.env,
+                  env_steps_per_second=env_steps / acting_time, policy_ms=1000 * policy_time / 50,
                   device=str(device), precision=args.precision, compile=args.compile)
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -808,7 +833,7 @@ def measure_update_speed(args: Args, device: torch.device, action_dim: int = 6) 
 
 def main(args: Args):
     if args.measure_updates > 0:
-        return measure_update_speed(args, resolve_device(args.device))
+        return measure_speed(args, resolve_device(args.device))
     checkpoint = None
     if args.resume:
         if not Path(args.resume).is_file():

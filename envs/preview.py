@@ -2,8 +2,10 @@
 
     python -m envs.preview --env dcs-walker-walk --out preview/dcs-walker-walk.png
 
-Rows: clean, easy, medium, hard, background (dcs-*), for dynamic and static; columns: frames
-`--every` agent steps apart under random actions. Other families give one row per setting.
+Rows: one per distraction setting of the family (dcs-*: clean, then easy/medium/hard/background
+dynamic and static; robosuite-*: one row per level and episode, since they are static per
+episode; minigrid-*: one row per rendering change); columns: frames `--every` agent steps apart
+under random actions.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import numpy as np
 import envs
 
 
-def rollout_frames(env_id: str, steps: int, every: int, seed: int, image_size: int, **kw):
+def rollout_frames(env_id: str, steps: int, every: int, *, seed: int, image_size: int, **kw):
     env = envs.make(env_id, seed=seed, image_size=image_size, **kw)
     try:
-        rng = np.random.default_rng(seed)
+        env.action_space.seed(seed)
         obs, _ = env.reset(seed=seed)
         frames = [obs]
         for t in range(1, steps * every):
-            obs, *_ = env.step(rng.uniform(-1, 1, env.action_space.shape))
+            obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
+            if terminated or truncated:
+                obs, _ = env.reset()
             if t % every == 0:
                 frames.append(obs)
         return frames
@@ -43,6 +47,12 @@ def settings(env_id: str):
     if env_id.startswith("natural-"):
         return [("natural dynamic", dict(dynamic=True)), ("natural static", dict(dynamic=False)),
                 ("natural val", dict(split="val"))]
+    family = env_id.partition("-")[0]
+    if family == "robosuite":  # static: show two episodes (seeds) per level
+        return [(f"{lvl} ep{k}", dict(distraction=lvl, seed=k))
+                for lvl in envs.FAMILY_LEVELS["robosuite"] for k in (0, 1)]
+    if family in envs.FAMILY_LEVELS:
+        return [(lvl, dict(distraction=lvl)) for lvl in envs.FAMILY_LEVELS[family]]
     return [("clean", {})]
 
 
@@ -51,7 +61,8 @@ def grid(env_id: str, steps: int = 6, every: int = 5, seed: int = 0, image_size:
     pad = 2
     rows, labels = [], []
     for label, kw in settings(env_id):
-        frames = rollout_frames(env_id, steps, every, seed, image_size, **kw)
+        kw = {"seed": seed, **kw}
+        frames = rollout_frames(env_id, steps, every, image_size=image_size, **kw)
         row = np.concatenate([np.pad(f.transpose(1, 2, 0), ((pad, pad), (pad, pad), (0, 0)),
                                      constant_values=255) for f in frames], axis=1)
         rows.append(row)
