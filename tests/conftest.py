@@ -1,7 +1,6 @@
 """Shared test helpers: the repository root on sys.path, real-data collection, reference returns."""
 
 import sys
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -36,25 +35,6 @@ def collect_episodes(env_id: str, episodes: int, seed: int = 0, **make_kw):
     finally:
         env.close()
     return out
-
-
-@lru_cache(maxsize=None)
-def random_returns(env_id: str, episodes: int = 50) -> float:
-    """Mean return of the uniform random policy."""
-    env = envs.make(env_id, seed=123)
-    rng = np.random.default_rng(123)
-    total = 0.0
-    try:
-        for _ in range(episodes):
-            env.reset()
-            done = False
-            while not done:
-                _, r, terminated, truncated, _ = env.step(rng.uniform(-1, 1, env.action_space.shape))
-                total += r
-                done = terminated or truncated
-    finally:
-        env.close()
-    return total / episodes
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -101,10 +81,19 @@ def check_run_then_resume(script: str, flags: list[str], first: int, second: int
 
 
 def check_beats_random(run_dir: Path, env_id: str):
-    """The learning-check criterion: of the evaluations (20 deterministic episodes each), the best
-    of the last three beats the random policy by 10 (about 3 standard errors of its mean) and the
-    last one beats it. Prints the curve (visible with pytest -s)."""
+    """The learning-check criterion of `benchmark.sh smoke` (benchmark.beats_random) on one run.
+    Prints the curve (visible with pytest -s)."""
+    import benchmark
+
     evals = [r["eval/episodic_return"] for r in read_metrics(run_dir) if "eval/episodic_return" in r]
-    baseline = random_returns(env_id)
+    baseline = benchmark.random_policy_return(env_id)
     print(f"eval returns every 1000 steps: {[round(e, 1) for e in evals]}; random policy {baseline:.1f}")
-    assert max(evals[-3:]) > baseline + 10 and evals[-1] > baseline, (evals, baseline)
+    assert benchmark.beats_random(evals, baseline), (evals, baseline)
+
+
+def smoke_args(module, algo: str):
+    """The Args of `benchmark.sh smoke`'s first job for `algo` (seed 1), parsed by the script."""
+    import benchmark
+
+    job = benchmark.suite_jobs("smoke", [algo], seeds=1, budget=None)[0]
+    return module.parse_args(["--env", job.env, "--seed", str(job.seed), *job.flags])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import core
-from conftest import collect_episodes, check_beats_random, check_run_then_resume
+import benchmark
+from conftest import collect_episodes, check_beats_random, check_run_then_resume, smoke_args
 
 
 def tiny_args(**kw):
@@ -167,10 +168,6 @@ def test_cli_runs_end_to_end_on_dcs_writes_logs_and_checkpoint_and_resumes(tmp_p
 def test_core_beats_random_on_toy_reach_center(tmp_path, monkeypatch):
     """About 8 minutes on 2 CPU cores (criterion: conftest.check_beats_random)."""
     monkeypatch.chdir(tmp_path)
-    run_dir = core.main(core.preset_args(**SMOKE_CONFIG, seed=1))
-    check_beats_random(run_dir, SMOKE_CONFIG["env"])
+    run_dir = core.main(smoke_args(core, "core"))
+    check_beats_random(run_dir, benchmark.SMOKE_ENV)
 
-
-# toy-reach-center keeps its own 50-step episodes (time_limit=None), as random_returns measures them.
-SMOKE_CONFIG = dict(env="toy-reach-center", preset="tiny", time_limit=None, batch_size=16, seq_len=16,
-                    prefill=500, total_steps=6000, eval_every=1000, eval_episodes=20, ac_hidden=128)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import dreamerv2 as dv2
-from conftest import ROOT, collect_episodes, check_beats_random, check_run_then_resume
+import benchmark
+from conftest import ROOT, collect_episodes, check_beats_random, check_run_then_resume, smoke_args
 
 
 def tiny_args(**kw):
@@ -164,13 +165,6 @@ def test_bad_cli_input_gets_a_clear_message_and_no_traceback(tmp_path, flags, me
 def test_dreamerv2_beats_random_on_toy_reach_center(tmp_path, monkeypatch):
     """About 10 minutes on 2 CPU cores (criterion: conftest.check_beats_random)."""
     monkeypatch.chdir(tmp_path)
-    run_dir = dv2.main(dv2.preset_args(**SMOKE_CONFIG, seed=1))
-    check_beats_random(run_dir, SMOKE_CONFIG["env"])
+    run_dir = dv2.main(smoke_args(dv2, "dreamerv2"))
+    check_beats_random(run_dir, benchmark.SMOKE_ENV)
 
-
-# Small nets learn too slowly at the paper's learning rates for a CPU check; these are the
-# settings the learning check uses (benchmark.sh smoke).
-SMOKE_CONFIG = dict(env="toy-reach-center", preset="tiny", cnn_depth=8, deter=64, hidden=64, stoch=8,
-                    classes=8, mlp_units=64, batch_size=8, batch_length=16, prefill=500, pretrain=100,
-                    horizon=10, train_every=2, model_lr=1e-3, actor_lr=3e-4, critic_lr=3e-4,
-                    total_steps=6000, eval_every=1000, eval_episodes=20)

@@ -1,0 +1,550 @@
+"""Speed and learning benchmarks for every algorithm script (`./benchmark.sh` calls this).
+
+    ./benchmark.sh speed [--updates 5] [--tiny]        seconds/update, acting env steps/s, memory
+    ./benchmark.sh smoke [--seeds 2] [--dry-run]       CPU learning check against the random policy
+    ./benchmark.sh dcs   [--seeds 3] [--budget 500000] CoRe's protocol: DCS dynamic medium, 6 tasks
+    ./benchmark.sh dmc   [--seeds 3] [--budget 500000] clean DMC (official DreamerV2 curves beside)
+    ./benchmark.sh report <suite>                      re-aggregate results/<suite> only
+
+Learning suites run one job per (algorithm, env, seed) in `results/<suite>/runs/<algo>/<env>/
+seed<k>/` (the script's own `runs/<name>/` folder lands inside), in parallel with `--workers N`
+(one GPU each via CUDA_VISIBLE_DEVICES when GPUs are present), or as a Slurm array job with
+`--slurm` (written to `results/<suite>/slurm.sh`; `--submit` also calls sbatch). A job whose
+folder holds `DONE` is skipped; an unfinished one resumes from its checkpoint. Aggregation reads
+only `metrics.jsonl` files laid out as `<root>/<algo>/<env>/<seed>/.../metrics.jsonl`, so runs
+copied from elsewhere can be dropped in. Reports: `summary.md` (+ `summary.json`) and
+`curves.png` in `results/<suite>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+# One line per algorithm script; scripts that do not exist yet are left out automatically.
+ALGORITHMS = {
+    "dreamerv2": "dreamerv2.py",
+    "core": "core.py",
+    "cvrl": "cvrl.py",
+    "dreamingv2": "dreamingv2.py",
+    "blast": "blast.py",
+}
+DCS_TASKS = ["ball_in_cup-catch", "cartpole-swingup", "cheetah-run", "finger-spin", "reacher-easy",
+             "walker-walk"]
+# CoRe appendix Table 5b, dynamic medium, 500K env steps: mean ± standard error over seeds.
+CORE_PAPER_DCS_MEDIUM_500K = {
+    "ball_in_cup-catch": (706, 39), "cartpole-swingup": (354, 26), "cheetah-run": (354, 10),
+    "finger-spin": (540, 73), "reacher-easy": (445, 48), "walker-walk": (479, 31)}
+DREAMERV2_REFERENCE = ROOT.parent / "shared" / "reference" / "dreamerv2-dmc-vision-scores.json"
+# Learning check (smoke): small nets and faster learning rates, toy-reach-center, 6000 steps; the
+# same settings as the slow tests (tests/test_<algo>.py::SMOKE_CONFIG).
+SMOKE_FLAGS = {
+    "dreamerv2": "--preset tiny --cnn-depth 8 --deter 64 --hidden 64 --stoch 8 --classes 8 "
+                 "--mlp-units 64 --batch-size 8 --batch-length 16 --prefill 500 --pretrain 100 "
+                 "--horizon 10 --train-every 2 --model-lr 1e-3 --actor-lr 3e-4 --critic-lr 3e-4",
+    "core": "--preset tiny --time-limit None --batch-size 16 --seq-len 16 --prefill 500 "
+            "--ac-hidden 128",
+}
+SMOKE_ENV = "toy-reach-center"
+SMOKE_MARGIN = 10.0  # return units above the random policy (about 3 standard errors of its mean)
+
+
+def available_algorithms(names=None) -> dict[str, Path]:
+    found = {k: ROOT / v for k, v in ALGORITHMS.items() if (ROOT / v).is_file()}
+    if names:
+        unknown = [n for n in names if n not in found]
+        if unknown:
+            raise SystemExit(f"error: unknown or missing algorithm(s) {unknown}; available: "
+                             f"{', '.join(found)}")
+        found = {k: found[k] for k in names}
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    algo: str
+    env: str
+    seed: int
+    flags: list[str] = field(default_factory=list)
+    folder: Path = Path(".")
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, str(ROOT / ALGORITHMS[self.algo]), "--env", self.env,
+               "--seed", str(self.seed), "--save-model", *self.flags]
+        ckpts = sorted(self.folder.glob("runs/*/checkpoint.pt"))
+        if ckpts:  # resume an unfinished job from its checkpoint
+            cmd += ["--resume", str(ckpts[-1])]
+        return cmd
+
+    @property
+    def done(self) -> bool:
+        return (self.folder / "DONE").is_file()
+
+
+def suite_jobs(suite: str, algos, seeds: int, budget: int, tasks=None, eval_every=None,
+               eval_episodes=None, results=Path("results")) -> list[Job]:
+    """Every (algorithm, env, seed) job of a suite, with the folder it writes to."""
+    if suite == "smoke":
+        envs_flags = [(SMOKE_ENV, [])]
+        budget = budget or 6000
+        eval_every, eval_episodes = eval_every or 1000, eval_episodes or 20
+    elif suite in ("dcs", "dmc"):
+        family = "dcs" if suite == "dcs" else "dmc"
+        dist = ["--distraction", "medium", "--dynamic"] if suite == "dcs" else ["--distraction",
+                                                                                 "none"]
+        envs_flags = [(f"{family}-{t}", dist) for t in (tasks or DCS_TASKS)]
+        budget = budget or 500_000
+        # CoRe: 20 validation episodes per checkpoint; every 10K steps keeps the curve readable.
+        eval_every, eval_episodes = eval_every or 10_000, eval_episodes or 20
+    else:
+        raise SystemExit(f"error: unknown suite {suite!r}; known: speed, smoke, dcs, dmc")
+    jobs = []
+    for algo in algos:
+        for env, extra in envs_flags:
+            for seed in range(1, seeds + 1):
+                flags = list(extra)
+                if suite == "smoke":
+                    flags += shlex.split(SMOKE_FLAGS.get(algo, "--preset tiny"))
+                flags += ["--total-steps", str(budget), "--eval-every", str(eval_every),
+                          "--eval-episodes", str(eval_episodes)]
+                folder = results / suite / "runs" / algo / env / f"seed{seed}"
+                jobs.append(Job(algo, env, seed, flags, folder))
+    return jobs
+
+
+def gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+        return sum(line.startswith("GPU") for line in out.stdout.splitlines())
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+
+
+def run_jobs(jobs: list[Job], workers: int) -> list[tuple[Job, int]]:
+    """Run unfinished jobs, `workers` at a time; GPU i of N gets every N-th worker slot."""
+    todo = [j for j in jobs if not j.done]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already finished; running {len(todo)} "
+          f"with {workers} worker(s)", flush=True)
+    gpus = gpu_count()
+    free = list(range(max(workers, 1)))
+
+    def one(job: Job) -> tuple[Job, int]:
+        slot = free.pop()
+        try:
+            env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+            if workers > 1 and not gpus:  # CPU: split the cores instead of oversubscribing them
+                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+            job.folder.mkdir(parents=True, exist_ok=True)
+            with open(job.folder / "log.txt", "a") as log:
+                rc = subprocess.run(job.command(), cwd=job.folder, stdout=log,
+                                    stderr=subprocess.STDOUT, env=env).returncode
+            if rc == 0:
+                (job.folder / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+            print(f"{'done' if rc == 0 else f'FAILED (exit {rc})'}: {job.algo} {job.env} seed "
+                  f"{job.seed} ({job.folder / 'log.txt'})", flush=True)
+            return job, rc
+        finally:
+            free.append(slot)
+
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        return list(pool.map(one, todo))
+
+
+def write_slurm(jobs: list[Job], path: Path, time_limit: str, gpus_per_task: int) -> Path:
+    """A Slurm array script with one task per job (each task resumes if it was started)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=rfwm-{path.parent.name}",
+             f"#SBATCH --array=0-{len(jobs) - 1}", f"#SBATCH --time={time_limit}",
+             "#SBATCH --cpus-per-task=4", f"#SBATCH --output={path.parent}/slurm-%A_%a.out"]
+    if gpus_per_task:
+        lines.append(f"#SBATCH --gres=gpu:{gpus_per_task}")
+    lines += ["set -euo pipefail", "export MUJOCO_GL=${MUJOCO_GL:-egl}", "JOBS=("]
+    for job in jobs:
+        cmd = " ".join(shlex.quote(c) for c in job.command()[2:])  # without interpreter/script
+        lines.append(f"  {shlex.quote(f'{job.folder.resolve()}|{job.algo}|{cmd}')}")
+    lines += [")",
+              'IFS="|" read -r DIR ALGO ARGS <<< "${JOBS[$SLURM_ARRAY_TASK_ID]}"',
+              '[ -f "$DIR/DONE" ] && { echo "already finished: $DIR"; exit 0; }',
+              'mkdir -p "$DIR" && cd "$DIR"',
+              f'SCRIPT={shlex.quote(str(ROOT))}/$ALGO.py',
+              'RESUME=$(ls runs/*/checkpoint.pt 2>/dev/null | tail -n 1 || true)',
+              'eval python3 "$SCRIPT" $ARGS ${RESUME:+--resume "$RESUME"} && date > DONE', ""]
+    path.write_text("\n".join(lines))
+    path.chmod(0o755)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------------------------
+
+
+def read_evals(metrics: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, returns) of the evaluation records of one metrics.jsonl."""
+    steps, returns = [], []
+    for line in metrics.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if "eval/episodic_return" in record:
+                steps.append(record["step"])
+                returns.append(record["eval/episodic_return"])
+    order = np.argsort(steps, kind="stable")
+    return np.asarray(steps, float)[order], np.asarray(returns, float)[order]
+
+
+def collect(root: Path) -> dict:
+    """{algo: {env: {seed: (steps, returns)}}} from <root>/<algo>/<env>/<seed>/.../metrics.jsonl.
+    A seed folder with several runs (e.g. restarted without --resume) uses the longest one."""
+    runs: dict = {}
+    for metrics in sorted(Path(root).glob("*/*/*/**/metrics.jsonl")):
+        algo, env, seed = metrics.relative_to(root).parts[:3]
+        steps, returns = read_evals(metrics)
+        if len(steps) == 0:
+            continue
+        slot = runs.setdefault(algo, {}).setdefault(env, {})
+        if seed not in slot or slot[seed][0][-1] < steps[-1]:
+            slot[seed] = (steps, returns)
+    return runs
+
+
+def score_at(steps: np.ndarray, returns: np.ndarray, budget: float) -> tuple[float, bool]:
+    """The last evaluation at or before `budget` and whether the run got there (within 2%)."""
+    keep = steps <= budget * 1.001
+    if not keep.any():
+        return float("nan"), False
+    return float(returns[keep][-1]), bool(steps[keep][-1] >= 0.98 * budget)
+
+
+def mean_se(values) -> tuple[float, float, int]:
+    """Mean, standard error (sample std / sqrt(n); NaN for one value) and n, ignoring NaNs."""
+    v = np.asarray([x for x in values if np.isfinite(x)], float)
+    if len(v) == 0:
+        return float("nan"), float("nan"), 0
+    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return float(v.mean()), se, len(v)
+
+
+def reference_dreamerv2(env: str):
+    """Official DreamerV2 DMC (vision) curves for a `dmc-`/`dcs-<domain>-<task>` env: list of
+    (steps, returns) per seed, or [] if the reference file or task is missing."""
+    if not DREAMERV2_REFERENCE.is_file():
+        return []
+    domain, _, task = env.partition("-")[2].partition("-")
+    name = f"dmc_{'cup' if domain == 'ball_in_cup' else domain}_{task}"
+    data = json.loads(DREAMERV2_REFERENCE.read_text())
+    return [(np.asarray(d["xs"], float), np.asarray(d["ys"], float)) for d in data
+            if d["task"] == name]
+
+
+def summarize(runs: dict, budget: float, suite: str) -> dict:
+    """Table rows: {row label: {env: (mean, se, n, complete)}} plus the envs in column order."""
+    envs_ = sorted({e for per_env in runs.values() for e in per_env},
+                   key=lambda e: (DCS_TASKS.index(e.partition("-")[2])
+                                  if e.partition("-")[2] in DCS_TASKS else 99, e))
+    rows: dict = {}
+    for algo in runs:
+        row = {}
+        for env in envs_:
+            seeds = runs[algo].get(env, {})
+            scores = [score_at(s, r, budget) for s, r in seeds.values()]
+            m, se, n = mean_se([x for x, _ in scores])
+            row[env] = (m, se, n, bool(scores) and all(c for _, c in scores))
+        rows[algo] = row
+    if suite == "dcs" and budget == 500_000:
+        rows["CoRe (paper, Table 5b)"] = {
+            e: (*CORE_PAPER_DCS_MEDIUM_500K[e.partition("-")[2]], None, True)
+            for e in envs_ if e.partition("-")[2] in CORE_PAPER_DCS_MEDIUM_500K}
+    if suite in ("dcs", "dmc"):
+        ref = {}
+        for env in envs_:
+            curves = reference_dreamerv2(env)
+            if curves and all(s[-1] >= budget for s, _ in curves):
+                m, se, n = mean_se([float(np.interp(budget, s, r)) for s, r in curves])
+                ref[env] = (m, se, n, True)
+        if ref:
+            rows["DreamerV2 (official, clean DMC)"] = ref
+    return {"envs": envs_, "rows": rows, "budget": budget}
+
+
+def fmt(cell) -> str:
+    if cell is None:
+        return "-"
+    m, se, n, complete = cell
+    if not np.isfinite(m):
+        return "-"
+    text = f"{m:.0f} ± {se:.0f}" if np.isfinite(se) else f"{m:.0f}"
+    if n is not None:
+        text += f" ({n})"
+    return text + ("" if complete else " *")
+
+
+def markdown(summary: dict, suite: str) -> str:
+    envs_, rows, budget = summary["envs"], summary["rows"], summary["budget"]
+    lines = [f"# {suite}: evaluation return at {budget:,.0f} env steps",
+             "", "Mean ± standard error over seeds (number of seeds); * = some runs have not "
+             "reached the budget yet (their last evaluation is used). Paper rows are published "
+             "numbers, not runs of this code.", "",
+             "| method | " + " | ".join(envs_) + " | mean |", "|---" * (len(envs_) + 2) + "|"]
+    for label, row in rows.items():
+        cells = [row.get(e) for e in envs_]
+        means = [c[0] for c in cells if c is not None and np.isfinite(c[0])]
+        avg = f"{np.mean(means):.0f}" if len(means) == len(envs_) and means else "-"
+        lines.append(f"| {label} | " + " | ".join(fmt(c) for c in cells) + f" | {avg} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None):
+    """One panel per env: mean eval return over seeds against env steps, shaded standard error;
+    official DreamerV2 curves (grey, dashed) and CoRe's 500K numbers (black marker) beside."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs_ = sorted({e for per_env in runs.values() for e in per_env})
+    cols = min(3, max(1, len(envs_)))
+    nrows = math.ceil(len(envs_) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
+    for ax, env in zip(axes.ravel(), envs_):
+        for algo, per_env in runs.items():
+            seeds = list(per_env.get(env, {}).values())
+            if not seeds:
+                continue
+            end = min(s[-1] for s, _ in seeds)
+            grid = np.unique(np.concatenate([s[s <= end] for s, _ in seeds]))
+            curves = np.stack([np.interp(grid, s, r) for s, r in seeds])
+            mean = curves.mean(0)
+            se = curves.std(0, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else 0 * mean
+            ax.plot(grid, mean, label=f"{algo} ({len(seeds)})")
+            ax.fill_between(grid, mean - se, mean + se, alpha=0.25)
+        if suite in ("dcs", "dmc"):
+            ref = reference_dreamerv2(env)
+            if ref:
+                limit = budget or max(s[-1] for s, _ in ref)
+                grid = np.linspace(0, limit, 50)
+                ys = np.stack([np.interp(grid, s, r) for s, r in ref]).mean(0)
+                ax.plot(grid, ys, "--", color="grey", label="DreamerV2 official (clean)")
+            task = env.partition("-")[2]
+            if suite == "dcs" and task in CORE_PAPER_DCS_MEDIUM_500K:
+                m, se = CORE_PAPER_DCS_MEDIUM_500K[task]
+                ax.errorbar([500_000], [m], [se], fmt="o", color="black", label="CoRe paper")
+        ax.set_title(env)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel("eval return")
+        ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(envs_):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def report(suite: str, budget: float, results=Path("results")) -> dict:
+    root = results / suite / "runs"
+    runs = collect(root)
+    if not runs:
+        raise SystemExit(f"error: no metrics.jsonl with evaluations under {root}")
+    summary = summarize(runs, budget, suite)
+    text = markdown(summary, suite)
+    (results / suite / "summary.md").write_text(text)
+    (results / suite / "summary.json").write_text(json.dumps(
+        {"budget": budget, "envs": summary["envs"],
+         "rows": {k: {e: list(v) for e, v in r.items()} for k, r in summary["rows"].items()}},
+        indent=1, default=str))
+    plot_curves(runs, results / suite / "curves.png", suite, budget)
+    print(text)
+    print(f"wrote {results / suite / 'summary.md'} and {results / suite / 'curves.png'}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Smoke verdict and speed
+# ---------------------------------------------------------------------------------------------
+
+
+def random_policy_return(env_id: str, episodes: int = 200, seed: int = 0) -> float:
+    """Mean return of uniformly random actions (the bar every learning check must clear)."""
+    sys.path.insert(0, str(ROOT))
+    import envs
+
+    env = envs.make(env_id, seed=seed)
+    env.action_space.seed(seed)
+    total = 0.0
+    for _ in range(episodes):
+        env.reset()
+        done = False
+        while not done:
+            _, r, terminated, truncated, _ = env.step(env.action_space.sample())
+            total += r
+            done = terminated or truncated
+    env.close()
+    return total / episodes
+
+
+def beats_random(returns: np.ndarray, baseline: float, margin: float = SMOKE_MARGIN) -> bool:
+    """Learning-check criterion: the best of the last three evaluations beats the random policy
+    by `margin`, and the last one beats it."""
+    returns = np.asarray(returns, float)
+    return bool(len(returns) and returns[-3:].max() > baseline + margin and returns[-1] > baseline)
+
+
+def smoke_verdict(runs: dict, baseline: float) -> tuple[bool, list[str]]:
+    ok, lines = True, []
+    for algo, per_env in runs.items():
+        for env, seeds in per_env.items():
+            for seed, (steps, returns) in sorted(seeds.items()):
+                passed = beats_random(returns, baseline)
+                ok &= passed
+                lines.append(f"| {algo} | {env} | {seed} | {' / '.join(f'{r:.1f}' for r in returns)}"
+                             f" | {'pass' if passed else 'FAIL'} |")
+    return ok, lines
+
+
+def device_name() -> str:
+    if gpu_count():
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        return out.stdout.splitlines()[0].strip().replace(" ", "-")
+    return f"cpu-{os.cpu_count()}cores"
+
+
+def speed(algos: dict, updates: int, tiny: bool, env: str, out: Path, device: str) -> list[dict]:
+    gpu = device != "cpu" and gpu_count() > 0
+    variants = [[]] + ([["--compile"], ["--precision", "bf16"],
+                        ["--compile", "--precision", "bf16"]] if gpu else [])
+    results = []
+    for algo, script in algos.items():
+        for extra in variants:
+            cmd = [sys.executable, str(script), "--measure-updates", str(updates), "--env", env,
+                   "--device", device, *extra] + (["--preset", "tiny"] if tiny else [])
+            if algo == "core" and env.startswith("toy"):
+                cmd += ["--time-limit", "None"]
+            out_ = subprocess.run(cmd, capture_output=True, text=True,
+                                  env=dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl")))
+            if out_.returncode != 0:
+                raise SystemExit(f"error: {' '.join(cmd)} failed:\n{out_.stderr[-2000:]}")
+            record = json.loads(out_.stdout.strip().splitlines()[-1])
+            record.update(algo=algo, sizes="tiny" if tiny else "paper")
+            results.append(record)
+            print(json.dumps(record), flush=True)
+    name = device_name() + ("-tiny" if tiny else "")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    lines = [f"# Speed on {name}", "",
+             f"Seconds per gradient update (median of {updates} after 2 warm-ups, synthetic batch) "
+             f"and env steps per second of the acting loop (policy + env, 50 steps on `{env}`).",
+             "", "| algorithm | sizes | parameters | precision | compile | s / update | "
+             "acting env steps / s | policy ms / step | peak GPU memory (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        mem = f"{r['peak_memory_gib']:.2f}" if "peak_memory_gib" in r else "-"
+        lines.append(f"| {r['algo']} | {r['sizes']} | {r['parameters'] / 1e6:.2f}M | "
+                     f"{r['precision']} | {r['compile']} | {r['seconds_per_update']:.3f} | "
+                     f"{r['env_steps_per_second']:.1f} | {r['policy_ms']:.1f} | {mem} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out / name}.md and .json")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", choices=["speed", "smoke", "dcs", "dmc", "report"])
+    parser.add_argument("report_suite", nargs="?", help="for `report`: smoke, dcs or dmc")
+    parser.add_argument("--algos", nargs="+", help="algorithms (default: every script present)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per task (smoke 2, else 3)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="env steps per run (smoke 6000, dcs/dmc 500000)")
+    parser.add_argument("--tasks", nargs="+", help="dcs/dmc tasks (default: CoRe's six)")
+    parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--eval-episodes", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=1, help="jobs in parallel (one GPU each)")
+    parser.add_argument("--slurm", action="store_true", help="write a Slurm array script instead")
+    parser.add_argument("--submit", action="store_true", help="with --slurm: also sbatch it")
+    parser.add_argument("--slurm-time", default="48:00:00")
+    parser.add_argument("--dry-run", action="store_true", help="list the jobs, run nothing")
+    parser.add_argument("--results", default="results", help="output folder")
+    parser.add_argument("--updates", type=int, default=5, help="speed: updates to time")
+    parser.add_argument("--tiny", action="store_true", help="speed: tiny sizes (CI)")
+    parser.add_argument("--env", default="dmc-walker-walk", help="speed: env of the acting loop")
+    parser.add_argument("--device", default="auto", help="speed: auto | cpu | cuda")
+    args = parser.parse_args(argv)
+    results = Path(args.results)
+    algos = available_algorithms(args.algos)
+
+    if args.suite == "speed":
+        speed(algos, args.updates, args.tiny, args.env, results / "speed", args.device)
+        return 0
+    if args.suite == "report":
+        suite = args.report_suite or "dcs"
+        default_budget = 6000 if suite == "smoke" else 500_000
+        report(suite, args.budget or default_budget, results)
+        return 0
+
+    seeds = args.seeds or (2 if args.suite == "smoke" else 3)
+    jobs = suite_jobs(args.suite, algos, seeds, args.budget, args.tasks, args.eval_every,
+                      args.eval_episodes, results)
+    budget = int(jobs[0].flags[jobs[0].flags.index("--total-steps") + 1])
+    if args.dry_run:
+        for job in jobs:
+            state = "done" if job.done else "resume" if "--resume" in job.command() else "new"
+            print(f"[{state}] (cd {job.folder} && {' '.join(shlex.quote(c) for c in job.command())})")
+        print(f"{len(jobs)} jobs")
+        return 0
+    if args.slurm:
+        path = write_slurm(jobs, results / args.suite / "slurm.sh", args.slurm_time,
+                           0 if args.suite == "smoke" else 1)
+        print(f"wrote {path} ({len(jobs)} array tasks); after they finish: "
+              f"./benchmark.sh report {args.suite}")
+        if args.submit:
+            subprocess.run(["sbatch", str(path)], check=True)
+        return 0
+    finished = run_jobs(jobs, args.workers)
+    failed = [j for j, rc in finished if rc != 0]
+    report(args.suite, budget, results)
+    if args.suite == "smoke":
+        baseline = random_policy_return(SMOKE_ENV)
+        ok, lines = smoke_verdict(collect(results / "smoke" / "runs"), baseline)
+        verdict = ["", f"Random policy on `{SMOKE_ENV}`: {baseline:.1f} (200 episodes). A run "
+                   f"passes if the best of its last three evaluations beats it by {SMOKE_MARGIN:g} "
+                   "and the last one beats it.", "",
+                   "| algorithm | env | seed | evaluation returns | verdict |", "|---|---|---|---|---|",
+                   *lines]
+        with open(results / "smoke" / "summary.md", "a") as f:
+            f.write("\n".join(verdict) + "\n")
+        print("\n".join(verdict))
+        if not ok:
+            print("smoke: FAILED (an algorithm did not beat the random policy)")
+            return 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

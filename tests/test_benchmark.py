@@ -1,0 +1,174 @@
+"""Specification of benchmark.sh / benchmark.py: jobs, aggregation, reports, speed."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import benchmark
+from conftest import ROOT
+
+
+def write_run(root, algo, env, seed, evals, extra_runs=()):
+    """A fake run folder: <root>/<algo>/<env>/<seed>/runs/x/metrics.jsonl with eval records
+    (step, return) interleaved with training records."""
+    folder = root / algo / env / seed / "runs" / "x"
+    folder.mkdir(parents=True)
+    lines = []
+    for step, ret in evals:
+        lines.append(json.dumps({"step": step - 1, "losses/model": 1.0}))
+        lines.append(json.dumps({"step": step, "eval/episodic_return": ret}))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    """Two algorithms on two DCS tasks; known returns at 500K."""
+    root = tmp_path / "results" / "dcs" / "runs"
+    finals = {"core": [400, 500, 600], "dreamerv2": [100, 300]}
+    for algo, values in finals.items():
+        for k, final in enumerate(values):
+            for env in ("dcs-walker-walk", "dcs-cartpole-swingup"):
+                write_run(root, algo, env, f"seed{k + 1}",
+                          [(250_000, final / 2), (500_000, final), (510_000, 9999)])
+    # one core seed on cartpole has not reached the budget yet
+    write_run(root, "core", "dcs-cartpole-swingup", "seed4", [(250_000, 50)])
+    return tmp_path / "results", finals
+
+
+def test_aggregation_gives_known_means_and_standard_errors(synthetic):
+    results, finals = synthetic
+    runs = benchmark.collect(results / "dcs" / "runs")
+    assert set(runs) == {"core", "dreamerv2"}
+    summary = benchmark.summarize(runs, 500_000, "dcs")
+    m, se, n, complete = summary["rows"]["core"]["dcs-walker-walk"]
+    assert (m, n, complete) == (500, 3, True)
+    assert se == pytest.approx(np.std([400, 500, 600], ddof=1) / np.sqrt(3))  # 57.7
+    m, se, n, _ = summary["rows"]["dreamerv2"]["dcs-walker-walk"]
+    assert (m, se, n) == (200, pytest.approx(100), 2)
+    # the unfinished seed counts with its last evaluation, and the cell is flagged
+    m, _, n, complete = summary["rows"]["core"]["dcs-cartpole-swingup"]
+    assert n == 4 and m == pytest.approx((400 + 500 + 600 + 50) / 4) and not complete
+    # columns follow the paper's task order; the paper's numbers are a row beside ours
+    assert summary["envs"] == ["dcs-cartpole-swingup", "dcs-walker-walk"]
+    assert summary["rows"]["CoRe (paper, Table 5b)"]["dcs-walker-walk"][:2] == (479, 31)
+
+
+def test_score_at_budget_uses_the_last_evaluation_before_it():
+    steps, returns = np.array([10.0, 20.0, 30.0]), np.array([1.0, 2.0, 3.0])
+    assert benchmark.score_at(steps, returns, 25) == (2.0, False)
+    assert benchmark.score_at(steps, returns, 30) == (3.0, True)
+    value, complete = benchmark.score_at(steps, returns, 5)
+    assert np.isnan(value) and not complete
+
+
+def test_report_writes_a_paper_style_table_and_curves(synthetic):
+    results, _ = synthetic
+    benchmark.report("dcs", 500_000, results)
+    text = (results / "dcs" / "summary.md").read_text()
+    assert "| method | dcs-cartpole-swingup | dcs-walker-walk | mean |" in text
+    assert "| core | 388 ± 120 (4) * | 500 ± 58 (3) | 444 |" in text
+    assert "| dreamerv2 | 200 ± 100 (2) | 200 ± 100 (2) | 200 |" in text
+    assert "| CoRe (paper, Table 5b) | 354 ± 26 | 479 ± 31 | 416 |" in text
+    png = results / "dcs" / "curves.png"
+    assert png.stat().st_size > 10_000
+    from PIL import Image
+
+    assert Image.open(png).size[0] >= 2 * 400  # two panels side by side
+    saved = json.loads((results / "dcs" / "summary.json").read_text())
+    assert saved["rows"]["core"]["dcs-walker-walk"][0] == 500
+
+
+def test_official_dreamerv2_reference_is_read_when_present():
+    if not benchmark.DREAMERV2_REFERENCE.is_file():
+        pytest.fail(f"reference data missing: {benchmark.DREAMERV2_REFERENCE}")
+    curves = benchmark.reference_dreamerv2("dmc-walker-walk")
+    assert len(curves) == 5 and all(len(s) == len(r) for s, r in curves)
+    assert benchmark.reference_dreamerv2("dcs-ball_in_cup-catch")  # named dmc_cup_catch there
+
+
+def test_smoke_criterion():
+    assert benchmark.beats_random([10, 30, 45, 44], baseline=19)
+    assert not benchmark.beats_random([10, 25, 28, 29], baseline=19)  # never 10 above random
+    assert not benchmark.beats_random([45, 45, 18], baseline=19)  # last one below random
+    assert not benchmark.beats_random([], baseline=19)
+
+
+def run_benchmark(*args, cwd):
+    out = subprocess.run([str(ROOT / "benchmark.sh"), *args], cwd=cwd, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_smoke_dry_run_lists_jobs_and_skips_finished_ones(tmp_path):
+    out = run_benchmark("smoke", "--dry-run", "--results", str(tmp_path), cwd=tmp_path)
+    lines = [line for line in out.splitlines() if line.startswith("[")]
+    algos = benchmark.available_algorithms()
+    assert len(lines) == 2 * len(algos) and "jobs" in out.splitlines()[-1]
+    assert all("[new]" in line and "--env toy-reach-center" in line and "--total-steps 6000" in line
+               for line in lines)
+    done = tmp_path / "smoke" / "runs" / "core" / "toy-reach-center" / "seed1"
+    done.mkdir(parents=True)
+    (done / "DONE").write_text("x")
+    started = tmp_path / "smoke" / "runs" / "core" / "toy-reach-center" / "seed2" / "runs" / "r"
+    started.mkdir(parents=True)
+    (started / "checkpoint.pt").write_bytes(b"")
+    out = run_benchmark("smoke", "--dry-run", "--results", str(tmp_path), cwd=tmp_path)
+    assert sum("[done]" in line for line in out.splitlines()) == 1
+    resumed = [line for line in out.splitlines() if line.startswith("[resume]")]
+    assert len(resumed) == 1 and f"--resume {started / 'checkpoint.pt'}" in resumed[0]
+
+
+def test_dcs_jobs_follow_cores_protocol(tmp_path):
+    jobs = benchmark.suite_jobs("dcs", ["core"], seeds=2, budget=None, results=tmp_path)
+    assert len(jobs) == 12
+    assert sorted({j.env for j in jobs}) == sorted(f"dcs-{t}" for t in benchmark.DCS_TASKS)
+    cmd = " ".join(jobs[0].command())
+    assert "--distraction medium --dynamic --total-steps 500000" in cmd
+    assert "--eval-episodes 20" in cmd
+
+
+def test_slurm_script_has_one_array_task_per_job(tmp_path):
+    jobs = benchmark.suite_jobs("dmc", ["core", "dreamerv2"], seeds=2, budget=1000,
+                                tasks=["walker-walk"], results=tmp_path)
+    path = benchmark.write_slurm(jobs, tmp_path / "dmc" / "slurm.sh", "01:00:00", 1)
+    text = path.read_text()
+    assert "#SBATCH --array=0-3" in text and "#SBATCH --gres=gpu:1" in text
+    assert text.count("|core|") == 2 and text.count("|dreamerv2|") == 2
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+def test_a_suite_runs_jobs_then_skips_them_on_rerun(tmp_path):
+    """A real (tiny) job through run_jobs: DONE marker, metrics aggregated, rerun skips it."""
+    job = benchmark.Job("dreamerv2", "toy-reach", 1,
+                        ["--preset", "tiny", "--total-steps", "120", "--prefill", "60",
+                         "--pretrain", "2", "--eval-every", "60", "--eval-episodes", "1"],
+                        tmp_path / "smoke" / "runs" / "dreamerv2" / "toy-reach" / "seed1")
+    [(_, rc)] = benchmark.run_jobs([job], workers=1)
+    assert rc == 0 and job.done
+    runs = benchmark.collect(tmp_path / "smoke" / "runs")
+    steps, returns = runs["dreamerv2"]["toy-reach"]["seed1"]
+    assert list(steps) == [60, 120] and np.all(np.isfinite(returns))
+    assert benchmark.run_jobs([job], workers=1) == []
+
+
+def test_speed_with_tiny_sizes_writes_a_table(tmp_path):
+    out = run_benchmark("speed", "--tiny", "--updates", "1", "--env", "toy-reach", "--device",
+                        "cpu", "--results", str(tmp_path), cwd=tmp_path)
+    (md,) = (tmp_path / "speed").glob("*-tiny.md")
+    records = json.loads(md.with_suffix(".json").read_text())
+    assert {r["algo"] for r in records} == set(benchmark.available_algorithms())
+    for r in records:
+        assert r["seconds_per_update"] > 0 and r["env_steps_per_second"] > 0
+        assert r["parameters"] > 1000
+    assert "| algorithm | sizes | parameters |" in md.read_text() and "wrote" in out
+
+
+def test_unknown_algorithm_gets_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "smoke", "--algos", "ppo",
+                          "--dry-run"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode != 0 and "unknown or missing algorithm(s) ['ppo']" in out.stderr
+    assert "Traceback" not in out.stderr
