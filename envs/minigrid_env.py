@@ -150,10 +150,10 @@ class MiniGridPixels(gym.Env):
         return self._observe(), {"env_steps": 0, "goals": 0, "collisions": 0}
 
     def step(self, action):
-        if not self.action_space.contains(int(np.asarray(action).item()) if np.size(action) == 1
-                                          else -1):
+        a = np.asarray(action)
+        if a.size != 1 or not self.action_space.contains(int(a.item())):
             raise ValueError(f"action must be an int in [0, {self.action_space.n}), got {action!r}")
-        action = int(np.asarray(action).item())
+        action = int(a.item())
         reward, taken, goals, collisions = 0.0, 0, 0, 0
         for _ in range(self.action_repeat):
             _, r, terminated, truncated, _ = self._env.step(action)

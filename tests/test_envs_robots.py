@@ -31,6 +31,15 @@ def rollout(env, actions, seed):
     return np.stack(frames), np.array(rewards)
 
 
+def assert_seed_replays(env, actions, seed):
+    """The same seed and actions give identical frames and rewards; returns them."""
+    f1, r1 = rollout(env, actions, seed)
+    f2, r2 = rollout(env, actions, seed)
+    np.testing.assert_array_equal(f1, f2)
+    np.testing.assert_array_equal(r1, r2)
+    return f1, r1
+
+
 def test_robosuite_spaces_follow_core_setup(door):
     clean, noisy = door
     assert clean.observation_space.shape == (3, 48, 48)
@@ -64,11 +73,8 @@ def test_robosuite_image_is_upright(door):
 def test_robosuite_seed_replays_and_distraction_leaves_rewards_unchanged(door):
     clean, noisy = door
     actions = np.random.default_rng(0).uniform(-1, 1, (6, 7))
-    f1, r1 = rollout(clean, actions, seed=5)
-    f2, r2 = rollout(clean, actions, seed=5)
+    f1, r1 = assert_seed_replays(clean, actions, seed=5)
     f3, r3 = rollout(noisy, actions, seed=5)
-    np.testing.assert_array_equal(f1, f2)
-    np.testing.assert_array_equal(r1, r2)
     np.testing.assert_allclose(r1, r3, rtol=0, atol=1e-9)
     assert np.abs(f1.astype(int) - f3).mean() > 5  # colours, light and camera all changed
 
@@ -112,10 +118,7 @@ def test_boxpush_spaces_and_seeding(boxpush):
     assert boxpush.observation_space.shape == (3, 64, 64)
     assert boxpush.action_space.shape == (2,)
     actions = np.random.default_rng(1).uniform(-1, 1, (5, 2))
-    f1, r1 = rollout(boxpush, actions, seed=3)
-    f2, r2 = rollout(boxpush, actions, seed=3)
-    np.testing.assert_array_equal(f1, f2)
-    np.testing.assert_array_equal(r1, r2)
+    f1, _ = assert_seed_replays(boxpush, actions, seed=3)
     f3, _ = rollout(boxpush, actions, seed=4)
     assert not np.array_equal(f1[0], f3[0])
 
@@ -160,10 +163,7 @@ def test_manipulation_reach_duplo_renders_and_replays():
         assert env.observation_space.shape == (3, 48, 48)
         assert env.action_space.shape == (9,)
         actions = np.random.default_rng(0).uniform(-1, 1, (3, 9))
-        f1, r1 = rollout(env, actions, seed=7)
-        f2, r2 = rollout(env, actions, seed=7)
-        np.testing.assert_array_equal(f1, f2)
-        np.testing.assert_array_equal(r1, r2)
+        f1, _ = assert_seed_replays(env, actions, seed=7)
         assert f1[0].std() > 10  # a real picture, not a blank frame
     finally:
         env.close()
