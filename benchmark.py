@@ -47,7 +47,11 @@ DCS_TASKS = ["ball_in_cup-catch", "cartpole-swingup", "cheetah-run", "finger-spi
 CORE_PAPER_DCS_MEDIUM_500K = {
     "ball_in_cup-catch": (706, 39), "cartpole-swingup": (354, 26), "cheetah-run": (354, 10),
     "finger-spin": (540, 73), "reacher-easy": (445, 48), "walker-walk": (479, 31)}
-DREAMERV2_REFERENCE = ROOT.parent / "shared" / "reference" / "dreamerv2-dmc-vision-scores.json"
+# Official DreamerV2 DMC-from-pixels scores (danijar/dreamerv2's `scores` format: a list of
+# {task, method, seed, xs, ys}); the team's copy sits beside the checkout, or set the path.
+DREAMERV2_REFERENCE = Path(os.environ.get(
+    "RFWM_DREAMERV2_REFERENCE",
+    ROOT.parent / "shared" / "reference" / "dreamerv2-dmc-vision-scores.json"))
 # Learning check (smoke): small nets and faster learning rates, toy-reach-center, 6000 steps; the
 # same settings as the slow tests (tests/test_<algo>.py::SMOKE_CONFIG).
 SMOKE_FLAGS = {

@@ -81,12 +81,21 @@ def test_report_writes_a_paper_style_table_and_curves(synthetic):
     assert saved["rows"]["core"]["dcs-walker-walk"][0] == 500
 
 
-def test_official_dreamerv2_reference_is_read_when_present():
-    if not benchmark.DREAMERV2_REFERENCE.is_file():
-        pytest.fail(f"reference data missing: {benchmark.DREAMERV2_REFERENCE}")
-    curves = benchmark.reference_dreamerv2("dmc-walker-walk")
-    assert len(curves) == 5 and all(len(s) == len(r) for s, r in curves)
-    assert benchmark.reference_dreamerv2("dcs-ball_in_cup-catch")  # named dmc_cup_catch there
+def test_official_dreamerv2_reference_is_read_and_interpolated(tmp_path, monkeypatch):
+    """A reference file in the official scores format (written here, so CI needs no copy)."""
+    data = [{"task": "dmc_cup_catch", "method": "dreamerv2", "seed": str(k),
+             "xs": [0.0, 1_000_000.0], "ys": [0.0, 800.0 + 100 * k]} for k in range(3)]
+    data.append({"task": "dmc_walker_walk", "method": "dreamerv2", "seed": "0", "xs": [0.0, 1e6],
+                 "ys": [0.0, 1.0]})
+    path = tmp_path / "scores.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(benchmark, "DREAMERV2_REFERENCE", path)
+    curves = benchmark.reference_dreamerv2("dcs-ball_in_cup-catch")  # named dmc_cup_catch there
+    assert len(curves) == 3
+    runs = {"core": {"dcs-ball_in_cup-catch": {"seed1": (np.array([500_000.0]), np.array([7.0]))}}}
+    row = benchmark.summarize(runs, 500_000, "dcs")["rows"]["DreamerV2 (official, clean DMC)"]
+    m, se, n, _ = row["dcs-ball_in_cup-catch"]
+    assert (m, n) == (pytest.approx(450), 3) and se == pytest.approx(50 / np.sqrt(3))
 
 
 def test_smoke_criterion():
