@@ -389,7 +389,8 @@ def report(suite: str, budget: float, results=Path("results")) -> dict:
 
 def random_policy_return(env_id: str, episodes: int = 200, seed: int = 0) -> float:
     """Mean return of uniformly random actions (the bar every learning check must clear)."""
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:  # imported from elsewhere than the repository root
+        sys.path.insert(0, str(ROOT))
     import envs
 
     env = envs.make(env_id, seed=seed)
@@ -443,7 +444,7 @@ def speed(algos: dict, updates: int, tiny: bool, env: str, out: Path, device: st
             cmd = [sys.executable, str(script), "--measure-updates", str(updates), "--env", env,
                    "--device", device, *extra] + (["--preset", "tiny"] if tiny else [])
             if algo == "core" and env.startswith("toy"):
-                cmd += ["--time-limit", "None"]
+                cmd += ["--time-limit", "None"]  # tiny preset: 200-step episodes; toys keep 50
             out_ = subprocess.run(cmd, capture_output=True, text=True,
                                   env=dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl")))
             if out_.returncode != 0:

@@ -909,9 +909,8 @@ def measure_speed(args: Args, device: torch.device) -> dict:
             times.append(time.perf_counter() - start)
     obs, _ = env.reset(seed=args.seed)
     state, env_steps, policy_time = None, 0, 0.0
-    start = time.perf_counter()
     for i in range(52):
-        if i == 2:  # warm-up excluded
+        if i == 2:  # the first two steps are warm-up: the clock starts here
             start, env_steps, policy_time = time.perf_counter(), 0, 0.0
         t = time.perf_counter()
         action, state = agent.act(obs, state, explore=True)

@@ -21,6 +21,8 @@ cannot be downloaded here).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import gymnasium as gym
 import numpy as np
 
@@ -47,8 +49,10 @@ def registered_ids() -> dict[str, str]:
     return ids
 
 
+@lru_cache(maxsize=None)
 def triangle_mask(tile: int, direction: int, scale: float = 1.0) -> np.ndarray:
-    """(tile, tile) bool: pixels whose centre lies in the agent triangle."""
+    """(tile, tile) bool: pixels whose centre lies in the agent triangle (cached: 8 variants;
+    callers only read it)."""
     tri = TRIANGLE.copy()
     centroid = tri.mean(0)
     tri = centroid + scale * (tri - centroid)
