@@ -19,6 +19,7 @@ copied from elsewhere can be dropped in. Reports: `summary.md` (+ `summary.json`
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -53,7 +54,7 @@ DREAMERV2_REFERENCE = Path(os.environ.get(
     "RFWM_DREAMERV2_REFERENCE",
     ROOT.parent / "shared" / "reference" / "dreamerv2-dmc-vision-scores.json"))
 # Learning check (smoke): small nets and faster learning rates, toy-reach-center, 6000 steps; the
-# same settings as the slow tests (tests/test_<algo>.py::SMOKE_CONFIG).
+# slow tests (tests/test_<algo>.py) build their Args from these same jobs (conftest.smoke_args).
 SMOKE_FLAGS = {
     "dreamerv2": "--preset tiny --cnn-depth 8 --deter 64 --hidden 64 --stoch 8 --classes 8 "
                  "--mlp-units 64 --batch-size 8 --batch-length 16 --prefill 500 --pretrain 100 "
@@ -318,7 +319,8 @@ def markdown(summary: dict, suite: str) -> str:
 
 def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None):
     """One panel per env: mean eval return over seeds against env steps, shaded standard error;
-    official DreamerV2 curves (grey, dashed) and CoRe's 500K numbers (black marker) beside."""
+    official DreamerV2 curves (grey, dashed) and CoRe's 500K numbers (black marker) beside;
+    for smoke, the random policy's (grey, dotted) and greedy controller's (dashed) returns."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -351,6 +353,10 @@ def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None)
             if suite == "dcs" and task in CORE_PAPER_DCS_MEDIUM_500K:
                 m, se = CORE_PAPER_DCS_MEDIUM_500K[task]
                 ax.errorbar([500_000], [m], [se], fmt="o", color="black", label="CoRe paper")
+        if suite == "smoke":
+            ax.axhline(policy_return(env), ls=":", color="grey", label="random policy")
+            if np.isfinite(policy_return(env, "greedy")):
+                ax.axhline(policy_return(env, "greedy"), ls="--", color="grey", label="greedy")
         ax.set_title(env)
         ax.set_xlabel("env steps")
         ax.set_ylabel("eval return")
@@ -371,12 +377,22 @@ def report(suite: str, budget: float, results=Path("results")) -> dict:
         raise SystemExit(f"error: no metrics.jsonl with evaluations under {root}")
     summary = summarize(runs, budget, suite)
     text = markdown(summary, suite)
-    (results / suite / "summary.md").write_text(text)
     (results / suite / "summary.json").write_text(json.dumps(
         {"budget": budget, "envs": summary["envs"],
          "rows": {k: {e: list(v) for e, v in r.items()} for k, r in summary["rows"].items()}},
         indent=1, default=str))
     plot_curves(runs, results / suite / "curves.png", suite, budget)
+    if suite == "smoke":  # the verdict of the learning check, per run
+        baselines = {env: policy_return(env) for env in summary["envs"]}
+        summary["passed"], lines = smoke_verdict(runs, baselines, root)
+        text += "\n".join(["", "Random policy (200 episodes): " + ", ".join(
+            f"`{e}` {b:.1f}" for e, b in baselines.items()) + "; greedy controller: " + ", ".join(
+            f"`{e}` {policy_return(e, 'greedy'):.1f}" for e in baselines) + ". A run passes if "
+            f"the best of its last three evaluations beats the random policy by {SMOKE_MARGIN:g} "
+            "and the last one beats it.",
+            "", "| algorithm | env | seed | evaluation returns | wall time (s) | verdict |",
+            "|---|---|---|---|---|---|", *lines]) + "\n"
+    (results / suite / "summary.md").write_text(text)
     print(text)
     print(f"wrote {results / suite / 'summary.md'} and {results / suite / 'curves.png'}")
     return summary
@@ -387,20 +403,26 @@ def report(suite: str, budget: float, results=Path("results")) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def random_policy_return(env_id: str, episodes: int = 200, seed: int = 0) -> float:
-    """Mean return of uniformly random actions (the bar every learning check must clear)."""
+@functools.lru_cache(maxsize=None)
+def policy_return(env_id: str, policy: str = "random", episodes: int = 200, seed: int = 0) -> float:
+    """Mean return of uniformly random actions (`random`: the bar every learning check must
+    clear) or of the toy envs' greedy controller (`greedy`: steers straight at the target, what
+    a learned policy can reach; NaN for envs without one)."""
     if str(ROOT) not in sys.path:  # imported from elsewhere than the repository root
         sys.path.insert(0, str(ROOT))
     import envs
 
     env = envs.make(env_id, seed=seed)
     env.action_space.seed(seed)
+    if policy == "greedy" and not hasattr(env.unwrapped, "optimal_action"):
+        return float("nan")
+    act = env.unwrapped.optimal_action if policy == "greedy" else env.action_space.sample
     total = 0.0
     for _ in range(episodes):
         env.reset()
         done = False
         while not done:
-            _, r, terminated, truncated, _ = env.step(env.action_space.sample())
+            _, r, terminated, truncated, _ = env.step(act())
             total += r
             done = terminated or truncated
     env.close()
@@ -414,15 +436,30 @@ def beats_random(returns: np.ndarray, baseline: float, margin: float = SMOKE_MAR
     return bool(len(returns) and returns[-3:].max() > baseline + margin and returns[-1] > baseline)
 
 
-def smoke_verdict(runs: dict, baseline: float) -> tuple[bool, list[str]]:
+def wall_seconds(folder: Path) -> float:
+    """Seconds between the first and the last record of the longest metrics.jsonl under `folder`
+    (the run's wall time without start-up), NaN if there is none."""
+    spans = [0.0]
+    for metrics in folder.glob("**/metrics.jsonl"):
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        times = [r["time"] for r in records if "time" in r]
+        if times:
+            spans.append(max(times) - min(times))
+    return max(spans) if len(spans) > 1 else float("nan")
+
+
+def smoke_verdict(runs: dict, baselines: dict, root: Path) -> tuple[bool, list[str]]:
+    """Pass/fail per run (`beats_random` against its env's random return) as markdown table
+    rows, with each run's wall time."""
     ok, lines = True, []
     for algo, per_env in runs.items():
         for env, seeds in per_env.items():
             for seed, (steps, returns) in sorted(seeds.items()):
-                passed = beats_random(returns, baseline)
+                passed = beats_random(returns, baselines[env])
                 ok &= passed
                 lines.append(f"| {algo} | {env} | {seed} | {' / '.join(f'{r:.1f}' for r in returns)}"
-                             f" | {'pass' if passed else 'FAIL'} |")
+                             f" | {wall_seconds(root / algo / env / seed):.0f} |"
+                             f" {'pass' if passed else 'FAIL'} |")
     return ok, lines
 
 
@@ -460,13 +497,15 @@ def speed(algos: dict, updates: int, tiny: bool, env: str, out: Path, device: st
              f"Seconds per gradient update (median of {updates} after 2 warm-ups, synthetic batch) "
              f"and env steps per second of the acting loop (policy + env, 50 steps on `{env}`).",
              "", "| algorithm | sizes | parameters | precision | compile | s / update | "
-             "acting env steps / s | policy ms / step | peak GPU memory (GiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "acting env steps / s | policy ms / step | peak GPU memory (GiB) | "
+             "peak host memory (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         mem = f"{r['peak_memory_gib']:.2f}" if "peak_memory_gib" in r else "-"
         lines.append(f"| {r['algo']} | {r['sizes']} | {r['parameters'] / 1e6:.2f}M | "
                      f"{r['precision']} | {r['compile']} | {r['seconds_per_update']:.3f} | "
-                     f"{r['env_steps_per_second']:.1f} | {r['policy_ms']:.1f} | {mem} |")
+                     f"{r['env_steps_per_second']:.1f} | {r['policy_ms']:.1f} | {mem} | "
+                     f"{r['peak_host_memory_gib']:.2f} |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out / name}.md and .json")
@@ -510,8 +549,8 @@ def main(argv=None):
     if args.suite == "report":
         suite = args.report_suite or "dcs"
         default_budget = 6000 if suite == "smoke" else 500_000
-        report(suite, args.budget or default_budget, results)
-        return 0
+        summary = report(suite, args.budget or default_budget, results)
+        return 0 if summary.get("passed", True) else 1
 
     seeds = args.seeds or (2 if args.suite == "smoke" else 3)
     jobs = suite_jobs(args.suite, algos, seeds, args.budget, args.tasks, args.eval_every,
@@ -533,21 +572,10 @@ def main(argv=None):
         return 0
     finished = run_jobs(jobs, args.workers)
     failed = [j for j, rc in finished if rc != 0]
-    report(args.suite, budget, results)
-    if args.suite == "smoke":
-        baseline = random_policy_return(SMOKE_ENV)
-        ok, lines = smoke_verdict(collect(results / "smoke" / "runs"), baseline)
-        verdict = ["", f"Random policy on `{SMOKE_ENV}`: {baseline:.1f} (200 episodes). A run "
-                   f"passes if the best of its last three evaluations beats it by {SMOKE_MARGIN:g} "
-                   "and the last one beats it.", "",
-                   "| algorithm | env | seed | evaluation returns | verdict |", "|---|---|---|---|---|",
-                   *lines]
-        with open(results / "smoke" / "summary.md", "a") as f:
-            f.write("\n".join(verdict) + "\n")
-        print("\n".join(verdict))
-        if not ok:
-            print("smoke: FAILED (an algorithm did not beat the random policy)")
-            return 1
+    summary = report(args.suite, budget, results)
+    if args.suite == "smoke" and not summary["passed"]:
+        print("smoke: FAILED (an algorithm did not beat the random policy)")
+        return 1
     return 1 if failed else 0
 
 

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import random
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -927,6 +928,8 @@ def measure_speed(args: Args, device: torch.device) -> dict:
                   device=str(device), precision=args.precision, compile=args.compile)
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    # peak resident memory of the process (Linux reports KiB): weights, optimisers, activations, env
+    result["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps(result))
     return result
 

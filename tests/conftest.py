@@ -86,7 +86,7 @@ def check_beats_random(run_dir: Path, env_id: str):
     import benchmark
 
     evals = [r["eval/episodic_return"] for r in read_metrics(run_dir) if "eval/episodic_return" in r]
-    baseline = benchmark.random_policy_return(env_id)
+    baseline = benchmark.policy_return(env_id)
     print(f"eval returns every 1000 steps: {[round(e, 1) for e in evals]}; random policy {baseline:.1f}")
     assert benchmark.beats_random(evals, baseline), (evals, baseline)
 

@@ -11,15 +11,17 @@ import benchmark
 from conftest import ROOT
 
 
-def write_run(root, algo, env, seed, evals, extra_runs=()):
+def write_run(root, algo, env, seed, evals):
     """A fake run folder: <root>/<algo>/<env>/<seed>/runs/x/metrics.jsonl with eval records
-    (step, return) interleaved with training records."""
+    (step, return) interleaved with training records; the clock reads 100 + step / 10 s."""
     folder = root / algo / env / seed / "runs" / "x"
     folder.mkdir(parents=True)
     lines = []
     for step, ret in evals:
-        lines.append(json.dumps({"step": step - 1, "losses/model": 1.0}))
-        lines.append(json.dumps({"step": step, "eval/episodic_return": ret}))
+        lines.append(json.dumps({"step": step - 1, "time": 100 + (step - 1) / 10,
+                                 "losses/model": 1.0}))
+        lines.append(json.dumps({"step": step, "time": 100 + step / 10,
+                                 "eval/episodic_return": ret}))
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -105,6 +107,23 @@ def test_smoke_criterion():
     assert not benchmark.beats_random([], baseline=19)
 
 
+def test_reference_policies_bracket_the_smoke_task():
+    random, greedy = (benchmark.policy_return("toy-reach-center", p) for p in ("random", "greedy"))
+    assert greedy > random + 2 * benchmark.SMOKE_MARGIN  # room to pass the check, and to spare
+    assert np.isnan(benchmark.policy_return("minigrid-empty-5x5", "greedy"))  # no controller
+
+
+def test_smoke_verdict_lists_each_run_with_its_wall_time(tmp_path):
+    write_run(tmp_path, "core", "toy-reach-center", "seed1", [(1000, 12.0), (2000, 44.0)])
+    write_run(tmp_path, "core", "toy-reach-center", "seed2", [(1000, 12.0), (2000, 17.0)])
+    ok, lines = benchmark.smoke_verdict(benchmark.collect(tmp_path), {"toy-reach-center": 15.9},
+                                        tmp_path)
+    assert not ok  # seed2 never gets 10 above random
+    assert lines == ["| core | toy-reach-center | seed1 | 12.0 / 44.0 | 100 | pass |",
+                     "| core | toy-reach-center | seed2 | 12.0 / 17.0 | 100 | FAIL |"]
+    assert np.isnan(benchmark.wall_seconds(tmp_path / "nothing-here"))
+
+
 def run_benchmark(*args, cwd):
     out = subprocess.run([str(ROOT / "benchmark.sh"), *args], cwd=cwd, capture_output=True,
                          text=True, timeout=600)
@@ -162,6 +181,13 @@ def test_a_suite_runs_jobs_then_skips_them_on_rerun(tmp_path):
     steps, returns = runs["dreamerv2"]["toy-reach"]["seed1"]
     assert list(steps) == [60, 120] and np.all(np.isfinite(returns))
     assert benchmark.run_jobs([job], workers=1) == []
+    # the smoke report judges the run against the random policy and lists it with its verdict
+    summary = benchmark.report("smoke", 120, tmp_path)
+    passed = benchmark.beats_random(returns, benchmark.policy_return("toy-reach"))
+    assert summary["passed"] == passed
+    text = (tmp_path / "smoke" / "summary.md").read_text()
+    assert "| dreamerv2 | toy-reach | seed1 | " in text
+    assert text.rstrip().endswith("| pass |" if passed else "| FAIL |")
 
 
 def test_speed_with_tiny_sizes_writes_a_table(tmp_path):
@@ -173,6 +199,7 @@ def test_speed_with_tiny_sizes_writes_a_table(tmp_path):
     for r in records:
         assert r["seconds_per_update"] > 0 and r["env_steps_per_second"] > 0
         assert r["parameters"] > 1000
+        assert 0.05 < r["peak_host_memory_gib"] < 24  # torch alone is > 50 MiB resident
     assert "| algorithm | sizes | parameters |" in md.read_text() and "wrote" in out
 
 
