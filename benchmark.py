@@ -437,15 +437,15 @@ def beats_random(returns: np.ndarray, baseline: float, margin: float = SMOKE_MAR
 
 
 def wall_seconds(folder: Path) -> float:
-    """Seconds between the first and the last record of the longest metrics.jsonl under `folder`
-    (the run's wall time without start-up), NaN if there is none."""
-    spans = [0.0]
+    """The run's wall time without start-up: seconds from the first to the last timed record of a
+    metrics.jsonl under `folder` (the longest such span), NaN if there is none."""
+    spans = []
     for metrics in folder.glob("**/metrics.jsonl"):
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         times = [r["time"] for r in records if "time" in r]
         if times:
             spans.append(max(times) - min(times))
-    return max(spans) if len(spans) > 1 else float("nan")
+    return max(spans, default=float("nan"))
 
 
 def smoke_verdict(runs: dict, baselines: dict, root: Path) -> tuple[bool, list[str]]:
