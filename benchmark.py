@@ -5,6 +5,7 @@
     ./benchmark.sh dcs   [--seeds 3] [--budget 500000] CoRe's protocol: DCS dynamic medium, 6 tasks
     ./benchmark.sh dmc   [--seeds 3] [--budget 500000] clean DMC (official DreamerV2 curves beside)
     ./benchmark.sh report <suite>                      re-aggregate results/<suite> only
+    --script-flags "--preset tiny"                     extra flags for every job (CPU checks)
 
 Learning suites run one job per (algorithm, env, seed) in `results/<suite>/runs/<algo>/<env>/
 seed<k>/` (the script's own `runs/<name>/` folder lands inside), in parallel with `--workers N`
@@ -104,8 +105,9 @@ class Job:
 
 
 def suite_jobs(suite: str, algos, seeds: int, budget: int, tasks=None, eval_every=None,
-               eval_episodes=None, results=Path("results")) -> list[Job]:
-    """Every (algorithm, env, seed) job of a suite, with the folder it writes to."""
+               eval_episodes=None, results=Path("results"), script_flags="") -> list[Job]:
+    """Every (algorithm, env, seed) job of a suite, with the folder it writes to; `script_flags`
+    go last on every command line, so they override the suite's own settings."""
     if suite == "smoke":
         envs_flags = [(SMOKE_ENV, [])]
         budget = budget or 6000
@@ -128,7 +130,7 @@ def suite_jobs(suite: str, algos, seeds: int, budget: int, tasks=None, eval_ever
                 if suite == "smoke":
                     flags += shlex.split(SMOKE_FLAGS.get(algo, "--preset tiny"))
                 flags += ["--total-steps", str(budget), "--eval-every", str(eval_every),
-                          "--eval-episodes", str(eval_episodes)]
+                          "--eval-episodes", str(eval_episodes), *shlex.split(script_flags)]
                 folder = results / suite / "runs" / algo / env / f"seed{seed}"
                 jobs.append(Job(algo, env, seed, flags, folder))
     return jobs
@@ -282,7 +284,7 @@ def summarize(runs: dict, budget: float, suite: str) -> dict:
         ref = {}
         for env in envs_:
             curves = reference_dreamerv2(env)
-            if curves and all(s[-1] >= budget for s, _ in curves):
+            if curves and all(s[0] <= budget <= s[-1] for s, _ in curves):  # no extrapolation
                 m, se, n = mean_se([float(np.interp(budget, s, r)) for s, r in curves])
                 ref[env] = (m, se, n, True)
         if ref:
@@ -319,7 +321,7 @@ def markdown(summary: dict, suite: str) -> str:
 
 def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None):
     """One panel per env: mean eval return over seeds against env steps, shaded standard error;
-    official DreamerV2 curves (grey, dashed) and CoRe's 500K numbers (black marker) beside;
+    official DreamerV2 curves (grey, dashed) and CoRe's 500K numbers (black marker, budgets of 500K or more) beside;
     for smoke, the random policy's (grey, dotted) and greedy controller's (dashed) returns."""
     import matplotlib
 
@@ -344,13 +346,15 @@ def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None)
             ax.fill_between(grid, mean - se, mean + se, alpha=0.25)
         if suite in ("dcs", "dmc"):
             ref = reference_dreamerv2(env)
-            if ref:
-                limit = budget or max(s[-1] for s, _ in ref)
-                grid = np.linspace(0, limit, 50)
+            # only where every reference seed has data (the official curves start at 30K)
+            first = max((s[0] for s, _ in ref), default=np.inf)
+            last = min([s[-1] for s, _ in ref] + ([budget] if budget else []), default=0)
+            if first < last:
+                grid = np.linspace(first, last, 50)
                 ys = np.stack([np.interp(grid, s, r) for s, r in ref]).mean(0)
                 ax.plot(grid, ys, "--", color="grey", label="DreamerV2 official (clean)")
             task = env.partition("-")[2]
-            if suite == "dcs" and task in CORE_PAPER_DCS_MEDIUM_500K:
+            if suite == "dcs" and task in CORE_PAPER_DCS_MEDIUM_500K and (budget or 0) >= 500_000:
                 m, se = CORE_PAPER_DCS_MEDIUM_500K[task]
                 ax.errorbar([500_000], [m], [se], fmt="o", color="black", label="CoRe paper")
         if suite == "smoke":
@@ -533,6 +537,9 @@ def main(argv=None):
     parser.add_argument("--slurm", action="store_true", help="write a Slurm array script instead")
     parser.add_argument("--submit", action="store_true", help="with --slurm: also sbatch it")
     parser.add_argument("--slurm-time", default="48:00:00")
+    parser.add_argument("--script-flags", default="",
+                        help="extra flags for every job's script, e.g. \"--preset tiny\" for a "
+                             "CPU check of a GPU suite (use another --results folder for it)")
     parser.add_argument("--dry-run", action="store_true", help="list the jobs, run nothing")
     parser.add_argument("--results", default="results", help="output folder")
     parser.add_argument("--updates", type=int, default=5, help="speed: updates to time")
@@ -554,7 +561,7 @@ def main(argv=None):
 
     seeds = args.seeds or (2 if args.suite == "smoke" else 3)
     jobs = suite_jobs(args.suite, algos, seeds, args.budget, args.tasks, args.eval_every,
-                      args.eval_episodes, results)
+                      args.eval_episodes, results, args.script_flags)
     budget = int(jobs[0].flags[jobs[0].flags.index("--total-steps") + 1])
     if args.dry_run:
         for job in jobs:

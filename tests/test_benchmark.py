@@ -98,6 +98,10 @@ def test_official_dreamerv2_reference_is_read_and_interpolated(tmp_path, monkeyp
     row = benchmark.summarize(runs, 500_000, "dcs")["rows"]["DreamerV2 (official, clean DMC)"]
     m, se, n, _ = row["dcs-ball_in_cup-catch"]
     assert (m, n) == (pytest.approx(450), 3) and se == pytest.approx(50 / np.sqrt(3))
+    # outside the reference's steps there is no reference number (no flat extrapolation)
+    path.write_text(json.dumps([dict(d, xs=[30_000.0, 1e6]) for d in data]))
+    assert "DreamerV2 (official, clean DMC)" not in benchmark.summarize(runs, 2000, "dcs")["rows"]
+    assert "DreamerV2 (official, clean DMC)" in benchmark.summarize(runs, 40_000, "dcs")["rows"]
 
 
 def test_smoke_criterion():
@@ -157,6 +161,9 @@ def test_dcs_jobs_follow_cores_protocol(tmp_path):
     cmd = " ".join(jobs[0].command())
     assert "--distraction medium --dynamic --total-steps 500000" in cmd
     assert "--eval-episodes 20" in cmd
+    short = benchmark.suite_jobs("dcs", ["core"], seeds=1, budget=None, results=tmp_path,
+                                 script_flags="--preset tiny --eval-episodes 2")
+    assert " ".join(short[0].command()).endswith("--eval-episodes 20 --preset tiny --eval-episodes 2")
 
 
 def test_slurm_script_has_one_array_task_per_job(tmp_path):
