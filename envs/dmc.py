@@ -38,6 +38,22 @@ def suite_tasks() -> dict[str, list[str]]:
     return tasks
 
 
+def resize_render(image: np.ndarray, size: int, segmentation: bool = False) -> np.ndarray:
+    """An (H, W, C) render squeezed to (size, size, C): area averaging for colours, nearest
+    neighbour for segmentation ids (averaging ids would invent objects). The aspect ratio is not
+    kept: a 320x240 frame becomes a square with the whole 4:3 field of view, as CoRe does."""
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    if segmentation:
+        rows = ((np.arange(size) + 0.5) * h / size).astype(int)
+        cols = ((np.arange(size) + 0.5) * w / size).astype(int)
+        return image[rows[:, None], cols[None, :]]
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BOX))
+
+
 class DMCPixels(gym.Env):
     """One dm_control task rendered to uint8 (3, size, size) pixels.
 
@@ -53,11 +69,14 @@ class DMCPixels(gym.Env):
 
     def __init__(self, domain: str, task: str, *, seed: int = 0, image_size: int = 64,
                  action_repeat: int = 2, time_limit: int = 1000, distractions=(), camera_id=None,
-                 manipulation: str | None = None):
+                 manipulation: str | None = None, render_shape: tuple[int, int] | None = None):
         from dm_control import suite
 
         self.domain, self.task, self.manipulation = domain, task, manipulation
         self.image_size, self.action_repeat, self.time_limit = image_size, action_repeat, time_limit
+        # (height, width) the camera renders at before the image is resized to the square
+        # observation; None renders the square directly (a narrower field of view than 4:3).
+        self.render_shape = tuple(render_shape) if render_shape else (image_size, image_size)
         self.camera_id = (2 if domain == "quadruped" else 0) if camera_id is None else camera_id
         self.distractions = list(distractions)
         self._rng = np.random.default_rng(seed)
@@ -81,7 +100,9 @@ class DMCPixels(gym.Env):
 
     def _render(self) -> np.ndarray:
         def render(**kw):
-            return self.physics.render(self.image_size, self.image_size, camera_id=self.camera_id, **kw)
+            h, w = self.render_shape
+            image = self.physics.render(h, w, camera_id=self.camera_id, **kw)
+            return resize_render(image, self.image_size, kw.get("segmentation", False))
 
         for d in self.distractions:
             if hasattr(d, "before_render"):

@@ -1,6 +1,7 @@
 """Render a PNG grid of what the agent sees, to check distractions by eye.
 
-    python -m envs.preview --env dcs-walker-walk --out preview/dcs-walker-walk.png
+    python -m envs.preview --env dcs-walker-walk            # writes preview/dcs-walker-walk.png
+    python -m envs.preview --env dcs-walker-walk robosuite-door-panda --out previews
 
 Rows: one per distraction setting of the family (dcs-*: clean, then easy/medium/hard/background
 dynamic and static; robosuite-*: one row per level and episode, since they are static per
@@ -87,14 +88,21 @@ def save_png(image: np.ndarray, labels: list[str], path: Path, scale: int = 2):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    parser = argparse.ArgumentParser(prog="python -m envs.preview", description=__doc__,
+                                     formatter_class=Formatter)
     parser.add_argument("--env", nargs="+", default=["dcs-walker-walk"], help="env ids")
-    parser.add_argument("--out", default="preview", help="output folder (one PNG per env)")
+    parser.add_argument("--out", default="preview",
+                        help="output FOLDER; each env is written to <out>/<env>.png")
     parser.add_argument("--steps", type=int, default=6, help="frames per row")
     parser.add_argument("--every", type=int, default=5, help="agent steps between frames")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the envs and random actions")
+    parser.add_argument("--image-size", type=int, default=64, help="observation side in pixels")
     args = parser.parse_args(argv)
+    if args.out.endswith(".png"):
+        parser.error(f"--out is a folder (each env goes to <out>/<env>.png), got {args.out!r}")
     for env_id in args.env:
         image, labels = grid(env_id, args.steps, args.every, args.seed, args.image_size)
         path = Path(args.out) / f"{env_id}.png"

@@ -215,3 +215,89 @@ def test_unknown_algorithm_gets_a_clear_error(tmp_path):
                           "--dry-run"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode != 0 and "unknown or missing algorithm(s) ['ppo']" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_official_dreamerv2_curves_ship_with_the_repository():
+    """reference/ holds the official scores (a clone needs nothing from outside); the quick
+    check's reference numbers are the mean over its seeds at the same env steps."""
+    assert benchmark.DREAMERV2_REFERENCE.is_relative_to(ROOT) or "RFWM_DREAMERV2_REFERENCE" in __import__("os").environ
+    data = json.loads((ROOT / "reference" / "dreamerv2-dmc-vision-scores.json").read_text())
+    walker = [d for d in data if d["task"] == "dmc_walker_walk"]
+    assert len(walker) == 5
+    at = lambda x: np.mean([d["ys"][d["xs"].index(x)] for d in walker])  # noqa: E731
+    assert benchmark.reference_mean("dmc-walker-walk", 60_000) == pytest.approx(at(60_000.0))
+    assert benchmark.reference_mean("dmc-walker-walk", 90_000) == pytest.approx(at(90_000.0))
+    assert np.isnan(benchmark.reference_mean("dmc-walker-walk", 10_000))  # before its first point
+
+
+@pytest.mark.parametrize("return_at_60k,verdict", [(180.0, "PASS"), (120.0, "FAIL")])
+def test_quick_report_sets_runs_beside_the_official_curve_and_judges_the_target(
+        tmp_path, monkeypatch, return_at_60k, verdict):
+    root = tmp_path / "quick" / "runs"
+    evals = [(s, 10.0 + s / 1000) for s in range(5000, 60_000, 5000)] + [(60_000, return_at_60k)]
+    write_run(root, "dreamerv2", "dmc-walker-walk", "seed1", evals)
+    write_run(root, "core", "dcs-walker-walk", "seed1", [(5000, 20.0), (10_000, 30.0)])
+    monkeypatch.setattr(benchmark, "policy_return", lambda env, policy="random", episodes=200: 33.0)
+    summary = benchmark.report("quick", 1_000_000, tmp_path)
+    text = (tmp_path / "quick" / "summary.md").read_text()
+    ref = benchmark.reference_mean("dmc-walker-walk", 60_000)
+    assert f"| 60,000 | {return_at_60k:.1f} |  | {ref:.1f} |" in text
+    assert "| 5,000 | 15.0 | 20.0 |  |" in text  # no official number before 30K
+    assert "`dmc-walker-walk` 33.0" in text and f"Target: DreamerV2 reaches 60,000" in text
+    assert f": {verdict} (return {return_at_60k:.1f} at 60,000)" in text
+    assert summary["passed"] is (verdict == "PASS")
+    assert (tmp_path / "quick" / "curves.png").stat().st_size > 10_000
+
+
+def test_quick_runs_both_agents_at_once_with_short_evaluations(tmp_path):
+    jobs = benchmark.suite_jobs("quick", ["dreamerv2", "core"], seeds=1, budget=None,
+                                results=tmp_path)
+    assert [(j.algo, j.env) for j in jobs] == [("dreamerv2", "dmc-walker-walk"),
+                                               ("core", "dcs-walker-walk")]
+    core = " ".join(jobs[1].command())
+    assert "--distraction medium --dynamic" in core and "--eval-every 5000" in core
+
+
+def test_the_time_budget_interrupts_a_job_which_then_checkpoints_and_exits_130():
+    import signal
+    import time
+
+    handler = "import signal, sys, time; signal.signal(signal.SIGINT, lambda *a: sys.exit(130)); time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", handler])
+    start = time.time()
+    assert benchmark.wait_until(proc, start + 2.0) == 130
+    assert time.time() - start < 30
+    stubborn = subprocess.Popen([sys.executable, "-c",
+                                 "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(120)"])
+    assert benchmark.wait_until(stubborn, time.time() + 1.0, grace=1.0) == -signal.SIGKILL
+
+
+def test_minigrid_suite_is_blasts_ladder_on_every_rendering_change(tmp_path):
+    jobs = benchmark.suite_jobs("minigrid", ["blast"], seeds=5, budget=None, results=tmp_path)
+    assert len(jobs) == 6 * 5 * 5
+    assert {j.label for j in jobs} == {f"blast-{s}" for s in benchmark.BLAST_LADDER}
+    assert {j.env for j in jobs} == {"minigrid-dynamic-obstacles-6x6"}
+    one = [j for j in jobs if j.label == "blast-sg" and j.column.endswith("@video") and j.seed == 2]
+    (job,) = one
+    cmd = " ".join(job.command())
+    assert "--distraction video --ladder sg --total-steps 50000" in cmd
+    assert job.folder == tmp_path / "minigrid" / "runs" / "blast-sg" / "minigrid-dynamic-obstacles-6x6@video" / "seed2"
+    with pytest.raises(SystemExit, match="needs blast.py"):
+        benchmark.suite_jobs("minigrid", ["core"], seeds=1, budget=None, results=tmp_path)
+
+
+def test_tables_name_the_video_source_and_mark_paper_rows_when_videos_differ(tmp_path):
+    runs = {"cvrl": {"natural-walker-walk": {"seed1": (np.array([500_000.0]), np.array([600.0]))},
+                     "natural-cheetah-run": {"seed1": (np.array([500_000.0]), np.array([200.0]))}}}
+    pool = benchmark.video_source(None)
+    summary = benchmark.summarize(runs, 500_000, "natural", pool)
+    assert summary["envs"] == ["natural-walker-walk", "natural-cheetah-run"]  # Table 1's order
+    (paper,) = [k for k in summary["rows"] if k.startswith("CVRL (paper")]
+    assert paper.endswith("[their videos]") and summary["rows"][paper]["natural-walker-walk"][0] == 941.5
+    text = benchmark.markdown(summary, "natural")
+    assert "Background videos of these runs: the built-in offline pool" in text
+    davis = benchmark.summarize(runs, 500_000, "natural", benchmark.video_source("/data/DAVIS"))
+    assert "CVRL (paper, Table 1, at 5M steps)" in davis["rows"]
+    jobs = benchmark.suite_jobs("dcs", ["core"], seeds=1, budget=None, results=tmp_path,
+                                video_dir="/data/DAVIS")
+    assert "--video-dir /data/DAVIS" in " ".join(jobs[0].command())

@@ -166,6 +166,39 @@ def test_levels_are_ordered_hard_perturbs_more_than_easy():
     assert col_e < col_m < col_h
 
 
+@pytest.mark.parametrize("env_id,distraction", [("dmc-cartpole-swingup", "none"),
+                                                 ("natural-cartpole-swingup", "none")])
+def test_render_shape_renders_the_wider_4_3_view_then_resizes_to_the_square(env_id, distraction):
+    """CoRe renders 320x240 and resizes to 100x100 (core.txt Sec. 4): the observation is square,
+    equals the area-resized 4:3 render, and differs from a square render (narrower view)."""
+    from envs.dmc import resize_render
+
+    wide = envs.make(env_id, distraction=distraction, image_size=40, seed=2, render_shape=(60, 80))
+    square = envs.make(env_id, distraction=distraction, image_size=40, seed=2)
+    try:
+        obs_wide, _ = wide.reset(seed=5)
+        obs_square, _ = square.reset(seed=5)
+        assert obs_wide.shape == obs_square.shape == (3, 40, 40) and obs_wide.dtype == np.uint8
+        if env_id.startswith("dmc"):
+            full = wide.physics.render(60, 80, camera_id=0)
+            assert np.array_equal(obs_wide, resize_render(full, 40).transpose(2, 0, 1))
+        # natural-*: the same video fills the background of both, only the agent's pixels differ
+        diff = np.abs(obs_wide.astype(int) - obs_square.astype(int)).mean()
+        assert diff > (2 if env_id.startswith("dmc") else 0.1), diff
+    finally:
+        wide.close()
+        square.close()
+
+
+def test_render_shape_resizes_segmentation_by_nearest_neighbour():
+    from envs.dmc import resize_render
+
+    seg = np.zeros((6, 8, 2), np.int32)
+    seg[:, 4:] = 7
+    out = resize_render(seg, 4, segmentation=True)
+    assert out.shape == (4, 4, 2) and set(np.unique(out)) == {0, 7}
+
+
 def test_natural_background_leaves_agent_pixels_unchanged():
     env = envs.make("natural-cheetah-run", seed=2, image_size=48)
     try:
@@ -255,6 +288,8 @@ def test_video_dir_accepts_a_folder_of_video_files(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,message", [
+    (dict(env_id="toy-reach", render_shape=(240, 320)), "render_shape is for dmc-*"),
+    (dict(env_id="dmc-walker-walk", render_shape=(4, 320)), "render_shape must be \\(height, width\\)"),
     (dict(env_id="dcs-walkr-walk"), "unknown domain 'walkr'.*did you mean 'walker'"),
     (dict(env_id="dmc-walker-wlk"), "unknown task 'wlk'.*dmc-walker-walk"),
     (dict(env_id="atari-pong"), "unknown env family 'atari'.*dmc-<domain>-<task>"),
