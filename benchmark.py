@@ -83,6 +83,18 @@ SMOKE_FLAGS = {
                  "--horizon 10 --train-every 2 --model-lr 1e-3 --actor-lr 3e-4 --critic-lr 3e-4",
     "core": "--preset tiny --time-limit None --batch-size 16 --seq-len 16 --prefill 500 "
             "--ac-hidden 128",
+    # The three scripts below start from DreamerV2's small config; their learning on
+    # toy-reach-center is checked by `./benchmark.sh smoke` / the slow tests.
+    "blast": "--preset tiny --cnn-depth 8 --deter 64 --hidden 64 --stoch 8 --classes 8 "
+             "--mlp-units 64 --batch-size 8 --batch-length 16 --prefill 500 --pretrain 100 "
+             "--horizon 10 --train-every 2 --model-lr 1e-3 --actor-lr 3e-4 --critic-lr 3e-4",
+    "dreamingv2": "--preset tiny --cnn-depth 8 --deter 64 --hidden 64 --stoch 8 --classes 8 "
+                  "--mlp-units 64 --batch-size 8 --batch-length 16 --prefill 500 --pretrain 100 "
+                  "--horizon 10 --train-every 2 --model-lr 1e-3 --actor-lr 3e-4 --critic-lr 3e-4",
+    "cvrl": "--preset tiny --action-repeat 1 --cnn-depth 8 --deter 64 --hidden 64 --stoch 8 "
+            "--contrast-units 32 --mlp-units 64 --batch-size 8 --batch-length 16 --prefill 500 "
+            "--pretrain 100 --horizon 10 --train-every 2 --model-lr 1e-3 --actor-lr 3e-4 "
+            "--value-lr 3e-4 --q-lr 3e-4 --mpc-iterations 3",
 }
 SMOKE_ENV = "toy-reach-center"
 SMOKE_MARGIN = 10.0  # return units above the random policy (about 3 standard errors of its mean)

@@ -27,12 +27,19 @@ Equations implemented, in the paper's order:
 - Algorithm 1 / A.3: collect one episode, then 0.5 x (episode length) gradient steps, each
   mini-batch used for J_M, J_Q and J_pi in turn. `main`.
 
-Shapes are time-major: replay sequences (T, B, ...), states (T, B, D). Observations are rendered at
-100x100 uint8 and randomly cropped to 84x84 with the same crop for a whole sequence; acting uses
-the centre crop.
+Shapes are time-major: replay sequences (T, B, ...), states (T, B, D). Control-suite frames are
+rendered at 320x240 and resized to 100x100 uint8 (A.3), then randomly cropped to 84x84 with the
+same crop for a whole sequence; acting uses the centre crop.
+
+Where the speed comes from (each is a named place below): `RSSM.observe` keeps only the recurrence
+in its time loop (ObsMLP, the observation half of PosteriorMLP's first layer and PriorMLP run once
+over all T x B); `Agent.__init__` optionally compiles the three loss computations as wholes
+(`--compile`); `Agent.update` never waits for the GPU (fused Adam steps that skip themselves on a
+non-finite loss, `_foreach_lerp_` targets, metrics kept on the device); `Replay` keeps the frames
+on the GPU when training there and crops there; `configure_torch` turns on TF32/cudnn autotuning.
 
     python core.py --env dcs-walker-walk --distraction medium
-    python core.py --env dcs-walker-walk --distraction medium --preset tiny --total-steps 600
+    python core.py --env dcs-walker-walk --distraction medium --preset tiny
 """
 
 from __future__ import annotations
@@ -42,9 +49,10 @@ import math
 import os
 import random
 import resource
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -76,20 +84,28 @@ class Args:
     dynamic: bool = True
     """distractions move within an episode (False: static per episode)"""
     video_dir: Optional[str] = None
-    """DAVIS 2017 or video folder for backgrounds (default: built-in offline pool)"""
+    """DAVIS 2017 or video folder for backgrounds (default: the built-in offline pool, which is
+    not DAVIS: runs name their video source in the header and in every evaluation record)"""
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic`"""
+    """sets `torch.backends.cudnn.deterministic` (and turns cudnn autotuning off)"""
     device: str = "auto"
     """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."""
+    replay_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where the replay's frames live; auto: the training device if it is CUDA (sampling and
+    cropping then run on the GPU), else host memory"""
     compile: bool = False
-    """torch.compile the networks (GPU; the first updates are slow while it compiles)"""
+    """torch.compile the three loss computations (J_M incl. the observe loop, J_Q incl. the
+    re-filtering, J_pi); the first update compiles (its time is printed)"""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile mode (CUDA: try reduce-overhead / max-autotune, keep what measures faster)"""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocast for the networks"""
+    """bf16 autocast for the networks (critic outputs, targets, log-probs, KL, contrastive scores
+    and loss reductions stay fp32)"""
     preset: Literal["paper", "tiny"] = "paper"
-    """'tiny': narrow nets, short sequences and episodes, for smoke tests; flags you set
-    explicitly win over the preset (see PRESETS)"""
+    """'tiny': narrow nets, short sequences and episodes, 2000 steps, for smoke tests; flags you
+    set explicitly win over the preset (see PRESETS)"""
     total_steps: int = 500_000
     """environment steps to train for, counted after action repeat (simulator steps)"""
     action_repeat: Optional[int] = None
@@ -101,13 +117,16 @@ class Args:
     eval_episodes: int = 10
     """episodes per evaluation, deterministic policy, on the validation videos"""
     log_every: int = 1_000
-    """environment steps between progress lines and training-metric logs"""
+    """environment steps between progress lines and training-metric logs (a progress line also
+    comes at least every 30 s)"""
     save_model: bool = False
-    """write checkpoints (model, optimisers, counters, replay) every eval and at the end"""
+    """write checkpoints (model, optimisers, counters, replay) every eval and at the end; an
+    interrupted run (Ctrl-C, SIGTERM) always writes one"""
     checkpoint_replay: bool = True
     """include the replay buffer in checkpoints so that --resume keeps the same data"""
     resume: Optional[str] = None
-    """path of a checkpoint to continue from (same schedule and step counters)"""
+    """path of a checkpoint to continue from: its flags become the defaults; schedule flags
+    (SCHEDULE_FLAGS) may be changed, others must match"""
     measure_updates: int = 0
     """if > 0: time this many updates on a synthetic batch at the configured sizes and 50 steps of
     the acting loop on --env, print one JSON line and exit (benchmark.sh speed)"""
@@ -116,7 +135,12 @@ class Args:
 
     # Observations (A.3).
     render_size: int = 100
-    """side of the rendered observation (the paper resizes 320x240 renders to 100x100)"""
+    """side of the square observation (A.3: 100x100)"""
+    render_height: Optional[int] = 240
+    """height the control suite renders at before the frame is resized to render_size square
+    (A.3: 320x240 renders); None or 0: render the square directly (narrower field of view)"""
+    render_width: Optional[int] = 320
+    """width of the render before the resize (A.3: 320)"""
     crop_size: int = 84
     """side of the random crop fed to the encoder (same crop for the whole sequence)"""
 
@@ -128,7 +152,9 @@ class Args:
     seq_len: int = 32
     """steps per sequence (T)"""
     prefill: int = 1000
-    """environment steps of uniform random actions before the actor takes over"""
+    """agent steps (after action repeat) of uniform random actions, in whole episodes, with no
+    updates (A.3 "first 1000 steps"; ml-core counts initial_data_steps in agent steps and starts
+    updating after the first actor episode)"""
     updates_per_step: float = 0.5
     """gradient steps per agent step of each collected episode"""
 
@@ -169,6 +195,9 @@ class Args:
     """inverse dynamics weight"""
     free_nats: float = 0.0
     """clamp of the per-step KL from below (paper: none; the authors' code: 1.0)"""
+    kl_first_step: bool = False
+    """include t = 0 in L_KL (earlier versions of this script; ml-core and the default leave it
+    out, see `model_loss`)"""
     objective: Literal["contrastive", "reconstruction"] = "contrastive"
     """'reconstruction': the "Recon" baseline of Table 3, pixels decoded from the posterior"""
     negatives: Literal["batch", "same-sequence"] = "batch"
@@ -196,11 +225,15 @@ class Args:
     init_alpha: float = 0.1
     """initial entropy temperature (authors' code: log alpha = -2.3)"""
     model_lr: float = 3e-4
-    """learning rate of J_M (encoder, RSSM, heads, inverse temperature)"""
+    """learning rate of J_M (encoder, RSSM, heads)"""
     inverse_temperature_lr: float = 3e-4
     """learning rate of lambda (paper: part of Theta; authors' code: 2e-3)"""
-    critic_model_lr: float = 3e-4
-    """learning rate of J_Q's gradient into the encoder and RSSM (authors' code: 1e-3, the critic's)"""
+    critic_model_lr: float = 1e-3
+    """learning rate of J_Q's step on the encoder and RSSM. The paper gives none; ml-core puts
+    Theta into the critic's Adam (lr 1e-3). Earlier versions of this script: 3e-4"""
+    critic_model_clip: float = 0.0
+    """gradient-norm clip of J_Q's gradient on Theta; 0: none (ml-core clips only the critics).
+    Earlier versions of this script: 10"""
     critic_lr: float = 1e-3
     """critic learning rate"""
     actor_lr: float = 1e-3
@@ -218,9 +251,18 @@ class Args:
 PRESETS = {
     "tiny": dict(cnn_filters=8, embed=16, obs_mlp=32, gru_mlp=32, deter=32, prior_mlp=32,
                  posterior_mlp=32, stoch=8, decoder_mlp=32, reward_mlp=16, inverse_mlp=16,
-                 ac_hidden=32, batch_size=4, seq_len=8, render_size=48, crop_size=40,
-                 prefill=200, eval_episodes=1, time_limit=200, replay_capacity=10_000),
+                 ac_hidden=32, batch_size=4, seq_len=8, render_size=48, render_height=None,
+                 render_width=None, crop_size=40, prefill=100, eval_episodes=1, time_limit=200,
+                 replay_capacity=10_000, total_steps=2000),
 }
+
+# Flags that may differ from the checkpoint's on --resume: they change the schedule, logging or
+# how fast the same computation runs, not the algorithm. Script-specific additions:
+# replay_device, compile_mode, torch_deterministic (placement, compilation and kernel choice).
+SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "log_every", "save_model",
+                  "checkpoint_replay", "resume", "capture_video", "device", "compile", "precision",
+                  "measure_updates", "exp_name", "replay_device", "compile_mode",
+                  "torch_deterministic"}
 
 
 def preset_args(preset: str = "paper", **overrides) -> Args:
@@ -230,17 +272,49 @@ def preset_args(preset: str = "paper", **overrides) -> Args:
     return Args(**{**PRESETS.get(preset, {}), **overrides, "preset": preset})
 
 
-def parse_args(argv=None) -> Args:
-    """Read --preset first, then parse every flag with that preset's values as defaults."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    preset = "paper"
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    value = None
     for i, arg in enumerate(argv):
-        if arg == "--preset" and i + 1 < len(argv):
-            preset = argv[i + 1]
-        elif arg.startswith("--preset="):
-            preset = arg.split("=", 1)[1]
-    default = preset_args(preset) if preset in ("paper", *PRESETS) else Args()
-    return tyro.cli(Args, args=argv, default=default)
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def parse_args(argv=None) -> Args:
+    """Flags over defaults. The defaults are the preset's (--preset), or with --resume PATH the
+    checkpoint's own flags, so that `--resume PATH` alone continues the same run; a resumed run
+    may change only SCHEDULE_FLAGS."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    resume = _flag_value(argv, "--resume")
+    saved = None
+    if resume:
+        if not Path(resume).is_file():
+            raise SystemExit(f"error: --resume {resume}: no such checkpoint file")
+        known = {f.name for f in fields(Args)}
+        saved = {k: v for k, v in load_checkpoint(resume)["args"].items() if k in known}
+        default = Args(**saved)
+    else:
+        preset = _flag_value(argv, "--preset") or "paper"
+        default = preset_args(preset) if preset in ("paper", *PRESETS) else Args()
+    args = tyro.cli(Args, args=argv, default=default)
+    if saved is not None:
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint {v})" for k, v in saved.items()
+                   if k not in SCHEDULE_FLAGS and getattr(args, k) != v]
+        if changed:
+            raise SystemExit(f"error: --resume: these flags differ from the checkpoint's and change the "
+                             f"algorithm: {', '.join(changed)}; drop them or start a new run")
+    return args
+
+
+STREAMS = {"train": 0, "eval": 1}
+
+
+def episode_seed(seed: int, stream: str, index: int) -> int:
+    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
+    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,38 +447,64 @@ class RSSM(nn.Module):
         return self.deter + self.stoch
 
     def initial(self, batch: int, device) -> dict:
-        zeros = lambda d: torch.zeros(batch, d, device=device)  # noqa: E731
-        return dict(deter=zeros(self.deter), stoch=zeros(self.stoch), mean=zeros(self.stoch),
-                    std=torch.ones(batch, self.stoch, device=device))
+        """The state before the first step: h = 0, s = 0."""
+        return dict(deter=torch.zeros(batch, self.deter, device=device),
+                    stoch=torch.zeros(batch, self.stoch, device=device))
 
-    def _gaussian(self, out: torch.Tensor, deter: torch.Tensor) -> dict:
+    def _gaussian(self, out: torch.Tensor, deter: torch.Tensor, noise: torch.Tensor) -> dict:
         # The paper does not say how sigma is parameterised; softplus + min std as in Dreamer
-        # (the authors' code: exp of a clamped log-std).
+        # (the authors' code: exp of a clamped log-std). Statistics in fp32 also under bf16.
         mean, std = out.float().chunk(2, -1)
         std = F.softplus(std) + self.min_std
-        return dict(deter=deter, stoch=mean + std * torch.randn_like(std), mean=mean, std=std)
+        return dict(deter=deter, stoch=mean + std * noise, mean=mean, std=std)
 
-    def prior_step(self, state: dict, action: torch.Tensor) -> dict:
-        """h_t = GRUCell(h_{t-1}, GRU_MLP(s_{t-1}, a_{t-1})); (mu^, sigma^) = PriorMLP(h_t)."""
-        deter = self.cell(self.gru_mlp(torch.cat([state["stoch"], action], -1)), state["deter"])
-        return self._gaussian(self.prior_mlp(deter), deter)
+    def deter_step(self, stoch: torch.Tensor, action: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
+        """h_t = GRUCell(h_{t-1}, GRU_MLP(s_{t-1}, a_{t-1}))."""
+        return self.cell(self.gru_mlp(torch.cat([stoch, action], -1)), deter)
 
-    def posterior_step(self, prior: dict, x: torch.Tensor) -> dict:
-        """(mu, sigma) = PosteriorMLP(h_t, ObsMLP(x_t)): the correction model q(z_t | z^_t, x_t)."""
-        return self._gaussian(self.posterior_mlp(torch.cat([prior["deter"], self.obs_mlp(x)], -1)),
-                              prior["deter"])
+    def prior(self, deter: torch.Tensor, noise: torch.Tensor) -> dict:
+        """(mu^, sigma^) = PriorMLP(h_t): the prediction before o_t is seen (any leading shape)."""
+        return self._gaussian(self.prior_mlp(deter), deter, noise)
 
-    def observe(self, x: torch.Tensor, action: torch.Tensor):
-        """x (T, B, embed); action (T, B, A) is a_{t-1}. Returns posteriors, priors: (T, B, ...)."""
-        state = self.initial(x.shape[1], x.device)
-        posts, priors = [], []
-        for t in range(x.shape[0]):
-            prior = self.prior_step(state, action[t])
-            state = self.posterior_step(prior, x[t])
+    def posterior_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """PosteriorMLP's first layer acts on [h_t, ObsMLP(x_t)]: W [h; e] + b = W_h h + (W_e e + b).
+        This is the observation's half, W_e ObsMLP(x_t) + b, which does not depend on h_t."""
+        first = self.posterior_mlp[0]
+        return F.linear(self.obs_mlp(x), first.weight[:, self.deter:], first.bias)
+
+    def posterior(self, deter: torch.Tensor, embed: torch.Tensor, noise: torch.Tensor) -> dict:
+        """(mu, sigma) = PosteriorMLP(h_t, ObsMLP(x_t)), the correction model q(z_t | z^_t, x_t);
+        `embed` = posterior_embed(x_t)."""
+        first = self.posterior_mlp[0]
+        out = self.posterior_mlp[1:](F.linear(deter, first.weight[:, :self.deter]) + embed)
+        return self._gaussian(out, deter, noise)
+
+    def obs_step(self, state: dict, action: torch.Tensor, x: torch.Tensor, noise=None) -> dict:
+        """One filtering step (acting): posterior z_t from z_{t-1}, a_{t-1} and x_t. No prior:
+        nothing uses it while acting."""
+        deter = self.deter_step(state["stoch"], action, state["deter"])
+        noise = torch.randn_like(deter[..., :self.stoch]) if noise is None else noise
+        return self.posterior(deter, self.posterior_embed(x), noise)
+
+    def observe(self, x: torch.Tensor, action: torch.Tensor, priors: bool = True):
+        """x (T, B, embed); action (T, B, A) is a_{t-1}. Returns posteriors and priors (T, B, ...)
+        (priors None if not asked for). The same computation as T calls of `obs_step`.
+
+        Speed: only what depends on h_{t-1} stays in the time loop (GRU_MLP, GRUCell, W_h h_t and
+        the rest of PosteriorMLP). ObsMLP and the observation half of PosteriorMLP's first layer
+        run once over all T x B before the loop, PriorMLP once after it: on a GPU the loop's
+        kernel launches, not its arithmetic, set the time. The noise of the priors and posteriors
+        is drawn in one call (the same numbers as drawing it step by step, prior then posterior)."""
+        T, B = x.shape[:2]
+        noise = torch.randn(T, 2, B, self.stoch, device=x.device)  # (T, prior/posterior, B, stoch)
+        embed = self.posterior_embed(x)  # (T, B, posterior_mlp)
+        state, posts = self.initial(B, x.device), []
+        for t in range(T):  # the recurrence: fixed shapes, no data-dependent control flow
+            deter = self.deter_step(state["stoch"], action[t], state["deter"])
+            state = self.posterior(deter, embed[t], noise[t, 1])
             posts.append(state)
-            priors.append(prior)
-        stack = lambda states: {k: torch.stack([s[k] for s in states]) for k in states[0]}  # noqa: E731
-        return stack(posts), stack(priors)
+        post = {k: torch.stack([s[k] for s in posts]) for k in posts[0]}
+        return post, self.prior(post["deter"], noise[:, 0]) if priors else None
 
     @staticmethod
     def latent(state: dict, mean: bool = False) -> torch.Tensor:
@@ -443,7 +543,7 @@ class Actor(nn.Module):
         self.apply(weight_init)
 
     def forward(self, z: torch.Tensor) -> td.Distribution:
-        mean, log_std = self.net(z).float().chunk(2, -1)
+        mean, log_std = self.net(z).float().chunk(2, -1)  # log-probs are computed in fp32
         log_std = -10 + 0.5 * (2 - (-10)) * (torch.tanh(log_std) + 1)
         base = td.Normal(mean, log_std.exp())
         return td.Independent(td.TransformedDistribution(base, td.TanhTransform(cache_size=1)), 1)
@@ -463,9 +563,17 @@ class Critics(nn.Module):
         self.q2 = mlp(state_dim + action_dim, [hidden] * 3, 1)
         self.apply(weight_init)
 
+    @staticmethod
+    def _value(net: nn.Sequential, za: torch.Tensor) -> torch.Tensor:
+        # The output layer runs in fp32 also under bf16 autocast: Q near 500 would be resolved
+        # to 2-4 units in bf16, coarser than the TD errors it is trained on.
+        hidden = net[:-1](za)
+        with torch.autocast(za.device.type, enabled=False):
+            return net[-1](hidden.float()).squeeze(-1)
+
     def forward(self, z, a):
         za = torch.cat([z, a], -1)
-        return self.q1(za).squeeze(-1).float(), self.q2(za).squeeze(-1).float()
+        return self._value(self.q1, za), self._value(self.q2, za)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,29 +587,41 @@ class Replay:
     Slot t of an episode holds obs_t, the action a_{t-1} that led to it (zeros at t = 0), the
     reward r_t received on arriving there (0 at t = 0) and cont_t = 0 if the episode terminated
     there. A sequence never crosses an episode boundary.
+
+    Speed: the arrays are torch tensors on `device`. On CUDA the frames live on the GPU (paper
+    sizes: 3 GB) and a mini-batch is gathered and cropped there in one indexing op, so only the
+    sampled indices (a few hundred integers) cross the bus. On the host the frames are a numpy
+    array viewed as a tensor, whose pages are allocated only as episodes arrive.
     """
 
-    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int):
-        self.capacity = capacity
-        self.obs = np.zeros((capacity, *obs_shape), np.uint8)  # pages are allocated as they fill
-        self.action = np.zeros((capacity, action_dim), np.float32)
-        self.reward = np.zeros(capacity, np.float32)
-        self.cont = np.ones(capacity, np.float32)
-        self.episode = np.full(capacity, -1, np.int64)  # episode id per slot, -1 = empty
+    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int,
+                 device: torch.device = torch.device("cpu")):
+        self.capacity, self.device = capacity, torch.device(device)
+        if self.device.type == "cpu":
+            self.obs = torch.from_numpy(np.zeros((capacity, *obs_shape), np.uint8))
+        else:
+            self.obs = torch.zeros((capacity, *obs_shape), dtype=torch.uint8, device=self.device)
+        self.action = torch.zeros(capacity, action_dim, device=self.device)
+        self.reward = torch.zeros(capacity, device=self.device)
+        self.cont = torch.ones(capacity, device=self.device)
+        self.episode = np.full(capacity, -1, np.int64)  # episode id per slot, -1 = empty (host)
         self.pos = self.size = self.episodes = 0
         self.rng = np.random.default_rng(seed)
         self._starts, self._starts_length = np.zeros(0, np.int64), None
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.obs, self.action, self.reward, self.cont, self.episode))
+        return sum(t.numel() * t.element_size() for t in (self.obs, self.action, self.reward, self.cont)) \
+            + self.episode.nbytes
 
     def add_episode(self, obs, action, reward, cont):
         n = len(obs)
         if n > self.capacity:
             raise ValueError(f"episode of {n} steps does not fit a replay of {self.capacity}")
         idx = (self.pos + np.arange(n)) % self.capacity
-        self.obs[idx], self.action[idx], self.reward[idx], self.cont[idx] = obs, action, reward, cont
+        slots = torch.as_tensor(idx, device=self.device)
+        for store, value in ((self.obs, obs), (self.action, action), (self.reward, reward), (self.cont, cont)):
+            store[slots] = torch.as_tensor(np.asarray(value), dtype=store.dtype).to(self.device)
         self.episode[idx] = self.episodes
         self.episodes += 1
         self.pos = (self.pos + n) % self.capacity
@@ -520,27 +640,33 @@ class Replay:
         return len(self.valid_starts(length)) > 0
 
     def sample(self, batch: int, length: int, crop: int) -> dict:
-        """Time-major numpy arrays; obs (T, B, 3, crop, crop) uint8 with one random crop per
-        sequence (A.3: the same crop position across the entire sequence)."""
+        """Time-major tensors on the replay's device; obs (T, B, 3, crop, crop) uint8 with one
+        random crop per sequence (A.3: the same crop position across the entire sequence)."""
         starts = self.rng.choice(self.valid_starts(length), size=batch)
+        oy, ox = self.rng.integers(0, self.obs.shape[-1] - crop + 1, size=(2, batch))
         idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # (T, B)
-        obs = self.obs[idx]  # (T, B, 3, S, S)
-        side = obs.shape[-1]
-        oy, ox = self.rng.integers(0, side - crop + 1, size=(2, batch))
-        windows = np.lib.stride_tricks.sliding_window_view(obs, (crop, crop), axis=(3, 4))
-        obs = np.ascontiguousarray(windows[:, np.arange(batch), :, oy, ox].transpose(1, 0, 2, 3, 4))
-        return dict(obs=obs, action=self.action[idx], reward=self.reward[idx], cont=self.cont[idx])
+        # one small host -> device copy: slots (T*B), then the crop offsets (B each)
+        index = torch.as_tensor(np.concatenate([idx.ravel(), oy, ox]), device=self.device)
+        slots, oy, ox = index[:length * batch].view(length, batch), index[-2 * batch:-batch], index[-batch:]
+        side = torch.arange(crop, device=self.device)
+        rows = (oy[:, None] + side)[None, :, None, :, None]  # (1, B, 1, crop, 1)
+        cols = (ox[:, None] + side)[None, :, None, None, :]  # (1, B, 1, 1, crop)
+        channels = torch.arange(self.obs.shape[1], device=self.device)[None, None, :, None, None]
+        obs = self.obs[slots[:, :, None, None, None], channels, rows, cols]  # (T, B, C, crop, crop)
+        return dict(obs=obs, action=self.action[slots], reward=self.reward[slots], cont=self.cont[slots])
 
     def state_dict(self) -> dict:
-        keep = slice(0, self.size)
-        return dict(obs=self.obs[keep], action=self.action[keep], reward=self.reward[keep],
-                    cont=self.cont[keep], episode=self.episode[keep], pos=self.pos,
+        keep = slice(0, self.size)  # copies of the filled part (a view saves the whole storage)
+        copy = lambda t: t[keep].to("cpu", copy=True)  # noqa: E731
+        return dict(obs=copy(self.obs), action=copy(self.action), reward=copy(self.reward),
+                    cont=copy(self.cont), episode=self.episode[keep], pos=self.pos,
                     size=self.size, episodes=self.episodes, rng=self.rng.bit_generator.state)
 
     def load_state_dict(self, state: dict):
         n = state["size"]
-        for key in ("obs", "action", "reward", "cont", "episode"):
-            getattr(self, key)[:n] = state[key]
+        for key in ("obs", "action", "reward", "cont"):
+            getattr(self, key)[:n] = torch.as_tensor(state[key]).to(self.device)
+        self.episode[:n] = state["episode"]
         self.pos, self.size, self.episodes = state["pos"], n, state["episodes"]
         self.rng.bit_generator.state = state["rng"]
         self._starts_length = None
@@ -552,19 +678,21 @@ def centre_crop(obs: np.ndarray, crop: int) -> np.ndarray:
     return obs[..., off:off + crop, off:off + crop]
 
 
-def to_torch(batch: dict, device: torch.device) -> dict:
-    """Host numpy batch -> device tensors; images stay uint8 over the bus (4x less to copy)."""
-    pin = device.type == "cuda"
-    out = {}
-    for key, value in batch.items():
-        t = torch.from_numpy(value)
-        out[key] = (t.pin_memory() if pin else t).to(device, non_blocking=pin)
-    return out
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A sampled batch on the training device (a no-op when the replay lives there)."""
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------
 # World-model objective J_M (Sec. 2.2)
 # ---------------------------------------------------------------------------------------------
+
+
+def contrastive_scores(x: torch.Tensor, y: torch.Tensor, inverse_temperature: torch.Tensor) -> torch.Tensor:
+    """lambda x_i^T y_j for all pairs (N, N), in fp32 also under bf16 autocast (the logits reach
+    tens; bf16 would resolve them to ~0.25)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return inverse_temperature.float() * x.float() @ y.float().T
 
 
 def contrastive_loss(x: torch.Tensor, y: torch.Tensor, inverse_temperature: torch.Tensor,
@@ -574,7 +702,7 @@ def contrastive_loss(x: torch.Tensor, y: torch.Tensor, inverse_temperature: torc
     mean over pairs (the paper writes sums: a constant factor), so uninformative scores give
     log N. `same_sequence` (N, N) bool restricts negatives to the same sequence (Fig. 3).
     Returns (loss, top-1 accuracy of the positive among its row)."""
-    scores = inverse_temperature * x.float() @ y.float().T
+    scores = contrastive_scores(x, y, inverse_temperature)
     if same_sequence is not None:
         scores = scores.masked_fill(~same_sequence, float("-inf"))
     target = torch.arange(len(x), device=x.device)
@@ -584,17 +712,17 @@ def contrastive_loss(x: torch.Tensor, y: torch.Tensor, inverse_temperature: torc
 
 
 def kl_loss(post: dict, prior: dict, free_nats: float) -> torch.Tensor:
-    """Eq. 2: KL(q(s_t) || p(s^_t)) summed over latent dimensions, mean over (t, b)."""
-    q = td.Independent(td.Normal(post["mean"], post["std"]), 1)
-    p = td.Independent(td.Normal(prior["mean"], prior["std"]), 1)
+    """Eq. 2: KL(q(s_t) || p(s^_t)) summed over latent dimensions, mean over (t, b); fp32."""
+    q = td.Independent(td.Normal(post["mean"].float(), post["std"].float()), 1)
+    p = td.Independent(td.Normal(prior["mean"].float(), prior["std"].float()), 1)
     kl = td.kl_divergence(q, p)
     return kl.clamp_min(free_nats).mean() if free_nats > 0 else kl.mean()
 
 
-def world_model_forward(wm: WorldModel, batch: dict):
+def world_model_forward(wm: WorldModel, batch: dict, priors: bool = True):
     """Encode and filter a time-major batch: x (T, B, embed), posteriors, priors, gating mask."""
     x, mask = wm.encoder(batch["obs"])
-    post, prior = wm.rssm.observe(x, batch["action"])
+    post, prior = wm.rssm.observe(x, batch["action"], priors)
     return x, post, prior, mask
 
 
@@ -623,7 +751,12 @@ def model_loss(wm: WorldModel, batch: dict, args: Args):
         target = batch["obs"].float() / 255.0
         l_c = 0.5 * ((wm.pixel_decoder(z).float() - target) ** 2).sum((-3, -2, -1)).mean()
         metrics["reconstruction_loss"] = l_c
-    l_kl = kl_loss(post, prior, args.free_nats)
+    # Eq. 2 from t = 1 on: the prior at t = 0 comes from the zero initial state and a zero
+    # action, not from anything in the sequence, so pulling the first posterior towards it
+    # would only teach q to ignore o_0. ml-core leaves t = 0 out ("prior is uninformative").
+    first = 0 if args.kl_first_step else 1
+    l_kl = kl_loss({k: v[first:] for k, v in post.items()}, {k: v[first:] for k, v in prior.items()},
+                   args.free_nats)
     loss = l_c + args.beta * l_kl
     metrics["kl_loss"] = l_kl
     if not args.no_reward_loss:
@@ -648,15 +781,16 @@ def model_loss(wm: WorldModel, batch: dict, args: Args):
 def sac_states(wm: WorldModel, batch: dict, args: Args, grad_to_model: bool) -> torch.Tensor:
     """Posterior states z_t (T, B, D) of the batch, differentiable in Theta if `grad_to_model`.
     The batch is filtered again after the J_M step: J_Q(theta_i, Theta) is a loss of the updated
-    Theta (Algorithm 1 trains the model, then the critic, on the same mini-batch)."""
+    Theta (Algorithm 1 trains the model, then the critic, on the same mini-batch). No priors:
+    J_Q does not use them."""
     with torch.set_grad_enabled(grad_to_model):
-        _, post, _, _ = world_model_forward(wm, batch)
+        _, post, _, _ = world_model_forward(wm, batch, priors=False)
         return RSSM.latent(post, mean=args.sac_state == "mean")
 
 
 def critic_loss(critics: Critics, target_critics: Critics, actor: Actor, log_alpha, z, batch, args):
     """Eq. 3-4 on the transitions (z_t, a_t, r_{t+1}, z_{t+1}) of the sequences; slot t+1 of the
-    batch holds a_t and r_{t+1}."""
+    batch holds a_t and r_{t+1}. Q values and targets in fp32."""
     action, reward, cont = batch["action"][1:], batch["reward"][1:], batch["cont"][1:]
     with torch.no_grad():
         next_z = z[1:].detach()
@@ -688,6 +822,8 @@ def alpha_loss(log_alpha, log_prob, target_entropy: float):
 # Agent: one update, acting
 # ---------------------------------------------------------------------------------------------
 
+LOSS_NAMES = ("model_loss", "critic_loss", "actor_loss", "alpha_loss")  # one non-finite flag each
+
 
 class Agent:
     def __init__(self, args: Args, action_dim: int, device: torch.device):
@@ -703,67 +839,113 @@ class Agent:
         self.target_entropy = -float(action_dim)
         temperature = [self.wm.inverse_temperature_raw]
         self.theta = [p for p in self.wm.parameters() if p is not self.wm.inverse_temperature_raw]
-        self.model_opt = torch.optim.Adam([{"params": self.theta},
-                                           {"params": temperature, "lr": args.inverse_temperature_lr}],
-                                          lr=args.model_lr)
-        # J_Q trains the critics and Theta (Sec. 2.3); Theta's step comes from its own Adam so
-        # that its moments are not mixed with J_M's. The authors' code puts Theta into the
-        # critic optimiser at the critic's learning rate.
-        self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=args.critic_lr)
-        self.critic_model_opt = torch.optim.Adam(self.theta, lr=args.critic_model_lr)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr, betas=(0.5, 0.999))
+        # fused=True: one kernel per optimiser step, and a step that skips itself on the device
+        # when `found_inf` is set (see `_skip_if_nonfinite`).
+        adam = lambda params, lr, **kw: torch.optim.Adam(params, lr=lr, fused=True, **kw)  # noqa: E731
+        self.model_opt = adam([{"params": self.theta},
+                               {"params": temperature, "lr": args.inverse_temperature_lr}], args.model_lr)
+        # J_Q trains the critics and Theta (Sec. 2.3). As in ml-core, Theta is a parameter group
+        # of the critic's Adam (moments of its own, apart from J_M's) at the critic's rate.
+        critic_groups = [{"params": list(self.critics.parameters())}]
+        if not args.no_critic_grad_to_model:
+            critic_groups.append({"params": self.theta, "lr": args.critic_model_lr})
+        self.critic_opt = adam(critic_groups, args.critic_lr)
+        self.actor_opt = adam(self.actor.parameters(), args.actor_lr)
+        self.alpha_opt = adam([self.log_alpha], args.alpha_lr, betas=(0.5, 0.999))
         self.updates = 0
+        # 1.0 once a term of some update was non-finite: every later step is skipped as well
+        self.halted = torch.zeros((), device=device)
         self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+        # The three loss computations of an update. Speed: with --compile each is compiled as a
+        # whole (forward and backward, the 32-step observe loop unrolled), fixed shapes.
+        self.model_losses, self.critic_losses, self.actor_losses = (
+            self._model_losses, self._critic_losses, self._actor_losses)
+        self.compile_seconds = None
         if args.compile:
-            rssm = self.wm.rssm
-            rssm.prior_step, rssm.posterior_step = torch.compile(rssm.prior_step), torch.compile(rssm.posterior_step)
-            for net in (self.wm.encoder, self.wm.decoder, self.actor, self.critics):
-                net.compile()
+            mode = None if args.compile_mode == "default" else args.compile_mode
+            self.model_losses, self.critic_losses, self.actor_losses = (
+                torch.compile(f, dynamic=False, mode=mode)
+                for f in (self._model_losses, self._critic_losses, self._actor_losses))
 
-    def update(self, batch: dict) -> dict:
-        """The three updates of Algorithm 1 on one mini-batch: J_M, J_Q, J_pi (and alpha)."""
+    def _model_losses(self, batch: dict):
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.args.precision == "bf16"):
+            return model_loss(self.wm, batch, self.args)
+
+    def _critic_losses(self, batch: dict):
         args = self.args
-        with self.autocast:
-            loss, metrics = model_loss(self.wm, batch, args)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+            z = sac_states(self.wm, batch, args, not args.no_critic_grad_to_model)
+            loss, metrics = critic_loss(self.critics, self.target_critics, self.actor, self.log_alpha,
+                                        z, batch, args)
+        return loss, metrics, z
+
+    def _actor_losses(self, z: torch.Tensor):
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.args.precision == "bf16"):
+            pi_loss, log_prob = actor_loss(self.critics, self.actor, self.log_alpha, z[:-1])
+        return pi_loss, alpha_loss(self.log_alpha, log_prob, self.target_entropy), log_prob
+
+    def _skip_if_nonfinite(self, opt: torch.optim.Optimizer, *values: torch.Tensor) -> torch.Tensor:
+        """Never train through a NaN/inf, never wait for the GPU to find out: the fused Adam step
+        is skipped on the device when `opt.found_inf` is 1 (parameters and moments untouched;
+        GradScaler's mechanism). Returns this step's own flag (0-dim)."""
+        bad = (~torch.isfinite(torch.stack([v.detach().float() for v in values]))).any().float()
+        self.halted = torch.maximum(self.halted, bad)
+        opt.found_inf = self.halted
+        return bad
+
+    def update(self, batch: dict):
+        """The three updates of Algorithm 1 on one mini-batch: J_M, J_Q, J_pi (and alpha).
+        Returns (metrics, nonfinite): device tensors, no host synchronisation; nonfinite holds one
+        flag per LOSS_NAMES entry."""
+        args = self.args
+        start = time.perf_counter()
+        loss, metrics = self.model_losses(batch)
         self.model_opt.zero_grad(set_to_none=True)
         loss.backward()
         metrics["model_grad_norm"] = nn.utils.clip_grad_norm_(self.wm.parameters(), args.model_clip)
+        bad_model = self._skip_if_nonfinite(self.model_opt, loss, metrics["model_grad_norm"])
         self.model_opt.step()
 
-        grad_to_model = not args.no_critic_grad_to_model
-        with self.autocast:
-            z = sac_states(self.wm, batch, args, grad_to_model)
-            q_loss, q_metrics = critic_loss(self.critics, self.target_critics, self.actor, self.log_alpha,
-                                            z, batch, args)
+        q_loss, q_metrics, z = self.critic_losses(batch)
         self.critic_opt.zero_grad(set_to_none=True)
-        self.critic_model_opt.zero_grad(set_to_none=True)
         q_loss.backward()
         metrics["critic_grad_norm"] = nn.utils.clip_grad_norm_(self.critics.parameters(), args.critic_clip)
+        checked = [q_loss, metrics["critic_grad_norm"]]
+        if not args.no_critic_grad_to_model:  # Theta's share of J_Q (ml-core: not clipped)
+            grads = [p.grad for p in self.theta if p.grad is not None]
+            theta_norm = (nn.utils.clip_grad_norm_(self.theta, args.critic_model_clip) if args.critic_model_clip > 0
+                          else nn.utils.get_total_norm(grads))
+            metrics["critic_model_grad_norm"] = theta_norm
+            checked.append(theta_norm)
+        bad_critic = self._skip_if_nonfinite(self.critic_opt, *checked)
         self.critic_opt.step()
-        if grad_to_model:
-            nn.utils.clip_grad_norm_(self.theta, args.model_clip)
-            self.critic_model_opt.step()
 
-        with self.autocast:
-            pi_loss, log_prob = actor_loss(self.critics, self.actor, self.log_alpha, z[:-1])
+        # J_pi and the temperature loss in one backward: neither reaches the other's parameter
+        # (alpha is detached in J_pi, log pi in the alpha loss); `inputs` keeps the critics out.
+        pi_loss, a_loss, log_prob = self.actor_losses(z)
         self.actor_opt.zero_grad(set_to_none=True)
-        pi_loss.backward(inputs=list(self.actor.parameters()))
-        metrics["actor_grad_norm"] = nn.utils.clip_grad_norm_(self.actor.parameters(), args.actor_clip)
-        self.actor_opt.step()
-
-        a_loss = alpha_loss(self.log_alpha, log_prob, self.target_entropy)
         self.alpha_opt.zero_grad(set_to_none=True)
-        a_loss.backward()
+        (pi_loss + a_loss).backward(inputs=[*self.actor.parameters(), self.log_alpha])
+        metrics["actor_grad_norm"] = nn.utils.clip_grad_norm_(self.actor.parameters(), args.actor_clip)
+        bad_actor = self._skip_if_nonfinite(self.actor_opt, pi_loss, metrics["actor_grad_norm"])
+        self.actor_opt.step()
+        bad_alpha = self._skip_if_nonfinite(self.alpha_opt, a_loss, self.log_alpha.grad)
         self.alpha_opt.step()
 
-        with torch.no_grad():  # Polyak averaging of the target critics (tau = 0.005, every update)
-            for p, tp in zip(self.critics.parameters(), self.target_critics.parameters()):
-                tp.lerp_(p, args.tau)
+        # Polyak averaging of the target critics (tau = 0.005, every update), one fused op;
+        # no averaging once an update was non-finite.
+        with torch.no_grad():  # in place on the targets, outside autograd (no history between updates)
+            torch._foreach_lerp_(list(self.target_critics.parameters()), list(self.critics.parameters()),
+                                 args.tau * (1 - self.halted))
         self.updates += 1
-        metrics.update(q_metrics, actor_loss=pi_loss, alpha=self.log_alpha.exp().detach(),
-                       alpha_loss=a_loss, entropy=-log_prob.mean())
-        return metrics
+        metrics.update(q_metrics, actor_loss=pi_loss.detach(), alpha=self.log_alpha.exp().detach(),
+                       alpha_loss=a_loss.detach(), entropy=-log_prob.mean())
+        metrics = {k: v.detach() for k, v in metrics.items()}
+        if self.compile_seconds is None and self.args.compile:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.compile_seconds = time.perf_counter() - start
+        return metrics, torch.stack([bad_model, bad_critic, bad_actor, bad_alpha])
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, state, explore: bool):
@@ -777,7 +959,7 @@ class Agent:
                                 device=self.device)[None]
         with self.autocast:
             x, _ = self.wm.encoder(obs_t)
-            post = self.wm.rssm.posterior_step(self.wm.rssm.prior_step(post, prev), x)
+            post = self.wm.rssm.obs_step(post, prev, x)
             dist = self.actor(RSSM.latent(post, mean=self.args.sac_state == "mean"))
         action = dist.sample() if explore else deterministic_action(dist)
         return action[0].float().cpu().numpy(), (post, action.float())
@@ -788,8 +970,8 @@ class Agent:
 
     def modules(self) -> dict:
         return dict(wm=self.wm, actor=self.actor, critics=self.critics, target_critics=self.target_critics,
-                    model_opt=self.model_opt, critic_opt=self.critic_opt,
-                    critic_model_opt=self.critic_model_opt, actor_opt=self.actor_opt, alpha_opt=self.alpha_opt)
+                    model_opt=self.model_opt, critic_opt=self.critic_opt, actor_opt=self.actor_opt,
+                    alpha_opt=self.alpha_opt)
 
     def state_dict(self) -> dict:
         state = {k: m.state_dict() for k, m in self.modules().items()}
@@ -803,11 +985,12 @@ class Agent:
         self.updates = state["updates"]
 
 
-def evaluate(agent: Agent, env, episodes: int, record: bool = False):
-    """Mean return of `episodes` episodes with the deterministic policy; frames of the first."""
+def evaluate(agent: Agent, env, episodes: int, seeds: list[int], record: bool = False, stop=None):
+    """Mean return of `episodes` episodes with the deterministic policy, episode j reset with
+    seeds[j]; frames of the first. None if `stop` was raised (the evaluation then reruns)."""
     returns, frames = [], []
     for ep in range(episodes):
-        obs, _ = env.reset()
+        obs, _ = env.reset(seed=seeds[ep])
         state, total, done = None, 0.0, False
         while not done:
             if record and ep == 0:
@@ -816,36 +999,144 @@ def evaluate(agent: Agent, env, episodes: int, record: bool = False):
             obs, reward, terminated, truncated, _ = env.step(action)
             total += reward
             done = terminated or truncated
+            if stop is not None and stop.signum is not None:
+                return None
         returns.append(total)
     return float(np.mean(returns)), frames
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging and checkpoints
+# Logging, progress, interruptions and checkpoints
 # ---------------------------------------------------------------------------------------------
 
 
 class Logger:
-    """TensorBoard plus metrics.jsonl (one json object per log event)."""
+    """TensorBoard plus metrics.jsonl (one json object per log event). On resume the records
+    after the checkpoint's step are dropped from both."""
 
-    def __init__(self, run_dir: Path, args: Args):
-        self.writer = SummaryWriter(str(run_dir))
+    def __init__(self, run_dir: Path, args: Args, resume_step: int | None = None):
+        path = run_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in keep))
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(str(run_dir), purge_step=purge)
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in vars(args).items()))
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.jsonl = open(path, "a")
 
-    def log(self, step: int, scalars: dict):
+    def log(self, step: int, scalars: dict, **text):
+        """Scalars (numbers or device tensors, copied to the host in one transfer) to both;
+        `text` fields only to metrics.jsonl."""
         record = {"step": step, "time": time.time()}
+        tensors = {k: v for k, v in scalars.items() if torch.is_tensor(v)}
+        if tensors:
+            values = torch.stack([v.float() for v in tensors.values()]).cpu().tolist()
+            scalars = {**scalars, **dict(zip(tensors, values))}
         for key, value in scalars.items():
-            value = float(value.detach()) if torch.is_tensor(value) else float(value)
-            self.writer.add_scalar(key, value, step)
-            record[key] = value
-        self.jsonl.write(json.dumps(record) + "\n")
+            self.writer.add_scalar(key, float(value), step)
+            record[key] = float(value)
+        self.jsonl.write(json.dumps({**record, **text}) + "\n")
         self.jsonl.flush()
 
     def close(self):
         self.writer.close()
         self.jsonl.close()
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """The progress line: at the first step, then every `log_every` env steps or 30 s, also
+    between the updates of a burst. s/update is this process's measured mean; the ETA adds the
+    update cost once updates have started."""
+
+    def __init__(self, args: Args, counters: dict):
+        self.args, self.start, self.start_steps = args, time.time(), counters["env_steps"]
+        self.start_agent_steps = counters["agent_steps"]
+        self.last_time, self.last_step = 0.0, None
+        self.acting_time = self.update_time = 0.0
+        self.updates = 0
+
+    def sps(self, counters: dict) -> float:
+        return (counters["env_steps"] - self.start_steps) / max(time.time() - self.start, 1e-9)
+
+    def eta(self, counters: dict) -> float | None:
+        remaining = self.args.total_steps - counters["env_steps"]
+        acted = counters["agent_steps"] - self.start_agent_steps
+        if acted == 0:
+            return None
+        if self.updates == 0:
+            sps = self.sps(counters)
+            return remaining / sps if sps > 0 else None
+        repeat = (counters["env_steps"] - self.start_steps) / acted  # env steps per agent step
+        per_agent_step = self.acting_time / acted + self.args.updates_per_step * self.update_time / self.updates
+        return remaining / repeat * per_agent_step
+
+    def maybe_print(self, counters: dict, phase: str, episode_return: float, updates: int, force=False):
+        step, now = counters["env_steps"], time.time()
+        due = (self.last_step is None or step - self.last_step >= self.args.log_every
+               or now - self.last_time >= 30)
+        if not (due or force):
+            return
+        self.last_step, self.last_time = step, now
+        spu = f"{self.update_time / self.updates:.2f}" if self.updates else "-"
+        print(f"step {step}/{self.args.total_steps} | {phase} | return {episode_return:.1f} | "
+              f"SPS {self.sps(counters):.1f} | updates {updates} ({spu} s/update) | "
+              f"ETA {format_eta(self.eta(counters))}", flush=True)
+
+
+class StopFlag:
+    """SIGINT/SIGTERM handler: only records the first signal. The loops check it after each
+    step or update; a second signal while the checkpoint is written is recorded and ignored."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self)
+
+
+class NonFiniteWatch:
+    """Reads each update's non-finite flags one update late (copied with non_blocking), so the
+    host never waits for the device it is feeding. Once an update is non-finite the agent skips
+    every later step on the device (`Agent.halted`), so what is saved when the host notices is
+    the state from before the bad update."""
+
+    def __init__(self):
+        self.pending = []
+
+    def push(self, flags: torch.Tensor, update: int, step: int):
+        event = None
+        host = flags.to("cpu", non_blocking=True)
+        if flags.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((host, event, update, step))
+
+    def first_bad(self, keep: int = 1):
+        """(loss name, update, env step) of the first non-finite update among the pending ones
+        but the newest `keep`; None if all are finite."""
+        while len(self.pending) > keep:
+            host, event, update, step = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()
+            if host.any():
+                return LOSS_NAMES[int(host.nonzero()[0])], update, step
+        return None
 
 
 def save_video(frames: list, path: Path, fps: int = 30):
@@ -862,14 +1153,23 @@ def save_video(frames: list, path: Path, fps: int = 30):
 
 
 def save_checkpoint(path: Path, agent: Agent, replay: Replay | None, counters: dict, args: Args):
-    """Atomic: write to a temporary file, then rename over the old checkpoint."""
-    state = dict(agent=agent.state_dict(), counters=counters, args=vars(args),
-                 replay=replay.state_dict() if replay is not None else None,
-                 rng=dict(python=random.getstate(), numpy=np.random.get_state(),
-                          torch=torch.get_rng_state()))
+    """Atomic: write to a temporary file, flush it to disk, then rename over the old one."""
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = dict(agent=agent.state_dict(), counters=dict(counters), args=vars(args),
+                 replay=replay.state_dict() if replay is not None else None, rng=rng)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict:
+    # mmap: the replay's frames are read from disk only when copied into the replay
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -883,15 +1183,51 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def replay_device(args: Args, device: torch.device) -> torch.device:
+    if args.replay_device == "auto":
+        return device if device.type == "cuda" else torch.device("cpu")
+    if args.replay_device == "cuda" and device.type != "cuda":
+        raise SystemExit("error: --replay-device cuda needs training on CUDA (--device cuda or auto on a GPU)")
+    return device if args.replay_device == "cuda" else torch.device("cpu")
+
+
+def configure_torch(args: Args, device: torch.device):
+    """Speed on CUDA: TF32 matmuls and convolutions (10-bit mantissa inputs, fp32 accumulation),
+    and cudnn autotuning unless --torch-deterministic."""
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not args.torch_deterministic
+
+
+def make_env(args: Args, split: str, seed: int):
+    """The env at the paper's observation settings: control-suite families render at
+    render_height x render_width and are resized to render_size square (A.3)."""
+    distraction = args.distraction or ("medium" if args.env.startswith("dcs-") else "none")
+    kw = {}
+    if args.render_height and args.render_width and args.env.split("-")[0] in ("dmc", "dcs", "natural"):
+        kw["render_shape"] = (args.render_height, args.render_width)
+    return envs.make(args.env, distraction=distraction, dynamic=args.dynamic, seed=seed,
+                     image_size=args.render_size, action_repeat=args.action_repeat, split=split,
+                     video_dir=args.video_dir, time_limit=args.time_limit, **kw)
+
+
+def video_source(args: Args) -> str:
+    """Where background videos come from (the papers use DAVIS 2017)."""
+    if not args.env.startswith(("dcs-", "natural-")):
+        return "none"
+    return args.video_dir or "built-in pool"
+
+
 def measure_speed(args: Args, device: torch.device) -> dict:
     """Speed benchmark. Updates: median seconds per update over `args.measure_updates` updates
-    (after 2 warm-ups) on a random batch of the configured size (model and optimisers only, no
-    env, no replay). Acting: env steps per second of the acting loop (policy step + env step,
-    exploration actions) over 50 agent steps on `args.env`."""
-    distraction = args.distraction or ("medium" if args.env.startswith("dcs-") else "none")
-    env = envs.make(args.env, distraction=distraction, dynamic=args.dynamic, seed=args.seed,
-                    image_size=args.render_size, action_repeat=args.action_repeat,
-                    video_dir=args.video_dir, time_limit=args.time_limit)
+    (after 2 warm-ups, the first of which compiles with --compile) on a random batch of the
+    configured size (model and optimisers only, no env, no replay). Acting: env steps per second
+    of the acting loop (policy step + env step, exploration actions) over 50 agent steps."""
+    configure_torch(args, device)
+    env = make_env(args, "train", args.seed)
     action_dim = env.action_space.shape[0]
     agent = Agent(args, action_dim, device)
     T, B, S = args.seq_len, args.batch_size, args.crop_size
@@ -926,6 +1262,8 @@ def measure_speed(args: Args, device: torch.device) -> dict:
                   parameters=agent.num_parameters(), env=args.env,
                   env_steps_per_second=env_steps / acting_time, policy_ms=1000 * policy_time / 50,
                   device=str(device), precision=args.precision, compile=args.compile)
+    if args.compile:
+        result["compile_seconds"] = agent.compile_seconds
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     # peak resident memory of the process (Linux reports KiB): weights, optimisers, activations, env
@@ -945,25 +1283,21 @@ def main(args: Args):
     checkpoint = None
     if args.resume:
         if not Path(args.resume).is_file():
-            raise SystemExit(f"--resume {args.resume}: no such checkpoint file")
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint file")
+        checkpoint = load_checkpoint(args.resume)
     if args.crop_size > args.render_size:
-        raise SystemExit(f"--crop-size {args.crop_size} must not exceed --render-size {args.render_size}")
+        raise SystemExit(f"error: --crop-size {args.crop_size} must not exceed --render-size {args.render_size}")
     device = resolve_device(args.device)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
+    configure_torch(args, device)
 
-    distraction = args.distraction or ("medium" if args.env.startswith("dcs-") else "none")
-    make = lambda split, seed: envs.make(args.env, distraction=distraction, dynamic=args.dynamic,  # noqa: E731
-                                         seed=seed, image_size=args.render_size,
-                                         action_repeat=args.action_repeat, split=split,
-                                         video_dir=args.video_dir, time_limit=args.time_limit)
-    # Evaluation on the validation videos, as the paper does.
-    try:  # bad input (env id, distraction, video folder) ends here with a message, not a traceback
-        env, eval_env = make("train", args.seed), make("val", args.seed + 10_000)
+    # Evaluation on the validation videos, as the paper does. Every episode is reset with its own
+    # seed (episode_seed), so the evaluation env needs no stored RNG state to resume exactly.
+    try:  # bad input (env id, distraction, video folder, shapes) ends here with a message
+        env, eval_env = make_env(args, "train", args.seed), make_env(args, "val", args.seed + 10_000)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     if hasattr(env.action_space, "n"):
@@ -971,12 +1305,16 @@ def main(args: Args):
     run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    logger = Logger(run_dir, args)
+    ckpt_path = run_dir / "checkpoint.pt"
     action_dim = env.action_space.shape[0]
 
     agent = Agent(args, action_dim, device)
-    replay = Replay(max(args.replay_capacity, args.seq_len), env.observation_space.shape, action_dim, args.seed)
-    counters = dict(env_steps=0, agent_steps=0, episodes=0, next_eval=args.eval_every, last_eval=-1)
+    replay = Replay(max(args.replay_capacity, args.seq_len), env.observation_space.shape, action_dim,
+                    args.seed, replay_device(args, device))
+    # updates_due: gradient steps still owed to the last collected episode (a resumed run makes
+    # up those an interrupt cut short); evals: completed evaluations (seeds their episodes).
+    counters = dict(env_steps=0, agent_steps=0, episodes=0, evals=0, next_eval=args.eval_every,
+                    last_eval=-1, last_log=0, updates_due=0)
     if checkpoint is not None:
         agent.load_state_dict(checkpoint["agent"])
         if checkpoint["replay"] is not None:
@@ -985,22 +1323,76 @@ def main(args: Args):
         random.setstate(checkpoint["rng"]["python"])
         np.random.set_state(checkpoint["rng"]["numpy"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
-        print(f"resumed from {args.resume} at env step {counters['env_steps']}")
+        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        del checkpoint
+    logger = Logger(run_dir, args, resume_step=counters["env_steps"] if args.resume else None)
+    stop = StopFlag()
+    stop.install()
 
     params = agent.num_parameters()
     print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | replay "
-          f"{replay.capacity:,} agent steps, up to {replay.nbytes / 2**30:.2f} GiB (filled lazily) | "
-          f"{args.updates_per_step} updates per agent step, batch {args.batch_size}x{args.seq_len}")
+          f"{replay.capacity:,} agent steps on {replay.device.type}, up to {replay.nbytes / 2**30:.2f} GiB | "
+          f"{args.updates_per_step} updates per agent step, batch {args.batch_size}x{args.seq_len} | "
+          f"videos: {video_source(args)}", flush=True)
+    if args.resume:
+        print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted episode "
+              f"was stored as truncated; a new episode starts)", flush=True)
 
-    def checkpoint_now():
-        if args.save_model:
-            save_checkpoint(run_dir / "checkpoint.pt", agent, replay if args.checkpoint_replay else None,
-                            counters, args)
+    progress, watch = Progress(args, counters), NonFiniteWatch()
+    run = dict(last_return=0.0, metrics={}, log_time=time.time(), log_updates=agent.updates)
+
+    def close():
+        logger.close()
+        env.close()
+        eval_env.close()
+
+    def interrupted():
+        save_checkpoint(ckpt_path, agent, replay if args.checkpoint_replay else None, counters, args)
+        print(f"interrupted at step {counters['env_steps']}; resume with: python "
+              f"{os.path.basename(__file__)} --resume {ckpt_path}", flush=True)
+        close()
+        sys.exit(128 + stop.signum)  # 130 for SIGINT, 143 for SIGTERM
+
+    def check_finite(keep: int):
+        bad = watch.first_bad(keep)
+        if bad is not None:
+            name, update, step = bad
+            save_checkpoint(ckpt_path, agent, replay if args.checkpoint_replay else None, counters, args)
+            print(f"error: non-finite {name} at update {update} (env step {step}); checkpoint from "
+                  f"before it: {ckpt_path}", file=sys.stderr, flush=True)
+            close()
+            sys.exit(1)
+
+    def train_burst():
+        """The gradient steps owed to the last episode, each on a fresh mini-batch."""
+        while counters["updates_due"] > 0:
+            check_finite(keep=1)
+            start = time.perf_counter()
+            batch = to_device(replay.sample(args.batch_size, args.seq_len, args.crop_size), device)
+            run["metrics"], flags = agent.update(batch)
+            watch.push(flags, agent.updates, counters["env_steps"])
+            counters["updates_due"] -= 1
+            if args.compile and progress.updates == 0 and "compiled" not in run:
+                run["compiled"] = True
+                print(f"compiled in {agent.compile_seconds:.1f} s", flush=True)
+            else:  # the compiling update is not counted in s/update
+                progress.update_time += time.perf_counter() - start
+                progress.updates += 1
+            progress.maybe_print(counters, "train", run["last_return"], agent.updates)
+            if stop.signum is not None:
+                interrupted()
+        check_finite(keep=0)
 
     def run_eval():
-        ret, frames = evaluate(agent, eval_env, args.eval_episodes, args.capture_video or args.gating)
+        """One evaluation round; `next_eval` moves on only once it completed."""
+        seeds = [episode_seed(args.seed, "eval", counters["evals"] * 10_000 + j) for j in range(args.eval_episodes)]
+        result = evaluate(agent, eval_env, args.eval_episodes, seeds, args.capture_video or args.gating, stop)
+        if result is None:
+            interrupted()
+        ret, frames = result
         step = counters["env_steps"]
-        logger.log(step, {"eval/episodic_return": ret})
+        logger.log(step, {"eval/episodic_return": ret}, videos=video_source(args))
         if frames and args.capture_video:
             save_video(frames, run_dir / "videos" / f"eval_{step}.mp4")
             strip = np.concatenate(frames[:: max(1, len(frames) // 8)][:8], axis=1)
@@ -1013,63 +1405,74 @@ def main(args: Args):
             masks = (mask.float().cpu().numpy() * 255).astype(np.uint8).repeat(3, axis=1)
             grid = np.concatenate([np.concatenate(list(picks), axis=2), np.concatenate(list(masks), axis=2)], 1)
             logger.writer.add_image("eval/gating_mask", grid, step, dataformats="CHW")
-        print(f"eval at {step}: return {ret:.1f}")
-        counters["last_eval"] = step
-        checkpoint_now()
+        print(f"eval at {step}: return {ret:.1f}", flush=True)
+        counters["last_eval"], counters["evals"] = step, counters["evals"] + 1
+        while args.eval_every and counters["next_eval"] <= step:
+            counters["next_eval"] += args.eval_every
+        if args.save_model:
+            save_checkpoint(ckpt_path, agent, replay if args.checkpoint_replay else None, counters, args)
 
-    start_time, start_steps = time.time(), counters["env_steps"]
-    last_log_step, last_log_time, last_updates = counters["env_steps"], time.time(), agent.updates
-    while counters["env_steps"] < args.total_steps:
-        # Collect one whole episode (first `prefill` env steps: uniform random actions).
-        obs, _ = env.reset(seed=args.seed + counters["episodes"])
+    def collect_episode():
+        """One whole episode; the first `prefill` agent steps' episodes act uniformly at random
+        and earn no updates (ml-core), later ones earn 0.5 x (episode length) updates."""
+        obs, _ = env.reset(seed=episode_seed(args.seed, "train", counters["episodes"]))
+        random_episode = counters["agent_steps"] < args.prefill
+        phase = "prefill" if random_episode else "train"
         ep = dict(obs=[obs], action=[np.zeros(action_dim, np.float32)], reward=[0.0], cont=[1.0])
         state, done, episode_return = None, False, 0.0
         while not done:
-            if counters["env_steps"] < args.prefill:
+            start = time.perf_counter()
+            if random_episode:
                 action = np.random.uniform(-1, 1, action_dim).astype(np.float32)
             else:
                 action, state = agent.act(obs, state, explore=True)
             obs, reward, terminated, truncated, info = env.step(action)
+            progress.acting_time += time.perf_counter() - start
             counters["env_steps"] += info["env_steps"]
             counters["agent_steps"] += 1
             episode_return += reward
             for key, value in zip(("obs", "action", "reward", "cont"), (obs, action, reward, 1.0 - terminated)):
                 ep[key].append(value)
             done = terminated or truncated
+            progress.maybe_print(counters, phase, run["last_return"], agent.updates)
+            if stop.signum is not None and not done:
+                if len(ep["obs"]) >= 2:  # kept as a truncated episode (it did not terminate)
+                    replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
+                    counters["episodes"] += 1
+                interrupted()
         replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
         counters["episodes"] += 1
         length = len(ep["reward"]) - 1
+        run["last_return"] = episode_return
         logger.log(counters["env_steps"], {"charts/episodic_return": episode_return,
                                            "charts/episodic_length": length})
+        if not random_episode and replay.can_sample(args.seq_len):
+            counters["updates_due"] = int(round(args.updates_per_step * length))
+        if stop.signum is not None:
+            interrupted()
 
-        # Then 0.5 x (episode length) gradient steps, each on a fresh mini-batch.
-        metrics = {}
-        if replay.can_sample(args.seq_len):
-            for _ in range(int(round(args.updates_per_step * length))):
-                batch = to_torch(replay.sample(args.batch_size, args.seq_len, args.crop_size), device)
-                metrics = agent.update(batch)
-
-        now = time.time()
-        if counters["env_steps"] - last_log_step >= args.log_every or counters["env_steps"] >= args.total_steps:
-            sps = (counters["env_steps"] - start_steps) / (now - start_time)
-            ups = (agent.updates - last_updates) / (now - last_log_time)
-            last_log_step, last_log_time, last_updates = counters["env_steps"], now, agent.updates
-            logs = {f"losses/{k}": v for k, v in metrics.items()}
-            logs.update({"charts/SPS": sps, "charts/updates_per_second": ups, "charts/updates": agent.updates})
-            logger.log(counters["env_steps"], logs)
-            eta = (args.total_steps - counters["env_steps"]) / max(sps, 1e-9)
-            print(f"step {counters['env_steps']:>8}/{args.total_steps} | return {episode_return:8.1f} | "
-                  f"SPS {sps:6.1f} | updates {agent.updates} | ETA {eta / 60:6.1f} min", flush=True)
+    phase = "prefill" if counters["agent_steps"] < args.prefill else "train"
+    progress.maybe_print(counters, phase, run["last_return"], agent.updates, force=True)
+    while True:
+        train_burst()
+        step = counters["env_steps"]
+        if step > counters["last_log"] and (step - counters["last_log"] >= args.log_every or step >= args.total_steps):
+            now = time.time()
+            logs = {f"losses/{k}": v for k, v in run["metrics"].items()}
+            logs.update({"charts/SPS": progress.sps(counters), "charts/updates": agent.updates,
+                         "charts/updates_per_second": (agent.updates - run["log_updates"]) / (now - run["log_time"])})
+            logger.log(step, logs)
+            counters["last_log"], run["log_time"], run["log_updates"] = step, now, agent.updates
         if args.eval_every and counters["env_steps"] >= counters["next_eval"]:
-            while counters["next_eval"] <= counters["env_steps"]:
-                counters["next_eval"] += args.eval_every
             run_eval()
+        if counters["env_steps"] >= args.total_steps:
+            break
+        collect_episode()
 
     if counters["last_eval"] != counters["env_steps"]:
         run_eval()
-    env.close()
-    eval_env.close()
-    logger.close()
+    progress.maybe_print(counters, "train", run["last_return"], agent.updates, force=True)
+    close()
     return run_dir
 
 

@@ -7,37 +7,47 @@ are trained purely in imagination, on 15-step latent rollouts of that model. BLA
 are modifications of exactly this file's world model (blast.txt Sec. 2.3, dreamingv2.txt Sec. II-B).
 
 Equations implemented (numbers of the DreamerV2 paper; DMC-from-pixels defaults of the official
-implementation):
+implementation, danijar/dreamerv2 `configs.yaml` dmc_vision):
 - RSSM (Sec. 2.1): h_t = f(h_{t-1}, z_{t-1}, a_{t-1}) (LayerNorm GRU), prior p(z_t | h_t),
   posterior q(z_t | h_t, e_t) with e_t = enc(x_t); straight-through gradients for samples. `RSSM`.
 - World-model loss (Eq. 2): -ln p(x_t | h_t, z_t) - ln p(r_t | h_t, z_t) + beta KL[q || p],
   with KL balancing (Sec. 2.2, Algorithm 2): 0.8 KL(sg(q) || p) + 0.2 KL(q || sg(p)), free nats
   1.0 applied to the batch mean. `world_model_loss`, `kl_balance`.
 - Lambda-return (Eq. 4): V_t = r_t + gamma_t ((1 - lambda) v(z_{t+1}) + lambda V_{t+1}),
-  V_H = v(z_H). `lambda_return`.
-- Actor loss (Eq. 6): -sum_t [ rho V_t + (1-rho) ln pi(a_t|z_t) sg(V_t - v(z_t)) + eta H[pi] ],
-  rho = 1 (dynamics backpropagation) for continuous actions and 0 (REINFORCE) for discrete
-  ones, eta = 1e-4. Critic loss (Eq. 5): (v(z_t) - sg(V_t))^2 / 2 against a slow target critic
+  V_H = v(z_H), with the slow target critic v. `lambda_return`.
+- Actor loss (Eq. 6): -sum_t [ rho V_{t+1} + (1-rho) ln pi(a_t|z_t) sg(V_{t+1} - v(z_t)) + eta H[pi] ],
+  indexed as the official agent.py (the action taken at z_t is credited with V_{t+1}), rho = 1
+  (dynamics backpropagation) for continuous actions and 0 (REINFORCE) for discrete ones,
+  eta = 1e-4. Critic loss (Eq. 5): (v(z_t) - sg(V_t))^2 / 2 against the slow target critic
   copied every 100 updates. `behaviour_losses`.
 
 Shapes are time-major throughout: replay sequences are (T, B, ...), imagined rollouts (H + 1, N, ...)
 with N = T * B start states. Images are uint8 (3, 64, 64) until the encoder, which maps them to
 [-0.5, 0.5].
 
+Speed (what makes an update fast on a GPU, each in one named place): nothing non-recurrent runs
+inside a time loop (`RSSM.observe` computes the posterior's embedding branch and the priors over all
+T*B steps at once); `--compile` compiles the two loss functions as wholes (`Agent.__init__`); no host
+synchronisation inside `Agent.update` (metrics stay on the device until log time, non-finite
+losses skip the fused optimiser step on the device); the replay's images live on the GPU
+(`Replay`); TF32 on CUDA (`configure_torch`).
+
     python dreamerv2.py --env dmc-walker-walk
-    python dreamerv2.py --env dcs-walker-walk --distraction medium --preset tiny --total-steps 2000
+    python dreamerv2.py --env dcs-walker-walk --distraction medium --preset tiny
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 import random
 import resource
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -76,32 +86,43 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic`"""
+    """sets `torch.backends.cudnn.deterministic` (and leaves cudnn.benchmark off)"""
     device: str = "auto"
     """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."""
     compile: bool = False
-    """torch.compile the networks (GPU; the first updates are slow while it compiles)"""
+    """torch.compile the world-model loss and the behaviour losses as wholes (CPU and CUDA; the
+    first update compiles them and prints how long it took)"""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile mode (CUDA: 'reduce-overhead' uses CUDA graphs)"""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocast for the networks (fp16 is known to diverge in Dreamer)"""
+    """bf16 autocast for the networks; values, returns, log-probs, KL and losses stay fp32
+    (fp16 is known to diverge in Dreamer)"""
     preset: Literal["paper", "tiny"] = "paper"
-    """'tiny': narrow nets, short sequences, small batch and prefill, for smoke tests; flags you
-    set explicitly win over the preset (see PRESETS)"""
+    """'tiny': narrow nets, short sequences, small batch and prefill, 2000 steps, for smoke tests;
+    flags you set explicitly win over the preset (see PRESETS)"""
     total_steps: int = 1_000_000
     """environment steps to train for, counted after action repeat (simulator steps)"""
     action_repeat: Optional[int] = None
-    """simulator steps per action (default: the per-task literature value, see envs)"""
+    """simulator steps per action; default: 2 for every dmc/dcs/natural task (official DreamerV2
+    configs.yaml, dmc: action_repeat 2), the env's own default otherwise"""
     eval_every: int = 10_000
-    """environment steps between evaluations (0: never, except at the end)"""
+    """environment steps between evaluations (0: never, except at the end). The official
+    implementation evaluates 1 episode every 1e4 agent steps (configs.yaml eval_every 1e4,
+    eval_eps 1); here 10 episodes every 1e4 environment steps, and `benchmark.sh dmc` 20 episodes
+    every 10K environment steps: one episode's return is too noisy to compare curves with the
+    published ones from a few seeds"""
     eval_episodes: int = 10
     """episodes per evaluation, deterministic (mode) actions"""
     log_every: int = 1_000
-    """environment steps between progress lines and training-metric logs"""
+    """environment steps between training-metric logs and progress lines (a progress line is also
+    printed at least every 30 s)"""
     save_model: bool = False
-    """write checkpoints (model, optimisers, counters, replay) every eval and at the end"""
+    """write checkpoints (model, optimisers, counters, replay) every eval and at the end (an
+    interrupt or a non-finite loss always writes one)"""
     checkpoint_replay: bool = True
     """include the replay buffer in checkpoints so that --resume keeps the same data"""
     resume: Optional[str] = None
-    """path of a checkpoint to continue from (same schedule and step counters)"""
+    """path of a checkpoint to continue from: its flags are the defaults, schedule flags may change"""
     measure_updates: int = 0
     """if > 0: time this many updates on a synthetic batch at the configured sizes and 50 steps of
     the acting loop on --env, print one JSON line and exit (benchmark.sh speed)"""
@@ -109,8 +130,12 @@ class Args:
     """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard"""
 
     # Replay and schedule.
-    replay_capacity: int = 1_000_000
-    """replay capacity in environment steps (stored per agent step as uint8 images)"""
+    replay_capacity: int = 2_000_000
+    """replay capacity in agent steps (official configs.yaml replay capacity 2e6); memory is
+    allocated as it fills"""
+    replay_device: str = "auto"
+    """where the replay's arrays live: 'auto' (the training device when it is CUDA, else cpu),
+    'cpu', 'cuda'"""
     batch_size: int = 16
     """sequences per mini-batch"""
     batch_length: int = 50
@@ -139,6 +164,9 @@ class Args:
     """units of the reward, discount, actor and critic MLPs"""
     mlp_layers: int = 4
     """hidden layers of those MLPs"""
+    init: Literal["glorot", "torch"] = "glorot"
+    """weight init: 'glorot' = Glorot-uniform weights, zero biases (Keras defaults, the official
+    implementation); 'torch' = PyTorch's layer defaults"""
     kl_balance: float = 0.8
     """KL balancing alpha: weight of the prior's side"""
     free_nats: float = 1.0
@@ -172,15 +200,24 @@ class Args:
     grad_clip: float = 100.0
     """gradient-norm clip of every optimiser"""
     weight_decay: float = 1e-6
-    """decoupled weight decay of every optimiser"""
+    """weight decay of every optimiser as the official one applies it: every parameter is multiplied
+    by (1 - weight_decay) once per step, independent of the learning rate (common/other.py)"""
 
 
 # The tiny preset: runs end to end in well under a minute on 2 CPU cores.
 PRESETS = {
     "tiny": dict(cnn_depth=4, deter=32, hidden=32, stoch=4, classes=4, mlp_units=32, mlp_layers=2,
                  batch_size=4, batch_length=8, prefill=100, pretrain=2, horizon=5,
-                 eval_episodes=1, replay_capacity=100_000),
+                 total_steps=2000, eval_every=1000, eval_episodes=1, replay_capacity=100_000),
 }
+
+# Flags that may differ from the checkpoint's on --resume: they change the schedule, the logging or
+# how fast the same computation runs, not the algorithm. Script-specific ones: compile_mode,
+# replay_device (where the same data lives), torch_deterministic (cuDNN algorithm choice).
+SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "log_every", "save_model",
+                  "checkpoint_replay", "resume", "capture_video", "device", "compile", "precision",
+                  "measure_updates", "exp_name", "compile_mode", "replay_device",
+                  "torch_deterministic"}
 
 
 def preset_args(preset: str = "paper", **overrides) -> Args:
@@ -190,17 +227,54 @@ def preset_args(preset: str = "paper", **overrides) -> Args:
     return Args(**{**PRESETS.get(preset, {}), **overrides, "preset": preset})
 
 
-def parse_args(argv=None) -> Args:
-    """Read --preset first, then parse every flag with that preset's values as defaults."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    preset = "paper"
+def _flag_value(argv: list, flag: str) -> Optional[str]:
     for i, arg in enumerate(argv):
-        if arg == "--preset" and i + 1 < len(argv):
-            preset = argv[i + 1]
-        elif arg.startswith("--preset="):
-            preset = arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def parse_args(argv=None) -> Args:
+    """Read --resume or --preset first, then parse every flag with the checkpoint's (or the
+    preset's) values as defaults. On --resume, flags outside SCHEDULE_FLAGS must not change."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    resume = _flag_value(argv, "--resume")
+    if resume is not None:
+        if not Path(resume).is_file():
+            raise SystemExit(f"error: --resume {resume}: no such checkpoint file")
+        saved = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["args"]
+        known = {f.name for f in fields(Args)}
+        args = tyro.cli(Args, args=argv, default=Args(**{k: v for k, v in saved.items() if k in known}))
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint {saved.get(k)})"
+                   for k in sorted(known - SCHEDULE_FLAGS) if getattr(args, k) != saved.get(k)]
+        if changed:
+            raise SystemExit("error: --resume: these flags differ from the checkpoint's and change the "
+                             f"algorithm: {', '.join(changed)}; drop them or start a new run")
+        return args
+    preset = _flag_value(argv, "--preset") or "paper"
     default = preset_args(preset) if preset in ("paper", *PRESETS) else Args()
     return tyro.cli(Args, args=argv, default=default)
+
+
+def action_repeat(args: Args) -> int:
+    """--action-repeat, else 2 for every DMC-family task (official configs.yaml dmc: action_repeat
+    2; PlaNet's per-task values 4/8 are not DreamerV2's), else the env's default."""
+    if args.action_repeat is not None:
+        return args.action_repeat
+    if args.env.partition("-")[0] in ("dmc", "dcs", "natural"):
+        return 2
+    return envs.default_action_repeat(args.env)
+
+
+STREAMS = {"train": 0, "eval": 1}
+
+
+def episode_seed(seed: int, stream: str, index: int) -> int:
+    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
+    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,14 +282,31 @@ def parse_args(argv=None) -> Args:
 # ---------------------------------------------------------------------------------------------
 
 
-def mlp(inp: int, out: int, units: int, layers: int) -> nn.Sequential:
-    """`layers` hidden ELU layers of `units`, then a linear output."""
-    mods, d = [], inp
-    for _ in range(layers):
-        mods += [nn.Linear(d, units), nn.ELU()]
-        d = units
-    mods.append(nn.Linear(d, out))
-    return nn.Sequential(*mods)
+def glorot_init(module: nn.Module):
+    """The official initialisation (Keras defaults): Glorot-uniform weights, zero biases. Glorot's
+    bound depends on fan_in + fan_out only, so PyTorch's transposed-conv fan order does not matter."""
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.xavier_uniform_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class MLP(nn.Sequential):
+    """`layers` hidden ELU layers of `units`, then a linear output. The output layer runs in fp32
+    also under bf16 autocast: rewards, values and action parameters feed returns and log-probs."""
+
+    def __init__(self, inp: int, out: int, units: int, layers: int):
+        mods, d = [], inp
+        for _ in range(layers):
+            mods += [nn.Linear(d, units), nn.ELU()]
+            d = units
+        super().__init__(*mods, nn.Linear(d, out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *hidden, out = self
+        for layer in hidden:
+            x = layer(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return out(x.float())
 
 
 class Encoder(nn.Module):
@@ -249,8 +340,14 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        x = self.linear(feat).reshape(-1, 32 * self.depth, 1, 1)
-        return self.net(x).reshape(*feat.shape[:-1], 3, 64, 64)
+        x = self.linear(feat).reshape(-1, 32 * self.depth)
+        # The first transposed conv sees a 1x1 input, where it is exactly a matmul:
+        # out[n, o, i, j] = sum_c x[n, c] W[c, o, i, j] + b[o]. Written as one (same parameters),
+        # it is one GEMM instead of a convolution, and torch.compile's inductor no longer crashes
+        # in this conv's backward (a stride assertion, ../shared/measurements/h100-2026-11-23.md).
+        first = self.net[0]
+        x = (x @ first.weight.flatten(1)).view(-1, *first.weight.shape[1:]) + first.bias[:, None, None]
+        return self.net[1:](x).reshape(*feat.shape[:-1], 3, 64, 64)
 
 
 class LayerNormGRUCell(nn.Module):
@@ -267,6 +364,28 @@ class LayerNormGRUCell(nn.Module):
         cand = torch.tanh(reset * cand)
         update = torch.sigmoid(update - 1)
         return update * cand + (1 - update) * h
+
+
+def sample_one_hot(logits: torch.Tensor) -> torch.Tensor:
+    """One-hot sample of categoricals over the last axis with straight-through gradients
+    (sample + p - sg(p)). argmax(p / E), E ~ Exp(1), is what torch.multinomial does for one sample
+    (the same draws as OneHotCategoricalStraightThrough.rsample()), minus its validity check, which
+    copies a flag to the host: a GPU sync per RSSM step."""
+    probs = torch.softmax(logits.float(), -1)
+    index = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+    return F.one_hot(index, probs.shape[-1]).to(probs.dtype) + (probs - probs.detach())
+
+
+def categorical_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of the independent categoricals (…, stoch, classes), summed over the variables:
+    (…). fp32, written out (torch's version masks with data-dependent indexing, a host sync)."""
+    log_p, log_q = F.log_softmax(p_logits.float(), -1), F.log_softmax(q_logits.float(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum((-2, -1))
+
+
+def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
+    log_p = F.log_softmax(logits.float(), -1)
+    return -(log_p.exp() * log_p).sum((-2, -1))
 
 
 class RSSM(nn.Module):
@@ -295,41 +414,55 @@ class RSSM(nn.Module):
         zeros = torch.zeros(batch, self.stoch, self.classes, device=device)
         return dict(deter=torch.zeros(batch, self.deter, device=device), stoch=zeros, logits=zeros)
 
-    def dist(self, logits: torch.Tensor) -> td.Distribution:
-        """32 independent categoricals; rsample() is one-hot with straight-through gradients."""
-        return td.Independent(td.OneHotCategoricalStraightThrough(logits=logits.float()), 1)
-
     def _stochastic(self, logits: torch.Tensor, deter: torch.Tensor) -> dict:
         logits = logits.reshape(*logits.shape[:-1], self.stoch, self.classes)
-        return dict(deter=deter, stoch=self.dist(logits).rsample(), logits=logits)
+        return dict(deter=deter, stoch=sample_one_hot(logits), logits=logits)
+
+    def _recurrent(self, state: dict, action: torch.Tensor) -> torch.Tensor:
+        """h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}])."""
+        x = self.img_in(torch.cat([state["stoch"].flatten(-2).to(action.dtype), action], -1))
+        return self.cell(x, state["deter"])
 
     def img_step(self, state: dict, action: torch.Tensor) -> dict:
         """Prior step: h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}]), z_t ~ p(z_t | h_t)."""
-        x = self.img_in(torch.cat([state["stoch"].flatten(-2), action], -1))
-        deter = self.cell(x, state["deter"])
+        deter = self._recurrent(state, action)
         return self._stochastic(self.img_out(deter), deter)
 
-    def obs_step(self, state: dict, action: torch.Tensor, embed: torch.Tensor) -> tuple[dict, dict]:
-        """Prior step, then the posterior z_t ~ q(z_t | h_t, e_t)."""
-        prior = self.img_step(state, action)
-        post = self._stochastic(self.obs_out(torch.cat([prior["deter"], embed], -1)), prior["deter"])
-        return post, prior
+    def obs_step(self, state: dict, action: torch.Tensor, embed: torch.Tensor) -> dict:
+        """Posterior step (acting): h_t, then z_t ~ q(z_t | h_t, e_t)."""
+        deter = self._recurrent(state, action)
+        return self._stochastic(self.obs_out(torch.cat([deter, embed], -1)), deter)
 
     def observe(self, embed: torch.Tensor, action: torch.Tensor):
-        """Filter a sequence from the zero state. embed (T, B, E); action (T, B, A) is a_{t-1}, the
-        action that led to observation t. Returns posteriors and priors as dicts of (T, B, ...)."""
+        """Filter a sequence from the zero state: the same posteriors as calling `obs_step` for
+        t = 0..T-1. embed (T, B, E); action (T, B, A) is a_{t-1}, the action that led to observation
+        t. Returns posteriors (deter, stoch, logits) and priors (deter, logits) as dicts of (T, B, ...).
+
+        Speed: only what depends on h_t stays in the loop. The posterior's first layer
+        W [h_t; e_t] + b is split into W_h h_t + (W_e e_t + b); the embedding part, and the whole
+        prior network p(z_t | h_t), run once over all T*B steps (a few large matmuls instead of T
+        small ones)."""
+        first = self.obs_out[0]
+        embed_part = F.linear(embed, first.weight[:, self.deter:], first.bias)  # (T, B, hidden)
         state = self.initial(embed.shape[1], embed.device)
-        posts, priors = [], []
+        deters, stochs, logits = [], [], []
         for t in range(embed.shape[0]):
-            state, prior = self.obs_step(state, action[t], embed[t])
-            posts.append(state)
-            priors.append(prior)
-        stack = lambda states: {k: torch.stack([s[k] for s in states]) for k in states[0]}  # noqa: E731
-        return stack(posts), stack(priors)
+            deter = self._recurrent(state, action[t])
+            hidden = self.obs_out[1](F.linear(deter, first.weight[:, :self.deter]) + embed_part[t])
+            state = self._stochastic(self.obs_out[2](hidden), deter)
+            deters.append(deter)
+            stochs.append(state["stoch"])
+            logits.append(state["logits"])
+        deter = torch.stack(deters)  # (T, B, deter)
+        post = dict(deter=deter, stoch=torch.stack(stochs), logits=torch.stack(logits))
+        prior_logits = self.img_out(deter)
+        prior = dict(deter=deter, logits=prior_logits.reshape(*prior_logits.shape[:-1], self.stoch,
+                                                              self.classes))
+        return post, prior
 
     def feat(self, state: dict) -> torch.Tensor:
         """Model state [z_t, h_t] fed to every head: (…, stoch * classes + deter)."""
-        return torch.cat([state["stoch"].flatten(-2), state["deter"]], -1)
+        return torch.cat([state["stoch"].flatten(-2).to(state["deter"].dtype), state["deter"]], -1)
 
 
 class TruncatedNormal(td.Distribution):
@@ -381,10 +514,10 @@ class Actor(nn.Module):
     def __init__(self, feat_dim: int, action_dim: int, discrete: bool, units: int, layers: int):
         super().__init__()
         self.discrete = discrete
-        self.net = mlp(feat_dim, action_dim if discrete else 2 * action_dim, units, layers)
+        self.net = MLP(feat_dim, action_dim if discrete else 2 * action_dim, units, layers)
 
     def forward(self, feat: torch.Tensor) -> td.Distribution:
-        out = self.net(feat).float()
+        out = self.net(feat)  # fp32
         if self.discrete:
             return td.OneHotCategoricalStraightThrough(logits=out)
         mean, std = out.chunk(2, -1)
@@ -406,16 +539,20 @@ class WorldModel(nn.Module):
                          args.classes)
         feat = self.rssm.feat_dim
         self.decoder = Decoder(feat, args.cnn_depth)
-        self.reward = mlp(feat, 1, args.mlp_units, args.mlp_layers)
-        self.discount = mlp(feat, 1, args.mlp_units, args.mlp_layers) if args.pred_discount else None
+        self.reward = MLP(feat, 1, args.mlp_units, args.mlp_layers)
+        self.discount = MLP(feat, 1, args.mlp_units, args.mlp_layers) if args.pred_discount else None
+        if args.init == "glorot":
+            self.apply(glorot_init)
 
 
 class ActorCritic(nn.Module):
     def __init__(self, args: Args, feat_dim: int, action_dim: int, discrete: bool):
         super().__init__()
         self.actor = Actor(feat_dim, action_dim, discrete, args.mlp_units, args.mlp_layers)
-        self.critic = mlp(feat_dim, 1, args.mlp_units, args.mlp_layers)
-        self.target_critic = mlp(feat_dim, 1, args.mlp_units, args.mlp_layers)
+        self.critic = MLP(feat_dim, 1, args.mlp_units, args.mlp_layers)
+        self.target_critic = MLP(feat_dim, 1, args.mlp_units, args.mlp_layers)
+        if args.init == "glorot":
+            self.apply(glorot_init)
         self.target_critic.load_state_dict(self.critic.state_dict())
         self.target_critic.requires_grad_(False)
 
@@ -429,17 +566,24 @@ class Replay:
     """Whole episodes in a flat ring of uint8 images; uniform sampling of in-episode sequences.
 
     Slot t of an episode holds obs_t, the action a_{t-1} that led to it (zeros at t = 0), the
-    reward r_t received on arriving there (0 at t = 0) and cont_t = 0 if the episode terminated
-    there. A sequence never crosses an episode boundary, so the RSSM starts each one from zeros.
+    reward r_t received on arriving there (0 at t = 0), cont_t = 0 if the episode terminated
+    there and is_first_t = 1 at t = 0. A sequence never crosses an episode boundary, so the RSSM
+    starts each one from zeros.
+
+    Speed: the arrays are torch tensors on `device`; on a GPU the images never cross the bus
+    again after they are stored, and sampling is one gather on the device (start indices are drawn
+    with numpy on the host and sent as one small tensor). Memory is allocated as the ring fills
+    (doubling), so a 2e6-step capacity costs only what a run stores.
     """
 
-    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int):
-        self.capacity = capacity
-        self.obs = np.zeros((capacity, *obs_shape), np.uint8)  # pages are allocated as they fill
-        self.action = np.zeros((capacity, action_dim), np.float32)
-        self.reward = np.zeros(capacity, np.float32)
-        self.cont = np.ones(capacity, np.float32)
-        self.episode = np.full(capacity, -1, np.int64)  # episode id per slot, -1 = empty
+    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device="cpu"):
+        self.capacity, self.device = capacity, torch.device(device)
+        self.shapes = dict(obs=tuple(obs_shape), action=(action_dim,), reward=(), cont=(), is_first=())
+        self.dtypes = dict(obs=torch.uint8, action=torch.float32, reward=torch.float32,
+                           cont=torch.float32, is_first=torch.float32)
+        self.data = {k: torch.empty((0, *s), dtype=self.dtypes[k], device=self.device)
+                     for k, s in self.shapes.items()}
+        self.episode = np.full(capacity, -1, np.int64)  # episode id per slot (host), -1 = empty
         self.pos = self.size = self.episodes = 0
         self.rng = np.random.default_rng(seed)
         self._starts = np.zeros(0, np.int64)
@@ -447,14 +591,34 @@ class Replay:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.obs, self.action, self.reward, self.cont, self.episode))
+        """Bytes at full capacity."""
+        per_slot = sum(math.prod(s) * self.dtypes[k].itemsize for k, s in self.shapes.items())
+        return self.capacity * (per_slot + self.episode.itemsize)
+
+    def _reserve(self, slots: int):
+        """Grow the arrays (doubling, at most to capacity) so that `slots` slots exist."""
+        allocated = len(self.data["obs"])
+        if slots <= allocated:
+            return
+        new = min(self.capacity, max(slots, 2 * allocated, 1024))
+        for key, old in self.data.items():
+            grown = torch.empty((new, *self.shapes[key]), dtype=old.dtype, device=self.device)
+            grown[:allocated] = old
+            self.data[key] = grown
 
     def add_episode(self, obs, action, reward, cont):
         n = len(obs)
         if n > self.capacity:
             raise ValueError(f"episode of {n} steps does not fit a replay of {self.capacity}")
+        self._reserve(min(self.pos + n, self.capacity))
         idx = (self.pos + np.arange(n)) % self.capacity
-        self.obs[idx], self.action[idx], self.reward[idx], self.cont[idx] = obs, action, reward, cont
+        is_first = np.zeros(n, np.float32)
+        is_first[0] = 1.0
+        index = torch.from_numpy(idx).to(self.device)
+        for key, value in zip(("obs", "action", "reward", "cont", "is_first"),
+                              (obs, action, reward, cont, is_first)):
+            value = torch.as_tensor(np.asarray(value)).to(self.device, self.dtypes[key])
+            self.data[key][index] = value.reshape(n, *self.shapes[key])
         self.episode[idx] = self.episodes
         self.episodes += 1
         self.pos = (self.pos + n) % self.capacity
@@ -476,35 +640,34 @@ class Replay:
         return len(self.valid_starts(length)) > 0
 
     def sample(self, batch: int, length: int) -> dict:
-        """Numpy arrays, time-major: obs (T, B, 3, H, W) uint8, action (T, B, A), reward, cont."""
+        """Tensors on the replay's device, time-major: obs (T, B, 3, H, W) uint8, action (T, B, A),
+        reward, cont, is_first (T, B)."""
         starts = self.rng.choice(self.valid_starts(length), size=batch)
         idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # (T, B)
-        return dict(obs=self.obs[idx], action=self.action[idx], reward=self.reward[idx],
-                    cont=self.cont[idx])
+        index = torch.from_numpy(idx).to(self.device)
+        return {key: value[index] for key, value in self.data.items()}
 
     def state_dict(self) -> dict:
-        keep = slice(0, self.size)  # only the filled part
-        return dict(obs=self.obs[keep], action=self.action[keep], reward=self.reward[keep],
-                    cont=self.cont[keep], episode=self.episode[keep], pos=self.pos,
-                    size=self.size, episodes=self.episodes, rng=self.rng.bit_generator.state)
+        keep = slice(0, self.size)  # a copy of the filled part (a view saves the whole storage)
+        return dict(**{k: v[keep].to("cpu", copy=True) for k, v in self.data.items()},
+                    episode=self.episode[keep],
+                    pos=self.pos, size=self.size, episodes=self.episodes,
+                    rng=self.rng.bit_generator.state)
 
     def load_state_dict(self, state: dict):
         n = state["size"]
-        for key in ("obs", "action", "reward", "cont", "episode"):
-            getattr(self, key)[:n] = state[key]
+        self._reserve(n)
+        for key in self.data:
+            self.data[key][:n] = torch.as_tensor(state[key]).to(self.device)
+        self.episode[:n] = state["episode"]
         self.pos, self.size, self.episodes = state["pos"], n, state["episodes"]
         self.rng.bit_generator.state = state["rng"]
         self._starts_length = None
 
 
 def to_torch(batch: dict, device: torch.device) -> dict:
-    """Host numpy batch -> device tensors; images stay uint8 over the bus (4x less to copy)."""
-    pin = device.type == "cuda"
-    out = {}
-    for key, value in batch.items():
-        t = torch.from_numpy(value)
-        out[key] = (t.pin_memory() if pin else t).to(device, non_blocking=pin)
-    return out
+    """Batch (tensors or numpy arrays) -> tensors on `device`; images stay uint8 (4x less to copy)."""
+    return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,13 +675,19 @@ def to_torch(batch: dict, device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def kl_balance(post_logits: torch.Tensor, prior_logits: torch.Tensor, rssm: RSSM, alpha: float,
+def gaussian_nll(mean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-ln N(target | mean, 1), elementwise, fp32 (written out: td.Normal(mean, 1.0) would copy the
+    Python scale to the GPU, a host sync, on every call)."""
+    return 0.5 * (target.float() - mean.float()) ** 2 + 0.5 * math.log(2 * math.pi)
+
+
+def kl_balance(post_logits: torch.Tensor, prior_logits: torch.Tensor, alpha: float,
                free: float) -> tuple[torch.Tensor, torch.Tensor]:
     """KL balancing (Sec. 2.2): alpha KL(sg(q) || p) trains the prior towards the posterior,
     (1 - alpha) KL(q || sg(p)) regularises the posterior; free nats on each side's batch mean.
-    Returns (loss, per-step KL value (T, B))."""
-    kl_prior = td.kl_divergence(rssm.dist(post_logits.detach()), rssm.dist(prior_logits))
-    kl_post = td.kl_divergence(rssm.dist(post_logits), rssm.dist(prior_logits.detach()))
+    Returns (loss, per-step KL value (T, B)), fp32."""
+    kl_prior = categorical_kl(post_logits.detach(), prior_logits)
+    kl_post = categorical_kl(post_logits, prior_logits.detach())
     loss = alpha * kl_prior.mean().clamp_min(free) + (1 - alpha) * kl_post.mean().clamp_min(free)
     return loss, kl_prior.detach()
 
@@ -526,22 +695,26 @@ def kl_balance(post_logits: torch.Tensor, prior_logits: torch.Tensor, rssm: RSSM
 def world_model_loss(wm: WorldModel, batch: dict, args: Args):
     """Eq. 2: image and reward negative log-likelihoods + beta * balanced KL. batch is time-major."""
     embed = wm.encoder(batch["obs"])  # (T, B, E)
-    post, prior = wm.rssm.observe(embed, batch["action"])
+    # The action into the first step of an episode is zero (official RSSM.obs_step with is_first;
+    # the replay already stores zeros there, this keeps it so for any batch).
+    action = batch["action"]
+    if "is_first" in batch:
+        action = action * (1 - batch["is_first"])[..., None]
+    post, prior = wm.rssm.observe(embed, action)
     feat = wm.rssm.feat(post)  # (T, B, F)
     target = batch["obs"].float() / 255.0 - 0.5
-    image_nll = -td.Independent(td.Normal(wm.decoder(feat).float(), 1.0), 3).log_prob(target).mean()
-    reward_nll = -td.Normal(wm.reward(feat).squeeze(-1).float(), 1.0).log_prob(batch["reward"]).mean()
-    kl_loss, kl_value = kl_balance(post["logits"], prior["logits"], wm.rssm, args.kl_balance,
-                                   args.free_nats)
+    image_nll = gaussian_nll(wm.decoder(feat), target).sum((-3, -2, -1)).mean()
+    reward_nll = gaussian_nll(wm.reward(feat).squeeze(-1), batch["reward"]).mean()
+    kl_loss, kl_value = kl_balance(post["logits"], prior["logits"], args.kl_balance, args.free_nats)
     loss = image_nll + reward_nll + args.kl_scale * kl_loss
     metrics = dict(image_loss=image_nll, reward_loss=reward_nll, kl_loss=kl_loss,
                    kl=kl_value.mean(),
-                   prior_entropy=wm.rssm.dist(prior["logits"]).entropy().mean().detach(),
-                   post_entropy=wm.rssm.dist(post["logits"]).entropy().mean().detach())
+                   prior_entropy=categorical_entropy(prior["logits"]).mean().detach(),
+                   post_entropy=categorical_entropy(post["logits"]).mean().detach())
     if wm.discount is not None:
         # The discount head predicts episode continuation (Bernoulli), scaled by gamma when used.
-        discount_nll = -td.Bernoulli(logits=wm.discount(feat).squeeze(-1).float()).log_prob(
-            batch["cont"]).mean()
+        discount_nll = F.binary_cross_entropy_with_logits(wm.discount(feat).squeeze(-1),
+                                                          batch["cont"].float())
         loss = loss + discount_nll
         metrics["discount_loss"] = discount_nll
     metrics["model_loss"] = loss
@@ -579,28 +752,31 @@ def imagine(wm: WorldModel, actor: Actor, start: dict, horizon: int):
 
 def behaviour_losses(wm: WorldModel, ac: ActorCritic, post: dict, args: Args, discrete: bool):
     """Actor (Eq. 6) and critic (Eq. 5) losses on imagined rollouts from every posterior state."""
-    start = {k: v.detach().flatten(0, 1) for k, v in post.items()}  # (T*B, ...)
+    start = {k: post[k].detach().flatten(0, 1) for k in ("deter", "stoch")}  # (T*B, ...)
     feats, actions = imagine(wm, ac.actor, start, args.horizon)
     # Paper Eq. 4 uses r_t = E[p(r_t | z_t)] of the state the action is taken in.
-    reward = wm.reward(feats).squeeze(-1).float()  # (H+1, N)
+    reward = wm.reward(feats).squeeze(-1)  # (H+1, N), fp32 like every value below
     if wm.discount is not None:
-        discount = args.gamma * torch.sigmoid(wm.discount(feats).squeeze(-1).float())
+        discount = args.gamma * torch.sigmoid(wm.discount(feats).squeeze(-1))
     else:
         discount = torch.full_like(reward, args.gamma)
-    value = ac.target_critic(feats).squeeze(-1).float()
+    value = ac.target_critic(feats).squeeze(-1)  # slow critic v(z_t), (H+1, N)
     target = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], args.return_lambda)
-    # Imagined steps after a predicted episode end count less: weight_t = prod_{k<t} gamma_k.
-    weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-2]], 0), 0).detach()
-    policy = ac.actor(feats[:-1].detach())
-    critic = ac.critic(feats[:-1].detach()).squeeze(-1).float()  # v(z_t), also the baseline
+    # Imagined steps after a predicted episode end count less: weight_t = prod_{k<t} gamma_k, (H+1, N).
+    weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]], 0), 0).detach()
+    # Actor, indexed as the official agent.py actor_loss: the action taken at z_t (t = 0..H-2) is
+    # credited with V_{t+1}; z_0 comes from the replay, so V_0 trains nothing, and z_{H-1}'s action
+    # leads to the bootstrap state only.
+    policy = ac.actor(feats[:-2].detach())
     grad = args.actor_grad if args.actor_grad != "auto" else ("reinforce" if discrete else "dynamics")
     if grad == "dynamics":
-        objective = target  # rho = 1: backpropagate V_t through the model into the actions
-    else:  # rho = 0: REINFORCE with the critic as baseline
-        objective = policy.log_prob(actions.detach()) * (target - critic).detach()
+        objective = target[1:]  # rho = 1: backpropagate V_{t+1} through the model into a_t
+    else:  # rho = 0: REINFORCE, baseline the slow critic, advantage V_{t+1} - v(z_t) (official)
+        objective = policy.log_prob(actions[:-1].detach()) * (target[1:] - value[:-2]).detach()
     entropy = policy.entropy()
-    actor_loss = -(weight * (objective + args.actor_entropy * entropy)).mean()
-    critic_loss = -(td.Normal(critic, 1.0).log_prob(target.detach()) * weight).mean()
+    actor_loss = -(weight[:-2] * (objective + args.actor_entropy * entropy)).mean()
+    critic = ac.critic(feats[:-1].detach()).squeeze(-1)  # v(z_t), (H, N), fp32
+    critic_loss = (gaussian_nll(critic, target.detach()) * weight[:-1]).mean()
     metrics = dict(actor_loss=actor_loss, critic_loss=critic_loss, actor_entropy=entropy.mean(),
                    imagined_reward=reward.mean(), value=critic.mean(), lambda_return=target.mean())
     return actor_loss, critic_loss, metrics
@@ -611,52 +787,92 @@ def behaviour_losses(wm: WorldModel, ac: ActorCritic, post: dict, args: Args, di
 # ---------------------------------------------------------------------------------------------
 
 
+def nonfinite(*values: torch.Tensor) -> torch.Tensor:
+    """1.0 if any value is NaN/inf, else 0.0: a 0-dim fp32 device tensor (no host sync)."""
+    return (~torch.isfinite(torch.stack([v.detach().float() for v in values]))).any().float()
+
+
 class Agent:
+    LOSSES = ("model_loss", "actor_loss", "critic_loss")  # the names of the `nonfinite` flags
+
     def __init__(self, args: Args, action_dim: int, discrete: bool, device: torch.device):
         self.args, self.device, self.discrete, self.action_dim = args, device, discrete, action_dim
         self.wm = WorldModel(args, action_dim).to(device)
         self.ac = ActorCritic(args, self.wm.rssm.feat_dim, action_dim, discrete).to(device)
-        adam = lambda params, lr: torch.optim.AdamW(params, lr=lr, eps=args.adam_eps,  # noqa: E731
-                                                    weight_decay=args.weight_decay)
+        # The official optimiser multiplies every variable by (1 - wd) each step (common/other.py,
+        # Optimizer._apply_weight_decay, before the Adam step); AdamW multiplies by (1 - lr * wd'),
+        # so wd' = wd / lr gives exactly the official decay. fused=True: one kernel per step, and it
+        # honours `found_inf` (skips the step on the device, see `update`).
+        adam = lambda params, lr: torch.optim.AdamW(  # noqa: E731
+            params, lr=lr, eps=args.adam_eps, weight_decay=args.weight_decay / lr, fused=True)
         self.model_opt = adam(self.wm.parameters(), args.model_lr)
         self.actor_opt = adam(self.ac.actor.parameters(), args.actor_lr)
         self.critic_opt = adam(self.ac.critic.parameters(), args.critic_lr)
         self.updates = 0
-        self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+        # Once an update has a non-finite loss, every later one is skipped too (a device flag):
+        # the main loop reads the flags one update late on a GPU, without waiting for the GPU.
+        self.halted = torch.zeros((), device=device)
+        self.model_loss, self.behaviour_losses = self._model_loss, self._behaviour_losses
         if args.compile:
-            # Compile the pieces that run many times per update (the per-step RSSM functions and
-            # the conv nets) in place, so that state_dict keys and checkpoints stay the same.
-            rssm = self.wm.rssm
-            rssm.img_step, rssm.obs_step = torch.compile(rssm.img_step), torch.compile(rssm.obs_step)
-            for net in (self.wm.encoder, self.wm.decoder, self.wm.reward, self.ac.actor, self.ac.critic):
-                net.compile()
+            # Speed: each loss function compiled as a whole, the observe and imagine loops unrolled
+            # into one graph each (fixed shapes), so an update is a few fused kernels instead of
+            # thousands of small launches. Parameters stay the same modules: checkpoints unchanged.
+            mode = None if args.compile_mode == "default" else args.compile_mode
+            self.model_loss = torch.compile(self._model_loss, dynamic=False, mode=mode)
+            self.behaviour_losses = torch.compile(self._behaviour_losses, dynamic=False, mode=mode)
+
+    def _model_loss(self, batch: dict):
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.args.precision == "bf16"):
+            return world_model_loss(self.wm, batch, self.args)
+
+    def _behaviour_losses(self, post: dict):
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.args.precision == "bf16"):
+            return behaviour_losses(self.wm, self.ac, post, self.args, self.discrete)
 
     def update(self, batch: dict) -> dict:
-        """One world-model update, then one actor and one critic update on imagined rollouts."""
-        with self.autocast:
-            model_loss, post, metrics = world_model_loss(self.wm, batch, self.args)
+        """One world-model update, then one actor and one critic update on imagined rollouts.
+        Returns device tensors: the metrics and `nonfinite`, one flag per name in LOSSES. A step
+        whose loss or gradient is not finite is skipped on the device (fused Adam's `found_inf`,
+        GradScaler's mechanism): parameters and moments stay as they were, with no host sync."""
+        clip = nn.utils.clip_grad_norm_
+        model_loss, post, metrics = self.model_loss(batch)
         self.model_opt.zero_grad(set_to_none=True)
         model_loss.backward()
-        metrics["model_grad_norm"] = nn.utils.clip_grad_norm_(self.wm.parameters(), self.args.grad_clip)
+        metrics["model_grad_norm"] = clip(self.wm.parameters(), self.args.grad_clip)
+        model_flag = nonfinite(model_loss, metrics["model_grad_norm"])
+        model_bad = torch.maximum(self.halted, model_flag)
+        self.model_opt.found_inf = model_bad
         self.model_opt.step()
 
-        with self.autocast:
-            actor_loss, critic_loss, ac_metrics = behaviour_losses(self.wm, self.ac, post, self.args,
-                                                                   self.discrete)
+        actor_loss, critic_loss, ac_metrics = self.behaviour_losses(post)
         self.actor_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         # Each loss updates only its own network: the actor's gradient flows through the world
         # model into the actions, but the world model is not updated by it.
-        actor_loss.backward(inputs=list(self.ac.actor.parameters()))
-        critic_loss.backward(inputs=list(self.ac.critic.parameters()))
-        metrics["actor_grad_norm"] = nn.utils.clip_grad_norm_(self.ac.actor.parameters(), self.args.grad_clip)
-        metrics["critic_grad_norm"] = nn.utils.clip_grad_norm_(self.ac.critic.parameters(), self.args.grad_clip)
+        # One backward pass for both: a compiled graph can be backpropagated only once, and the
+        # sum's gradient with respect to each network is its own loss's (the actor loss uses only
+        # the slow critic; the critic loss sees detached features and targets).
+        (actor_loss + critic_loss).backward(
+            inputs=[*self.ac.actor.parameters(), *self.ac.critic.parameters()])
+        metrics["actor_grad_norm"] = clip(self.ac.actor.parameters(), self.args.grad_clip)
+        metrics["critic_grad_norm"] = clip(self.ac.critic.parameters(), self.args.grad_clip)
+        # A bad world-model step skips the whole update, so that all parameters stay as before it.
+        actor_flag = nonfinite(actor_loss, metrics["actor_grad_norm"])
+        critic_flag = nonfinite(critic_loss, metrics["critic_grad_norm"])
+        actor_bad, critic_bad = torch.maximum(model_bad, actor_flag), torch.maximum(model_bad, critic_flag)
+        self.actor_opt.found_inf, self.critic_opt.found_inf = actor_bad, critic_bad
         self.actor_opt.step()
         self.critic_opt.step()
         metrics.update(ac_metrics)
         if self.updates % self.args.target_update_every == 0:
-            self.ac.target_critic.load_state_dict(self.ac.critic.state_dict())
+            # Copy the critic into the slow critic (lerp weight 1 copies exactly; 0 after a skip),
+            # in place and outside autograd: the slow critic must carry no history of the critic.
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.ac.target_critic.parameters()),
+                                     list(self.ac.critic.parameters()), 1 - critic_bad)
         self.updates += 1
+        metrics["nonfinite"] = torch.stack([model_flag, actor_flag, critic_flag])
+        self.halted = torch.maximum(self.halted, metrics["nonfinite"].max())
         return metrics
 
     @torch.no_grad()
@@ -668,10 +884,10 @@ class Agent:
         else:
             latent, prev = state
         obs_t = torch.as_tensor(obs, device=self.device)[None]
-        with self.autocast:
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.args.precision == "bf16"):
             # Latents are sampled in evaluation too (official eval_state_mean=False); only the
             # action is the mode.
-            latent, _ = self.wm.rssm.obs_step(latent, prev, self.wm.encoder(obs_t))
+            latent = self.wm.rssm.obs_step(latent, prev, self.wm.encoder(obs_t))
             dist = self.ac.actor(self.wm.rssm.feat(latent))
         action = dist.sample() if explore else mode(dist)
         return action[0].float().cpu().numpy(), (latent, action.float())
@@ -698,11 +914,12 @@ def env_action(action: np.ndarray, discrete: bool):
     return int(action.argmax()) if discrete else action
 
 
-def evaluate(agent: Agent, env, episodes: int, discrete: bool, record: bool = False):
-    """Mean return of `episodes` episodes with mode actions; frames of the first if `record`."""
+def evaluate(agent: Agent, env, seeds: list, discrete: bool, record: bool = False, stop=lambda: False):
+    """Mean return of one episode per seed with mode actions; frames of the first if `record`.
+    Returns (None, frames) if `stop()` turns true (an interrupt) before the episodes are done."""
     returns, frames = [], []
-    for ep in range(episodes):
-        obs, _ = env.reset()
+    for ep, seed in enumerate(seeds):
+        obs, _ = env.reset(seed=seed)
         state, total, done = None, 0.0, False
         while not done:
             if record and ep == 0:
@@ -711,36 +928,88 @@ def evaluate(agent: Agent, env, episodes: int, discrete: bool, record: bool = Fa
             obs, reward, terminated, truncated, _ = env.step(env_action(action, discrete))
             total += reward
             done = terminated or truncated
+            if stop():
+                return None, frames
         returns.append(total)
     return float(np.mean(returns)), frames
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging and checkpoints
+# Logging, progress, checkpoints
 # ---------------------------------------------------------------------------------------------
 
 
 class Logger:
-    """TensorBoard plus metrics.jsonl (one json object per log event)."""
+    """TensorBoard plus metrics.jsonl (one json object per log event). On resume, records after
+    the checkpoint's step are dropped from both."""
 
-    def __init__(self, run_dir: Path, args: Args):
-        self.writer = SummaryWriter(str(run_dir))
+    def __init__(self, run_dir: Path, args: Args, resume_step: Optional[int] = None):
+        path = run_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in keep))
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(str(run_dir), purge_step=purge)
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in vars(args).items()))
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.jsonl = open(path, "a")
 
     def log(self, step: int, scalars: dict):
+        tensors = {k: v for k, v in scalars.items() if torch.is_tensor(v)}
+        if tensors:  # device metrics: one stack, one copy to the host
+            values = torch.stack([v.detach().float() for v in tensors.values()]).cpu().tolist()
+            scalars = {**scalars, **dict(zip(tensors, values))}
         record = {"step": step, "time": time.time()}
         for key, value in scalars.items():
-            value = float(value.detach()) if torch.is_tensor(value) else float(value)
-            self.writer.add_scalar(key, value, step)
-            record[key] = value
+            self.writer.add_scalar(key, float(value), step)
+            record[key] = float(value)
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
 
     def close(self):
         self.writer.close()
         self.jsonl.close()
+
+
+def format_eta(seconds: Optional[float]) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """The progress line: at step 0, then every `log_every` env steps or 30 s of wall time."""
+
+    def __init__(self, args: Args, repeat: int, env_steps: int):
+        self.args, self.repeat = args, repeat
+        self.start, self.start_steps, self.last = time.time(), env_steps, 0.0
+        self.act_time, self.act_steps = 0.0, 0  # acting: policy + env step, per agent step
+        self.update_time, self.update_count = 0.0, 0
+
+    def print(self, counters: dict, phase: str, updates: int, last_return: float):
+        args, now = self.args, time.time()
+        env_steps = counters["env_steps"]
+        sps = (env_steps - self.start_steps) / max(now - self.start, 1e-9)
+        spu = self.update_time / self.update_count if self.update_count else None
+        remaining = args.total_steps - env_steps
+        if spu is not None and self.act_steps:
+            pretrain_left = max(args.pretrain - counters["pretrain_updates"], 0)
+            eta = (remaining / self.repeat * (self.act_time / self.act_steps
+                                              + args.updates_per_step / args.train_every * spu)
+                   + pretrain_left * spu)
+        else:
+            eta = remaining / sps if sps > 0 else None
+        print(f"step {env_steps}/{args.total_steps} | {phase} | return {last_return:.1f} | "
+              f"SPS {sps:.1f} | updates {updates} ({'-' if spu is None else f'{spu:.2f}'} s/update) | "
+              f"ETA {format_eta(eta)}", flush=True)
+        self.last = now
+
+    def due(self) -> bool:
+        return time.time() - self.last >= 30
 
 
 def save_video(frames: list, path: Path, fps: int = 30):
@@ -757,13 +1026,17 @@ def save_video(frames: list, path: Path, fps: int = 30):
 
 
 def save_checkpoint(path: Path, agent: Agent, replay: Replay | None, counters: dict, args: Args):
-    """Atomic: write to a temporary file, then rename over the old checkpoint."""
-    state = dict(agent=agent.state_dict(), counters=counters, args=vars(args),
-                 replay=replay.state_dict() if replay is not None else None,
-                 rng=dict(python=random.getstate(), numpy=np.random.get_state(),
-                          torch=torch.get_rng_state()))
+    """Atomic: write to a temporary file, flush it to disk, then rename over the old checkpoint."""
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = dict(agent=agent.state_dict(), counters=dict(counters), args=vars(args),
+                 replay=replay.state_dict() if replay is not None else None, rng=rng)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -778,20 +1051,45 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_replay_device(name: str, device: torch.device) -> torch.device:
+    if name == "auto":
+        return device if device.type == "cuda" else torch.device("cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise SystemExit(f"error: --replay-device {name}: expected auto, cpu or cuda")
+    return resolve_device(name)
+
+
+def configure_torch(args: Args, device: torch.device):
+    """Determinism and, on CUDA, TF32: fp32 matmuls and convolutions on tensor cores (several
+    times faster on Ampere and later, ~1e-3 relative precision, which the losses tolerate)."""
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not args.torch_deterministic
+
+
+def synthetic_batch(args: Args, action_dim: int, device: torch.device) -> dict:
+    T, B = args.batch_length, args.batch_size
+    return dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
+                action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
+                reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device),
+                is_first=torch.zeros(T, B, device=device))
+
+
 def measure_speed(args: Args, device: torch.device) -> dict:
     """Speed benchmark. Updates: median seconds per update over `args.measure_updates` updates
     (after 2 warm-ups) on a random batch of the configured size (model and optimisers only, no
     env, no replay). Acting: env steps per second of the acting loop (policy step + env step,
     exploration actions) over 50 agent steps on `args.env`."""
+    configure_torch(args, device)
     env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=args.seed,
-                    image_size=64, action_repeat=args.action_repeat, video_dir=args.video_dir)
+                    image_size=64, action_repeat=action_repeat(args), video_dir=args.video_dir)
     discrete = hasattr(env.action_space, "n")
     action_dim = env.action_space.n if discrete else env.action_space.shape[0]
     agent = Agent(args, action_dim, discrete, device)
-    T, B = args.batch_length, args.batch_size
-    batch = dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
-                 action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
-                 reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device))
+    batch = synthetic_batch(args, action_dim, device)
     times = []
     for i in range(args.measure_updates + 2):
         if device.type == "cuda":
@@ -800,8 +1098,7 @@ def measure_speed(args: Args, device: torch.device) -> dict:
         agent.update(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
     obs, _ = env.reset(seed=args.seed)
     state, env_steps, policy_time = None, 0, 0.0
     for i in range(52):
@@ -816,10 +1113,12 @@ def measure_speed(args: Args, device: torch.device) -> dict:
             (obs, _), state = env.reset(), None
     acting_time = time.perf_counter() - start
     env.close()
-    result = dict(seconds_per_update=float(np.median(times)), updates=len(times),
+    result = dict(seconds_per_update=float(np.median(times[2:])), updates=len(times) - 2,
                   parameters=agent.num_parameters(), env=args.env,
                   env_steps_per_second=env_steps / acting_time, policy_ms=1000 * policy_time / 50,
                   device=str(device), precision=args.precision, compile=args.compile)
+    if args.compile:
+        result["compile_seconds"] = times[0]  # the first update compiles both loss functions
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     # peak resident memory of the process (Linux reports KiB): weights, optimisers, activations, env
@@ -833,42 +1132,53 @@ def measure_speed(args: Args, device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+class Interrupt:
+    """Signal handler that only records SIGINT/SIGTERM; the loops check `signum` after each
+    step/update. A second signal (e.g. while the checkpoint is written) is recorded and ignored."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+
+
 def main(args: Args):
     if args.measure_updates > 0:
         return measure_speed(args, resolve_device(args.device))
     checkpoint = None
     if args.resume:
         if not Path(args.resume).is_file():
-            raise SystemExit(f"--resume {args.resume}: no such checkpoint file")
+            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint file")
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
     device = resolve_device(args.device)
+    replay_device = resolve_replay_device(args.replay_device, device)
+    configure_torch(args, device)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    make = lambda split, seed: envs.make(args.env, distraction=args.distraction,  # noqa: E731
-                                         dynamic=args.dynamic, seed=seed, image_size=64,
-                                         action_repeat=args.action_repeat, split=split,
-                                         video_dir=args.video_dir)
+    repeat = action_repeat(args)
+    make = lambda split: envs.make(args.env, distraction=args.distraction,  # noqa: E731
+                                   dynamic=args.dynamic, seed=args.seed, image_size=64,
+                                   action_repeat=repeat, split=split, video_dir=args.video_dir)
     try:  # bad input (env id, distraction, video folder) ends here with a message, not a traceback
-        env, eval_env = make("train", args.seed), make(args.eval_split, args.seed + 10_000)
+        env, eval_env = make("train"), make(args.eval_split)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    logger = Logger(run_dir, args)
     discrete = hasattr(env.action_space, "n")
     action_dim = env.action_space.n if discrete else env.action_space.shape[0]
-    repeat = args.action_repeat or envs.default_action_repeat(args.env)
 
     agent = Agent(args, action_dim, discrete, device)
-    replay = Replay(max(args.replay_capacity // repeat, args.batch_length), env.observation_space.shape,
-                    action_dim, args.seed)
+    replay = Replay(max(args.replay_capacity, args.batch_length), env.observation_space.shape,
+                    action_dim, args.seed, replay_device)
     counters = dict(env_steps=0, agent_steps=0, episodes=0, next_eval=args.eval_every,
-                    last_eval=-1, pretrained=False)
+                    last_eval=-1, eval_rounds=0, pretrain_updates=0)
     if checkpoint is not None:
         agent.load_state_dict(checkpoint["agent"])
         if checkpoint["replay"] is not None:
@@ -877,43 +1187,124 @@ def main(args: Args):
         random.setstate(checkpoint["rng"]["python"])
         np.random.set_state(checkpoint["rng"]["numpy"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
-        print(f"resumed from {args.resume} at env step {counters['env_steps']}")
+        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    logger = Logger(run_dir, args, counters["env_steps"] if checkpoint is not None else None)
+    interrupt = Interrupt()
+    previous_handlers = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
 
     params = agent.num_parameters()
     ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
-    print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | replay "
-          f"{replay.capacity:,} agent steps, up to {replay.nbytes / 2**30:.2f} GiB (filled lazily) | "
-          f"replay ratio {ratio:.0f} replayed steps per agent step")
+    print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | action repeat {repeat} | "
+          f"replay {replay.capacity:,} agent steps on {replay_device}, up to "
+          f"{replay.nbytes / 2**30:.2f} GiB (allocated as it fills) | replay ratio {ratio:.0f} "
+          f"replayed steps per agent step | videos: {args.video_dir or 'built-in pool'}", flush=True)
+    if checkpoint is not None:
+        print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "
+              "episode was stored as truncated; a new episode starts)", flush=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+    progress = Progress(args, repeat, counters["env_steps"])
+    last_return, metrics = float("nan"), {}
+    # Updates whose `nonfinite` flags are still to be read: (host copy, CUDA event or None, update
+    # number, env step). On a GPU the newest one stays pending, so that the next update is queued
+    # while the GPU still runs the last one; the agent's `halted` flag makes it a no-op if needed.
+    pending = collections.deque()
 
-    def checkpoint_now():
-        if args.save_model:
-            save_checkpoint(run_dir / "checkpoint.pt", agent, replay if args.checkpoint_replay else None,
-                            counters, args)
+    def finish():
+        signal.signal(signal.SIGINT, previous_handlers[signal.SIGINT])
+        signal.signal(signal.SIGTERM, previous_handlers[signal.SIGTERM])
+        env.close()
+        eval_env.close()
+        logger.close()
+
+    def write_checkpoint():
+        save_checkpoint(ckpt_path, agent, replay if args.checkpoint_replay else None, counters, args)
+
+    def check_finite(keep: int = 0):
+        """Read the flags of all but the newest `keep` updates; stop on a non-finite loss."""
+        while len(pending) > keep:
+            flags, event, update, step = pending.popleft()
+            if event is not None:
+                event.synchronize()  # normally long done: the copy was queued an update ago
+            bad = [name for name, flag in zip(Agent.LOSSES, flags.tolist()) if flag]
+            if not bad:
+                continue
+            write_checkpoint()  # that update (and any after it) was skipped: parameters from before it
+            finish()
+            raise SystemExit(f"error: non-finite {', '.join(bad)} at update {update} (env step "
+                             f"{step}); checkpoint from before it: {ckpt_path}")
+
+    def train_once():
+        nonlocal metrics
+        check_finite(keep=1 if device.type == "cuda" else 0)
+        batch = to_torch(replay.sample(args.batch_size, args.batch_length), device)
+        start = time.perf_counter()
+        metrics = agent.update(batch)
+        event = torch.cuda.Event() if device.type == "cuda" else None
+        pending.append((metrics["nonfinite"].to("cpu", non_blocking=True), event, agent.updates,
+                        counters["env_steps"]))
+        if event is not None:
+            event.record()
+        if progress.update_count == 0 and args.compile:
+            check_finite()  # waits for the first update: its wall time is the compile time
+            print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
+        else:
+            progress.update_time += time.perf_counter() - start
+            progress.update_count += 1
+
+    def stop(episode: dict):
+        """Interrupted: store the episode so far as truncated, checkpoint, exit 130/143."""
+        check_finite()
+        if len(episode["reward"]) >= 2:
+            replay.add_episode(*(np.asarray(episode[k]) for k in ("obs", "action", "reward", "cont")))
+            counters["episodes"] += 1
+        write_checkpoint()
+        print(f"interrupted at step {counters['env_steps']}; resume with: python "
+              f"{os.path.basename(__file__)} --resume {ckpt_path}", flush=True)
+        finish()
+        sys.exit(128 + interrupt.signum)
 
     def run_eval():
-        ret, frames = evaluate(agent, eval_env, args.eval_episodes, discrete, args.capture_video)
+        """Evaluation round e: episode j is reset with episode_seed(seed, 'eval', e * 10000 + j), so
+        it is reproducible after a resume without storing the eval env's RNG. None if interrupted."""
+        check_finite()
+        seeds = [episode_seed(args.seed, "eval", counters["eval_rounds"] * 10_000 + j)
+                 for j in range(args.eval_episodes)]
+        ret, frames = evaluate(agent, eval_env, seeds, discrete, args.capture_video,
+                               stop=lambda: interrupt.signum is not None)
+        if ret is None:
+            return None
         logger.log(counters["env_steps"], {"eval/episodic_return": ret})
         if frames:
             save_video(frames, run_dir / "videos" / f"eval_{counters['env_steps']}.mp4")
             strip = np.concatenate(frames[:: max(1, len(frames) // 8)][:8], axis=1)
             logger.writer.add_image("eval/frames", strip, counters["env_steps"], dataformats="HWC")
-        print(f"eval at {counters['env_steps']}: return {ret:.1f}")
-        counters["last_eval"] = counters["env_steps"]
-        checkpoint_now()
+        print(f"eval at {counters['env_steps']}: return {ret:.1f}", flush=True)
+        counters["last_eval"], counters["eval_rounds"] = counters["env_steps"], counters["eval_rounds"] + 1
+        while args.eval_every and counters["next_eval"] <= counters["env_steps"]:
+            counters["next_eval"] += args.eval_every
+        if args.save_model:
+            write_checkpoint()
         return ret
 
-    obs, _ = env.reset(seed=args.seed + counters["episodes"])
+    def new_episode():
+        obs, _ = env.reset(seed=episode_seed(args.seed, "train", counters["episodes"]))
+        return obs, dict(obs=[obs], action=[np.zeros(action_dim, np.float32)], reward=[0.0], cont=[1.0])
+
+    obs, ep = new_episode()
     state, episode_return = None, 0.0
-    ep = dict(obs=[obs], action=[np.zeros(action_dim, np.float32)], reward=[0.0], cont=[1.0])
-    start_time, start_steps, last_log, last_updates = time.time(), counters["env_steps"], time.time(), agent.updates
-    last_return, metrics = float("nan"), {}
+    phase = lambda: "prefill" if counters["agent_steps"] < args.prefill else "train"  # noqa: E731
+    progress.print(counters, phase(), agent.updates, last_return)
     while counters["env_steps"] < args.total_steps:
+        start = time.perf_counter()
         if counters["agent_steps"] < args.prefill:
             action = (np.eye(action_dim, dtype=np.float32)[np.random.randint(action_dim)] if discrete
                       else np.random.uniform(-1, 1, action_dim).astype(np.float32))
         else:
             action, state = agent.act(obs, state, explore=True)
         obs, reward, terminated, truncated, info = env.step(env_action(action, discrete))
+        progress.act_time += time.perf_counter() - start
+        progress.act_steps += 1
         counters["agent_steps"] += 1
         counters["env_steps"] += info["env_steps"]
         episode_return += reward
@@ -925,41 +1316,40 @@ def main(args: Args):
             last_return = episode_return
             logger.log(counters["env_steps"], {"charts/episodic_return": episode_return,
                                                "charts/episodic_length": len(ep["reward"]) - 1})
-            obs, _ = env.reset(seed=args.seed + counters["episodes"])
-            state, episode_return = None, 0.0
-            ep = dict(obs=[obs], action=[np.zeros(action_dim, np.float32)], reward=[0.0], cont=[1.0])
+            (obs, ep), state, episode_return = new_episode(), None, 0.0
+        if interrupt.signum:
+            stop(ep)
 
         # Train: once `prefill` steps are in, `pretrain` updates, then every `train_every` steps.
         if counters["agent_steps"] >= args.prefill and replay.can_sample(args.batch_length):
-            rounds = 0
-            if not counters["pretrained"]:
-                rounds, counters["pretrained"] = args.pretrain, True
+            if counters["pretrain_updates"] < args.pretrain:
+                while counters["pretrain_updates"] < args.pretrain:
+                    train_once()
+                    counters["pretrain_updates"] += 1
+                    if progress.due():
+                        progress.print(counters, "pretrain", agent.updates, last_return)
+                    if interrupt.signum:
+                        stop(ep)
             elif counters["agent_steps"] % args.train_every == 0:
-                rounds = args.updates_per_step
-            for _ in range(rounds):
-                metrics = agent.update(to_torch(replay.sample(args.batch_size, args.batch_length), device))
+                for _ in range(args.updates_per_step):
+                    train_once()
 
-        if counters["env_steps"] // args.log_every != (counters["env_steps"] - info["env_steps"]) // args.log_every:
-            now = time.time()
-            sps = (counters["env_steps"] - start_steps) / (now - start_time)
-            ups = (agent.updates - last_updates) / (now - last_log)
-            last_log, last_updates = now, agent.updates
-            logs = {f"losses/{k}": v for k, v in metrics.items()}
-            logs.update({"charts/SPS": sps, "charts/updates_per_second": ups,
-                         "charts/updates": agent.updates})
+        crossed = counters["env_steps"] // args.log_every != (counters["env_steps"] - info["env_steps"]) // args.log_every
+        if crossed:
+            logs = {f"losses/{k}": v for k, v in metrics.items() if k != "nonfinite"}
+            logs.update({"charts/SPS": (counters["env_steps"] - progress.start_steps)
+                         / max(time.time() - progress.start, 1e-9), "charts/updates": agent.updates})
             logger.log(counters["env_steps"], logs)
-            eta = (args.total_steps - counters["env_steps"]) / max(sps, 1e-9)
-            print(f"step {counters['env_steps']:>8}/{args.total_steps} | return {last_return:8.1f} | "
-                  f"SPS {sps:6.1f} | updates {agent.updates} | ETA {eta / 60:6.1f} min", flush=True)
+        if crossed or progress.due():
+            progress.print(counters, phase(), agent.updates, last_return)
         if args.eval_every and counters["env_steps"] >= counters["next_eval"]:
-            counters["next_eval"] += args.eval_every
-            run_eval()
+            if run_eval() is None:
+                stop(ep)
 
-    if counters["last_eval"] != counters["env_steps"]:
-        run_eval()
-    env.close()
-    eval_env.close()
-    logger.close()
+    if counters["last_eval"] != counters["env_steps"] and run_eval() is None:
+        stop(ep)
+    check_finite()
+    finish()
     return run_dir
 
 

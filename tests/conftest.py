@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -97,3 +98,59 @@ def smoke_args(module, algo: str):
 
     job = benchmark.suite_jobs("smoke", [algo], seeds=1, budget=None)[0]
     return module.parse_args(["--env", job.env, "--seed", str(job.seed), *job.flags])
+
+
+def check_bad_cli_input(script: str, flags: list[str], message: str, cwd: Path):
+    """`python <script> --preset tiny <flags>` ends with SystemExit("error: ... <message> ...")
+    (Python prints that message without a traceback) and leaves no run folder behind. Run in
+    process: the same code path as the command line, without a second interpreter's start-up."""
+    import importlib
+    import os
+
+    import pytest
+
+    module = importlib.import_module(Path(script).stem)
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with pytest.raises(SystemExit) as error:
+            module.main(module.parse_args(["--preset", "tiny", *flags]))
+    finally:
+        os.chdir(old)
+    text = str(error.value.code)
+    assert text.startswith("error") and message in text, text
+    assert not (cwd / "runs").exists()
+
+
+def without_host_sync(update, *args):
+    """Call `update(*args)` once to warm up (lazy initialisations may synchronise), then again
+    with CUDA's sync debug mode 'error', where any host-device synchronisation raises; returns
+    the second call's result."""
+    import torch
+
+    update(*args)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return update(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+
+@pytest.fixture(params=["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def compile_backend(request, monkeypatch):
+    """Runs a test once per torch.compile backend. `aot_eager` (CI) traces the loss functions
+    through TorchDynamo and AOTAutograd exactly as `--compile` does and runs the traced graphs with
+    eager kernels, which catches graph breaks, recompiles and tracing errors in seconds; `inductor`
+    (marked slow: its C++ code generation takes many minutes on 2 CPU cores) is what `--compile`
+    uses."""
+    import functools
+
+    import torch
+
+    if request.param != "inductor":
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=request.param))
+    torch._dynamo.reset()
+    yield request.param
+    torch._dynamo.reset()

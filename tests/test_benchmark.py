@@ -243,7 +243,7 @@ def test_quick_report_sets_runs_beside_the_official_curve_and_judges_the_target(
     ref = benchmark.reference_mean("dmc-walker-walk", 60_000)
     assert f"| 60,000 | {return_at_60k:.1f} |  | {ref:.1f} |" in text
     assert "| 5,000 | 15.0 | 20.0 |  |" in text  # no official number before 30K
-    assert "`dmc-walker-walk` 33.0" in text and f"Target: DreamerV2 reaches 60,000" in text
+    assert "`dmc-walker-walk` 33.0" in text and "Target: DreamerV2 reaches 60,000" in text
     assert f": {verdict} (return {return_at_60k:.1f} at 60,000)" in text
     assert summary["passed"] is (verdict == "PASS")
     assert (tmp_path / "quick" / "curves.png").stat().st_size > 10_000

@@ -8,7 +8,7 @@ import torch
 
 import core
 import benchmark
-from conftest import collect_episodes, check_beats_random, check_run_then_resume, smoke_args
+from conftest import collect_episodes, check_beats_random, check_run_then_resume, smoke_args, without_host_sync
 
 
 def tiny_args(**kw):
@@ -28,7 +28,7 @@ def dcs_replay():
 
 def batch_from(replay, args, seed=0):
     replay.rng = np.random.default_rng(seed)
-    return core.to_torch(replay.sample(args.batch_size, args.seq_len, args.crop_size), torch.device("cpu"))
+    return core.to_device(replay.sample(args.batch_size, args.seq_len, args.crop_size), torch.device("cpu"))
 
 
 def test_every_model_and_sac_term_is_a_finite_scalar(dcs_replay):
@@ -44,9 +44,10 @@ def test_every_model_and_sac_term_is_a_finite_scalar(dcs_replay):
     assert x.shape == (T, B, args.embed)
     assert core.RSSM.latent(post).shape == (T, B, args.deter + args.stoch)
     assert mask.shape == (T, B, 1, args.crop_size, args.crop_size) and 0 <= mask.min() <= mask.max() <= 1
-    metrics = agent.update(batch)
+    metrics, nonfinite = agent.update(batch)
     for key in ("critic_loss", "actor_loss", "alpha_loss", "alpha", "entropy"):
         assert metrics[key].shape == () and torch.isfinite(metrics[key]), key
+    assert nonfinite.tolist() == [0.0] * len(core.LOSS_NAMES)
 
 
 def test_reconstruction_objective_decodes_pixels_of_the_crop(dcs_replay):
@@ -129,7 +130,7 @@ def test_sequences_share_one_crop_and_acting_uses_the_centre():
     obs = np.arange(36, dtype=np.uint8).reshape(1, 1, 6, 6).repeat(20, 0)  # same image every step
     replay.add_episode(obs, np.zeros((20, 1)), np.zeros(20), np.ones(20))
     batch = replay.sample(64, 5, crop=4)
-    crops = batch["obs"][:, :, 0]  # (T, B, 4, 4)
+    crops = batch["obs"][:, :, 0].numpy()  # (T, B, 4, 4)
     assert np.all(crops == crops[:1])  # one crop position per sequence
     assert len({c.tobytes() for c in crops[0]}) > 1  # but different across sequences
     np.testing.assert_array_equal(core.centre_crop(obs[0], 4)[0], obs[0, 0, 1:5, 1:5])
@@ -171,3 +172,171 @@ def test_core_beats_random_on_toy_reach_center(tmp_path, monkeypatch):
     run_dir = core.main(smoke_args(core, "core"))
     check_beats_random(run_dir, benchmark.SMOKE_ENV)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed restructuring (issue 11): same computation, fewer kernels
+# ---------------------------------------------------------------------------------------------
+
+
+def test_batched_observe_equals_step_by_step_filtering():
+    """`observe` (ObsMLP, the posterior's observation half and PriorMLP batched over T x B) gives
+    the same states as T calls of the acting step `obs_step`, for the same noise."""
+    args = tiny_args()
+    torch.manual_seed(0)
+    rssm = core.RSSM(args, 3)
+    T, B = 6, 3
+    x, action = torch.randn(T, B, args.embed), torch.rand(T, B, 3) * 2 - 1
+    torch.manual_seed(1)
+    post, prior = rssm.observe(x, action)
+    torch.manual_seed(1)
+    noise = torch.randn(T, 2, B, args.stoch)  # what observe draws: (T, prior/posterior, B, stoch)
+    state = rssm.initial(B, torch.device("cpu"))
+    for t in range(T):
+        state = rssm.obs_step(state, action[t], x[t], noise[t, 1])
+        for key in ("deter", "stoch", "mean", "std"):
+            torch.testing.assert_close(post[key][t], state[key], atol=1e-5, rtol=1e-5)
+        step_prior = rssm.prior(state["deter"], noise[t, 0])
+        torch.testing.assert_close(prior["mean"][t], step_prior["mean"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(prior["stoch"][t], step_prior["stoch"], atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_losses_equal_eager_on_cpu_and_compile_once(dcs_replay, compile_backend):
+    """--compile (per `compile_backend`; inductor + gcc on CPU is slow) gives the eager losses for the same seed, parameters and
+    batch. Tolerance 1e-4 relative: inductor fuses and reorders fp32 reductions. Random draws
+    come from the eager generator (fallback_random) so that both see the same noise. A second
+    update must not recompile."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    args = tiny_args(seq_len=4, batch_size=2)
+    batch = batch_from(dcs_replay, args)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        agent = core.Agent(core.preset_args("tiny", seq_len=4, batch_size=2, compile=compiled), 6,
+                           torch.device("cpu"))
+        torch.manual_seed(1)
+        with torch._inductor.config.patch(fallback_random=True):
+            metrics, _ = agent.update(batch)
+            if compiled:
+                with torch._dynamo.config.patch(error_on_recompile=True):
+                    agent.update(batch)
+        results.append(metrics)
+    eager, compiled = results
+    for key in ("model_loss", "contrastive_loss", "kl_loss", "critic_loss", "actor_loss", "alpha_loss"):
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_target_critics_are_polyak_averages_outside_autograd(dcs_replay):
+    """Q' <- (1 - tau) Q' + tau Q after each update, in place and without autograd history
+    (a history would chain every update to the last and keep growing)."""
+    torch.manual_seed(0)
+    args = tiny_args()
+    agent = core.Agent(args, 6, torch.device("cpu"))
+    with torch.no_grad():
+        for p in agent.target_critics.parameters():
+            p.add_(0.1)
+    before = [p.clone() for p in agent.target_critics.parameters()]
+    agent.update(batch_from(dcs_replay, args))
+    for old, new, online in zip(before, agent.target_critics.parameters(), agent.critics.parameters()):
+        torch.testing.assert_close(new, (1 - args.tau) * old + args.tau * online)
+        assert not new.requires_grad and new.grad_fn is None
+
+
+def test_bf16_keeps_critic_values_scores_log_probs_and_kl_in_fp32(dcs_replay):
+    args = tiny_args(precision="bf16")
+    agent = core.Agent(args, 6, torch.device("cpu"))
+    z, a = torch.randn(5, agent.wm.rssm.state_dim), torch.rand(5, 6) * 2 - 1
+    x, y = torch.randn(7, args.embed), torch.randn(7, args.embed)
+    lam = agent.wm.inverse_temperature
+    with torch.autocast("cpu", torch.bfloat16):
+        assert all(q.dtype == torch.float32 for q in agent.critics(z, a))
+        scores = core.contrastive_scores(x, y, lam)
+        dist = agent.actor(z)
+        log_prob = dist.log_prob(dist.rsample())
+        assert torch.nn.functional.linear(x, x).dtype == torch.bfloat16  # autocast is really on
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, lam * x @ y.T)  # the fp32 product, not a bf16 one
+    assert log_prob.dtype == torch.float32
+    batch = batch_from(dcs_replay, args)
+    loss, metrics = agent.model_losses(batch)
+    q_loss, q_metrics, _ = agent.critic_losses(batch)
+    for key, value in {**metrics, **q_metrics}.items():  # KL, Q, targets and every loss
+        assert value.dtype == torch.float32, key
+
+
+# ---------------------------------------------------------------------------------------------
+# Run behaviour (issue 12)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_nan_reward_stops_the_run_with_a_checkpoint_from_before_the_bad_update(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    sample, update = core.Replay.sample, core.Agent.update
+    calls, before = {"n": 0}, {}
+
+    def bad_sample(self, *a, **kw):
+        batch = sample(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third mini-batch carries a NaN reward
+            batch["reward"][1, 0] = float("nan")
+        return batch
+
+    def spying_update(self, batch):
+        if calls["n"] == 3 and not before:
+            before.update({f"{m}.{k}": v.clone() for m in ("wm", "actor", "critics", "target_critics")
+                           for k, v in getattr(self, m).state_dict().items()})
+        return update(self, batch)
+
+    monkeypatch.setattr(core.Replay, "sample", bad_sample)
+    monkeypatch.setattr(core.Agent, "update", spying_update)
+    args = core.parse_args(["--env", "toy-reach-center", "--preset", "tiny", "--total-steps", "600"])
+    with pytest.raises(SystemExit) as exit_info:
+        core.main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: non-finite model_loss at update 3 (env step 400); checkpoint from before it:" in err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["agent"]
+    after = {f"{m}.{k}": v for m in ("wm", "actor", "critics", "target_critics") for k, v in saved[m].items()}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a parameter moved in the bad update"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fidelity (issue 13)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_core_defaults_match_paper():
+    a = core.Args()
+    # Paper, appendix A.3 (observations, data collection, model updates)
+    assert (a.render_width, a.render_height, a.render_size, a.crop_size) == (320, 240, 100, 84)
+    assert (a.batch_size, a.seq_len, a.updates_per_step) == (32, 32, 0.5)
+    # Paper, Table 2 ("Initial steps 1000": ml-core train.py counts them in agent steps)
+    assert (a.replay_capacity, a.prefill) == (100_000, 1000)
+    assert (a.model_lr, a.critic_lr, a.actor_lr, a.tau) == (3e-4, 1e-3, 1e-3, 0.005)
+    assert (a.beta, a.alpha_r, a.alpha_a) == (0.01, 1.0, 1.0)
+    assert (a.critic_clip, a.actor_clip, a.model_clip) == (100, 10, 10)
+    # Paper, Table 1 (architecture)
+    assert (a.cnn_filters, a.embed, a.obs_mlp, a.gru_mlp, a.deter) == (32, 50, 256, 400, 200)
+    assert (a.prior_mlp, a.posterior_mlp, a.decoder_mlp, a.reward_mlp, a.inverse_mlp) == (400, 400, 256, 128, 128)
+    assert a.ac_hidden == 1024
+    # Paper, Sec. 2.2 / Eq. 2: plain KL, no free nats
+    assert a.free_nats == 0.0 and a.objective == "contrastive" and a.predict_from == "prior"
+    # Where the paper is silent, apple/ml-core (configs/dcs/core.yaml, train.py, world_model.py):
+    assert a.stoch == 64 and a.gamma == 0.99  # latent_dims, gamma
+    assert a.critic_model_lr == 1e-3  # include_model_params_in_critic: Theta in the critic's Adam (lr_critic)
+    assert a.critic_model_clip == 0.0  # max_grad_norm_critic clips the critic's parameters only
+    assert a.kl_first_step is False  # loss_fwd_dynamics skips t = 0
+    assert a.total_steps == 500_000 and core.preset_args("tiny").total_steps == 2000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_update_never_synchronises_with_the_gpu(dcs_replay):
+    args = tiny_args()
+    device = torch.device("cuda")
+    agent = core.Agent(args, 6, device)
+    batch = core.to_device(batch_from(dcs_replay, args), device)
+    without_host_sync(agent.update, batch)

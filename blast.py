@@ -1,0 +1,1462 @@
+"""BLAST: Latent Dynamics Models from Bootstrapping (Paster, McKinney, McIlraith & Ba, 2021).
+
+DreamerV2 without reconstruction. The world model learns its latent state from the reward and from
+predicting its own future latents: the prior p(z_t | h_t) is trained towards the posterior of a
+slowly moving target encoder, with no gradient into that posterior, as BYOL trains a predictor
+towards a target network (blast.txt Sec. 2.3). The script is `dreamerv2.py` with five switches,
+one per rung of the paper's cumulative ablation ladder (Fig. 3 and 4), `--ladder`:
+
+  dreamerv2  DreamerV2 (Eq. 2.3): image + reward log losses + KL balanced 0.8 / 0.2.
+  no-recon   + no image decoder in the loss (`--no-recon`; `--probe-decoder` trains one on
+             stop-gradient features only to look at what the latent holds, Fig. 8 / A.5).
+  sg         + KL balance 1.0: KL(sg(q(z|h,x)) || p(z|h)), no gradient into the posterior (2.3.1).
+  ema        + target encoder and posterior observation layer xi <- tau xi + (1 - tau) theta,
+             tau = 0.99; the target posteriors are the KL targets (Eq. 2.4); `target_input_p` of
+             the batch rolls the deterministic path on target posteriors, the rest on online ones
+             (Sec. 2.3.2, A.2).
+  bn         + BatchNorm in every encoder conv layer and in the posterior's observation layer (2.3.3).
+  ar         + autoregressive prior: p(z_t | h_t) = prod_k p(z_t^k | h_t, z_t^{<k}) over `ar_steps`
+             chunks of categoricals (2.3.2). The full method, BLAST; the default.
+
+Equations and where they are implemented:
+- RSSM (Eq. 2.2): h_t = f(h_{t-1}, z_{t-1}, a_{t-1}) `RSSM.recurrent`; q(z_t | h_t, x_t) `Posterior`;
+  p(z_t | h_t) `Prior` (independent categoricals, or autoregressive over chunks).
+- World-model loss (Eq. 2.3 for the dreamerv2 rung, Eq. 2.4 for BLAST): `world_model_loss`,
+  `kl_balance`, `bootstrapped_posteriors`; the EMA (Sec. 2.3.1) in `Agent.update`.
+- Behaviour learning is DreamerV2's (its Eq. 4-6): `lambda_return`, `imagine`, `behaviour_losses`.
+- Hyperparameters (A.2) per env family: `FAMILY_PRESETS`; the ladder: `LADDER`.
+
+Shapes are time-major throughout: replay sequences are (T, B, ...), imagined rollouts (H + 1, N, ...)
+with N = T * B start states. Images are uint8 (3, 64, 64) until the encoder maps them to [-0.5, 0.5].
+
+    python blast.py --env minigrid-dynamic-obstacles-6x6 --distraction video
+    python blast.py --env dmc-cartpole-swingup --ladder sg
+    python blast.py --env toy-reach-center --preset tiny
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch import distributions as td
+from torch.utils.tensorboard import SummaryWriter
+
+import envs
+
+# Argument validation of torch.distributions checks every sample; it costs ~20% of an update.
+td.Distribution.set_default_validate_args(False)
+
+LADDER_RUNGS = ("dreamerv2", "no-recon", "sg", "ema", "bn", "ar")
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (part of the run name)"""
+    env: str = "dmc-walker-walk"
+    """env id: minigrid-<name> (discrete actions, e.g. minigrid-dynamic-obstacles-6x6), dmc-<domain>-<task>,
+    dcs-<domain>-<task>, natural-<domain>-<task>, toy-reach, toy-reach-center (README, "Environments")"""
+    distraction: str = "none"
+    """minigrid-*: none | color_direction | smaller_agent | random_frames | video (Sec. 3.1.1);
+    dcs-*: none | easy | medium | hard | background"""
+    dynamic: bool = True
+    """distractions move within an episode (False: static per episode)"""
+    video_dir: Optional[str] = None
+    """video folder for backgrounds (default: built-in offline pool)"""
+    eval_split: Literal["train", "val"] = "val"
+    """background videos used for evaluation"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic` (and cudnn.benchmark off)"""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."""
+    compile: bool = False
+    """torch.compile the whole world-model and behaviour loss functions"""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile mode (CUDA: try reduce-overhead / max-autotune only if it pays)"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocast for the networks; KL, log-probs, values and loss reductions stay fp32"""
+    preset: Literal["paper", "tiny"] = "paper"
+    """'tiny': narrow nets, short sequences, 2000 env steps, for smoke tests; flags you set
+    explicitly win over the preset (see PRESETS)"""
+    ladder: Literal["dreamerv2", "no-recon", "sg", "ema", "bn", "ar"] = "ar"
+    """rung of the cumulative ablation ladder (Fig. 3, 4): sets the five switches below; 'ar' is
+    BLAST. Switch flags given explicitly win over the rung"""
+    total_steps: int = 1_000_000
+    """environment steps to train for, counted after action repeat (simulator steps)"""
+    action_repeat: Optional[int] = None
+    """simulator steps per action (default: the per-task literature value, see envs)"""
+    eval_every: int = 10_000
+    """environment steps between evaluations (0: never, except at the end)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, deterministic (mode) actions"""
+    log_every: int = 1_000
+    """environment steps between metric logs and progress lines (also every 30 s)"""
+    save_model: bool = False
+    """write checkpoints (model, optimisers, counters, replay) every eval and at the end"""
+    checkpoint_replay: bool = True
+    """include the replay buffer in checkpoints so that --resume keeps the same data"""
+    resume: Optional[str] = None
+    """path of a checkpoint to continue from (its args are the defaults; same schedule)"""
+    measure_updates: int = 0
+    """if > 0: time this many updates on a synthetic batch and 50 acting steps, print one JSON
+    line and exit (benchmark.sh speed)"""
+    capture_video: bool = False
+    """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard"""
+
+    # Replay and schedule (A.2 per family, see FAMILY_PRESETS).
+    replay_capacity: int = 1_000_000
+    """replay capacity in environment steps (stored per agent step as uint8 images)"""
+    replay_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where the replay's arrays live: auto = the training device when it is CUDA"""
+    batch_size: int = 16
+    """sequences per mini-batch"""
+    batch_length: int = 50
+    """steps per sequence"""
+    prefill: int = 1000
+    """agent steps with uniform random actions before training starts"""
+    pretrain: int = 100
+    """updates made once, right after the prefill"""
+    train_every: int = 5
+    """agent steps between training rounds"""
+    updates_per_step: int = 1
+    """updates per training round"""
+
+    # World model.
+    cnn_depth: int = 48
+    """encoder/decoder channels of the first layer (doubling: 48/96/192/384)"""
+    deter: int = 200
+    """GRU (deterministic) state size (rssm.deter)"""
+    hidden: int = 200
+    """hidden units of the RSSM's input and output layers (rssm.hidden)"""
+    stoch: int = 8
+    """categorical latent variables (rssm.stoch)"""
+    classes: int = 64
+    """classes per categorical variable (rssm.discrete)"""
+    mlp_units: int = 400
+    """units of the reward, discount, actor and critic MLPs"""
+    mlp_layers: int = 4
+    """hidden layers of those MLPs"""
+    free_nats: float = 1.0
+    """free nats, applied to the batch-mean KL"""
+    kl_scale: float = 1.0
+    """beta_KL, the KL weight (loss_scales.kl)"""
+    reward_scale: float = 1.0
+    """beta_r, the reward log-loss weight (loss_scales.reward)"""
+    reward_clamp: Literal["none", "tanh"] = "none"
+    """squash the reward target with tanh (A.2 reward_clamp; the imagined reward is the head's)"""
+    pred_discount: bool = False
+    """learn a discount (episode continuation) head (A.2: False for both families)"""
+    model_lr: float = 3e-4
+    """world-model learning rate"""
+
+    # The five BLAST switches (set by --ladder; explicit flags win).
+    recon: bool = False
+    """image log loss in the world-model objective (DreamerV2); off from the no-recon rung on"""
+    probe_decoder: bool = False
+    """train a decoder on stop-gradient features (it never shapes the latent; Fig. 8)"""
+    kl_balance: float = 1.0
+    """KL balancing alpha, the prior side's weight: 0.8 DreamerV2, 1.0 = KL(sg(q) || p) (sg rung)"""
+    target_encoder: bool = True
+    """EMA target encoder whose posteriors are the KL targets (ema rung, use_target_encoder)"""
+    target_obs_out: bool = True
+    """the target also has its own EMA copy of the posterior's observation layer (obs_out); False:
+    target embeddings go through the online layer, as the authors' configs (use_target_rssm False)"""
+    target_ema: float = 0.99
+    """tau of xi <- tau xi + (1 - tau) theta"""
+    target_input_p: float = 0.5
+    """fraction of the batch whose deterministic path rolls on target posteriors"""
+    encoder_norm: Literal["none", "bn"] = "bn"
+    """normalisation after every encoder conv (encoder.norm; bn rung)"""
+    obs_out_norm: Literal["none", "bn"] = "bn"
+    """normalisation in the posterior's observation layer (rssm.obs_out_norm; bn rung)"""
+    ar_steps: Optional[int] = None
+    """chunks of the autoregressive prior (rssm.ar_steps): None = stoch (one categorical per step,
+    A.2), 1 = DreamerV2's independent prior (rungs below ar)"""
+
+    # Behaviour.
+    horizon: int = 15
+    """imagination horizon"""
+    gamma: float = 0.99
+    """discount"""
+    return_lambda: float = 0.95
+    """lambda of the lambda-return"""
+    actor_lr: float = 8e-5
+    """actor learning rate"""
+    critic_lr: float = 8e-5
+    """critic learning rate"""
+    actor_entropy: float = 1e-4
+    """entropy regulariser eta"""
+    actor_grad: Literal["auto", "dynamics", "reinforce"] = "dynamics"
+    """'dynamics' backpropagation (DMC, A.2) or 'reinforce' (MiniGrid, A.2); 'auto': by action space"""
+    target_update_every: int = 100
+    """updates between copies of the critic into the slow target critic"""
+    adam_eps: float = 1e-5
+    """Adam epsilon"""
+    grad_clip: float = 100.0
+    """gradient-norm clip of every optimiser"""
+    weight_decay: float = 1e-6
+    """decoupled weight decay of every optimiser"""
+
+
+# The ladder (Fig. 3, 4): each rung adds one change to those before it.
+LADDER = {"dreamerv2": dict(recon=True, kl_balance=0.8, target_encoder=False, encoder_norm="none",
+                            obs_out_norm="none", ar_steps=1)}
+LADDER["no-recon"] = {**LADDER["dreamerv2"], "recon": False}
+LADDER["sg"] = {**LADDER["no-recon"], "kl_balance": 1.0}
+LADDER["ema"] = {**LADDER["sg"], "target_encoder": True}
+LADDER["bn"] = {**LADDER["ema"], "encoder_norm": "bn", "obs_out_norm": "bn"}
+LADDER["ar"] = {**LADDER["bn"], "ar_steps": None}
+
+# A.2 hyperparameters per env family. Values A.2 does not list but the authors' configs.yaml sets
+# for the grid world (minigrid-repeat: learning rates, entropy, free nats 0, 1 pretrain update,
+# 5 eval episodes every 2500 steps) are marked "cfg". The DMC values are DreamerV2's dmc_vision.
+FAMILY_PRESETS = {
+    "dmc": dict(deter=200, hidden=200, stoch=8, classes=64, kl_scale=1.0, reward_scale=1.0,
+                reward_clamp="none", train_every=5, prefill=1000, actor_grad="dynamics",
+                total_steps=1_000_000, pred_discount=False, gamma=0.99),
+    "minigrid": dict(deter=600, hidden=600, stoch=16, classes=64, kl_scale=0.1, reward_scale=100.0,
+                     reward_clamp="tanh", train_every=1, prefill=10_000, actor_grad="reinforce",
+                     total_steps=50_000, pred_discount=False, gamma=0.99,
+                     model_lr=4e-4, critic_lr=1e-4, actor_entropy=0.1, free_nats=0.0,  # cfg
+                     pretrain=1, eval_every=2500, eval_episodes=5),  # cfg
+}
+
+# The tiny preset: runs end to end in about a minute on 2 CPU cores.
+PRESETS = {
+    "tiny": dict(cnn_depth=4, deter=32, hidden=32, stoch=4, classes=4, mlp_units=32, mlp_layers=2,
+                 batch_size=4, batch_length=8, prefill=100, pretrain=2, horizon=5, train_every=5,
+                 total_steps=2000, eval_every=1000, eval_episodes=1, replay_capacity=100_000),
+}
+
+# Flags that may differ from the checkpoint's on --resume: schedule, logging and where/how fast
+# the same computation runs (compile_mode, replay_device do not change the algorithm).
+SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "log_every", "save_model",
+                  "checkpoint_replay", "resume", "capture_video", "device", "compile", "precision",
+                  "measure_updates", "exp_name", "compile_mode", "replay_device"}
+
+STREAMS = {"train": 0, "eval": 1}
+
+
+def episode_seed(seed: int, stream: str, index: int) -> int:
+    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
+    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
+
+
+def family_preset(env_id: str) -> str:
+    """A.2 names two settings: MiniGrid and DMC; every continuous-control family takes DMC's."""
+    return "minigrid" if env_id.startswith("minigrid-") else "dmc"
+
+
+def preset_args(preset: str = "paper", env: str = Args.env, ladder: str = "ar", **overrides) -> Args:
+    """Args with, in increasing priority: the A.2 family preset of `env`, the ladder rung, the
+    size preset, then `overrides` (and CLI flags after them)."""
+    if preset not in ("paper", *PRESETS):
+        raise ValueError(f"unknown preset {preset!r}; known: paper, {', '.join(PRESETS)}")
+    if ladder not in LADDER:
+        raise ValueError(f"unknown ladder rung {ladder!r}; known: {', '.join(LADDER)}")
+    values = {**FAMILY_PRESETS[family_preset(env)], **LADDER[ladder], **PRESETS.get(preset, {}),
+              **overrides}
+    return Args(**{**values, "preset": preset, "env": env, "ladder": ladder})
+
+
+def _flag(argv: list, name: str):
+    """The value of `--name v` or `--name=v` in argv (the last one), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def parse_args(argv=None) -> Args:
+    """Read --preset/--env/--ladder first and parse every flag over their defaults. With --resume,
+    the checkpoint's args are the defaults; flags that change the algorithm may not differ."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    resume = _flag(argv, "--resume")
+    if resume is None:
+        preset, ladder = _flag(argv, "--preset") or "paper", _flag(argv, "--ladder") or "ar"
+        env = _flag(argv, "--env") or Args.env
+        ok = preset in ("paper", *PRESETS) and ladder in LADDER
+        default = preset_args(preset, env, ladder) if ok else Args()  # tyro reports bad values
+        return tyro.cli(Args, args=argv, default=default)
+    if not Path(resume).is_file():
+        raise SystemExit(f"error: --resume {resume}: no such checkpoint file")
+    saved = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["args"]
+    known = {f.name for f in fields(Args)}
+    args = tyro.cli(Args, args=argv, default=Args(**{k: v for k, v in saved.items() if k in known}))
+    differ = [f"--{k.replace('_', '-')} {v} (checkpoint {saved.get(k)})" for k, v in vars(args).items()
+              if k not in SCHEDULE_FLAGS and saved.get(k) != v]
+    if differ:
+        raise SystemExit(f"error: --resume: these flags differ from the checkpoint's and change the "
+                         f"algorithm: {', '.join(differ)}; drop them or start a new run")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+
+BN_MOMENTUM = 0.01  # Keras' BatchNormalization default (momentum 0.99 of the running average)
+
+
+def mlp(inp: int, out: int, units: int, layers: int) -> nn.Sequential:
+    """`layers` hidden ELU layers of `units`, then a linear output."""
+    mods, d = [], inp
+    for _ in range(layers):
+        mods += [nn.Linear(d, units), nn.ELU()]
+        d = units
+    mods.append(nn.Linear(d, out))
+    return nn.Sequential(*mods)
+
+
+def norm_layer(kind: str, channels: int, conv: bool) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    return (nn.BatchNorm2d if conv else nn.BatchNorm1d)(channels, momentum=BN_MOMENTUM)
+
+
+class Encoder(nn.Module):
+    """4 conv layers, kernel 4, stride 2, [BatchNorm], ELU: (..., 3, 64, 64) -> (..., 32 depth).
+    With BatchNorm (Sec. 2.3.3) the statistics of a training batch are taken over all T * B
+    frames, since the encoder runs once over the whole sequence batch."""
+
+    def __init__(self, depth: int, norm: str = "none"):
+        super().__init__()
+        chans = [3, depth, 2 * depth, 4 * depth, 8 * depth]
+        self.net = nn.Sequential(*[m for i in range(4) for m in (
+            nn.Conv2d(chans[i], chans[i + 1], 4, 2), norm_layer(norm, chans[i + 1], True), nn.ELU())])
+        self.out_dim = 8 * depth * 2 * 2
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.reshape(-1, *obs.shape[-3:]).float() / 255.0 - 0.5
+        return self.net(x).reshape(*obs.shape[:-3], -1)
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder with transposed convs of kernels 5, 5, 6, 6: feature -> image mean."""
+
+    def __init__(self, feat_dim: int, depth: int):
+        super().__init__()
+        self.depth = depth
+        self.linear = nn.Linear(feat_dim, 32 * depth)
+        chans, kernels = [32 * depth, 4 * depth, 2 * depth, depth, 3], [5, 5, 6, 6]
+        layers = []
+        for i, k in enumerate(kernels):
+            layers.append(nn.ConvTranspose2d(chans[i], chans[i + 1], k, 2))
+            if i < 3:
+                layers.append(nn.ELU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        x = self.linear(feat).reshape(-1, 32 * self.depth, 1, 1)
+        return self.net(x).reshape(*feat.shape[:-1], 3, 64, 64)
+
+
+class LayerNormGRUCell(nn.Module):
+    """GRU with LayerNorm on the gate pre-activations and update bias -1 (DreamerV2's cell)."""
+
+    def __init__(self, inp: int, size: int):
+        super().__init__()
+        self.linear = nn.Linear(inp + size, 3 * size)
+        self.norm = nn.LayerNorm(3 * size)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        reset, cand, update = self.norm(self.linear(torch.cat([x, h], -1))).chunk(3, -1)
+        reset = torch.sigmoid(reset)
+        cand = torch.tanh(reset * cand)
+        update = torch.sigmoid(update - 1)
+        return update * cand + (1 - update) * h
+
+
+def sample_onehot(logits: torch.Tensor) -> torch.Tensor:
+    """One-hot sample of each categorical (Gumbel-max: no host sync, compiles), with
+    straight-through gradients: the value is the sample, the gradient that of the probabilities."""
+    logits = logits.float()
+    u = torch.rand_like(logits).clamp(1e-20, 1 - 1e-7)
+    index = (logits - torch.log(-torch.log(u))).argmax(-1)
+    probs = logits.softmax(-1)
+    return F.one_hot(index, logits.shape[-1]).to(probs.dtype) + (probs - probs.detach())  # exact one-hot value
+
+
+def categorical_dist(logits: torch.Tensor) -> td.Distribution:
+    """Independent categoricals over the second-last axis (for entropies and tests)."""
+    return td.Independent(td.OneHotCategoricalStraightThrough(logits=logits.float()), 1)
+
+
+def categorical_kl(logits_q: torch.Tensor, logits_p: torch.Tensor) -> torch.Tensor:
+    """KL(q || p) of independent categoricals (..., stoch, classes) -> (...), in fp32."""
+    log_q, log_p = logits_q.float().log_softmax(-1), logits_p.float().log_softmax(-1)
+    return (log_q.exp() * (log_q - log_p)).sum((-2, -1))
+
+
+class Posterior(nn.Module):
+    """q(z_t | h_t, x_t) from e_t = enc(x_t): Linear([h_t, e_t]) -> [BatchNorm] -> ELU -> logits
+    (DreamerV2's obs_out; Sec. 2.3.3 puts BatchNorm in it). The first layer is split into
+    W_e e_t + b, computed for all t at once (`project`), and W_h h_t, the only part in the loop."""
+
+    def __init__(self, deter: int, embed_dim: int, hidden: int, stoch: int, classes: int, norm: str):
+        super().__init__()
+        self.stoch, self.classes = stoch, classes
+        self.embed_in = nn.Linear(embed_dim, hidden)
+        self.deter_in = nn.Linear(deter, hidden, bias=False)
+        # BatchNorm statistics are per time step over the batch rows of this layer (as in the
+        # authors' scan), so it cannot leave the loop.
+        self.norm = norm_layer(norm, hidden, False)
+        self.out = nn.Linear(hidden, stoch * classes)
+
+    def project(self, embed: torch.Tensor) -> torch.Tensor:
+        return self.embed_in(embed)
+
+    def forward(self, deter: torch.Tensor, embed_proj: torch.Tensor) -> torch.Tensor:
+        x = F.elu(self.norm(self.deter_in(deter) + embed_proj))
+        return self.out(x).reshape(*deter.shape[:-1], self.stoch, self.classes)
+
+
+class Prior(nn.Module):
+    """p(z_t | h_t) over `steps` chunks of stoch / steps categoricals (Sec. 2.3.2):
+
+        p(z_t | h_t) = prod_k p(z_t^k | g_k),  g_0 = h_t,  g_{k+1} = GRU(g_k, z_t^k),
+
+    a second small recurrent net started from h_t. Chunk k's logits come from ELU(W g_k) and the
+    k-th block of rows of one output layer. steps = 1 is DreamerV2's independent prior (one hidden
+    layer, no GRU). (The authors' ar prior has one more dense layer per step and predicts all
+    categoricals at every step, keeping chunk k; the k-th row block is the same parametrisation
+    without the unused outputs.)"""
+
+    def __init__(self, deter: int, hidden: int, stoch: int, classes: int, steps: int):
+        super().__init__()
+        if steps < 1 or stoch % steps:
+            raise SystemExit(f"error: --ar-steps {steps} must divide --stoch {stoch}")
+        self.steps, self.chunk, self.classes = steps, stoch // steps, classes
+        self.hidden = nn.Linear(deter, hidden)
+        self.out = nn.Linear(hidden, stoch * classes)
+        if steps > 1:
+            self.chunk_in = nn.Linear(self.chunk * classes, hidden)
+            self.cell = LayerNormGRUCell(hidden, deter)
+
+    def chunk_logits(self, g: torch.Tensor, k: int) -> torch.Tensor:
+        """Logits of chunk k given the AR state g_k: (..., chunk, classes)."""
+        rows = slice(k * self.chunk * self.classes, (k + 1) * self.chunk * self.classes)
+        out = F.linear(F.elu(self.hidden(g)), self.out.weight[rows], self.out.bias[rows])
+        return out.reshape(*g.shape[:-1], self.chunk, self.classes)
+
+    def next_state(self, g: torch.Tensor, z_k: torch.Tensor) -> torch.Tensor:
+        """g_{k+1} = GRU(g_k, z_t^k)."""
+        return self.cell(F.elu(self.chunk_in(z_k.flatten(-2).to(g.dtype))), g)
+
+    def forward(self, deter: torch.Tensor, target: Optional[torch.Tensor] = None):
+        """(logits, stoch), both (..., stoch, classes). Teacher-forced on `target` (the KL
+        targets, training) when given: then stoch is `target` and chunk k's logits are
+        p(z^k | h, target^{<k}). Otherwise each chunk is sampled and fed back (imagination)."""
+        g, logits, chunks = deter, [], []
+        for k in range(self.steps):
+            lk = self.chunk_logits(g, k)
+            zk = sample_onehot(lk) if target is None else target[..., k * self.chunk:(k + 1) * self.chunk, :]
+            logits.append(lk)
+            chunks.append(zk)
+            if k + 1 < self.steps:
+                g = self.next_state(g, zk)
+        return torch.cat(logits, -2), torch.cat(chunks, -2)
+
+    def log_prob(self, deter: torch.Tensor, stoch: torch.Tensor) -> torch.Tensor:
+        """ln p(z | h) = sum_k ln p(z^k | h, z^{<k}) (teacher forcing), fp32 (...)."""
+        logits, _ = self.forward(deter, stoch)
+        return (stoch.float() * logits.float().log_softmax(-1)).sum((-2, -1))
+
+
+class RSSM(nn.Module):
+    """Recurrent state-space model (Eq. 2.2). A state is a dict: deter h_t (..., deter), stoch
+    z_t (..., stoch, classes) one-hot, logits (..., stoch, classes) of its distribution."""
+
+    def __init__(self, action_dim: int, deter: int, hidden: int, stoch: int, classes: int,
+                 ar_steps: int):
+        super().__init__()
+        self.deter, self.stoch, self.classes = deter, stoch, classes
+        self.img_in = nn.Sequential(nn.Linear(stoch * classes + action_dim, hidden), nn.ELU())
+        self.cell = LayerNormGRUCell(hidden, deter)
+        self.prior = Prior(deter, hidden, stoch, classes, ar_steps)
+
+    @property
+    def feat_dim(self) -> int:
+        return self.deter + self.stoch * self.classes
+
+    def initial(self, batch: int, device) -> dict:
+        zeros = torch.zeros(batch, self.stoch, self.classes, device=device)
+        return dict(deter=torch.zeros(batch, self.deter, device=device), stoch=zeros, logits=zeros)
+
+    def recurrent(self, state: dict, action: torch.Tensor) -> torch.Tensor:
+        """h_t = f(h_{t-1}, z_{t-1}, a_{t-1})."""
+        x = self.img_in(torch.cat([state["stoch"].flatten(-2).to(action.dtype), action], -1))
+        return self.cell(x, state["deter"])
+
+    def img_step(self, state: dict, action: torch.Tensor) -> dict:
+        """Prior step (imagination): h_t, then z_t ~ p(z_t | h_t), chunk by chunk."""
+        deter = self.recurrent(state, action)
+        logits, stoch = self.prior(deter)
+        return dict(deter=deter, stoch=stoch, logits=logits)
+
+    def obs_step(self, state: dict, action: torch.Tensor, embed_proj: torch.Tensor,
+                 posterior: Posterior) -> dict:
+        """Filtering step (acting): h_t, then z_t ~ q(z_t | h_t, x_t). The prior is not needed."""
+        deter = self.recurrent(state, action)
+        logits = posterior(deter, embed_proj)
+        return dict(deter=deter, stoch=sample_onehot(logits), logits=logits)
+
+    def observe(self, groups: list) -> dict:
+        """Filter sequences from the zero state. `groups`: [(posterior layer, projected embeddings
+        (T, b, hidden), actions a_{t-1} (T, b, A))], batch parts that share the dynamics but have
+        their own posterior layer (online / target, Sec. 2.3.2). Returns the posterior states as
+        (T, N, ...), N = sum of b, groups in order. Only h_t's update and W_h h_t are in the loop."""
+        sizes = [x.shape[1] for _, x, _ in groups]
+        action = torch.cat([a for _, _, a in groups], 1)
+        state = self.initial(sum(sizes), action.device)
+        out = {"deter": [], "stoch": [], "logits": []}
+        for t in range(action.shape[0]):
+            deter = self.recurrent(state, action[t])
+            parts = deter.split(sizes) if len(groups) > 1 else (deter,)
+            logits = torch.cat([post(h, x[t]) for (post, x, _), h in zip(groups, parts)], 0)
+            state = dict(deter=deter, stoch=sample_onehot(logits), logits=logits)
+            for key in out:
+                out[key].append(state[key])
+        return {k: torch.stack(v) for k, v in out.items()}
+
+    def feat(self, state: dict) -> torch.Tensor:
+        """Model state [z_t, h_t] fed to every head: (..., stoch * classes + deter)."""
+        return torch.cat([state["stoch"].flatten(-2).to(state["deter"].dtype), state["deter"]], -1)
+
+
+class TruncatedNormal(td.Distribution):
+    """Normal(loc, scale) truncated to [-1, 1], the DreamerV2 actor distribution for DMC; rsample
+    inverts the CDF, so it is differentiable in loc and scale (dynamics backpropagation)."""
+
+    arg_constraints = {"loc": td.constraints.real, "scale": td.constraints.positive}
+    support = td.constraints.interval(-1.0, 1.0)
+    has_rsample = True
+
+    def __init__(self, loc, scale, validate_args=False):
+        self.loc, self.scale = loc, scale
+        self._alpha, self._beta = (-1 - loc) / scale, (1 - loc) / scale
+        self._cdf_a, self._cdf_b = torch.special.ndtr(self._alpha), torch.special.ndtr(self._beta)
+        self._z = (self._cdf_b - self._cdf_a).clamp_min(1e-6)
+        super().__init__(loc.shape, validate_args=validate_args)
+
+    @property
+    def mode(self):
+        return self.loc.clamp(-1, 1)
+
+    def rsample(self, sample_shape=torch.Size()):
+        u = torch.rand(self._extended_shape(sample_shape), device=self.loc.device)
+        p = (self._cdf_a + u * self._z).clamp(1e-6, 1 - 1e-6)
+        x = self.loc + self.scale * torch.special.ndtri(p)
+        return x.clamp(-1 + 1e-6, 1 - 1e-6)
+
+    def log_prob(self, value):
+        x = (value - self.loc) / self.scale
+        return -0.5 * x ** 2 - 0.5 * math.log(2 * math.pi) - self.scale.log() - self._z.log()
+
+    def entropy(self):
+        phi = lambda x: torch.exp(-0.5 * x ** 2) / math.sqrt(2 * math.pi)  # noqa: E731
+        return (0.5 * math.log(2 * math.pi * math.e) + self.scale.log() + self._z.log()
+                + (self._alpha * phi(self._alpha) - self._beta * phi(self._beta)) / (2 * self._z))
+
+
+class Actor(nn.Module):
+    """pi(a_t | z_t): truncated normal (mean tanh, std 2 sigmoid(x/2) + 0.1) or one-hot categorical."""
+
+    def __init__(self, feat_dim: int, action_dim: int, discrete: bool, units: int, layers: int):
+        super().__init__()
+        self.discrete = discrete
+        self.net = mlp(feat_dim, action_dim if discrete else 2 * action_dim, units, layers)
+
+    def forward(self, feat: torch.Tensor) -> td.Distribution:
+        out = self.net(feat).float()
+        if self.discrete:
+            return td.OneHotCategoricalStraightThrough(logits=out)
+        mean, std = out.chunk(2, -1)
+        return td.Independent(TruncatedNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + 0.1), 1)
+
+
+def mode(dist: td.Distribution) -> torch.Tensor:
+    """Deterministic action for evaluation."""
+    if isinstance(dist, td.OneHotCategorical):
+        return F.one_hot(dist.logits.argmax(-1), dist.logits.shape[-1]).float()
+    return dist.base_dist.mode
+
+
+class WorldModel(nn.Module):
+    """Encoder, posterior layer, RSSM, reward (and discount) head; with the ema rung the target
+    encoder and target posterior layer (EMA copies, no gradients); a decoder for the dreamerv2
+    rung or as a probe."""
+
+    def __init__(self, args: Args, action_dim: int):
+        super().__init__()
+        stoch, classes = args.stoch, args.classes
+        self.encoder = Encoder(args.cnn_depth, args.encoder_norm)
+        self.posterior = Posterior(args.deter, self.encoder.out_dim, args.hidden, stoch, classes,
+                                   args.obs_out_norm)
+        self.rssm = RSSM(action_dim, args.deter, args.hidden, stoch, classes, args.ar_steps or stoch)
+        feat = self.rssm.feat_dim
+        self.reward = mlp(feat, 1, args.mlp_units, args.mlp_layers)
+        self.discount = mlp(feat, 1, args.mlp_units, args.mlp_layers) if args.pred_discount else None
+        self.decoder = Decoder(feat, args.cnn_depth) if args.recon or args.probe_decoder else None
+        # Sec. 2.3.1: xi starts as a copy of theta (BYOL). (As we read keirp/blast's
+        # update_targets, its first update mixes with weight 1.0 on the target, which keeps the
+        # target's own random initialisation instead.)
+        self.target_encoder = self.target_posterior = None
+        if args.target_encoder:
+            self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+            if args.target_obs_out:
+                self.target_posterior = copy.deepcopy(self.posterior).requires_grad_(False)
+
+    def ema_pairs(self) -> tuple[list, list]:
+        """(target parameters, online parameters) of the EMA; BatchNorm running statistics are not
+        averaged: each target BN layer keeps its own, collected in its own train-mode forward passes
+        on the same batches (the authors skip the 'moving' variables in the EMA the same way)."""
+        pairs = [(self.target_encoder, self.encoder), (self.target_posterior, self.posterior)]
+        pairs = [(t, o) for t, o in pairs if t is not None]
+        return ([p for t, _ in pairs for p in t.parameters()],
+                [p for _, o in pairs for p in o.parameters()])
+
+    def acting_nets(self) -> tuple[Encoder, Posterior]:
+        """The encoder and posterior layer that act and start imagination (see Agent.act)."""
+        if self.target_encoder is None:
+            return self.encoder, self.posterior
+        return self.target_encoder, self.target_posterior or self.posterior
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, args: Args, feat_dim: int, action_dim: int, discrete: bool):
+        super().__init__()
+        self.actor = Actor(feat_dim, action_dim, discrete, args.mlp_units, args.mlp_layers)
+        self.critic = mlp(feat_dim, 1, args.mlp_units, args.mlp_layers)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay buffer
+# ---------------------------------------------------------------------------------------------
+
+
+class Replay:
+    """Whole episodes in a flat ring of uint8 images; uniform sampling of in-episode sequences.
+
+    Slot t of an episode holds obs_t, the action a_{t-1} that led to it (zeros at t = 0), the
+    reward r_t received on arriving there (0 at t = 0) and cont_t = 0 if the episode terminated
+    there. A sequence never crosses an episode boundary, so the RSSM starts each one from zeros.
+    The arrays are torch tensors on `device` (on CUDA the images live on the GPU and a batch is
+    gathered there); the episode ids stay on the host, where start indices are drawn.
+    """
+
+    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device=torch.device("cpu")):
+        self.capacity, self.device = capacity, torch.device(device)
+        if self.device.type == "cpu":  # numpy zeros: pages are allocated as they fill
+            self.obs = torch.from_numpy(np.zeros((capacity, *obs_shape), np.uint8))
+        else:
+            self.obs = torch.zeros((capacity, *obs_shape), dtype=torch.uint8, device=self.device)
+        self.action = torch.zeros(capacity, action_dim, device=self.device)
+        self.reward = torch.zeros(capacity, device=self.device)
+        self.cont = torch.ones(capacity, device=self.device)
+        self.episode = np.full(capacity, -1, np.int64)  # episode id per slot, -1 = empty
+        self.pos = self.size = self.episodes = 0
+        self.rng = np.random.default_rng(seed)
+        self._starts, self._starts_length = np.zeros(0, np.int64), None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.obs, self.action, self.reward, self.cont))
+
+    def add_episode(self, obs, action, reward, cont):
+        n = len(obs)
+        if n > self.capacity:
+            raise ValueError(f"episode of {n} steps does not fit a replay of {self.capacity}")
+        idx = (self.pos + np.arange(n)) % self.capacity
+        tidx = torch.from_numpy(idx).to(self.device)
+        for name, value in zip(("obs", "action", "reward", "cont"), (obs, action, reward, cont)):
+            dest = getattr(self, name)
+            dest[tidx] = torch.as_tensor(np.asarray(value)).to(self.device, dest.dtype)
+        self.episode[idx] = self.episodes
+        self.episodes += 1
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+        self._starts_length = None  # valid starts changed
+
+    def valid_starts(self, length: int) -> np.ndarray:
+        """Slots i such that i .. i+length-1 lie in one stored episode."""
+        if self._starts_length != length:
+            last = np.roll(self.episode, -(length - 1))
+            ok = (self.episode >= 0) & (self.episode == last)
+            ok &= (np.arange(self.capacity) + length - 1 < self.capacity) | (self.size == self.capacity)
+            self._starts, self._starts_length = np.flatnonzero(ok), length
+        return self._starts
+
+    def can_sample(self, length: int) -> bool:
+        return len(self.valid_starts(length)) > 0
+
+    def sample(self, batch: int, length: int) -> dict:
+        """Time-major tensors on the replay's device: obs (T, B, 3, H, W) uint8, action (T, B, A),
+        reward, cont (T, B). One small index tensor crosses to the device; no loop over the batch."""
+        starts = self.rng.choice(self.valid_starts(length), size=batch)
+        idx = torch.from_numpy((starts[None, :] + np.arange(length)[:, None]) % self.capacity)
+        idx = idx.to(self.device)
+        return dict(obs=self.obs[idx], action=self.action[idx], reward=self.reward[idx], cont=self.cont[idx])
+
+    def state_dict(self) -> dict:
+        # Copies of only the filled part (a view would save the whole preallocated storage).
+        filled = {k: getattr(self, k)[: self.size].to("cpu", copy=True) for k in ("obs", "action", "reward", "cont")}
+        return dict(**filled,
+                    episode=self.episode[: self.size], pos=self.pos, size=self.size,
+                    episodes=self.episodes, rng=self.rng.bit_generator.state)
+
+    def load_state_dict(self, state: dict):
+        n = state["size"]
+        for key in ("obs", "action", "reward", "cont"):
+            getattr(self, key)[:n] = torch.as_tensor(state[key]).to(self.device)
+        self.episode[:n] = state["episode"]
+        self.pos, self.size, self.episodes = state["pos"], n, state["episodes"]
+        self.rng.bit_generator.state = state["rng"]
+        self._starts_length = None
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Replay batch -> training device (a no-op when the replay lives there)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# World-model objective
+# ---------------------------------------------------------------------------------------------
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def kl_balance(post_logits: torch.Tensor, prior_logits: torch.Tensor, alpha: float, free: float):
+    """KL balancing (DreamerV2 Sec. 2.2): alpha KL(sg(q) || p) trains the prior towards the
+    posterior, (1 - alpha) KL(q || sg(p)) the posterior towards the prior; free nats on each side's
+    batch mean. alpha = 1 (Sec. 2.3.1) is KL(sg(q) || p): no gradient reaches the posterior at all.
+    Returns (loss, per-step KL value (T, B)), fp32."""
+    kl_prior = categorical_kl(post_logits.detach(), prior_logits)
+    loss = alpha * kl_prior.mean().clamp_min(free)
+    if alpha < 1:
+        kl_post = categorical_kl(post_logits, prior_logits.detach())
+        loss = loss + (1 - alpha) * kl_post.mean().clamp_min(free)
+    return loss, kl_prior.detach()
+
+
+def bootstrapped_posteriors(wm: WorldModel, batch: dict, args: Args) -> tuple[dict, dict]:
+    """Posteriors of a replayed batch: (post, kl_target), dicts of (T, B, ...).
+
+    Without a target encoder both are the online posteriors. With one (Sec. 2.3.1-2.3.2), the
+    target encoder and posterior layer filter the whole batch: their posteriors are the KL targets.
+    The online nets filter the first round(B (1 - target_input_p)) sequences; `post`, which the
+    prior is conditioned on (through h_t) and the heads read, takes the deterministic path rolled
+    on online posteriors for those rows and the one rolled on target posteriors for the rest.
+    All rows run in one loop over time (the GRU is shared)."""
+    embed = wm.encoder(batch["obs"])  # (T, B, E)
+    action = batch["action"]
+    if wm.target_encoder is None:
+        post = wm.rssm.observe([(wm.posterior, wm.posterior.project(embed), action)])
+        return post, post
+    B = action.shape[1]
+    n = round(B * (1 - args.target_input_p))
+    _, target_posterior = wm.acting_nets()
+    with torch.no_grad():
+        target_proj = target_posterior.project(wm.target_encoder(batch["obs"]))
+    groups = [(target_posterior, target_proj, action)]
+    if n > 0:  # (BatchNorm cannot normalise an empty group)
+        groups.insert(0, (wm.posterior, wm.posterior.project(embed[:, :n]), action[:, :n]))
+    states = wm.rssm.observe(groups)  # (T, n + B, ...)
+    target = {k: v[:, n:] for k, v in states.items()}
+    post = {k: torch.cat([v[:, :n], v[:, 2 * n:]], 1) for k, v in states.items()}
+    return post, target
+
+
+def gaussian_nll(mean: torch.Tensor, target: torch.Tensor, dims: int = 0) -> torch.Tensor:
+    """-ln N(target; mean, 1) summed over the last `dims` axes, fp32 (no Python-scalar Normal)."""
+    nll = 0.5 * (mean.float() - target.float()) ** 2 + HALF_LOG_2PI
+    return nll.sum(tuple(range(-dims, 0))) if dims else nll
+
+
+def world_model_loss(wm: WorldModel, batch: dict, args: Args):
+    """Eq. 2.3 (dreamerv2 rung) / Eq. 2.4 (BLAST): beta_r reward log loss [+ discount log loss]
+    [+ image log loss] + beta_KL KL(sg(q_xi) || p_theta). Returns (loss to minimise, imagination
+    start states, metrics). The loss includes the probe decoder's, which only trains the probe."""
+    post, kl_target = bootstrapped_posteriors(wm, batch, args)
+    # Sec. 2.3.2: the prior is teacher-forced on the KL targets' samples, chunk by chunk, in one
+    # batched pass over all T * B steps after the filtering loop.
+    prior_logits, _ = wm.rssm.prior(post["deter"], kl_target["stoch"].detach())
+    # With a target encoder the targets are sg(q_xi) (Eq. 2.4): their h_t still carries gradient.
+    target_logits = kl_target["logits"].detach() if wm.target_encoder is not None else kl_target["logits"]
+    kl_loss, kl_value = kl_balance(target_logits, prior_logits, args.kl_balance, args.free_nats)
+    feat = wm.rssm.feat(post)  # (T, B, F)
+    reward = batch["reward"].tanh() if args.reward_clamp == "tanh" else batch["reward"]
+    reward_nll = gaussian_nll(wm.reward(feat).squeeze(-1), reward).mean()
+    loss = args.reward_scale * reward_nll + args.kl_scale * kl_loss
+    metrics = dict(reward_loss=reward_nll, kl_loss=kl_loss, kl=kl_value.mean(),
+                   prior_entropy=categorical_dist(prior_logits).entropy().mean().detach(),
+                   post_entropy=categorical_dist(kl_target["logits"]).entropy().mean().detach())
+    if wm.discount is not None:
+        discount_nll = F.binary_cross_entropy_with_logits(
+            wm.discount(feat).squeeze(-1).float(), batch["cont"].float())
+        loss = loss + discount_nll
+        metrics["discount_loss"] = discount_nll
+    if wm.decoder is not None:
+        image = batch["obs"].float() / 255.0 - 0.5
+        if args.recon:  # the dreamerv2 rung: the image log loss shapes the latent
+            image_nll = gaussian_nll(wm.decoder(feat), image, 3).mean()
+            loss = loss + image_nll
+            metrics["image_loss"] = image_nll
+    metrics["model_loss"] = loss
+    if wm.decoder is not None and not args.recon:  # probe (Fig. 8): stop-gradient features
+        probe_nll = gaussian_nll(wm.decoder(feat.detach()), image, 3).mean()
+        metrics["probe_loss"] = probe_nll
+        loss = loss + probe_nll
+    # Imagination starts from the posteriors the prior was trained to predict and the actor acts
+    # on: the target posteriors when there is a target (see Agent.act).
+    start = {k: kl_target[k].detach().flatten(0, 1) for k in ("deter", "stoch")}  # (T*B, ...)
+    return loss, start, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Behaviour learning in imagination (DreamerV2, unchanged)
+# ---------------------------------------------------------------------------------------------
+
+
+def lambda_return(reward, value, discount, bootstrap, lam: float):
+    """Time-major (H, N): V_t = r_t + gamma_t ((1 - lam) v_{t+1} + lam V_{t+1}), V_H = bootstrap."""
+    next_values = torch.cat([value[1:], bootstrap[None]], 0)
+    inputs = reward + discount * next_values * (1 - lam)
+    returns, last = [], bootstrap
+    for t in reversed(range(reward.shape[0])):
+        last = inputs[t] + discount[t] * lam * last
+        returns.append(last)
+    return torch.stack(returns[::-1])
+
+
+def imagine(wm: WorldModel, actor: Actor, start: dict, horizon: int):
+    """Roll the prior forward from start states under the actor: feats (H+1, N, F), actions
+    (H, N, A). Each step samples the prior's chunks in order (Sec. 2.3.2). Gradients flow through
+    the dynamics into the actions (the actor sees detached features)."""
+    state, feats, actions = start, [wm.rssm.feat(start)], []
+    for _ in range(horizon):
+        action = actor(feats[-1].detach()).rsample()
+        state = wm.rssm.img_step(state, action.to(feats[-1].dtype))
+        feats.append(wm.rssm.feat(state))
+        actions.append(action)
+    return torch.stack(feats), torch.stack(actions)
+
+
+def behaviour_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args, discrete: bool):
+    """Actor and critic losses (DreamerV2 Eq. 5, 6) on imagined rollouts from every start state."""
+    feats, actions = imagine(wm, ac.actor, start, args.horizon)
+    reward = wm.reward(feats).squeeze(-1).float()  # (H+1, N), r_t of the state the action is taken in
+    if wm.discount is not None:
+        discount = args.gamma * torch.sigmoid(wm.discount(feats).squeeze(-1).float())
+    else:
+        discount = torch.full_like(reward, args.gamma)
+    value = ac.target_critic(feats).squeeze(-1).float()
+    target = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], args.return_lambda)
+    weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-2]], 0), 0).detach()
+    policy = ac.actor(feats[:-1].detach())
+    critic = ac.critic(feats[:-1].detach()).squeeze(-1).float()  # v(z_t), also the baseline
+    grad = args.actor_grad if args.actor_grad != "auto" else ("reinforce" if discrete else "dynamics")
+    if grad == "dynamics":
+        objective = target  # rho = 1: backpropagate V_t through the model into the actions
+    else:  # rho = 0: REINFORCE with the critic as baseline
+        objective = policy.log_prob(actions.detach()) * (target - critic).detach()
+    entropy = policy.entropy()
+    actor_loss = -(weight * (objective + args.actor_entropy * entropy)).mean()
+    critic_loss = (gaussian_nll(critic, target.detach()) * weight).mean()
+    metrics = dict(actor_loss=actor_loss, critic_loss=critic_loss, actor_entropy=entropy.mean(),
+                   imagined_reward=reward.mean(), value=critic.mean(), lambda_return=target.mean())
+    return actor_loss, critic_loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent: one update, acting
+# ---------------------------------------------------------------------------------------------
+
+NONFINITE_NAMES = ("model_loss", "actor_loss", "critic_loss")
+
+
+def nonfinite(*values: torch.Tensor) -> torch.Tensor:
+    """1.0 if any value is NaN/inf, as a 0-dim device tensor (no host sync)."""
+    return (~torch.isfinite(torch.stack([v.float() for v in values]))).any().float()
+
+
+class Agent:
+    def __init__(self, args: Args, action_dim: int, discrete: bool, device: torch.device):
+        self.args, self.device, self.discrete, self.action_dim = args, device, discrete, action_dim
+        self.wm = WorldModel(args, action_dim).to(device)
+        self.ac = ActorCritic(args, self.wm.rssm.feat_dim, action_dim, discrete).to(device)
+        self.model_params = [p for p in self.wm.parameters() if p.requires_grad]
+        adam = lambda params, lr: torch.optim.AdamW(params, lr=lr, eps=args.adam_eps,  # noqa: E731
+                                                    weight_decay=args.weight_decay, fused=True)
+        self.model_opt = adam(self.model_params, args.model_lr)
+        self.actor_opt = adam(self.ac.actor.parameters(), args.actor_lr)
+        self.critic_opt = adam(self.ac.critic.parameters(), args.critic_lr)
+        self.updates = 0
+        self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+        self.wm_loss, self.ac_loss = world_model_loss, behaviour_losses
+        if args.compile:
+            mode = None if args.compile_mode == "default" else args.compile_mode
+            self.wm_loss = torch.compile(world_model_loss, dynamic=False, mode=mode)
+            self.ac_loss = torch.compile(behaviour_losses, dynamic=False, mode=mode)
+
+    def update(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        """One world-model update (with the EMA of the target), then one actor and one critic
+        update on imagined rollouts. Returns (metrics, nonfinite flags per NONFINITE_NAMES), all
+        device tensors. An optimiser whose loss or gradient norm is not finite skips its step
+        (fused Adam's found_inf) and so do the EMA and target-critic copies that follow it."""
+        args = self.args
+        self.wm.train()  # BatchNorm: batch statistics (online and target), running stats update
+        with self.autocast:
+            model_loss, start, metrics = self.wm_loss(self.wm, batch, args)
+        self.model_opt.zero_grad(set_to_none=True)
+        model_loss.backward()
+        metrics["model_grad_norm"] = nn.utils.clip_grad_norm_(self.model_params, args.grad_clip, foreach=True)
+        bad_model = nonfinite(model_loss, metrics["model_grad_norm"])
+        self.model_opt.found_inf = bad_model
+        self.model_opt.step()
+        targets, onlines = self.wm.ema_pairs()
+        if targets:  # Sec. 2.3.1: xi <- tau xi + (1 - tau) theta
+            with torch.no_grad():
+                torch._foreach_lerp_(targets, onlines, (1 - args.target_ema) * (1 - bad_model))
+
+        # Imagination in eval mode (the prior has no BatchNorm; the mode is set so that no layer
+        # could use batch statistics of imagined states or update running statistics with them).
+        self.wm.eval()
+        with self.autocast:
+            actor_loss, critic_loss, ac_metrics = self.ac_loss(self.wm, self.ac, start, args, self.discrete)
+        self.actor_opt.zero_grad(set_to_none=True)
+        self.critic_opt.zero_grad(set_to_none=True)
+        # Each loss updates only its own network: the actor's gradient flows through the world
+        # model into the actions, but the world model is not updated by it.
+        # One backward pass for both: a compiled graph can be backpropagated only once, and the
+        # sum's gradient with respect to each network is its own loss's (the actor loss uses no
+        # trained critic output with a gradient; the critic loss sees detached features and targets).
+        (actor_loss + critic_loss).backward(
+            inputs=[*self.ac.actor.parameters(), *self.ac.critic.parameters()])
+        metrics["actor_grad_norm"] = nn.utils.clip_grad_norm_(self.ac.actor.parameters(), args.grad_clip, foreach=True)
+        metrics["critic_grad_norm"] = nn.utils.clip_grad_norm_(self.ac.critic.parameters(), args.grad_clip, foreach=True)
+        bad_actor = nonfinite(actor_loss, metrics["actor_grad_norm"])
+        bad_critic = nonfinite(critic_loss, metrics["critic_grad_norm"])
+        self.actor_opt.found_inf, self.critic_opt.found_inf = bad_actor, bad_critic
+        self.actor_opt.step()
+        self.critic_opt.step()
+        metrics.update(ac_metrics)
+        if self.updates % args.target_update_every == 0:  # copy, unless the critic step was skipped
+            critic, target = list(self.ac.critic.parameters()), list(self.ac.target_critic.parameters())
+            with torch.no_grad():
+                torch._foreach_lerp_(target, critic, 1 - bad_critic)
+        self.updates += 1
+        return metrics, torch.stack([bad_model, bad_actor, bad_critic])
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, state, explore: bool):
+        """One filtering step and an action; state = (latent, previous action) or None.
+
+        Which posteriors act: the target's when there is a target encoder. The actor and critic
+        are trained on imagined states that start from target posteriors and follow a prior
+        trained to predict target posteriors (Eq. 2.4), so the target posterior is the state
+        distribution the policy knows; the EMA encoder is also the smoother of the two (BYOL
+        evaluates its target-like average too). The authors' code does the same: it acts with
+        target_encoder/target_rssm and imagines from target_posts. Eval mode: BatchNorm uses its
+        running statistics (one frame has no batch statistics)."""
+        self.wm.eval()
+        encoder, posterior = self.wm.acting_nets()
+        if state is None:
+            latent = self.wm.rssm.initial(1, self.device)
+            prev = torch.zeros(1, self.action_dim, device=self.device)
+        else:
+            latent, prev = state
+        obs_t = torch.as_tensor(obs, device=self.device)[None]
+        with self.autocast:
+            # Latents are sampled in evaluation too (official eval_state_mean=False); only the
+            # action is the mode.
+            latent = self.wm.rssm.obs_step(latent, prev, posterior.project(encoder(obs_t)), posterior)
+            dist = self.ac.actor(self.wm.rssm.feat(latent))
+        action = dist.sample() if explore else mode(dist)
+        return action[0].float().cpu().numpy(), (latent, action.float())
+
+    def num_parameters(self) -> int:
+        """Trained parameters: world model, actor, critic (not the target encoder or critic)."""
+        return sum(p.numel() for p in [*self.model_params, *self.ac.actor.parameters(),
+                                        *self.ac.critic.parameters()])
+
+    def state_dict(self) -> dict:
+        return dict(wm=self.wm.state_dict(), ac=self.ac.state_dict(),
+                    model_opt=self.model_opt.state_dict(), actor_opt=self.actor_opt.state_dict(),
+                    critic_opt=self.critic_opt.state_dict(), updates=self.updates)
+
+    def load_state_dict(self, state: dict):
+        self.wm.load_state_dict(state["wm"])
+        self.ac.load_state_dict(state["ac"])
+        for key in ("model_opt", "actor_opt", "critic_opt"):
+            getattr(self, key).load_state_dict(state[key])
+        self.updates = state["updates"]
+
+
+def env_action(action: np.ndarray, discrete: bool):
+    """The agent's action (continuous vector or one-hot) in the env's format."""
+    return int(action.argmax()) if discrete else action
+
+
+def random_action(action_dim: int, discrete: bool) -> np.ndarray:
+    if discrete:
+        return np.eye(action_dim, dtype=np.float32)[np.random.randint(action_dim)]
+    return np.random.uniform(-1, 1, action_dim).astype(np.float32)
+
+
+def evaluate(agent: Agent, env, episodes: int, discrete: bool, seed: int, round_: int,
+             stop: dict, record: bool = False):
+    """Mean return of `episodes` episodes with mode actions, frames of the first if `record`;
+    None if a signal arrived. Episode j of round e is reset with episode_seed(seed, "eval",
+    e * 10_000 + j), so the evaluation env is reproducible after a resume without storing its RNG."""
+    returns, frames = [], []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=episode_seed(seed, "eval", round_ * 10_000 + ep))
+        state, total, done = None, 0.0, False
+        while not done:
+            if stop["signal"] is not None:
+                return None
+            if record and ep == 0:
+                frames.append(obs.transpose(1, 2, 0))
+            action, state = agent.act(obs, state, explore=False)
+            obs, reward, terminated, truncated, _ = env.step(env_action(action, discrete))
+            total += reward
+            done = terminated or truncated
+        returns.append(total)
+    return float(np.mean(returns)), frames
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging, progress and checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """TensorBoard plus metrics.jsonl (one json object per log event)."""
+
+    def __init__(self, run_dir: Path, args: Args, resume_step: Optional[int] = None):
+        path = run_dir / "metrics.jsonl"
+        if resume_step is not None and path.is_file():  # drop what came after the checkpoint
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in keep))
+        self.writer = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
+        if resume_step is None:
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                f"|{k}|{v}|" for k, v in vars(args).items()))
+        self.jsonl = open(path, "a")
+
+    def log(self, step: int, scalars: dict):
+        tensors = [k for k, v in scalars.items() if torch.is_tensor(v)]
+        if tensors:  # one copy to the host for all device metrics
+            host = torch.stack([scalars[k].detach().float() for k in tensors]).cpu().tolist()
+            scalars = {**scalars, **dict(zip(tensors, host))}
+        record = {"step": step, "time": time.time()}
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, float(value), step)
+            record[key] = float(value)
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+    def close(self):
+        self.writer.close()
+        self.jsonl.close()
+
+
+def format_eta(seconds: Optional[float]) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """Progress lines (contract A.1): at the start, every `log_every` env steps and every 30 s,
+    also between the updates of the pretrain burst."""
+
+    def __init__(self, args: Args, counters: dict, repeat: int):
+        self.args, self.counters, self.repeat = args, counters, repeat
+        self.start = self.last = time.time()
+        self.start_env, self.start_agent = counters["env_steps"], counters["agent_steps"]
+        self.update_seconds, self.updates_timed = 0.0, 0
+        self.last_return = float("nan")
+
+    def due(self) -> bool:
+        return time.time() - self.last >= 30
+
+    def sps(self) -> float:
+        return (self.counters["env_steps"] - self.start_env) / max(time.time() - self.start, 1e-9)
+
+    def print(self, phase: str, updates: int):
+        now, args = time.time(), self.args
+        self.last = now
+        elapsed, done = now - self.start, self.counters["env_steps"] - self.start_env
+        remaining = args.total_steps - self.counters["env_steps"]
+        spu = self.update_seconds / self.updates_timed if self.updates_timed else None
+        agent_done = self.counters["agent_steps"] - self.start_agent
+        eta = None
+        if spu is not None and agent_done > 0:
+            acting = max(elapsed - self.update_seconds, 0.0) / agent_done
+            eta = remaining / self.repeat * (acting + args.updates_per_step / args.train_every * spu)
+        elif done > 0:
+            eta = remaining / (done / elapsed)
+        spu_text = "-" if spu is None else f"{spu:.2f}"
+        print(f"step {self.counters['env_steps']}/{args.total_steps} | {phase} | return "
+              f"{self.last_return:.1f} | SPS {self.sps():.1f} | updates {updates} ({spu_text} s/update)"
+              f" | ETA {format_eta(eta)}", flush=True)
+
+
+def save_video(frames: list, path: Path, fps: int = 30):
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        out.mux(stream.encode())
+
+
+def save_checkpoint(path: Path, agent: Agent, replay: Optional[Replay], counters: dict, args: Args):
+    """Atomic: write to a temporary file, fsync, then rename over the old checkpoint."""
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = dict(agent=agent.state_dict(), counters=dict(counters), args=vars(args),
+                 replay=replay.state_dict() if replay is not None else None, rng=rng)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}: CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA devices here")
+    return device
+
+
+def setup_torch(args: Args, device: torch.device):
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
+
+
+def make_env(args: Args, split: str, seed: int):
+    return envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=seed,
+                     image_size=64, action_repeat=args.action_repeat, split=split,
+                     video_dir=args.video_dir)
+
+
+def describe(args: Args) -> str:
+    """What the run header says about the method and the A.2 preset."""
+    switches = (f"recon {'on' if args.recon else 'off'}, kl balance {args.kl_balance}, target "
+                f"{'ema ' + str(args.target_ema) if args.target_encoder else 'off'}, norm "
+                f"{args.encoder_norm}/{args.obs_out_norm}, ar steps {args.ar_steps or args.stoch}")
+    return f"ladder {args.ladder} ({switches}) | A.2 preset {family_preset(args.env)}"
+
+
+def measure_speed(args: Args, device: torch.device) -> dict:
+    """Speed benchmark. Updates: median seconds per update over `args.measure_updates` updates
+    (after 2 warm-ups) on a random batch of the configured size (model and optimisers only, no
+    env, no replay). Acting: env steps per second of the acting loop over 50 agent steps."""
+    setup_torch(args, device)
+    env = make_env(args, "train", args.seed)
+    discrete = hasattr(env.action_space, "n")
+    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
+    agent = Agent(args, action_dim, discrete, device)
+    T, B = args.batch_length, args.batch_size
+    batch = dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
+                 action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
+                 reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device))
+    times, compile_seconds = [], None
+    for i in range(args.measure_updates + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        agent.update(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i == 0 and args.compile:
+            compile_seconds = time.perf_counter() - start
+            print(f"compiled in {compile_seconds:.1f} s", file=sys.stderr)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    obs, _ = env.reset(seed=episode_seed(args.seed, "train", 0))
+    state, env_steps, policy_time = None, 0, 0.0
+    for i in range(52):
+        if i == 2:  # the first two steps are warm-up: the clock starts here
+            start, env_steps, policy_time = time.perf_counter(), 0, 0.0
+        t = time.perf_counter()
+        action, state = agent.act(obs, state, explore=True)
+        policy_time += time.perf_counter() - t
+        obs, _, terminated, truncated, info = env.step(env_action(action, discrete))
+        env_steps += info["env_steps"]
+        if terminated or truncated:
+            (obs, _), state = env.reset(), None
+    acting_time = time.perf_counter() - start
+    env.close()
+    result = dict(seconds_per_update=float(np.median(times)), updates=len(times),
+                  parameters=agent.num_parameters(), env=args.env,
+                  env_steps_per_second=env_steps / acting_time, policy_ms=1000 * policy_time / 50,
+                  device=str(device), precision=args.precision, compile=args.compile,
+                  ladder=args.ladder)
+    if compile_seconds is not None:
+        result["compile_seconds"] = compile_seconds
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    result["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(result))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Main loop
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    if args.measure_updates > 0:
+        return measure_speed(args, resolve_device(args.device))
+    checkpoint = None
+    if args.resume:
+        if not Path(args.resume).is_file():
+            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint file")
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+    device = resolve_device(args.device)
+    setup_torch(args, device)
+    replay_device = device if args.replay_device == "auto" else resolve_device(args.replay_device)
+    if args.replay_device == "auto" and device.type != "cuda":
+        replay_device = torch.device("cpu")
+    if not 0 <= args.target_input_p <= 1 or not 0 <= args.target_ema <= 1:
+        raise SystemExit("error: --target-input-p and --target-ema must lie in [0, 1]")
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    try:  # bad input (env id, distraction, video folder) ends here with a message, not a traceback
+        env, eval_env = make_env(args, "train", args.seed), make_env(args, args.eval_split, args.seed + 10_000)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    discrete = hasattr(env.action_space, "n")
+    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
+    repeat = args.action_repeat or envs.default_action_repeat(args.env)
+
+    agent = Agent(args, action_dim, discrete, device)
+    replay = Replay(max(args.replay_capacity // repeat, args.batch_length), env.observation_space.shape,
+                    action_dim, args.seed, replay_device)
+    counters = dict(env_steps=0, agent_steps=0, episodes=0, next_eval=args.eval_every,
+                    last_eval=-1, eval_rounds=0, pretrain_updates=0)
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        if checkpoint["replay"] is not None:
+            replay.load_state_dict(checkpoint["replay"])
+        counters.update(checkpoint["counters"])
+        random.setstate(checkpoint["rng"]["python"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    logger = Logger(run_dir, args, counters["env_steps"] if checkpoint is not None else None)
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):  # only records: the loops check it after each step/update
+        if stop["signal"] is None:
+            stop["signal"] = signum
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    if checkpoint is not None:
+        print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "
+              f"episode was stored as truncated; a new episode starts)")
+    ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
+    videos = args.video_dir or "built-in pool"
+    print(f"run {run_dir} | {describe(args)} | device {device} | {agent.num_parameters() / 1e6:.1f}M "
+          f"parameters | replay {replay.capacity:,} agent steps on {replay_device}, up to "
+          f"{replay.nbytes / 2**30:.2f} GiB | replay ratio {ratio:.0f} | videos: {videos}", flush=True)
+    progress = Progress(args, counters, repeat)
+    progress.print("prefill" if counters["agent_steps"] < args.prefill else "train", agent.updates)
+    ckpt_path = run_dir / "checkpoint.pt"
+
+    def checkpoint_now():
+        save_checkpoint(ckpt_path, agent, replay if args.checkpoint_replay else None, counters, args)
+
+    def new_episode():
+        obs, _ = env.reset(seed=episode_seed(args.seed, "train", counters["episodes"]))
+        return obs, dict(obs=[obs], action=[np.zeros(action_dim, np.float32)], reward=[0.0], cont=[1.0])
+
+    def finish(code: int, message: str):
+        print(message, flush=True)
+        logger.close()
+        env.close()
+        eval_env.close()
+        sys.exit(code)
+
+    def interrupt():
+        """Contract A.2: store the episode so far as truncated, checkpoint, exit 130 / 143."""
+        if len(ep["reward"]) >= 2:
+            replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
+        checkpoint_now()
+        code = 130 if stop["signal"] == signal.SIGINT else 143
+        finish(code, f"interrupted at step {counters['env_steps']}; resume with: python "
+                     f"{Path(__file__).name} --resume {ckpt_path}")
+
+    pending = []  # the last update's non-finite flags on the host and the CUDA event of the copy
+
+    def check_finite():
+        """Inspect the previous update's flags (its copy has long finished: no stall)."""
+        if not pending:
+            return
+        flags, event, update = pending.pop()
+        if event is not None:
+            event.synchronize()
+        if flags.any():
+            name = NONFINITE_NAMES[int(np.flatnonzero(flags.numpy())[0])]
+            checkpoint_now()  # parameters from before the bad update: its steps were skipped
+            finish(1, f"error: non-finite {name} at update {update} (env step "
+                      f"{counters['env_steps']}); checkpoint from before it: {ckpt_path}")
+
+    def train_step():
+        nonlocal metrics
+        check_finite()
+        batch = to_device(replay.sample(args.batch_size, args.batch_length), device)
+        start = time.perf_counter()
+        metrics, flags = agent.update(batch)
+        if agent.updates == 1 and args.compile:
+            print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
+        else:  # the compile time would distort s/update
+            progress.update_seconds += time.perf_counter() - start
+            progress.updates_timed += 1
+        event = None
+        host = flags.to("cpu", non_blocking=True)
+        if flags.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        pending.append((host, event, agent.updates))
+
+    def run_eval():
+        result = evaluate(agent, eval_env, args.eval_episodes, discrete, args.seed,
+                          counters["eval_rounds"], stop, args.capture_video)
+        if result is None:
+            return False  # interrupted: not logged, reruns after resume
+        ret, frames = result
+        logger.log(counters["env_steps"], {"eval/episodic_return": ret})
+        if frames:
+            save_video(frames, run_dir / "videos" / f"eval_{counters['env_steps']}.mp4")
+            strip = np.concatenate(frames[:: max(1, len(frames) // 8)][:8], axis=1)
+            logger.writer.add_image("eval/frames", strip, counters["env_steps"], dataformats="HWC")
+        print(f"eval at {counters['env_steps']}: return {ret:.1f}", flush=True)
+        counters["last_eval"] = counters["env_steps"]
+        counters["eval_rounds"] += 1
+        return True
+
+    obs, ep = new_episode()
+    state, episode_return, metrics = None, 0.0, {}
+    while counters["env_steps"] < args.total_steps:
+        if stop["signal"] is not None:
+            interrupt()
+        if counters["agent_steps"] < args.prefill:
+            action = random_action(action_dim, discrete)
+        else:
+            action, state = agent.act(obs, state, explore=True)
+        obs, reward, terminated, truncated, info = env.step(env_action(action, discrete))
+        counters["agent_steps"] += 1
+        counters["env_steps"] += info["env_steps"]
+        episode_return += reward
+        for key, value in zip(("obs", "action", "reward", "cont"), (obs, action, reward, 1.0 - terminated)):
+            ep[key].append(value)
+        if terminated or truncated:
+            replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
+            counters["episodes"] += 1
+            progress.last_return = episode_return
+            logger.log(counters["env_steps"], {"charts/episodic_return": episode_return,
+                                               "charts/episodic_length": len(ep["reward"]) - 1})
+            obs, ep = new_episode()
+            state, episode_return = None, 0.0
+
+        # Train: once `prefill` steps are in, `pretrain` updates, then every `train_every` steps.
+        if counters["agent_steps"] >= args.prefill and replay.can_sample(args.batch_length):
+            if counters["pretrain_updates"] < args.pretrain:
+                while counters["pretrain_updates"] < args.pretrain:
+                    train_step()
+                    counters["pretrain_updates"] += 1
+                    if stop["signal"] is not None:
+                        check_finite()
+                        interrupt()
+                    if progress.due():
+                        progress.print("pretrain", agent.updates)
+            elif counters["agent_steps"] % args.train_every == 0:
+                for _ in range(args.updates_per_step):
+                    train_step()
+
+        crossed = counters["env_steps"] // args.log_every != (counters["env_steps"] - info["env_steps"]) // args.log_every
+        if crossed:
+            logs = {f"losses/{k}": v for k, v in metrics.items()}
+            logs.update({"charts/SPS": progress.sps(), "charts/updates": agent.updates})
+            logger.log(counters["env_steps"], logs)
+        if crossed or progress.due():
+            progress.print("prefill" if counters["agent_steps"] < args.prefill else "train", agent.updates)
+        if args.eval_every and counters["env_steps"] >= counters["next_eval"]:
+            check_finite()
+            if not run_eval():
+                interrupt()
+            counters["next_eval"] += args.eval_every
+            if args.save_model:
+                checkpoint_now()
+
+    check_finite()
+    if counters["last_eval"] != counters["env_steps"]:
+        if not run_eval():
+            interrupt()
+    if args.save_model:
+        checkpoint_now()
+    env.close()
+    eval_env.close()
+    logger.close()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,1307 @@
+"""CVRL: Contrastive Variational Reinforcement Learning for Complex Observations (Ma et al., CoRL 2020).
+
+A Dreamer-v1 world model (Gaussian RSSM) is trained without reconstructing pixels: the observation
+likelihood of the ELBO is replaced by the mutual information I(s_t, o_t), estimated with InfoNCE
+by scoring each (state, observation) pair of a replayed batch against all other observations of
+the batch (Sec. 3.2). Behaviour is learned by a hybrid actor-critic: Dreamer's analytic gradients
+of imagined lambda-returns plus SAC on the real posterior trajectories of the replay (Sec. 3.3).
+Actions are chosen by latent-guided MPC: the actor's plan is refined by gradient ascent on the
+imagined value (Sec. 3.4, App. A.3).
+
+Equations implemented (numbers of the CVRL paper, ../shared/papers/cvrl.txt):
+- RSSM (Sec. 3.1, App. B.4): h_t = GRU(h_{t-1}, s_{t-1}, a_{t-1}), prior p(s_t | h_t), posterior
+  q(s_t | h_t, o_t), diagonal Gaussians, stoch 30, deter 200. `RSSM`.
+- InfoNCE (Eq. 5, App. B.1, B.5): log f(s_t, o_t) - log sum_{o' in O} f(s_t, o'), with the bilinear
+  f(s, o) = exp(z_o^T W s'), z_o and s' 200-unit embeddings of the observation and the state,
+  W 200 x 200, O = all B*T observations of the batch. `ContrastiveHead`, `infonce`.
+- CELBO (Eq. 6): InfoNCE + ln p(r_t | s_t) - KL[q(s_t | ...) || p(s_t | ...)] (free nats 3).
+  `celbo_loss`. `--objective generative` uses ln p(o_t | s_t) instead (Eq. 2; Table 2's
+  CVRL-generative).
+- Value estimate (App. A.2): V_lambda, Dreamer's exponentially weighted k-step returns. `lambda_return`.
+- L_Dreamer (Eq. 7): actor -sum V_lambda (dynamics backpropagation), critic 1/2 (v - V_lambda)^2.
+  `dreamer_actor_loss`, `value_loss_fn`.
+- Hybrid actor-critic (Sec. 3.3): L_CVRL = L_Dreamer + alpha L_SAC, SAC [33] on real posterior
+  transitions (s_t, a_t, r_{t+1}, s_{t+1}) of the batch, two Q-networks (App. B.6). `sac_q_loss`,
+  `sac_actor_loss`.
+- Latent-guided MPC (Sec. 3.4, App. A.3, B.8): a~ <- a~ + lr grad_a~ V_lambda(s_t) over the whole
+  15-step action sequence, starting from the actor's plan, SGD lr 0.003; execute a~_0. `plan`.
+
+Shapes are time-major: replay sequences (T, B, ...), imagined rollouts (H + 1, N, ...) with
+N = T * B start states. Images are uint8 (3, 64, 64) until the encoder, which maps them to
+[-0.5, 0.5].
+
+    python cvrl.py --env natural-walker-walk
+    python cvrl.py --env toy-reach-center --preset tiny
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch import distributions as td
+from torch.utils.tensorboard import SummaryWriter
+
+import envs
+
+# Argument validation of torch.distributions checks every sample; it costs time and host syncs.
+td.Distribution.set_default_validate_args(False)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (part of the run name)"""
+    env: str = "natural-walker-walk"
+    """env id: natural-<domain>-<task> (Table 1, Natural Mujoco), pybullet-boxpush (Sec. 4.2),
+    dmc-<domain>-<task>, dcs-<domain>-<task>, toy-reach, toy-reach-center (README, "Environments")"""
+    distraction: str = "none"
+    """dcs-*: none | easy | medium | hard | background; other families: none"""
+    dynamic: bool = True
+    """distractions move within an episode (False: static per episode)"""
+    video_dir: Optional[str] = None
+    """DAVIS 2017 or video folder for backgrounds (default: built-in offline pool)"""
+    eval_split: Literal["train", "val"] = "val"
+    """background videos used for evaluation"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic` (and cudnn.benchmark = not this)"""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."""
+    compile: bool = False
+    """torch.compile the loss computations and the MPC unroll (the first updates are slow)"""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile mode (CUDA: 'max-autotune' means max-autotune-no-cudagraphs)"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocast for the networks; KL, log-probs, values and score matrices stay fp32"""
+    preset: Literal["paper", "tiny"] = "paper"
+    """'tiny': narrow nets, short sequences, small batch and prefill, 2000 steps, for smoke tests;
+    flags you set explicitly win over the preset (see PRESETS)"""
+    total_steps: int = 1_000_000
+    """environment steps to train for, counted after action repeat (simulator steps); the paper
+    trains for 5M (Table 1)"""
+    action_repeat: Optional[int] = 2
+    """simulator steps per action (CVRL uses 2 for every task; None: the per-task default of envs)"""
+    eval_every: int = 10_000
+    """environment steps between evaluations (0: never, except at the end)"""
+    eval_episodes: int = 10
+    """episodes per evaluation (mode actions, no exploration noise, MPC as in training)"""
+    log_every: int = 1_000
+    """environment steps between training-metric logs (progress lines also every 30 s)"""
+    save_model: bool = False
+    """write checkpoints every eval and at the end (a signal always writes one)"""
+    checkpoint_replay: bool = True
+    """include the replay buffer in checkpoints so that --resume keeps the same data"""
+    resume: Optional[str] = None
+    """path of a checkpoint to continue from; its saved flags are the defaults"""
+    measure_updates: int = 0
+    """if > 0: time this many updates on a synthetic batch and 50 acting steps (with and without
+    MPC) on --env, print one JSON line and exit (benchmark.sh speed)"""
+    capture_video: bool = False
+    """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard"""
+    replay_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where the replay's arrays live; auto = the training device when it is CUDA"""
+
+    # Replay and schedule.
+    replay_capacity: int = 1_000_000
+    """replay capacity in environment steps (stored per agent step as uint8 images)"""
+    batch_size: int = 50
+    """sequences per mini-batch (App. B.1: B)"""
+    batch_length: int = 50
+    """steps per sequence (App. B.1: T); B*T - 1 negatives per pair"""
+    prefill: int = 2500
+    """agent steps with uniform random actions before training (the authors' 5000 env steps)"""
+    pretrain: int = 100
+    """updates made once, right after the prefill"""
+    train_every: int = 5
+    """agent steps between training rounds (Dreamer-v1's 100 updates per 1000 env steps at
+    action repeat 2)"""
+    updates_per_step: int = 1
+    """updates per training round"""
+
+    # World model.
+    objective: Literal["contrastive", "generative"] = "contrastive"
+    """contrastive: CELBO (Eq. 6); generative: pixel reconstruction ELBO (Eq. 2, CVRL-generative)"""
+    cnn_depth: int = 32
+    """encoder channels of the first layer (doubling: 32/64/128/256, App. B.3)"""
+    deter: int = 200
+    """GRU (deterministic) state size (App. B.4)"""
+    hidden: int = 200
+    """hidden units of the RSSM's input and output layers (App. B.4)"""
+    stoch: int = 30
+    """Gaussian stochastic state size (App. B.4)"""
+    contrast_units: int = 200
+    """size of the observation and state embeddings and of W (App. B.5: 200, W 200 x 200)"""
+    mlp_units: int = 400
+    """units of the reward, value, actor and Q MLPs (App. B.6)"""
+    free_nats: float = 3.0
+    """free nats, applied to the batch-mean KL"""
+    kl_scale: float = 1.0
+    """weight of the KL term"""
+    model_lr: float = 6e-4
+    """world-model learning rate (App. B.7)"""
+
+    # Behaviour.
+    horizon: int = 15
+    """imagination (and MPC) horizon"""
+    gamma: float = 0.99
+    """discount"""
+    return_lambda: float = 0.95
+    """lambda of V_lambda (App. A.2)"""
+    actor_lr: float = 8e-5
+    """actor learning rate (App. B.7)"""
+    value_lr: float = 8e-5
+    """value learning rate (App. B.7)"""
+    sac: bool = True
+    """hybrid actor-critic: add alpha * L_SAC on real trajectories (False: CVRL-no-SAC, Table 2)"""
+    sac_weight: float = 1.0
+    """alpha of L_CVRL = L_Dreamer + alpha L_SAC (Sec. 3.3; the paper gives no value)"""
+    sac_updates_actor: bool = True
+    """SAC's actor loss updates the actor (the paper). False reproduces the authors' code, where the
+    SAC actor and temperature gradients are computed but never applied: only the Q-nets learn"""
+    q_lr: float = 8e-5
+    """Q-network learning rate (App. B.7's SAC optimiser)"""
+    temperature_lr: float = 3e-4
+    """SAC entropy-temperature learning rate (automatic tuning towards entropy -|A|)"""
+    init_temperature: float = 0.1
+    """initial SAC entropy temperature"""
+    tau: float = 0.005
+    """Polyak rate of the target Q-networks"""
+    mpc: bool = True
+    """latent-guided MPC for acting (False: CVRL-no-MPC, Table 2: act with the actor alone)"""
+    mpc_iterations: int = 10
+    """gradient-ascent steps on the action sequence per acting step (App. B.8; the authors'
+    code takes one step)"""
+    mpc_lr: float = 0.003
+    """SGD learning rate of the MPC (App. B.8)"""
+    expl_noise: float = 0.3
+    """std of the additive Gaussian exploration noise on the executed action (clipped to [-1, 1])"""
+    adam_eps: float = 1e-5
+    """Adam epsilon"""
+    grad_clip: float = 100.0
+    """gradient-norm clip of every optimiser"""
+
+
+# The tiny preset: runs end to end in well under a minute on 2 CPU cores.
+PRESETS = {
+    "tiny": dict(cnn_depth=4, deter=32, hidden=32, stoch=4, contrast_units=16, mlp_units=32,
+                 batch_size=4, batch_length=8, prefill=100, pretrain=2, horizon=5, mpc_iterations=2,
+                 total_steps=2000, eval_every=1000, eval_episodes=1, replay_capacity=100_000),
+}
+
+# Flags that may differ from the checkpoint's on --resume: they change the schedule, the logging
+# or the hardware, not the algorithm. Script-specific: replay_device (where the same data lives),
+# compile_mode (same numbers as plain compile up to float rounding).
+SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "log_every", "save_model",
+                  "checkpoint_replay", "resume", "capture_video", "device", "compile", "precision",
+                  "measure_updates", "exp_name", "compile_mode", "replay_device"}
+
+
+def preset_args(preset: str = "paper", **overrides) -> Args:
+    """Args with a preset's values as defaults; `overrides` (and CLI flags) win over them."""
+    if preset not in ("paper", *PRESETS):
+        raise ValueError(f"unknown preset {preset!r}; known: paper, {', '.join(PRESETS)}")
+    return Args(**{**PRESETS.get(preset, {}), **overrides, "preset": preset})
+
+
+def _flag_value(argv: list[str], flag: str) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def parse_args(argv=None) -> Args:
+    """Parse flags over the preset's defaults, or with --resume over the checkpoint's saved args
+    (so `--resume P` alone continues the same run); only SCHEDULE_FLAGS may then differ."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    resume = _flag_value(argv, "--resume")
+    if resume is None:
+        preset = _flag_value(argv, "--preset") or "paper"
+        default = preset_args(preset) if preset in ("paper", *PRESETS) else Args()
+        return tyro.cli(Args, args=argv, default=default)
+    if not Path(resume).is_file():
+        raise SystemExit(f"error: --resume {resume}: no such checkpoint file")
+    saved = torch.load(resume, map_location="cpu", weights_only=False)["args"]
+    names = {f.name for f in dataclasses.fields(Args)}
+    args = tyro.cli(Args, args=argv, default=Args(**{k: v for k, v in saved.items() if k in names}))
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint {saved[k]})"
+               for k in sorted(names - SCHEDULE_FLAGS) if k in saved and getattr(args, k) != saved[k]]
+    if changed:
+        raise SystemExit("error: --resume: these flags differ from the checkpoint's and change the "
+                         f"algorithm: {', '.join(changed)}; drop them or start a new run")
+    return args
+
+
+STREAMS = {"train": 0, "eval": 1}
+
+
+def episode_seed(seed: int, stream: str, index: int) -> int:
+    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
+    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+
+
+def mlp(inp: int, out: int, units: int, layers: int) -> nn.Sequential:
+    """`layers` hidden ELU layers of `units`, then a linear output (Dreamer-v1's dense heads)."""
+    mods, d = [], inp
+    for _ in range(layers):
+        mods += [nn.Linear(d, units), nn.ELU()]
+        d = units
+    mods.append(nn.Linear(d, out))
+    return nn.Sequential(*mods)
+
+
+class Encoder(nn.Module):
+    """App. B.3: 4 convs, kernel 4, stride 2, ReLU, 32/64/128/256 channels:
+    (…, 3, 64, 64) -> (…, 1024)."""
+
+    def __init__(self, depth: int):
+        super().__init__()
+        chans = [3, depth, 2 * depth, 4 * depth, 8 * depth]
+        self.net = nn.Sequential(*[m for i in range(4) for m in
+                                   (nn.Conv2d(chans[i], chans[i + 1], 4, 2), nn.ReLU())])
+        self.out_dim = 8 * depth * 2 * 2
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.reshape(-1, *obs.shape[-3:]).float() / 255.0 - 0.5
+        return self.net(x).reshape(*obs.shape[:-3], -1)
+
+
+class Decoder(nn.Module):
+    """Dreamer-v1's transposed-conv decoder (ReLU), only for `--objective generative`."""
+
+    def __init__(self, feat_dim: int, depth: int):
+        super().__init__()
+        self.depth = depth
+        self.linear = nn.Linear(feat_dim, 32 * depth)
+        chans, kernels = [32 * depth, 4 * depth, 2 * depth, depth, 3], [5, 5, 6, 6]
+        layers = []
+        for i, k in enumerate(kernels):
+            layers.append(nn.ConvTranspose2d(chans[i], chans[i + 1], k, 2))
+            if i < 3:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        x = self.linear(feat).reshape(-1, 32 * self.depth, 1, 1)
+        return self.net(x).reshape(*feat.shape[:-1], 3, 64, 64)
+
+
+class RSSM(nn.Module):
+    """Recurrent state-space model with diagonal Gaussian stochastic states (Sec. 3.1, App. B.4).
+
+    A state is a dict: deter h (…, deter), stoch s sample (…, stoch), mean and std (…, stoch) of the
+    distribution the sample came from. The posterior's first layer W [h, e] + b is split into
+    W_h h (inside the time loop) and W_e e + b (for all steps at once, `embed_proj`).
+    """
+
+    def __init__(self, embed_dim: int, action_dim: int, deter: int, hidden: int, stoch: int):
+        super().__init__()
+        self.deter, self.stoch = deter, stoch
+        self.img_in = nn.Sequential(nn.Linear(stoch + action_dim, hidden), nn.ELU())
+        self.cell = nn.GRUCell(hidden, deter)
+        self.img_out = nn.Sequential(nn.Linear(deter, hidden), nn.ELU(),
+                                     nn.Linear(hidden, 2 * stoch))  # prior p(s_t | h_t)
+        self.obs_deter = nn.Linear(deter, hidden, bias=False)  # posterior q(s_t | h_t, o_t): W_h h
+        self.obs_embed = nn.Linear(embed_dim, hidden)  # W_e e + b
+        self.obs_out = nn.Linear(hidden, 2 * stoch)
+
+    @property
+    def feat_dim(self) -> int:
+        return self.deter + self.stoch
+
+    def initial(self, batch: int, device) -> dict:
+        zeros = torch.zeros(batch, self.stoch, device=device)
+        return dict(deter=torch.zeros(batch, self.deter, device=device), stoch=zeros, mean=zeros,
+                    std=torch.ones_like(zeros))
+
+    def _gaussian(self, out: torch.Tensor, deter: torch.Tensor, noise=None) -> dict:
+        """Dreamer-v1: std = softplus(x) + 0.1; reparameterised sample (noise ~ N(0, I) if given)."""
+        mean, std = out.float().chunk(2, -1)
+        std = F.softplus(std) + 0.1
+        noise = torch.randn_like(mean) if noise is None else noise
+        return dict(deter=deter, stoch=mean + std * noise, mean=mean, std=std)
+
+    def img_step(self, state: dict, action: torch.Tensor, noise=None) -> dict:
+        """Prior step: h_t = GRU(h_{t-1}, [s_{t-1}, a_{t-1}]), s_t ~ p(s_t | h_t)."""
+        deter = self._deter_step(state, action)
+        return self._gaussian(self.img_out(deter), deter, noise)
+
+    def _deter_step(self, state: dict, action: torch.Tensor) -> torch.Tensor:
+        x = self.img_in(torch.cat([state["stoch"], action], -1).to(state["deter"].dtype))
+        return self.cell(x, state["deter"]).float()
+
+    def _posterior(self, deter, embed_proj, noise=None) -> dict:
+        return self._gaussian(self.obs_out(F.elu(self.obs_deter(deter) + embed_proj)), deter, noise)
+
+    def obs_step(self, state: dict, action: torch.Tensor, embed: torch.Tensor, noise=None):
+        """One filtering step (acting): prior step, then s_t ~ q(s_t | h_t, e_t)."""
+        prior = self.img_step(state, action)
+        return self._posterior(prior["deter"], self.obs_embed(embed), noise), prior
+
+    def observe(self, embed: torch.Tensor, action: torch.Tensor, noise=None):
+        """Filter sequences from the zero state. embed (T, B, E); action (T, B, A) is a_{t-1}, the
+        action that led to observation t; noise (T, B, stoch) optional. Only the GRU and W_h h stay
+        in the loop; the prior head runs once on all h_t afterwards. Returns posteriors and prior
+        statistics as dicts of (T, B, ...)."""
+        embed_proj = self.obs_embed(embed)  # (T, B, hidden), all steps at once
+        state = self.initial(embed.shape[1], embed.device)
+        posts = []
+        for t in range(embed.shape[0]):
+            deter = self._deter_step(state, action[t])
+            state = self._posterior(deter, embed_proj[t], None if noise is None else noise[t])
+            posts.append(state)
+        post = {k: torch.stack([s[k] for s in posts]) for k in posts[0]}
+        mean, std = self.img_out(post["deter"]).float().chunk(2, -1)  # prior p(s_t | h_t)
+        return post, dict(mean=mean, std=F.softplus(std) + 0.1)
+
+    @staticmethod
+    def feat(state: dict) -> torch.Tensor:
+        """Model state [s_t, h_t] fed to every head: (…, stoch + deter)."""
+        return torch.cat([state["stoch"], state["deter"]], -1)
+
+
+class ContrastiveHead(nn.Module):
+    """App. B.5: log f(s, o) = z_o^T W s' with z_o = ELU(Linear_200(e_o)), s' = ELU(Linear_200([s, h])),
+    W 200 x 200. The authors' code uses two ELU layers per side (the observation side 400 then 200
+    units) and a plain dot product z^T s' without W; the paper's bilinear form is used here."""
+
+    def __init__(self, embed_dim: int, feat_dim: int, units: int):
+        super().__init__()
+        self.obs = nn.Sequential(nn.Linear(embed_dim, units), nn.ELU())
+        self.state = nn.Sequential(nn.Linear(feat_dim, units), nn.ELU())
+        self.W = nn.Parameter(torch.empty(units, units))
+        nn.init.xavier_uniform_(self.W)
+
+    def forward(self, feat: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        """Score matrix (N, N) in fp32: row i = state i, column j = observation j."""
+        s, z = self.state(feat.flatten(0, -2)), self.obs(embed.flatten(0, -2))
+        with torch.autocast(feat.device.type, enabled=False):
+            return (s.float() @ self.W.float().T) @ z.float().T  # s'_i^T W^T z_j = z_j^T W s'_i
+
+
+class TanhNormal:
+    """Dreamer-v1's actor distribution: a = tanh(u), u ~ N(mean, std). Log-probs in fp32 via the
+    change of variables ln|d tanh(u)/du| = 2 (ln 2 - u - softplus(-2u))."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        self.mean, self.std = mean, std
+
+    def rsample_with_log_prob(self):
+        u = self.mean + self.std * torch.randn_like(self.mean)
+        log_prob = (-0.5 * ((u - self.mean) / self.std) ** 2 - self.std.log()
+                    - 0.5 * math.log(2 * math.pi) - 2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+        return torch.tanh(u), log_prob
+
+    def rsample(self) -> torch.Tensor:
+        return torch.tanh(self.mean + self.std * torch.randn_like(self.mean))
+
+    def mode(self) -> torch.Tensor:
+        # Dreamer-v1 takes the most likely of 100 samples; tanh of the Gaussian's mode is the
+        # deterministic choice here (no sampling at evaluation).
+        return torch.tanh(self.mean)
+
+
+class Actor(nn.Module):
+    """App. B.6: 4 ELU layers of 400 on [s, h]; mean 5 tanh(x / 5), std softplus(x + c) + 1e-4 with
+    c such that the initial std is 5 (Dreamer-v1's tanh_normal)."""
+
+    def __init__(self, feat_dim: int, action_dim: int, units: int):
+        super().__init__()
+        self.net = mlp(feat_dim, 2 * action_dim, units, 4)
+        self.raw_init_std = math.log(math.exp(5.0) - 1)
+
+    def forward(self, feat: torch.Tensor) -> TanhNormal:
+        mean, std = self.net(feat).float().chunk(2, -1)
+        return TanhNormal(5 * torch.tanh(mean / 5), F.softplus(std + self.raw_init_std) + 1e-4)
+
+
+class QNetworks(nn.Module):
+    """App. B.6: two Q-networks, 3 ELU layers of 400 on [s, h, a]."""
+
+    def __init__(self, feat_dim: int, action_dim: int, units: int):
+        super().__init__()
+        self.q1 = mlp(feat_dim + action_dim, 1, units, 3)
+        self.q2 = mlp(feat_dim + action_dim, 1, units, 3)
+
+    def forward(self, feat: torch.Tensor, action: torch.Tensor):
+        x = torch.cat([feat, action.to(feat.dtype)], -1)
+        return self.q1(x).squeeze(-1).float(), self.q2(x).squeeze(-1).float()
+
+
+class WorldModel(nn.Module):
+    """Encoder, RSSM, reward model p(r_t | s_t, h_t) (2 ELU layers of 400, as the authors' code), and
+    the observation model: the contrastive head (CELBO) or the pixel decoder (generative ELBO)."""
+
+    def __init__(self, args: Args, action_dim: int):
+        super().__init__()
+        self.encoder = Encoder(args.cnn_depth)
+        self.rssm = RSSM(self.encoder.out_dim, action_dim, args.deter, args.hidden, args.stoch)
+        feat = self.rssm.feat_dim
+        self.reward = mlp(feat, 1, args.mlp_units, 2)
+        if args.objective == "contrastive":
+            self.contrastive = ContrastiveHead(self.encoder.out_dim, feat, args.contrast_units)
+        else:
+            self.decoder = Decoder(feat, args.cnn_depth)
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay buffer
+# ---------------------------------------------------------------------------------------------
+
+
+class Replay:
+    """Whole episodes in a flat ring of uint8 images; uniform sampling of in-episode sequences.
+
+    Slot t of an episode holds obs_t, the action a_{t-1} that led to it (zeros at t = 0), the
+    reward r_t received on arriving there (0 at t = 0) and cont_t = 0 if the episode terminated
+    there. A sequence never crosses an episode boundary, so the RSSM starts each one from zeros.
+    The arrays are torch tensors on `device` (the GPU for CUDA training: sampling is one gather
+    there); start indices are drawn with numpy on the host and sent as one small tensor.
+    """
+
+    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device=torch.device("cpu")):
+        self.capacity, self.device = capacity, torch.device(device)
+        if self.device.type == "cpu":  # numpy zeros: pages are allocated as they fill
+            zeros = lambda shape, dt: torch.from_numpy(np.zeros(shape, dt))  # noqa: E731
+            self.obs = zeros((capacity, *obs_shape), np.uint8)
+            self.action, self.reward = zeros((capacity, action_dim), np.float32), zeros(capacity, np.float32)
+        else:
+            self.obs = torch.zeros((capacity, *obs_shape), dtype=torch.uint8, device=self.device)
+            self.action = torch.zeros((capacity, action_dim), device=self.device)
+            self.reward = torch.zeros(capacity, device=self.device)
+        self.cont = torch.ones(capacity, device=self.device)
+        self.episode = np.full(capacity, -1, np.int64)  # episode id per slot (host), -1 = empty
+        self.pos = self.size = self.episodes = 0
+        self.rng = np.random.default_rng(seed)
+        self._starts_length, self._starts = None, np.zeros(0, np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() for a in (self.obs, self.action, self.reward, self.cont))
+
+    def add_episode(self, obs, action, reward, cont):
+        n = len(obs)
+        if n > self.capacity:
+            raise ValueError(f"episode of {n} steps does not fit a replay of {self.capacity}")
+        idx = (self.pos + np.arange(n)) % self.capacity
+        t = torch.from_numpy(idx).to(self.device)
+        for key, value, dtype in (("obs", obs, np.uint8), ("action", action, np.float32),
+                                  ("reward", reward, np.float32), ("cont", cont, np.float32)):
+            getattr(self, key)[t] = torch.from_numpy(np.asarray(value, dtype)).to(self.device)
+        self.episode[idx] = self.episodes
+        self.episodes += 1
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+        self._starts_length = None
+
+    def valid_starts(self, length: int) -> np.ndarray:
+        """Slots i such that i .. i+length-1 lie in one stored episode."""
+        if self._starts_length != length:
+            last = np.roll(self.episode, -(length - 1))
+            ok = (self.episode >= 0) & (self.episode == last)
+            ok &= (np.arange(self.capacity) + length - 1 < self.capacity) | (self.size == self.capacity)
+            self._starts, self._starts_length = np.flatnonzero(ok), length
+        return self._starts
+
+    def can_sample(self, length: int) -> bool:
+        return len(self.valid_starts(length)) > 0
+
+    def sample(self, batch: int, length: int, device) -> dict:
+        """Device tensors, time-major: obs (T, B, 3, H, W) uint8, action (T, B, A), reward, cont."""
+        starts = self.rng.choice(self.valid_starts(length), size=batch)
+        idx = torch.from_numpy((starts[None, :] + np.arange(length)[:, None]) % self.capacity)
+        idx = idx.to(self.device)
+        return {k: getattr(self, k)[idx].to(device, non_blocking=True)
+                for k in ("obs", "action", "reward", "cont")}
+
+    def state_dict(self) -> dict:
+        n = self.size
+        return dict({k: getattr(self, k)[:n].cpu().numpy() for k in ("obs", "action", "reward", "cont")},
+                    episode=self.episode[:n].copy(), pos=self.pos, size=n, episodes=self.episodes,
+                    rng=self.rng.bit_generator.state)
+
+    def load_state_dict(self, state: dict):
+        n = state["size"]
+        for key in ("obs", "action", "reward", "cont"):
+            getattr(self, key)[:n] = torch.from_numpy(state[key]).to(self.device)
+        self.episode[:n] = state["episode"]
+        self.pos, self.size, self.episodes = state["pos"], n, state["episodes"]
+        self.rng.bit_generator.state = state["rng"]
+        self._starts_length = None
+
+
+# ---------------------------------------------------------------------------------------------
+# World-model objective: CELBO (Eq. 6)
+# ---------------------------------------------------------------------------------------------
+
+
+def infonce(scores: torch.Tensor) -> torch.Tensor:
+    """Eq. 5 per pair: log f(s_i, o_i) - log sum_j f(s_i, o_j) for scores[i, j] = log f(s_i, o_j),
+    the positive on the diagonal and every other observation of the batch a negative (App. B.1).
+    Each term is <= 0; log N + its mean is the InfoNCE lower bound on I(s, o), <= log N."""
+    scores = scores.float()
+    return scores.diagonal() - torch.logsumexp(scores, 1)
+
+
+def gaussian_kl(post: dict, prior: dict) -> torch.Tensor:
+    """KL[q(s_t | h_t, o_t) || p(s_t | h_t)] summed over the state, in fp32: (T, B)."""
+    q = td.Independent(td.Normal(post["mean"].float(), post["std"].float()), 1)
+    p = td.Independent(td.Normal(prior["mean"].float(), prior["std"].float()), 1)
+    return td.kl_divergence(q, p)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """ln N(x; mean, 1), written out (no Python-scalar scale tensor: no host copy on CUDA)."""
+    return -0.5 * (x.float() - mean.float()) ** 2 - 0.5 * math.log(2 * math.pi)
+
+
+def celbo_loss(wm: WorldModel, batch: dict, args: Args):
+    """Eq. 6, negated: -(InfoNCE + ln p(r_t | s_t) - max(KL, free nats)), each a mean over (t, b)
+    as in the authors' code. With `--objective generative`, ln p(o_t | s_t) (Eq. 2) replaces
+    InfoNCE. Returns (loss, posterior states (T, B, ...), metrics)."""
+    embed = wm.encoder(batch["obs"])  # (T, B, E)
+    post, prior = wm.rssm.observe(embed, batch["action"])
+    feat = RSSM.feat(post)  # (T, B, F)
+    metrics = {}
+    if args.objective == "contrastive":
+        scores = wm.contrastive(feat, embed)  # (T*B, T*B)
+        observation_term = infonce(scores).mean()
+        metrics["infonce_bound"] = math.log(scores.shape[0]) + observation_term.detach()
+        metrics["contrastive_accuracy"] = (scores.argmax(1) == torch.arange(
+            scores.shape[0], device=scores.device)).float().mean()
+    else:
+        target = batch["obs"].float() / 255.0 - 0.5
+        observation_term = gaussian_log_prob(target, wm.decoder(feat)).sum((-3, -2, -1)).mean()
+    reward_term = gaussian_log_prob(batch["reward"], wm.reward(feat).squeeze(-1)).mean()
+    kl = gaussian_kl(post, prior).mean()
+    loss = -observation_term - reward_term + args.kl_scale * kl.clamp_min(args.free_nats)
+    metrics.update(observation_loss=-observation_term.detach(), reward_loss=-reward_term.detach(),
+                   kl=kl.detach(), model_loss=loss.detach())
+    return loss, post, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Behaviour: imagination, V_lambda, hybrid actor-critic, latent-guided MPC
+# ---------------------------------------------------------------------------------------------
+
+
+def lambda_return(reward: torch.Tensor, value: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """App. A.2, recursively: V_tau = r_{tau+1} + gamma ((1 - lam) v(s_{tau+1}) + lam V_{tau+1}),
+    V_H = v(s_H). reward, value (H, N) of the states s_1..s_H reached; returns V_0..V_{H-1}."""
+    last, returns = value[-1], []
+    for t in reversed(range(reward.shape[0])):
+        nxt = value[t] if t == reward.shape[0] - 1 else (1 - lam) * value[t] + lam * last
+        last = reward[t] + gamma * nxt
+        returns.append(last)
+    return torch.stack(returns[::-1])
+
+
+def imagine(wm: WorldModel, actor: Actor, start: dict, horizon: int):
+    """App. A.1: s~_tau ~ p(s~_tau | s~_{tau-1}, a~_{tau-1}), a~_tau ~ q(a~ | s~_tau). feats (H+1, N, F)
+    including the start, actions (H, N, A). The actor sees detached states (Dreamer); gradients
+    flow through the dynamics into the actions."""
+    state, feats, actions = start, [RSSM.feat(start)], []
+    for _ in range(horizon):
+        action = actor(feats[-1].detach()).rsample()
+        state = wm.rssm.img_step(state, action)
+        feats.append(RSSM.feat(state))
+        actions.append(action)
+    return torch.stack(feats), torch.stack(actions)
+
+
+def dreamer_actor_loss(wm: WorldModel, actor: Actor, value: nn.Module, post: dict, args: Args):
+    """Eq. 7, actor part, on imagined rollouts from every posterior state: -V_lambda weighted by the
+    discount so far (Dreamer-v1). Returns the loss, the imagined states and V_lambda (detached, for
+    the critic), metrics."""
+    start = {k: v.detach().flatten(0, 1) for k, v in post.items()}  # (T*B, ...)
+    feats, _ = imagine(wm, actor, start, args.horizon)  # (H+1, N, F)
+    reward = wm.reward(feats[1:]).squeeze(-1).float()  # (H, N)
+    returns = lambda_return(reward, value(feats[1:]).squeeze(-1).float(), args.gamma, args.return_lambda)
+    loss = -(discount_weights(args, reward) * returns).mean()
+    metrics = dict(dreamer_actor_loss=loss.detach(), imagined_reward=reward.mean().detach(),
+                   lambda_return=returns.mean().detach())
+    return loss, feats[:-1].detach(), returns.detach(), metrics
+
+
+def discount_weights(args: Args, like: torch.Tensor) -> torch.Tensor:
+    """gamma^tau, (H, 1): imagined steps further ahead count less (Dreamer-v1)."""
+    return (args.gamma ** torch.arange(args.horizon, device=like.device, dtype=torch.float32))[:, None]
+
+
+def value_loss_fn(value: nn.Module, feats: torch.Tensor, returns: torch.Tensor, args: Args):
+    """Eq. 7, critic part: 1/2 (v(s_tau) - sg(V_lambda(s_tau)))^2, discount-weighted."""
+    v = value(feats).squeeze(-1).float()
+    return (discount_weights(args, v) * 0.5 * (v - returns) ** 2).mean()
+
+
+def sac_q_loss(actor: Actor, q: QNetworks, target_q: QNetworks, log_temperature: torch.Tensor,
+               feat: torch.Tensor, batch: dict, args: Args):
+    """SAC [33] critic on the real posterior trajectory of the batch (Sec. 3.3): transitions
+    (s_t, a_t, r_{t+1}, s_{t+1}); slot t+1 of the batch holds a_t and r_{t+1}. States are detached:
+    SAC trains the actor, the Q-nets and the temperature, not the world model."""
+    feat = feat.detach()
+    s, s_next = feat[:-1], feat[1:]
+    action, reward, cont = batch["action"][1:], batch["reward"][1:], batch["cont"][1:]
+    with torch.no_grad():
+        next_action, next_log_prob = actor(s_next).rsample_with_log_prob()
+        target = torch.min(*target_q(s_next, next_action)) - log_temperature.exp() * next_log_prob
+        y = reward.float() + args.gamma * cont.float() * target
+    q1, q2 = q(s, action)
+    loss = 0.5 * ((q1 - y) ** 2 + (q2 - y) ** 2).mean()
+    return loss, dict(q_loss=loss.detach(), q=q1.mean().detach())
+
+
+def sac_actor_loss(actor: Actor, q: QNetworks, log_temperature: torch.Tensor, feat: torch.Tensor):
+    """SAC's policy loss on the real states: temperature ln pi(a|s) - min_i Q_i(s, a), a ~ pi.
+    Returns the loss and ln pi (detached, for the temperature loss)."""
+    action, log_prob = actor(feat[:-1].detach()).rsample_with_log_prob()
+    loss = (log_temperature.exp().detach() * log_prob - torch.min(*q(feat[:-1].detach(), action))).mean()
+    return loss, log_prob.detach()
+
+
+def plan_value(wm: WorldModel, value: nn.Module, start: dict, actions: torch.Tensor, noise: torch.Tensor,
+               gamma: float, lam: float) -> torch.Tensor:
+    """V_lambda(s_t) of an action sequence (H, N, A) from start states, with fixed state noise
+    (H, N, stoch) so that the objective is a deterministic function of the actions: (N,)."""
+    state, feats = start, []
+    for t in range(actions.shape[0]):
+        state = wm.rssm.img_step(state, actions[t], noise[t])
+        feats.append(RSSM.feat(state))
+    feats = torch.stack(feats)
+    reward = wm.reward(feats).squeeze(-1).float()
+    return lambda_return(reward, value(feats).squeeze(-1).float(), gamma, lam)[0]
+
+
+def actor_plan(wm: WorldModel, actor: Actor, start: dict, noise: torch.Tensor, explore: bool):
+    """The actor's plan: roll the prior under the actor (samples, or modes at evaluation)."""
+    state, actions = start, []
+    for t in range(noise.shape[0]):
+        dist = actor(RSSM.feat(state))
+        actions.append(dist.rsample() if explore else dist.mode())
+        state = wm.rssm.img_step(state, actions[-1], noise[t])
+    return torch.stack(actions)  # (H, N, A)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent: one update, acting
+# ---------------------------------------------------------------------------------------------
+
+LOSS_NAMES = ("model_loss", "actor_loss", "value_loss", "q_loss", "temperature_loss")
+
+
+def fused_adam(params, lr: float, eps: float) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
+
+
+class Agent:
+    def __init__(self, args: Args, action_dim: int, device: torch.device):
+        self.args, self.device, self.action_dim = args, device, action_dim
+        self.wm = WorldModel(args, action_dim).to(device)
+        feat = self.wm.rssm.feat_dim
+        self.actor = Actor(feat, action_dim, args.mlp_units).to(device)
+        self.value = mlp(feat, 1, args.mlp_units, 3).to(device)
+        self.q = QNetworks(feat, action_dim, args.mlp_units).to(device)
+        self.target_q = QNetworks(feat, action_dim, args.mlp_units).to(device)
+        self.target_q.load_state_dict(self.q.state_dict())
+        self.target_q.requires_grad_(False)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(args.init_temperature), device=device))
+        self.target_entropy = -float(action_dim)
+        # App. B.7: separate optimisers for the model, the value, the actor and SAC's Q-nets.
+        self.model_opt = fused_adam(self.wm.parameters(), args.model_lr, args.adam_eps)
+        self.value_opt = fused_adam(self.value.parameters(), args.value_lr, args.adam_eps)
+        self.actor_opt = fused_adam(self.actor.parameters(), args.actor_lr, args.adam_eps)
+        self.q_opt = fused_adam(self.q.parameters(), args.q_lr, args.adam_eps)
+        self.temperature_opt = fused_adam([self.log_temperature], args.temperature_lr, args.adam_eps)
+        self.updates = 0
+        self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+        self._model_loss, self._dreamer_actor_loss = celbo_loss, dreamer_actor_loss
+        self._value_loss = value_loss_fn
+        self._sac_q_loss, self._sac_actor_loss, self._plan_value = sac_q_loss, sac_actor_loss, plan_value
+        if args.compile:
+            mode = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(
+                args.compile_mode, args.compile_mode)
+            compile_fn = lambda fn: torch.compile(fn, dynamic=False, mode=mode)  # noqa: E731
+            for name in ("_model_loss", "_dreamer_actor_loss", "_value_loss", "_sac_q_loss",
+                         "_sac_actor_loss", "_plan_value"):
+                setattr(self, name, compile_fn(getattr(self, name)))
+
+    def update(self, batch: dict) -> dict:
+        """One update. As in the authors' code, every loss is computed with the parameters from
+        before the update (the behaviour gradients are taken before the model step); then each
+        optimiser steps its own parameters. A non-finite loss or gradient norm anywhere skips every
+        step of this update (fused Adam's found_inf) and the Polyak step of the target Q-nets."""
+        args = self.args
+        with self.autocast:
+            model_loss, post, metrics = self._model_loss(self.wm, batch, args)
+            actor_loss, feats, returns, m = self._dreamer_actor_loss(self.wm, self.actor, self.value,
+                                                                     post, args)
+            value_loss = self._value_loss(self.value, feats, returns, args)
+            metrics.update(m)
+            q_loss = temperature_loss = torch.zeros((), device=self.device)
+            if args.sac:
+                q_loss, m = self._sac_q_loss(self.actor, self.q, self.target_q, self.log_temperature,
+                                             RSSM.feat(post), batch, args)
+                pi_loss, log_prob = self._sac_actor_loss(self.actor, self.q, self.log_temperature,
+                                                         RSSM.feat(post))
+                temperature_loss = -(self.log_temperature * (log_prob + self.target_entropy)).mean()
+                metrics.update(m, sac_actor_loss=pi_loss.detach(), sac_entropy=-log_prob.mean(),
+                               temperature=self.log_temperature.exp().detach())
+                if args.sac_updates_actor:  # Sec. 3.3: L_CVRL = L_Dreamer + alpha L_SAC
+                    actor_loss = actor_loss + args.sac_weight * pi_loss
+                # else the authors' code: SAC's actor and temperature losses are computed, never applied
+        groups = [(self.model_opt, model_loss, list(self.wm.parameters())),
+                  (self.actor_opt, actor_loss, list(self.actor.parameters())),
+                  (self.value_opt, value_loss, list(self.value.parameters()))]
+        if args.sac:
+            groups.append((self.q_opt, q_loss, list(self.q.parameters())))
+            if args.sac_updates_actor:
+                groups.append((self.temperature_opt, temperature_loss, [self.log_temperature]))
+        for opt, loss, params in groups:
+            opt.zero_grad(set_to_none=True)
+            # Each loss updates only its own parameters: the actor's gradient flows through the
+            # world model and the value into the actions, but they are not updated by it. Every
+            # loss has its own graph (compiled functions included), so each is backwarded once.
+            loss.backward(inputs=params)
+        norms = torch.stack([nn.utils.clip_grad_norm_(params, args.grad_clip, foreach=True)
+                             for _, _, params in groups]).float()
+        # One flag per name of LOSS_NAMES: its loss or its optimiser's gradient norm is not finite
+        # (the optimisers' groups are a prefix of LOSS_NAMES).
+        losses = torch.stack([model_loss, actor_loss, value_loss, q_loss, temperature_loss]).detach().float()
+        pad = torch.zeros(len(LOSS_NAMES) - len(groups), device=self.device)
+        nonfinite = ~torch.isfinite(losses) | ~torch.isfinite(torch.cat([norms, pad]))
+        found_inf = nonfinite.any().float()
+        for opt, _, _ in groups:
+            opt.found_inf = found_inf  # 0-dim device tensor: the fused kernel skips the step if 1
+            opt.step()
+        if args.sac:  # Polyak averaging of the target Q-nets, skipped with the update
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.target_q.parameters()), list(self.q.parameters()),
+                                     args.tau * (1 - found_inf))
+        metrics.update(actor_loss=actor_loss.detach(), value_loss=value_loss.detach(),
+                       model_grad_norm=norms[0], actor_grad_norm=norms[1], value_grad_norm=norms[2])
+        self.nonfinite = nonfinite
+        self.updates += 1
+        return metrics
+
+    def plan(self, latent: dict, explore: bool) -> torch.Tensor:
+        """Latent-guided MPC (Sec. 3.4, App. A.3, B.8): the actor's plan, refined by
+        `optimise_plan`; returns the first action (N, A). The imagined state noise is drawn once
+        per call, so every iteration ascends the same objective."""
+        start = {k: v.detach() for k, v in latent.items()}
+        noise = torch.randn(self.args.horizon, *start["stoch"].shape, device=self.device)
+        with torch.no_grad(), self.autocast:
+            actions = actor_plan(self.wm, self.actor, start, noise, explore).float()
+        return self.optimise_plan(start, actions, noise)[0]
+
+    def optimise_plan(self, start: dict, actions: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """App. A.3: a~ <- a~ + lr grad_a~ V_lambda(s_t) for the whole sequence (H, N, A), plain SGD
+        (lr 0.003, App. B.8), `mpc_iterations` times, kept in the action box [-1, 1]. The authors'
+        code takes a single step from a freshly sampled actor plan."""
+        args = self.args
+        for _ in range(args.mpc_iterations):
+            actions = actions.detach().requires_grad_(True)
+            with torch.enable_grad(), self.autocast:
+                v = self._plan_value(self.wm, self.value, start, actions, noise, args.gamma,
+                                     args.return_lambda).sum()
+                (grad,) = torch.autograd.grad(v, actions)
+            actions = (actions + args.mpc_lr * grad).clamp(-1, 1)
+        return actions.detach()
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, state, explore: bool, mpc: Optional[bool] = None):
+        """One filtering step and an action; state = (posterior, previous action) or None."""
+        mpc = self.args.mpc if mpc is None else mpc
+        if state is None:
+            latent = self.wm.rssm.initial(1, self.device)
+            prev = torch.zeros(1, self.action_dim, device=self.device)
+        else:
+            latent, prev = state
+        obs_t = torch.as_tensor(obs, device=self.device)[None]
+        with self.autocast:
+            latent, _ = self.wm.rssm.obs_step(latent, prev, self.wm.encoder(obs_t))
+            if not mpc:
+                dist = self.actor(RSSM.feat(latent))
+                action = dist.rsample() if explore else dist.mode()
+        if mpc:
+            action = self.plan(latent, explore)
+        action = action.float()
+        if explore:  # additive Gaussian exploration (Dreamer-v1, amount 0.3)
+            action = (action + self.args.expl_noise * torch.randn_like(action)).clamp(-1, 1)
+        return action[0].cpu().numpy(), (latent, action)
+
+    def num_parameters(self) -> int:
+        """Trained parameters: world model, actor, value, Q-nets (not the targets)."""
+        mods = (self.wm, self.actor, self.value) + ((self.q,) if self.args.sac else ())
+        return sum(p.numel() for m in mods for p in m.parameters())
+
+    def modules(self) -> dict:
+        return dict(wm=self.wm, actor=self.actor, value=self.value, q=self.q, target_q=self.target_q,
+                    model_opt=self.model_opt, value_opt=self.value_opt, actor_opt=self.actor_opt,
+                    q_opt=self.q_opt, temperature_opt=self.temperature_opt)
+
+    def state_dict(self) -> dict:
+        state = {k: m.state_dict() for k, m in self.modules().items()}
+        return dict(state, log_temperature=self.log_temperature.detach().cpu(), updates=self.updates)
+
+    def load_state_dict(self, state: dict):
+        for key, module in self.modules().items():
+            module.load_state_dict(state[key])
+        with torch.no_grad():
+            self.log_temperature.copy_(state["log_temperature"])
+        self.updates = state["updates"]
+
+
+def evaluate(agent: Agent, env, seeds: list[int], record: bool = False, stop=lambda: False):
+    """Mean return of one episode per seed with mode actions (MPC as configured), frames of the
+    first if `record`; None if `stop()` turned true (an interrupted evaluation is not logged)."""
+    returns, frames = [], []
+    for ep, seed in enumerate(seeds):
+        obs, _ = env.reset(seed=seed)
+        state, total, done = None, 0.0, False
+        while not done:
+            if stop():
+                return None, frames
+            if record and ep == 0:
+                frames.append(obs.transpose(1, 2, 0))
+            action, state = agent.act(obs, state, explore=False)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += reward
+            done = terminated or truncated
+        returns.append(total)
+    return float(np.mean(returns)), frames
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging and checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """TensorBoard plus metrics.jsonl (one json object per log event). On resume, records after the
+    checkpoint are dropped and TensorBoard purges the steps after it."""
+
+    def __init__(self, run_dir: Path, args: Args, resume_step: Optional[int] = None):
+        path = run_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in keep))
+        self.writer = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
+        if resume_step is None:
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                f"|{k}|{v}|" for k, v in vars(args).items()))
+        self.jsonl = open(path, "a")
+
+    def log(self, step: int, scalars: dict):
+        """Scalars may be device tensors: they are stacked and copied to the host once, here."""
+        keys = [k for k, v in scalars.items() if torch.is_tensor(v)]
+        values = dict(scalars)
+        if keys:
+            host = torch.stack([scalars[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
+            values.update(zip(keys, host))
+        record = {"step": step, "time": time.time()}
+        for key, value in values.items():
+            self.writer.add_scalar(key, float(value), step)
+            record[key] = float(value)
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+    def close(self):
+        self.writer.close()
+        self.jsonl.close()
+
+
+def save_video(frames: list, path: Path, fps: int = 30):
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        out.mux(stream.encode())
+
+
+def save_checkpoint(path: Path, agent: Agent, replay: Replay | None, counters: dict, args: Args):
+    """Atomic: write to a temporary file, flush and fsync it, then rename over the old checkpoint."""
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = dict(agent=agent.state_dict(), counters=dict(counters), args=vars(args),
+                 replay=replay.state_dict() if replay is not None else None, rng=rng)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name}: not a device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}: CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA devices here")
+    return device
+
+
+def setup_torch(args: Args, device: torch.device):
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
+
+
+def make_env(args: Args, split: str, seed: int):
+    try:  # bad input (env id, distraction, video folder) ends here with a message, not a traceback
+        env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=seed,
+                        image_size=64, action_repeat=args.action_repeat, split=split,
+                        video_dir=args.video_dir)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    if hasattr(env.action_space, "n"):
+        env.close()
+        raise SystemExit(f"error: {args.env} has discrete actions; CVRL's tanh-Gaussian actor and "
+                         "its MPC need a continuous (Box) action space: use dmc-*, dcs-*, natural-*, "
+                         "pybullet-boxpush or toy-*")
+    return env
+
+
+def synthetic_batch(args: Args, action_dim: int, device) -> dict:
+    T, B = args.batch_length, args.batch_size
+    return dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
+                action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
+                reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device))
+
+
+def measure_speed(args: Args, device: torch.device) -> dict:
+    """Speed benchmark. Updates: median seconds per update over `args.measure_updates` updates
+    (after 2 warm-ups) on a random batch of the configured size. Acting: 50 agent steps on
+    `args.env` (after 2 warm-ups) with exploration, with MPC as configured and without MPC
+    (policy_ms, policy_ms_no_mpc)."""
+    setup_torch(args, device)
+    env = make_env(args, "train", args.seed)
+    action_dim = env.action_space.shape[0]
+    agent = Agent(args, action_dim, device)
+    batch = synthetic_batch(args, action_dim, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times, compile_seconds = [], None
+    for i in range(args.measure_updates + 2):
+        sync()
+        start = time.perf_counter()
+        agent.update(batch)
+        sync()
+        if i == 0 and args.compile:
+            compile_seconds = time.perf_counter() - start
+            print(f"compiled in {compile_seconds:.1f} s", flush=True)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+
+    def acting(mpc: bool):
+        obs, _ = env.reset(seed=args.seed)
+        state, env_steps, policy_time = None, 0, 0.0
+        for i in range(52):
+            if i == 2:  # the first two steps are warm-up (and compilation): the clock starts here
+                start, env_steps, policy_time = time.perf_counter(), 0, 0.0
+            t = time.perf_counter()
+            action, state = agent.act(obs, state, explore=True, mpc=mpc)
+            policy_time += time.perf_counter() - t
+            obs, _, terminated, truncated, info = env.step(action)
+            env_steps += info["env_steps"]
+            if terminated or truncated:
+                (obs, _), state = env.reset(), None
+        return env_steps / (time.perf_counter() - start), 1000 * policy_time / 50
+
+    sps, policy_ms = acting(args.mpc)
+    _, policy_ms_no_mpc = acting(False)
+    env.close()
+    result = dict(seconds_per_update=float(np.median(times)), updates=len(times),
+                  parameters=agent.num_parameters(), env=args.env, env_steps_per_second=sps,
+                  policy_ms=policy_ms, policy_ms_no_mpc=policy_ms_no_mpc, mpc=args.mpc,
+                  mpc_iterations=args.mpc_iterations, device=str(device), precision=args.precision,
+                  compile=args.compile)
+    if compile_seconds is not None:
+        result["compile_seconds"] = compile_seconds
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    # peak resident memory of the process (Linux reports KiB): weights, optimisers, activations, env
+    result["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(result))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Main loop
+# ---------------------------------------------------------------------------------------------
+
+
+def format_eta(seconds: Optional[float]) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Interrupt:
+    """SIGINT/SIGTERM handler that only records the signal; the loops check `.code` after each
+    step or update. A second signal (e.g. while saving) is recorded and ignored."""
+
+    def __init__(self):
+        self.code = None
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.code is None:
+            self.code = 130 if signum == signal.SIGINT else 143
+
+
+def main(args: Args):
+    device = resolve_device(args.device)
+    if args.measure_updates > 0:
+        return measure_speed(args, device)
+    checkpoint = None
+    if args.resume:
+        if not Path(args.resume).is_file():
+            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint file")
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    setup_torch(args, device)
+
+    env = make_env(args, "train", args.seed)
+    # The evaluation env is reseeded per episode from episode_seed, so it is reproducible after a
+    # resume without storing its RNG.
+    eval_env = make_env(args, args.eval_split, args.seed + 10_000)
+    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+    interrupt = Interrupt()
+    action_dim = env.action_space.shape[0]
+    repeat = args.action_repeat or envs.default_action_repeat(args.env)
+    replay_device = device if args.replay_device == "auto" and device.type == "cuda" else (
+        torch.device("cpu") if args.replay_device in ("auto", "cpu") else resolve_device(args.replay_device))
+
+    agent = Agent(args, action_dim, device)
+    replay = Replay(max(args.replay_capacity // repeat, args.batch_length), env.observation_space.shape,
+                    action_dim, args.seed, replay_device)
+    counters = dict(env_steps=0, agent_steps=0, episodes=0, eval_rounds=0, next_eval=args.eval_every,
+                    last_eval=-1, pretrained=False)
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        if checkpoint["replay"] is not None:
+            replay.load_state_dict(checkpoint["replay"])
+        counters.update(checkpoint["counters"])
+        random.setstate(checkpoint["rng"]["python"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    logger = Logger(run_dir, args, counters["env_steps"] if checkpoint is not None else None)
+
+    params = agent.num_parameters()
+    ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
+    videos = args.video_dir or "built-in pool"
+    print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | replay "
+          f"{replay.capacity:,} agent steps, up to {replay.nbytes / 2**30:.2f} GiB on {replay_device} | "
+          f"replay ratio {ratio:.0f} replayed steps per agent step | videos: {videos}", flush=True)
+    if checkpoint is not None:
+        print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "
+              "episode was stored as truncated; a new episode starts)", flush=True)
+
+    # Progress: a line at step 0, then every log_every env steps or 30 s, also inside the pretrain
+    # burst; the ETA counts acting and updates separately once updates have started.
+    clock = dict(start=time.time(), steps=counters["env_steps"], agent_steps=counters["agent_steps"],
+                 last_line=0.0, update_time=0.0, updates=0, act_time=0.0, act_steps=0)
+    last_return = float("nan")
+
+    def progress(phase: str):
+        now = time.time()
+        clock["last_line"] = now
+        elapsed = max(now - clock["start"], 1e-9)
+        sps = (counters["env_steps"] - clock["steps"]) / elapsed
+        spu = clock["update_time"] / clock["updates"] if clock["updates"] else None
+        remaining = args.total_steps - counters["env_steps"]
+        if spu is not None and clock["act_steps"]:
+            per_step = clock["act_time"] / clock["act_steps"] + args.updates_per_step / args.train_every * spu
+            eta = remaining / repeat * per_step
+        else:
+            eta = remaining / sps if sps > 0 else None
+        spu_text = f"{spu:.2f} s/update" if spu is not None else "- s/update"
+        print(f"step {counters['env_steps']}/{args.total_steps} | {phase} | return {last_return:.1f} | "
+              f"SPS {sps:.1f} | updates {agent.updates} ({spu_text}) | ETA {format_eta(eta)}", flush=True)
+
+    pending = dict(flags=None, update=0)  # the previous update's non-finite flags (host copy)
+
+    def check_nonfinite():
+        flags = pending["flags"]
+        if flags is not None and bool(flags.any()):
+            name = LOSS_NAMES[int(np.flatnonzero(flags.numpy())[0])]
+            save_checkpoint(ckpt_path, agent, replay if args.checkpoint_replay else None, counters, args)
+            print(f"error: non-finite {name} at update {pending['update']} (env step "
+                  f"{counters['env_steps']}); checkpoint from before it: {ckpt_path}", flush=True)
+            logger.close()
+            env.close()
+            eval_env.close()
+            sys.exit(1)
+
+    def train_step():
+        check_nonfinite()  # the previous update's flags: their copy has long arrived
+        start = time.perf_counter()
+        batch = replay.sample(args.batch_size, args.batch_length, device)
+        metrics = agent.update(batch)
+        pending["flags"] = agent.nonfinite.to("cpu", non_blocking=True)
+        pending["update"] = agent.updates
+        if clock["updates"] == 0 and args.compile:
+            print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
+        else:
+            clock["update_time"] += time.perf_counter() - start
+        clock["updates"] += 1
+        return metrics
+
+    def new_episode():
+        obs, _ = env.reset(seed=episode_seed(args.seed, "train", counters["episodes"]))
+        return obs, dict(obs=[obs], action=[np.zeros(action_dim, np.float32)], reward=[0.0], cont=[1.0])
+
+    def stop(ep: dict):
+        """Interrupted: store the running episode as truncated, checkpoint, exit 130/143."""
+        if len(ep["obs"]) >= 2:
+            replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
+            counters["episodes"] += 1
+        save_checkpoint(ckpt_path, agent, replay if args.checkpoint_replay else None, counters, args)
+        print(f"interrupted at step {counters['env_steps']}; resume with: python "
+              f"{os.path.basename(__file__)} --resume {ckpt_path}", flush=True)
+        logger.close()
+        env.close()
+        eval_env.close()
+        sys.exit(interrupt.code)
+
+    def run_eval(ep: dict):
+        seeds = [episode_seed(args.seed, "eval", counters["eval_rounds"] * 10_000 + j)
+                 for j in range(args.eval_episodes)]
+        ret, frames = evaluate(agent, eval_env, seeds, args.capture_video, lambda: interrupt.code is not None)
+        if ret is None:
+            stop(ep)
+        logger.log(counters["env_steps"], {"eval/episodic_return": ret})
+        if frames:
+            save_video(frames, run_dir / "videos" / f"eval_{counters['env_steps']}.mp4")
+            strip = np.concatenate(frames[:: max(1, len(frames) // 8)][:8], axis=1)
+            logger.writer.add_image("eval/frames", strip, counters["env_steps"], dataformats="HWC")
+        print(f"eval at {counters['env_steps']}: return {ret:.1f}", flush=True)
+        counters["last_eval"] = counters["env_steps"]
+        counters["eval_rounds"] += 1
+        if args.save_model:
+            save_checkpoint(ckpt_path, agent, replay if args.checkpoint_replay else None, counters, args)
+
+    obs, ep = new_episode()
+    state, episode_return, metrics = None, 0.0, {}
+    progress("prefill" if counters["agent_steps"] < args.prefill else "train")
+    while counters["env_steps"] < args.total_steps:
+        if interrupt.code is not None:
+            stop(ep)
+        t = time.perf_counter()
+        if counters["agent_steps"] < args.prefill:
+            action = np.random.uniform(-1, 1, action_dim).astype(np.float32)
+        else:
+            action, state = agent.act(obs, state, explore=True)
+        obs, reward, terminated, truncated, info = env.step(action)
+        if counters["agent_steps"] >= args.prefill:
+            clock["act_time"] += time.perf_counter() - t
+            clock["act_steps"] += 1
+        counters["agent_steps"] += 1
+        counters["env_steps"] += info["env_steps"]
+        episode_return += reward
+        for key, value in zip(("obs", "action", "reward", "cont"), (obs, action, reward, 1.0 - terminated)):
+            ep[key].append(value)
+        if terminated or truncated:
+            replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
+            counters["episodes"] += 1
+            last_return = episode_return
+            logger.log(counters["env_steps"], {"charts/episodic_return": episode_return,
+                                               "charts/episodic_length": len(ep["reward"]) - 1})
+            obs, ep = new_episode()
+            state, episode_return = None, 0.0
+
+        # Train: once `prefill` steps are in, `pretrain` updates, then every `train_every` steps.
+        phase = "prefill"
+        if counters["agent_steps"] >= args.prefill and replay.can_sample(args.batch_length):
+            phase = "train"
+            if not counters["pretrained"]:
+                for _ in range(args.pretrain):
+                    metrics = train_step()
+                    if interrupt.code is not None:
+                        stop(ep)
+                    if time.time() - clock["last_line"] >= 30:
+                        progress("pretrain")
+                counters["pretrained"] = True
+            elif counters["agent_steps"] % args.train_every == 0:
+                for _ in range(args.updates_per_step):
+                    metrics = train_step()
+
+        before = counters["env_steps"] - info["env_steps"]
+        crossed = counters["env_steps"] // args.log_every != before // args.log_every
+        if crossed:
+            elapsed = max(time.time() - clock["start"], 1e-9)
+            logs = {f"losses/{k}": v for k, v in metrics.items()}
+            logs.update({"charts/SPS": (counters["env_steps"] - clock["steps"]) / elapsed,
+                         "charts/updates": agent.updates})
+            logger.log(counters["env_steps"], logs)
+        if crossed or time.time() - clock["last_line"] >= 30:
+            progress(phase)
+        if args.eval_every and counters["env_steps"] >= counters["next_eval"]:
+            run_eval(ep)
+            counters["next_eval"] += args.eval_every  # advanced only once the evaluation completed
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the last update's flags have arrived
+    check_nonfinite()
+    if counters["last_eval"] != counters["env_steps"]:
+        run_eval(ep)
+    env.close()
+    eval_env.close()
+    logger.close()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,1400 @@
+"""DreamingV2: Reconstruction-Free Discrete World Models with Multi-Step Contrastive Learning
+(Okada and Taniguchi, 2022; ../shared/papers/dreamingv2.txt).
+
+DreamerV2's world model with the image decoder replaced by contrastive learning. The RSSM keeps
+32 categorical variables of 32 classes (Sec. III-A) and is trained without reconstruction: from
+every posterior state z_t the auxiliary dynamics (the RSSM prior itself, Sec. III-B) predicts
+z_{t+1..t+K} open loop with the real actions, and each prediction must pick out its own future
+observation among all observations of the mini-batch. The score of a latent z against an
+observation x' is log p(z | x') under a "critic" PMF, a per-variable softmax of a linear map of the
+embedding of x' by a slowly updated momentum encoder CNN' (Sec. III-C, III-E, Fig. 2c). An
+auxiliary term (Eq. 6) contrasts the online encoder's own critic samples with the momentum PMFs;
+the paper needed it for optimisation to start at all (Sec. III-D). The actor and critic are
+DreamerV2's, trained in imagination, unchanged (Sec. III-G).
+
+Equations implemented (numbers of the DreamingV2 paper):
+- RSSM (Eq. 1): h_t = f_GRU(h_{t-1}, z_{t-1}, a_{t-1}), prior p(z_t | h_t), posterior
+  q(z_t | h_t, x_t); 32 x 32 categoricals with straight-through gradients (Sec. III-A). `RSSM`.
+- Objective (Eq. 3, 4): J_DreamingV2 = sum_{k=0..K} (J_NCE_k + J_KL_k) + J_NCE_aux, plus the
+  reward likelihood (Sec. II-A treats rewards as observations). `world_model_loss`.
+  - J_NCE_k (Eq. 3, Fig. 2a): E[log p(z_t | x_t) / sum_{x' in D} p(z_t | x')] with z_t predicted
+    k steps ahead by the auxiliary dynamics p~ (`--aux-dynamics rssm`, Sec. III-B; `linear`,
+    Dreaming's, for Table III). `multi_step_priors`, `LinearDynamics`, `contrastive_nce`.
+  - Critic (Eq. 5 as parameterised in Sec. III-C / Fig. 2c): p(z | x) = prod_i softmax(W e)_i,
+    e = CNN'(x'); logit = sum(z * log pmf). `critic_log_pmf`, `contrastive_logits`.
+  - J_KL_k (Eq. 3, overshooting): KL[q(z_{t+k} | .) || p(z_{t+k} | z_t, a_{t:t+k})], with
+    DreamerV2's KL balancing and free nats on every k. `kl_balance`.
+  - J_NCE_aux (Eq. 6, Fig. 2b): z_t ~ p(z_t | x_t) from the online CNN against the momentum PMFs.
+- Momentum encoder (Sec. III-E): theta' <- (1 - eta) theta' + eta theta, stop-gradient after CNN'.
+  `Agent.update`.
+- Random shift (Sec. III-F): pad 4 by replicating the border, random 64 x 64 crop, drawn
+  independently for the online view x and the momentum view x'. `random_shift`.
+- Behaviour (DreamerV2 Eq. 4-6, kept as-is, Sec. III-G): lambda-return, actor with dynamics
+  backpropagation (continuous) or REINFORCE (discrete) and entropy 1e-4, critic against a target
+  copied every 100 updates. `lambda_return`, `imagine`, `behaviour_losses`.
+
+Shapes are time-major throughout: replay sequences are (T, B, ...), imagined rollouts (H + 1, N, ...)
+with N = T * B start states; the k-step predictions of all start times at once are (T - k, B, ...),
+element t predicting time t + k. Contrastive score matrices are (predictions, T * B candidates),
+candidate index = time * B + sequence. Images stay uint8 (3, 64, 64) until the encoder.
+
+    python dreamingv2.py --env dmc-walker-walk
+    python dreamingv2.py --env robosuite-lift-panda --preset tiny
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch import distributions as td
+from torch.utils.tensorboard import SummaryWriter
+
+import envs
+
+# Argument validation of torch.distributions checks every sample; it costs ~20% of an update.
+td.Distribution.set_default_validate_args(False)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (part of the run name)"""
+    env: str = "dmc-walker-walk"
+    """env id: dmc-<domain>-<task>, dcs-<domain>-<task>, robosuite-<task>-<robot> (the paper's
+    manipulation setting, rendered by MuJoCo instead of iGibson), toy-reach, toy-reach-center; the
+    other families of envs.make work too (README, "Environments")"""
+    distraction: str = "none"
+    """dcs-*: none | easy | medium | hard | background; robosuite-*: none | color-lighting |
+    color-lighting-camera"""
+    dynamic: bool = True
+    """distractions move within an episode (False: static per episode)"""
+    video_dir: Optional[str] = None
+    """DAVIS 2017 or video folder for backgrounds (default: built-in offline pool)"""
+    eval_split: Literal["train", "val"] = "val"
+    """background videos used for evaluation"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic` (and turns cudnn.benchmark off)"""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."""
+    compile: bool = False
+    """torch.compile the whole world-model and behaviour losses (the first update compiles)"""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile mode (GPU: try the others only where it pays)"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocast for the networks; KL, log-probs, values and score matrices stay fp32"""
+    preset: Literal["paper", "tiny"] = "paper"
+    """'tiny': narrow nets, short sequences, small batch and prefill, 2000 steps, for smoke tests;
+    flags you set explicitly win over the preset (see PRESETS)"""
+    total_steps: int = 1_000_000
+    """environment steps to train for, counted after action repeat (simulator steps)"""
+    action_repeat: Optional[int] = None
+    """simulator steps per action (default: the per-task literature value, see envs)"""
+    eval_every: int = 10_000
+    """environment steps between evaluations (0: never, except at the end)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, deterministic (mode) actions"""
+    log_every: int = 1_000
+    """environment steps between progress lines and training-metric logs"""
+    save_model: bool = False
+    """write checkpoints (model, optimisers, counters, replay) every eval and at the end"""
+    checkpoint_replay: bool = True
+    """include the replay buffer in checkpoints so that --resume keeps the same data"""
+    resume: Optional[str] = None
+    """path of a checkpoint to continue from (its args are the defaults; same schedule)"""
+    measure_updates: int = 0
+    """if > 0: time this many updates on a synthetic batch at the configured sizes and 50 steps of
+    the acting loop on --env, print one JSON line and exit (benchmark.sh speed)"""
+    capture_video: bool = False
+    """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard"""
+
+    # Replay and schedule (DreamerV2 DMC defaults; the paper keeps them, Sec. III-G).
+    replay_capacity: int = 1_000_000
+    """replay capacity in environment steps (stored per agent step as uint8 images)"""
+    replay_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where the replay's arrays live ('auto': the training device when it is CUDA)"""
+    batch_size: int = 16
+    """sequences per mini-batch (B)"""
+    batch_length: int = 50
+    """steps per sequence (T)"""
+    prefill: int = 1000
+    """agent steps with uniform random actions before training starts"""
+    pretrain: int = 100
+    """updates made once, right after the prefill"""
+    train_every: int = 5
+    """agent steps between training rounds"""
+    updates_per_step: int = 1
+    """updates per training round"""
+
+    # World model (DreamerV2 sizes; Fig. 2c's 1536-d embedding and 1024 = 32 x 32 PMF).
+    cnn_depth: int = 48
+    """encoder channels of the first layer (doubling: 48/96/192/384; 1536-d embedding)"""
+    deter: int = 200
+    """GRU (deterministic) state size"""
+    hidden: int = 200
+    """hidden units of the RSSM's input and output layers"""
+    stoch: int = 32
+    """categorical latent variables (Sec. III-A: 32)"""
+    classes: int = 32
+    """classes per categorical variable (Sec. III-A: 32)"""
+    mlp_units: int = 400
+    """units of the reward, discount, actor and critic MLPs"""
+    mlp_layers: int = 4
+    """hidden layers of those MLPs"""
+    kl_balance: float = 0.8
+    """KL balancing alpha: weight of the prior's side (DreamerV2, kept by Sec. II-B)"""
+    free_nats: float = 1.0
+    """free nats, applied to the batch-mean KL of every J_KL_k"""
+    kl_scale: float = 1.0
+    """weight of every J_KL_k (Eq. 3 sums them unweighted)"""
+    nce_steps: int = 3
+    """K, the prediction horizon of J_NCE_k and J_KL_k, k = 0..K (Sec. III-G: 3; Table II)"""
+    aux_dynamics: Literal["rssm", "linear"] = "rssm"
+    """auxiliary dynamics p~ of J_NCE_k: the RSSM prior (Sec. III-B) or Dreaming's linear model
+    (Table III)"""
+    momentum: float = 0.05
+    """eta of the momentum encoder, theta' <- (1 - eta) theta' + eta theta (Sec. III-G: 0.05)"""
+    aug_pad: int = 4
+    """random-shift padding in pixels (Sec. III-F: 4)"""
+    pred_discount: bool = False
+    """learn a discount (episode continuation) head; off for DMC, which never terminates"""
+    model_lr: float = 3e-4
+    """world-model learning rate (DreamerV2 DMC)"""
+
+    # Behaviour (DreamerV2 DMC defaults, unchanged by the paper, Sec. III-G).
+    horizon: int = 15
+    """imagination horizon"""
+    gamma: float = 0.99
+    """discount"""
+    return_lambda: float = 0.95
+    """lambda of the lambda-return"""
+    actor_lr: float = 8e-5
+    """actor learning rate"""
+    critic_lr: float = 8e-5
+    """critic learning rate"""
+    actor_entropy: float = 1e-4
+    """entropy regulariser eta"""
+    actor_grad: Literal["auto", "dynamics", "reinforce"] = "auto"
+    """'auto': dynamics backpropagation for continuous actions, REINFORCE for discrete"""
+    target_update_every: int = 100
+    """updates between copies of the critic into the slow target critic"""
+    adam_eps: float = 1e-5
+    """Adam epsilon"""
+    grad_clip: float = 100.0
+    """gradient-norm clip of every optimiser"""
+    weight_decay: float = 1e-6
+    """decoupled weight decay of every optimiser"""
+
+
+# The tiny preset: runs end to end in about a minute on 2 CPU cores.
+PRESETS = {
+    "tiny": dict(cnn_depth=4, deter=32, hidden=32, stoch=4, classes=4, mlp_units=32, mlp_layers=2,
+                 batch_size=4, batch_length=8, prefill=100, pretrain=2, horizon=5,
+                 eval_episodes=1, eval_every=1000, replay_capacity=100_000, total_steps=2000),
+}
+# Flags that may differ from the checkpoint's on --resume: schedule, logging and placement only.
+# compile_mode and replay_device change where and how fast the same computation runs.
+SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "log_every", "save_model",
+                  "checkpoint_replay", "resume", "capture_video", "device", "compile", "precision",
+                  "measure_updates", "exp_name", "compile_mode", "replay_device"}
+STREAMS = {"train": 0, "eval": 1}
+
+
+def episode_seed(seed: int, stream: str, index: int) -> int:
+    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
+    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
+
+
+def preset_args(preset: str = "paper", **overrides) -> Args:
+    """Args with a preset's values as defaults; `overrides` (and CLI flags) win over them."""
+    if preset not in ("paper", *PRESETS):
+        raise ValueError(f"unknown preset {preset!r}; known: paper, {', '.join(PRESETS)}")
+    return Args(**{**PRESETS.get(preset, {}), **overrides, "preset": preset})
+
+
+def _flag_value(argv: list, name: str):
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def parse_args(argv=None) -> Args:
+    """Read --preset (or --resume) first, then parse every flag over those defaults. With --resume,
+    the checkpoint's args are the defaults and only SCHEDULE_FLAGS may change."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    resume = _flag_value(argv, "--resume")
+    if resume is not None:
+        if not Path(resume).is_file():
+            raise SystemExit(f"error: --resume {resume}: no such checkpoint file")
+        saved = torch.load(resume, map_location="cpu", weights_only=False)["args"]
+        known = {f.name for f in fields(Args)}
+        default = Args(**{k: v for k, v in saved.items() if k in known})
+        args = tyro.cli(Args, args=argv, default=default)
+        diffs = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint {saved[k]})"
+                 for k in sorted(known - SCHEDULE_FLAGS) if k in saved and getattr(args, k) != saved[k]]
+        if diffs:
+            raise SystemExit("error: --resume: these flags differ from the checkpoint's and change "
+                             f"the algorithm: {', '.join(diffs)}; drop them or start a new run")
+        return args
+    preset = _flag_value(argv, "--preset") or "paper"
+    default = preset_args(preset) if preset in ("paper", *PRESETS) else Args()
+    return tyro.cli(Args, args=argv, default=default)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+
+
+def mlp(inp: int, out: int, units: int, layers: int) -> nn.Sequential:
+    """`layers` hidden ELU layers of `units`, then a linear output."""
+    mods, d = [], inp
+    for _ in range(layers):
+        mods += [nn.Linear(d, units), nn.ELU()]
+        d = units
+    mods.append(nn.Linear(d, out))
+    return nn.Sequential(*mods)
+
+
+class Encoder(nn.Module):
+    """CNN of Fig. 2: 4 conv layers, kernel 4, stride 2, ELU, depth 48/96/192/384:
+    (…, 3, 64, 64) uint8 -> e (…, 1536)."""
+
+    def __init__(self, depth: int):
+        super().__init__()
+        chans = [3, depth, 2 * depth, 4 * depth, 8 * depth]
+        self.net = nn.Sequential(*[m for i in range(4) for m in
+                                   (nn.Conv2d(chans[i], chans[i + 1], 4, 2), nn.ELU())])
+        self.out_dim = 8 * depth * 2 * 2
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.reshape(-1, *obs.shape[-3:]).float() / 255.0 - 0.5
+        return self.net(x).reshape(*obs.shape[:-3], -1)
+
+
+def sample_one_hot(logits: torch.Tensor) -> torch.Tensor:
+    """One-hot sample of independent categoricals (last axis = classes) with straight-through
+    gradients (Sec. III-A): the value is the sample, the gradient that of the probabilities.
+    Gumbel-max, so that it compiles and never syncs with the host."""
+    logits = logits.float()
+    u = torch.rand_like(logits).clamp(1e-10, 1 - 1e-7)
+    index = (logits - torch.log(-torch.log(u))).argmax(-1)
+    sample = F.one_hot(index, logits.shape[-1]).float()
+    probs = logits.softmax(-1)
+    return sample + (probs - probs.detach())
+
+
+def categorical_kl(q_logits: torch.Tensor, p_logits: torch.Tensor) -> torch.Tensor:
+    """KL[q || p] of independent categoricals, fp32, summed over variables: (…, S, C) -> (…)."""
+    q_log, p_log = F.log_softmax(q_logits.float(), -1), F.log_softmax(p_logits.float(), -1)
+    return (q_log.exp() * (q_log - p_log)).sum((-2, -1))
+
+
+def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
+    log_p = F.log_softmax(logits.float(), -1)
+    return -(log_p.exp() * log_p).sum((-2, -1))
+
+
+class LayerNormGRUCell(nn.Module):
+    """GRU with LayerNorm on the gate pre-activations and update bias -1 (DreamerV2's cell)."""
+
+    def __init__(self, inp: int, size: int):
+        super().__init__()
+        self.linear = nn.Linear(inp + size, 3 * size)
+        self.norm = nn.LayerNorm(3 * size)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        reset, cand, update = self.norm(self.linear(torch.cat([x, h], -1))).chunk(3, -1)
+        reset = torch.sigmoid(reset)
+        cand = torch.tanh(reset * cand)
+        update = torch.sigmoid(update - 1)
+        return update * cand + (1 - update) * h
+
+
+class RSSM(nn.Module):
+    """Recurrent state-space model with categorical stochastic states (Eq. 1, Sec. III-A).
+
+    A state is a dict: deter h (…, deter), stoch z (…, stoch, classes) one-hot samples, logits
+    (…, stoch, classes) of the distribution the sample came from. The posterior's first layer is
+    split into W_h h_t (inside the time loop) and W_e e_t + b (computed for all t at once).
+    """
+
+    def __init__(self, embed_dim: int, action_dim: int, deter: int, hidden: int, stoch: int,
+                 classes: int):
+        super().__init__()
+        self.deter, self.stoch, self.classes = deter, stoch, classes
+        self.img_in = nn.Sequential(nn.Linear(stoch * classes + action_dim, hidden), nn.ELU())
+        self.cell = LayerNormGRUCell(hidden, deter)
+        self.img_out = nn.Sequential(nn.Linear(deter, hidden), nn.ELU(),
+                                     nn.Linear(hidden, stoch * classes))  # prior p(z_t | h_t)
+        # posterior q(z_t | h_t, e_t): ELU(W_h h_t + W_e e_t + b), then a linear output
+        self.obs_deter = nn.Linear(deter, hidden, bias=False)
+        self.obs_embed = nn.Linear(embed_dim, hidden)
+        self.obs_out = nn.Sequential(nn.ELU(), nn.Linear(hidden, stoch * classes))
+
+    @property
+    def feat_dim(self) -> int:
+        return self.deter + self.stoch * self.classes
+
+    def initial(self, batch: int, device) -> dict:
+        zeros = torch.zeros(batch, self.stoch, self.classes, device=device)
+        return dict(deter=torch.zeros(batch, self.deter, device=device), stoch=zeros, logits=zeros)
+
+    def _shape(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.reshape(*logits.shape[:-1], self.stoch, self.classes)
+
+    def deter_step(self, state: dict, action: torch.Tensor) -> torch.Tensor:
+        """h_t = f_GRU(h_{t-1}, z_{t-1}, a_{t-1})."""
+        x = self.img_in(torch.cat([state["stoch"].flatten(-2), action], -1))
+        return self.cell(x, state["deter"])
+
+    def prior_logits(self, deter: torch.Tensor) -> torch.Tensor:
+        return self._shape(self.img_out(deter))
+
+    def posterior_logits(self, deter: torch.Tensor, embed_part: torch.Tensor) -> torch.Tensor:
+        """embed_part = obs_embed(e_t), computed outside the time loop."""
+        return self._shape(self.obs_out(self.obs_deter(deter) + embed_part))
+
+    def img_step(self, state: dict, action: torch.Tensor) -> dict:
+        """Prior step: h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}]), z_t ~ p(z_t | h_t)."""
+        deter = self.deter_step(state, action)
+        logits = self.prior_logits(deter)
+        return dict(deter=deter, stoch=sample_one_hot(logits), logits=logits)
+
+    def obs_step(self, state: dict, action: torch.Tensor, embed: torch.Tensor) -> tuple[dict, dict]:
+        """One filtering step (acting): the posterior z_t ~ q(z_t | h_t, e_t) and the prior's
+        logits (no prior sample: nothing uses it)."""
+        deter = self.deter_step(state, action)
+        logits = self.posterior_logits(deter, self.obs_embed(embed))
+        post = dict(deter=deter, stoch=sample_one_hot(logits), logits=logits)
+        return post, dict(deter=deter, logits=self.prior_logits(deter))
+
+    def observe(self, embed: torch.Tensor, action: torch.Tensor) -> tuple[dict, dict]:
+        """Filter a sequence from the zero state: the same as obs_step for t = 0..T-1, with every
+        non-recurrent layer out of the loop. embed (T, B, E); action (T, B, A) is a_{t-1}.
+        Returns posteriors and priors (deter, logits) as dicts of (T, B, ...)."""
+        embed_part = self.obs_embed(embed)  # (T, B, hidden)
+        state = self.initial(embed.shape[1], embed.device)
+        deters, stochs, logits = [], [], []
+        for t in range(embed.shape[0]):
+            deter = self.deter_step(state, action[t])
+            logit = self.posterior_logits(deter, embed_part[t])
+            state = dict(deter=deter, stoch=sample_one_hot(logit), logits=logit)
+            deters.append(deter)
+            stochs.append(state["stoch"])
+            logits.append(logit)
+        post = dict(deter=torch.stack(deters), stoch=torch.stack(stochs), logits=torch.stack(logits))
+        prior = dict(deter=post["deter"], logits=self.prior_logits(post["deter"]))  # (T, B, S, C)
+        return post, prior
+
+    def feat(self, state: dict) -> torch.Tensor:
+        """Model state [z_t, h_t] fed to every head: (…, stoch * classes + deter)."""
+        return torch.cat([state["stoch"].flatten(-2), state["deter"]], -1)
+
+
+def multi_step_priors(rssm: RSSM, post: dict, action: torch.Tensor, steps: int) -> list[dict]:
+    """Open-loop predictions k = 1..K steps ahead of every posterior state at once (Fig. 2a):
+    entry k-1 is a state dict of (T - k, B, ...) whose element t is p(z_{t+k} | z_t, a_{t:t+k}),
+    i.e. k applications of `img_step` from z_t with the real actions. The Python loop runs over
+    k only; all start times are one batch."""
+    state, out = post, []
+    for k in range(1, steps + 1):
+        # drop the start time whose target would leave the sequence; action[t + k] is a_{t+k-1}
+        state = {key: value[:-1] for key, value in state.items() if key in ("deter", "stoch")}
+        state = rssm.img_step(state, action[k:])
+        out.append(state)
+    return out
+
+
+class LinearDynamics(nn.Module):
+    """Dreaming's auxiliary dynamics p~ (Table III, 'linear'): the logits of z_{t+1} are a linear
+    map of [z_t, a_t]; our categorical, straight-through version of Dreaming's linear model."""
+
+    def __init__(self, stoch: int, classes: int, action_dim: int):
+        super().__init__()
+        self.stoch, self.classes = stoch, classes
+        self.net = nn.Linear(stoch * classes + action_dim, stoch * classes)
+
+    def rollout(self, z: torch.Tensor, action: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """z (T, B, S, C) posterior samples -> predictions k = 1..K, each (T - k, B, S, C)."""
+        out = []
+        for k in range(1, steps + 1):
+            logits = self.net(torch.cat([z[:-1].flatten(-2), action[k:]], -1))
+            z = sample_one_hot(logits.reshape(*logits.shape[:-1], self.stoch, self.classes))
+            out.append(z)
+        return out
+
+
+class TruncatedNormal(td.Distribution):
+    """Normal(loc, scale) truncated to [-1, 1], the DreamerV2 actor distribution for DMC.
+
+    torch.distributions has no truncated normal; this samples by inverting the CDF, which keeps
+    rsample() differentiable in loc and scale (needed for dynamics backpropagation).
+    """
+
+    arg_constraints = {"loc": td.constraints.real, "scale": td.constraints.positive}
+    support = td.constraints.interval(-1.0, 1.0)
+    has_rsample = True
+
+    def __init__(self, loc, scale, validate_args=False):
+        self.loc, self.scale = loc, scale
+        self._alpha, self._beta = (-1 - loc) / scale, (1 - loc) / scale
+        self._cdf_a, self._cdf_b = torch.special.ndtr(self._alpha), torch.special.ndtr(self._beta)
+        self._z = (self._cdf_b - self._cdf_a).clamp_min(1e-6)
+        super().__init__(loc.shape, validate_args=validate_args)
+
+    @property
+    def mean(self):
+        phi = lambda x: torch.exp(-0.5 * x ** 2) / math.sqrt(2 * math.pi)  # noqa: E731
+        return self.loc + self.scale * (phi(self._alpha) - phi(self._beta)) / self._z
+
+    @property
+    def mode(self):
+        return self.loc.clamp(-1, 1)
+
+    def rsample(self, sample_shape=torch.Size()):
+        u = torch.rand(self._extended_shape(sample_shape), device=self.loc.device)
+        p = (self._cdf_a + u * self._z).clamp(1e-6, 1 - 1e-6)
+        x = self.loc + self.scale * torch.special.ndtri(p)
+        return x.clamp(-1 + 1e-6, 1 - 1e-6)
+
+    def log_prob(self, value):
+        x = (value - self.loc) / self.scale
+        return -0.5 * x ** 2 - 0.5 * math.log(2 * math.pi) - self.scale.log() - self._z.log()
+
+    def entropy(self):
+        phi = lambda x: torch.exp(-0.5 * x ** 2) / math.sqrt(2 * math.pi)  # noqa: E731
+        return (0.5 * math.log(2 * math.pi * math.e) + self.scale.log() + self._z.log()
+                + (self._alpha * phi(self._alpha) - self._beta * phi(self._beta)) / (2 * self._z))
+
+
+class Actor(nn.Module):
+    """pi(a_t | z_t): truncated normal (mean tanh, std 2 sigmoid(x/2) + 0.1) or one-hot categorical."""
+
+    def __init__(self, feat_dim: int, action_dim: int, discrete: bool, units: int, layers: int):
+        super().__init__()
+        self.discrete = discrete
+        self.net = mlp(feat_dim, action_dim if discrete else 2 * action_dim, units, layers)
+
+    def dist(self, out: torch.Tensor) -> td.Distribution:
+        """The distribution of the net's output (fp32)."""
+        out = out.float()
+        if self.discrete:
+            return td.OneHotCategoricalStraightThrough(logits=out)
+        mean, std = out.chunk(2, -1)
+        return td.Independent(TruncatedNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + 0.1), 1)
+
+    def forward(self, feat: torch.Tensor) -> td.Distribution:
+        return self.dist(self.net(feat))
+
+
+def mode(dist: td.Distribution) -> torch.Tensor:
+    """Deterministic action for evaluation."""
+    if isinstance(dist, td.OneHotCategorical):
+        return F.one_hot(dist.logits.argmax(-1), dist.logits.shape[-1]).float()
+    return dist.base_dist.mode
+
+
+class WorldModel(nn.Module):
+    """CNN, CNN' (momentum copy, no gradient), the critic's W (Fig. 2c), the RSSM, the reward
+    head and the optional discount and linear auxiliary dynamics. No decoder."""
+
+    def __init__(self, args: Args, action_dim: int):
+        super().__init__()
+        self.encoder = Encoder(args.cnn_depth)
+        self.momentum_encoder = copy.deepcopy(self.encoder).requires_grad_(False)  # CNN'
+        # Fig. 2c: x = W @ e_t, (stoch * classes) x embed, no bias
+        self.critic_w = nn.Linear(self.encoder.out_dim, args.stoch * args.classes, bias=False)
+        self.rssm = RSSM(self.encoder.out_dim, action_dim, args.deter, args.hidden, args.stoch,
+                         args.classes)
+        feat = self.rssm.feat_dim
+        self.reward = mlp(feat, 1, args.mlp_units, args.mlp_layers)
+        self.discount = mlp(feat, 1, args.mlp_units, args.mlp_layers) if args.pred_discount else None
+        self.linear_dynamics = (LinearDynamics(args.stoch, args.classes, action_dim)
+                                if args.aux_dynamics == "linear" else None)
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, args: Args, feat_dim: int, action_dim: int, discrete: bool):
+        super().__init__()
+        self.actor = Actor(feat_dim, action_dim, discrete, args.mlp_units, args.mlp_layers)
+        self.critic = mlp(feat_dim, 1, args.mlp_units, args.mlp_layers)
+        self.target_critic = mlp(feat_dim, 1, args.mlp_units, args.mlp_layers)
+        self.target_critic.load_state_dict(self.critic.state_dict())
+        self.target_critic.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image augmentation (Sec. III-F)
+# ---------------------------------------------------------------------------------------------
+
+
+def random_shift(obs: torch.Tensor, pad: int) -> torch.Tensor:
+    """Sec. III-F: pad every side by `pad` pixels repeating the border, then crop a random window
+    of the original size, independently per image: (N, C, H, W) -> (N, C, H, W), dtype kept.
+    Replicate padding followed by a crop at offset s equals indexing rows/columns
+    clamp(i + s - pad, 0, H - 1), which is what this does (no padded copy is made)."""
+    n, _, h, w = obs.shape
+    shift = torch.randint(0, 2 * pad + 1, (n, 2), device=obs.device)
+    rows = (torch.arange(h, device=obs.device) + shift[:, :1] - pad).clamp(0, h - 1)  # (N, H)
+    cols = (torch.arange(w, device=obs.device) + shift[:, 1:] - pad).clamp(0, w - 1)  # (N, W)
+    batch = torch.arange(n, device=obs.device)[:, None, None]
+    return obs[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (N, C, H, W)
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay buffer
+# ---------------------------------------------------------------------------------------------
+
+
+class Replay:
+    """Whole episodes in a flat ring of uint8 images; uniform sampling of in-episode sequences.
+
+    Slot t of an episode holds obs_t, the action a_{t-1} that led to it (zeros at t = 0), the
+    reward r_t received on arriving there (0 at t = 0) and cont_t = 0 if the episode terminated
+    there. A sequence never crosses an episode boundary, so the RSSM starts each one from zeros.
+    The arrays are torch tensors on `device` (the GPU on CUDA); episode ids and the sampling RNG
+    stay on the host, and one small index tensor goes to the device per batch.
+    """
+
+    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device="cpu"):
+        self.capacity, self.device = capacity, torch.device(device)
+        # empty: on the CPU pages are only allocated as they fill
+        self.obs = torch.empty((capacity, *obs_shape), dtype=torch.uint8, device=self.device)
+        self.action = torch.zeros((capacity, action_dim), device=self.device)
+        self.reward = torch.zeros(capacity, device=self.device)
+        self.cont = torch.ones(capacity, device=self.device)
+        self.episode = np.full(capacity, -1, np.int64)  # episode id per slot, -1 = empty
+        self.pos = self.size = self.episodes = 0
+        self.rng = np.random.default_rng(seed)
+        self._starts = np.zeros(0, np.int64)
+        self._starts_length = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() for a in (self.obs, self.action, self.reward,
+                                                          self.cont)) + self.episode.nbytes
+
+    def add_episode(self, obs, action, reward, cont):
+        n = len(obs)
+        if n > self.capacity:
+            raise ValueError(f"episode of {n} steps does not fit a replay of {self.capacity}")
+        idx = (self.pos + np.arange(n)) % self.capacity
+        index = torch.from_numpy(idx).to(self.device)
+        for name, value, dtype in (("obs", obs, torch.uint8), ("action", action, torch.float32),
+                                   ("reward", reward, torch.float32), ("cont", cont, torch.float32)):
+            getattr(self, name)[index] = torch.as_tensor(np.asarray(value), dtype=dtype).to(self.device)
+        self.episode[idx] = self.episodes
+        self.episodes += 1
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+        self._starts_length = None  # valid starts changed
+
+    def valid_starts(self, length: int) -> np.ndarray:
+        """Slots i such that i .. i+length-1 lie in one stored episode."""
+        if self._starts_length != length:
+            last = np.roll(self.episode, -(length - 1))
+            # Episodes are written contiguously, so equal ids at both ends means one episode,
+            # unless the window wraps all the way round (impossible: episodes < capacity).
+            ok = (self.episode >= 0) & (self.episode == last)
+            ok &= (np.arange(self.capacity) + length - 1 < self.capacity) | (self.size == self.capacity)
+            self._starts, self._starts_length = np.flatnonzero(ok), length
+        return self._starts
+
+    def can_sample(self, length: int) -> bool:
+        return len(self.valid_starts(length)) > 0
+
+    def sample(self, batch: int, length: int) -> dict:
+        """Device tensors, time-major: obs (T, B, 3, H, W) uint8, action (T, B, A), reward, cont."""
+        starts = self.rng.choice(self.valid_starts(length), size=batch)
+        idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # (T, B)
+        index = torch.from_numpy(idx).to(self.device, non_blocking=True)
+        return dict(obs=self.obs[index], action=self.action[index], reward=self.reward[index],
+                    cont=self.cont[index])
+
+    def state_dict(self) -> dict:
+        n = self.size  # copies of the filled part (a view would save the whole storage)
+        copy = lambda t: t[:n].to("cpu", copy=True)  # noqa: E731
+        return dict(obs=copy(self.obs), action=copy(self.action), reward=copy(self.reward),
+                    cont=copy(self.cont), episode=self.episode[:n].copy(), pos=self.pos,
+                    size=n, episodes=self.episodes, rng=self.rng.bit_generator.state)
+
+    def load_state_dict(self, state: dict):
+        n = state["size"]
+        for key in ("obs", "action", "reward", "cont"):
+            getattr(self, key)[:n] = torch.as_tensor(state[key]).to(self.device)
+        self.episode[:n] = state["episode"]
+        self.pos, self.size, self.episodes = state["pos"], n, state["episodes"]
+        self.rng.bit_generator.state = state["rng"]
+        self._starts_length = None
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Replay batch -> training device (a no-op when the replay lives there)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# World-model objective (Eq. 3, 4)
+# ---------------------------------------------------------------------------------------------
+
+
+def gaussian_nll(mean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-ln N(target; mean, 1), elementwise, fp32 (no Python-scalar distribution parameters)."""
+    return 0.5 * (mean.float() - target.float()) ** 2 + 0.5 * math.log(2 * math.pi)
+
+
+def kl_balance(post_logits: torch.Tensor, prior_logits: torch.Tensor, alpha: float,
+               free: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL balancing (DreamerV2 Sec. 2.2): alpha KL(sg(q) || p) trains the prior towards the
+    posterior, (1 - alpha) KL(q || sg(p)) regularises the posterior; free nats on each side's
+    batch mean. Returns (loss, per-element KL value (…))."""
+    kl_prior = categorical_kl(post_logits.detach(), prior_logits)
+    kl_post = categorical_kl(post_logits, prior_logits.detach())
+    loss = alpha * kl_prior.mean().clamp_min(free) + (1 - alpha) * kl_post.mean().clamp_min(free)
+    return loss, kl_prior.detach()
+
+
+def critic_log_pmf(critic_w: nn.Linear, embed: torch.Tensor, stoch: int, classes: int) -> torch.Tensor:
+    """Fig. 2c calc_pmf: log p(z | x) = log softmax(reshape(W e, (stoch, classes)), classes),
+    fp32: (…, E) -> (…, stoch, classes)."""
+    x = critic_w(embed)
+    return F.log_softmax(x.float().reshape(*x.shape[:-1], stoch, classes), -1)
+
+
+def contrastive_logits(z: torch.Tensor, log_pmf: torch.Tensor) -> torch.Tensor:
+    """Fig. 2c calc_logit for every pair: logit[i, j] = sum(z_i * log pmf_j) = log p(z_i | x'_j)
+    (Eq. 5 up to the normaliser). z (N, S, C), log_pmf (M, S, C) -> (N, M), fp32 (no autocast)."""
+    with torch.autocast(z.device.type, enabled=False):
+        return z.float().flatten(1) @ log_pmf.float().flatten(1).T
+
+
+def contrastive_nce(logits: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-J_NCE as a |D|-class cross-entropy (Sec. II-C): row i's positive is candidate i + offset.
+    Returns (loss, top-1 accuracy)."""
+    labels = torch.arange(logits.shape[0], device=logits.device) + offset
+    loss = F.cross_entropy(logits, labels)
+    accuracy = (logits.argmax(-1) == labels).float().mean()
+    return loss, accuracy
+
+
+def world_model_loss(wm: WorldModel, batch: dict, args: Args):
+    """-(J_DreamingV2) of Eq. 4 = -(sum_{k=0..K} J_NCE_k + J_KL_k) - J_NCE_aux, plus the reward
+    NLL. batch is time-major; returns (loss, posterior states (T, B, ...), metrics)."""
+    obs, action = batch["obs"], batch["action"]  # (T, B, 3, 64, 64) uint8, (T, B, A)
+    T, B = action.shape[:2]
+    S, C = args.stoch, args.classes
+    # Sec. III-F: independent random shifts for the online view x and the momentum view x'.
+    x = random_shift(obs.flatten(0, 1), args.aug_pad)
+    x_prime = random_shift(obs.flatten(0, 1), args.aug_pad)
+    embed = wm.encoder(x)  # e_t = CNN(x_t), (T*B, E)
+    embed_prime = wm.momentum_encoder(x_prime).detach()  # Sec. III-E: stop-gradient after CNN'
+    target_log_pmf = critic_log_pmf(wm.critic_w, embed_prime, S, C)  # log p(z | x'), (T*B, S, C)
+
+    post, prior = wm.rssm.observe(embed.reshape(T, B, -1), action)
+    priors = multi_step_priors(wm.rssm, post, action, args.nce_steps)  # k = 1..K, (T-k, B, ...)
+
+    # J_KL_k (Eq. 3): k = 0 is the usual posterior-prior KL, k >= 1 the overshooting terms against
+    # the open-loop k-step priors; KL balancing and free nats on each (our choice: as for k = 0).
+    kl_terms = [kl_balance(post["logits"], prior["logits"], args.kl_balance, args.free_nats)]
+    kl_terms += [kl_balance(post["logits"][k:], p["logits"], args.kl_balance, args.free_nats)
+                 for k, p in enumerate(priors, 1)]
+    kl_loss = sum(loss for loss, _ in kl_terms)
+
+    # J_NCE_k (Eq. 3, Fig. 2a): z_t from the posterior (k = 0) and the auxiliary dynamics' k-step
+    # predictions, scored against the critic PMFs of all T * B observations of the batch.
+    if args.aux_dynamics == "rssm":  # Sec. III-B
+        predictions = [p["stoch"] for p in priors]
+    else:  # Table III, Dreaming's linear p~
+        predictions = wm.linear_dynamics.rollout(post["stoch"], action, args.nce_steps)
+    nce_terms = [contrastive_nce(contrastive_logits(z.flatten(0, 1), target_log_pmf), k * B)
+                 for k, z in enumerate([post["stoch"], *predictions])]
+    nce_loss = sum(loss for loss, _ in nce_terms)
+
+    # J_NCE_aux (Eq. 6, Fig. 2b): z_t ~ p(z_t | x_t) of the online CNN against the momentum PMFs.
+    z_online = sample_one_hot(critic_log_pmf(wm.critic_w, embed, S, C))  # (T*B, S, C)
+    nce_aux_loss, aux_accuracy = contrastive_nce(contrastive_logits(z_online, target_log_pmf), 0)
+
+    # Rewards as observations (Sec. II-A): -ln p(r_t | h_t, z_t), the heads once over (T, B).
+    feat = wm.rssm.feat(post)  # (T, B, F)
+    reward_loss = gaussian_nll(wm.reward(feat).squeeze(-1), batch["reward"]).mean()
+    loss = nce_loss + args.kl_scale * kl_loss + nce_aux_loss + reward_loss
+    metrics = dict(nce_loss=nce_loss, nce_aux_loss=nce_aux_loss, kl_loss=kl_loss,
+                   reward_loss=reward_loss, kl=kl_terms[0][1].mean(),
+                   nce_accuracy=nce_terms[0][1], nce_aux_accuracy=aux_accuracy,
+                   prior_entropy=categorical_entropy(prior["logits"]).mean().detach(),
+                   post_entropy=categorical_entropy(post["logits"]).mean().detach())
+    for k, (term, accuracy) in enumerate(nce_terms):
+        metrics[f"nce_loss_{k}"] = term.detach()
+        metrics[f"nce_accuracy_{k}"] = accuracy
+    if wm.discount is not None:
+        # The discount head predicts episode continuation (Bernoulli), scaled by gamma when used.
+        discount_loss = F.binary_cross_entropy_with_logits(
+            wm.discount(feat).squeeze(-1).float(), batch["cont"].float())
+        loss = loss + discount_loss
+        metrics["discount_loss"] = discount_loss
+    metrics["model_loss"] = loss
+    return loss, post, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Behaviour learning in imagination (DreamerV2, unchanged, Sec. III-G)
+# ---------------------------------------------------------------------------------------------
+
+
+def lambda_return(reward, value, discount, bootstrap, lam: float):
+    """DreamerV2 Eq. 4, time-major (H, N): V_t = r_t + gamma_t ((1 - lam) v_{t+1} + lam V_{t+1}),
+    V_H = bootstrap."""
+    next_values = torch.cat([value[1:], bootstrap[None]], 0)
+    inputs = reward + discount * next_values * (1 - lam)
+    returns, last = [], bootstrap
+    for t in reversed(range(reward.shape[0])):
+        last = inputs[t] + discount[t] * lam * last
+        returns.append(last)
+    return torch.stack(returns[::-1])
+
+
+def imagine(wm: WorldModel, actor: Actor, start: dict, horizon: int):
+    """Roll the prior forward from posterior states under the actor: feats (H+1, N, F), actions
+    (H, N, A), actor outputs (H, N, ·), action a_t taken at feat_t. Gradients flow through the
+    dynamics into the actions (the actor sees detached features, as in DreamerV2)."""
+    state, feats, actions, outs = start, [wm.rssm.feat(start)], [], []
+    for _ in range(horizon):
+        out = actor.net(feats[-1].detach())
+        action = actor.dist(out).rsample()
+        state = wm.rssm.img_step(state, action)
+        feats.append(wm.rssm.feat(state))
+        actions.append(action)
+        outs.append(out)
+    return torch.stack(feats), torch.stack(actions), torch.stack(outs)
+
+
+def behaviour_losses(wm: WorldModel, ac: ActorCritic, post: dict, args: Args, discrete: bool):
+    """Actor (DreamerV2 Eq. 6) and critic (Eq. 5) losses on imagined rollouts from every
+    posterior state; values, returns and log-probs in fp32."""
+    start = {k: post[k].detach().flatten(0, 1) for k in ("deter", "stoch")}  # (T*B, ...)
+    feats, actions, outs = imagine(wm, ac.actor, start, args.horizon)
+    reward = wm.reward(feats).squeeze(-1).float()  # (H+1, N), r_t of the state a_t is taken in
+    if wm.discount is not None:
+        discount = args.gamma * torch.sigmoid(wm.discount(feats).squeeze(-1).float())
+    else:
+        discount = torch.full_like(reward, args.gamma)
+    value = ac.target_critic(feats).squeeze(-1).float()
+    target = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], args.return_lambda)
+    # Imagined steps after a predicted episode end count less: weight_t = prod_{k<t} gamma_k.
+    weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-2]], 0), 0).detach()
+    policy = ac.actor.dist(outs)  # the in-loop actor outputs, no second forward
+    critic = ac.critic(feats[:-1].detach()).squeeze(-1).float()  # v(z_t), also the baseline
+    grad = args.actor_grad if args.actor_grad != "auto" else ("reinforce" if discrete else "dynamics")
+    if grad == "dynamics":
+        objective = target  # rho = 1: backpropagate V_t through the model into the actions
+    else:  # rho = 0: REINFORCE with the critic as baseline
+        objective = policy.log_prob(actions.detach()).float() * (target - critic).detach()
+    entropy = policy.entropy().float()
+    actor_loss = -(weight * (objective + args.actor_entropy * entropy)).mean()
+    critic_loss = (gaussian_nll(critic, target.detach()) * weight).mean()
+    metrics = dict(actor_loss=actor_loss, critic_loss=critic_loss, actor_entropy=entropy.mean(),
+                   imagined_reward=reward.mean(), value=critic.mean(), lambda_return=target.mean())
+    return actor_loss, critic_loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent: one update, acting, evaluation
+# ---------------------------------------------------------------------------------------------
+
+# One non-finite flag per optimiser, named after its loss (Agent.update's `nonfinite`).
+NONFINITE_NAMES = ("model_loss", "actor_loss", "critic_loss")
+
+
+def nonfinite_flag(*values: torch.Tensor) -> torch.Tensor:
+    """1.0 if any value is NaN/inf, else 0.0: a 0-dim device tensor (no host sync)."""
+    return (~torch.isfinite(torch.stack([v.float() for v in values]))).any().float()
+
+
+class Agent:
+    def __init__(self, args: Args, action_dim: int, discrete: bool, device: torch.device):
+        self.args, self.device, self.discrete, self.action_dim = args, device, discrete, action_dim
+        self.wm = WorldModel(args, action_dim).to(device)
+        self.ac = ActorCritic(args, self.wm.rssm.feat_dim, action_dim, discrete).to(device)
+        # fused: one kernel per step, and a step is skipped when `found_inf` is set (A.6)
+        adam = lambda params, lr: torch.optim.AdamW(params, lr=lr, eps=args.adam_eps,  # noqa: E731
+                                                    weight_decay=args.weight_decay, fused=True)
+        self.model_params = [p for p in self.wm.parameters() if p.requires_grad]
+        self.model_opt = adam(self.model_params, args.model_lr)
+        self.actor_opt = adam(self.ac.actor.parameters(), args.actor_lr)
+        self.critic_opt = adam(self.ac.critic.parameters(), args.critic_lr)
+        self.online_cnn = list(self.wm.encoder.parameters())
+        self.momentum_cnn = list(self.wm.momentum_encoder.parameters())
+        self.updates = 0
+        self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+        self.compile_seconds = None
+        self._wm_loss, self._ac_loss = self._world_model_loss, self._behaviour_losses
+        if args.compile:
+            # The whole loss computations (observe and imagine included) compile into one graph
+            # each; the modules stay uncompiled, so state_dict keys and checkpoints are the same.
+            mode = None if args.compile_mode == "default" else args.compile_mode
+            self._wm_loss = torch.compile(self._world_model_loss, dynamic=False, mode=mode)
+            self._ac_loss = torch.compile(self._behaviour_losses, dynamic=False, mode=mode)
+
+    def _world_model_loss(self, batch):
+        with self.autocast:
+            return world_model_loss(self.wm, batch, self.args)
+
+    def _behaviour_losses(self, post):
+        with self.autocast:
+            return behaviour_losses(self.wm, self.ac, post, self.args, self.discrete)
+
+    def update(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        """One world-model update, the momentum-encoder update, then one actor and one critic
+        update on imagined rollouts. No host sync: returns (metrics as 0-dim device tensors,
+        `nonfinite` (3,) device flags named by NONFINITE_NAMES). A step whose loss or gradient
+        norm is not finite is skipped by the fused optimiser (its `found_inf`), and so are the
+        momentum and target updates that follow it."""
+        args, start = self.args, time.perf_counter()
+        model_loss, post, metrics = self._wm_loss(batch)
+        self.model_opt.zero_grad(set_to_none=True)
+        model_loss.backward()
+        model_norm = nn.utils.clip_grad_norm_(self.model_params, args.grad_clip, foreach=True)
+        bad_model = nonfinite_flag(model_loss, model_norm)
+        self.model_opt.found_inf = bad_model
+        self.model_opt.step()
+        # Sec. III-E: theta' <- (1 - eta) theta' + eta theta (eta = 0 after a skipped step).
+        with torch.no_grad():  # in place, outside autograd: CNN' never joins the graph
+            torch._foreach_lerp_(self.momentum_cnn, self.online_cnn, args.momentum * (1 - bad_model))
+
+        post = {k: post[k].detach() for k in ("deter", "stoch")}
+        actor_loss, critic_loss, ac_metrics = self._ac_loss(post)
+        self.actor_opt.zero_grad(set_to_none=True)
+        self.critic_opt.zero_grad(set_to_none=True)
+        # Each loss updates only its own network: the actor's gradient flows through the world
+        # model into the actions, but the world model is not updated by it.
+        actor_params, critic_params = list(self.ac.actor.parameters()), list(self.ac.critic.parameters())
+        (actor_loss + critic_loss).backward(inputs=actor_params + critic_params)
+        actor_norm = nn.utils.clip_grad_norm_(actor_params, args.grad_clip, foreach=True)
+        critic_norm = nn.utils.clip_grad_norm_(critic_params, args.grad_clip, foreach=True)
+        bad_actor, bad_critic = nonfinite_flag(actor_loss, actor_norm), nonfinite_flag(critic_loss, critic_norm)
+        self.actor_opt.found_inf, self.critic_opt.found_inf = bad_actor, bad_critic
+        self.actor_opt.step()
+        self.critic_opt.step()
+        if self.updates % args.target_update_every == 0:  # copy (lerp weight 1), unless skipped
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.ac.target_critic.parameters()), critic_params, 1 - bad_critic)
+        metrics.update(ac_metrics, model_grad_norm=model_norm, actor_grad_norm=actor_norm,
+                       critic_grad_norm=critic_norm)
+        if args.compile and self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - start
+            print(f"compiled in {self.compile_seconds:.1f} s", flush=True)
+        self.updates += 1
+        return metrics, torch.stack([bad_model, bad_actor, bad_critic])
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, state, explore: bool):
+        """One filtering step and an action. state = (latent, previous action) or None. The
+        observation is not augmented (the shift is a training-time regulariser)."""
+        if state is None:
+            latent = self.wm.rssm.initial(1, self.device)
+            prev = torch.zeros(1, self.action_dim, device=self.device)
+        else:
+            latent, prev = state
+        obs_t = torch.as_tensor(obs, device=self.device)[None]
+        with self.autocast:
+            # Latents are sampled in evaluation too (DreamerV2's eval_state_mean=False); only the
+            # action is the mode.
+            latent, _ = self.wm.rssm.obs_step(latent, prev, self.wm.encoder(obs_t))
+            dist = self.ac.actor(self.wm.rssm.feat(latent))
+        action = dist.sample() if explore else mode(dist)
+        return action[0].float().cpu().numpy(), (latent, action.float())
+
+    def num_parameters(self) -> int:
+        """Trained parameters: world model (not CNN'), actor, critic (not the target critic)."""
+        return sum(p.numel() for m in (self.wm, self.ac.actor, self.ac.critic)
+                   for p in m.parameters() if p.requires_grad)
+
+    def state_dict(self) -> dict:
+        return dict(wm=self.wm.state_dict(), ac=self.ac.state_dict(),
+                    model_opt=self.model_opt.state_dict(), actor_opt=self.actor_opt.state_dict(),
+                    critic_opt=self.critic_opt.state_dict(), updates=self.updates)
+
+    def load_state_dict(self, state: dict):
+        self.wm.load_state_dict(state["wm"])
+        self.ac.load_state_dict(state["ac"])
+        for key in ("model_opt", "actor_opt", "critic_opt"):
+            getattr(self, key).load_state_dict(state[key])
+        self.updates = state["updates"]
+
+
+def env_action(action: np.ndarray, discrete: bool):
+    """The agent's action (continuous vector or one-hot) in the env's format."""
+    return int(action.argmax()) if discrete else action
+
+
+class Interrupt:
+    """SIGINT/SIGTERM handler that only records the signal; the loops check `signum` (A.2)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        if self.signum is None:  # a second signal while saving is recorded nowhere: ignored
+            self.signum = signum
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self)
+
+
+def evaluate(agent: Agent, env, episodes: int, discrete: bool, seeds: list[int],
+             record: bool = False, interrupt: Interrupt | None = None):
+    """Mean return of `episodes` episodes with mode actions (episode j reset with seeds[j]);
+    frames of the first if `record`. None if interrupted."""
+    returns, frames = [], []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seeds[ep])
+        state, total, done = None, 0.0, False
+        while not done:
+            if record and ep == 0:
+                frames.append(obs.transpose(1, 2, 0))
+            action, state = agent.act(obs, state, explore=False)
+            obs, reward, terminated, truncated, _ = env.step(env_action(action, discrete))
+            total += reward
+            done = terminated or truncated
+            if interrupt is not None and interrupt.signum is not None:
+                return None, []
+        returns.append(total)
+    return float(np.mean(returns)), frames
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging and checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """TensorBoard plus metrics.jsonl (one json object per log event). On resume the records
+    after the checkpoint's step are dropped from both."""
+
+    def __init__(self, run_dir: Path, args: Args, resume_step: int | None = None):
+        path = run_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in keep))
+        self.writer = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
+        if resume_step is None:
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                f"|{k}|{v}|" for k, v in vars(args).items()))
+        self.jsonl = open(path, "a")
+
+    def log(self, step: int, scalars: dict):
+        record = {"step": step, "time": time.time()}
+        tensors = {k: v for k, v in scalars.items() if torch.is_tensor(v)}
+        if tensors:  # one device-to-host copy for all metrics
+            values = torch.stack([v.detach().float() for v in tensors.values()]).cpu().tolist()
+            scalars = {**scalars, **dict(zip(tensors, values))}
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, float(value), step)
+            record[key] = float(value)
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+    def close(self):
+        self.writer.close()
+        self.jsonl.close()
+
+
+def save_video(frames: list, path: Path, fps: int = 30):
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        out.mux(stream.encode())
+
+
+def save_checkpoint(path: Path, agent: Agent, replay: Replay | None, counters: dict, args: Args):
+    """Atomic: write to a temporary file, flush and fsync it, then rename over the old one."""
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = dict(agent=agent.state_dict(), counters=dict(counters), args=vars(args),
+                 replay=replay.state_dict() if replay is not None else None, rng=rng)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name}: not a device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}: CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA devices here")
+    return device
+
+
+def configure_torch(args: Args, device: torch.device):
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.benchmark = not args.torch_deterministic
+
+
+def replay_device(args: Args, device: torch.device) -> torch.device:
+    if args.replay_device == "auto":
+        return device if device.type == "cuda" else torch.device("cpu")
+    if args.replay_device == "cuda" and device.type != "cuda":
+        raise SystemExit("error: --replay-device cuda needs a CUDA training device (--device cuda)")
+    return device if args.replay_device == "cuda" else torch.device("cpu")
+
+
+def make_env(args: Args, split: str, seed: int):
+    """envs.make with this run's settings; bad input ends in SystemExit("error: ...")."""
+    try:
+        env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=seed,
+                        image_size=64, action_repeat=args.action_repeat, split=split,
+                        video_dir=args.video_dir)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    if tuple(env.observation_space.shape or ()) != (3, 64, 64):
+        env.close()
+        raise SystemExit(f"error: {args.env}: observations of shape {env.observation_space.shape}; "
+                         "dreamingv2 needs (3, 64, 64) uint8 images (robosuite: proprio=False)")
+    return env
+
+
+def measure_speed(args: Args, device: torch.device) -> dict:
+    """Speed benchmark. Updates: median seconds per update over `args.measure_updates` updates
+    (after 2 warm-ups) on a random batch of the configured size (model and optimisers only, no
+    env, no replay). Acting: env steps per second of the acting loop (policy step + env step,
+    exploration actions) over 50 agent steps on `args.env`."""
+    configure_torch(args, device)
+    env = make_env(args, "train", args.seed)
+    discrete = hasattr(env.action_space, "n")
+    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
+    agent = Agent(args, action_dim, discrete, device)
+    T, B = args.batch_length, args.batch_size
+    batch = dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
+                 action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
+                 reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device))
+    times = []
+    for i in range(args.measure_updates + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        agent.update(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    obs, _ = env.reset(seed=args.seed)
+    state, env_steps, policy_time = None, 0, 0.0
+    for i in range(52):
+        if i == 2:  # the first two steps are warm-up: the clock starts here
+            start, env_steps, policy_time = time.perf_counter(), 0, 0.0
+        t = time.perf_counter()
+        action, state = agent.act(obs, state, explore=True)
+        policy_time += time.perf_counter() - t
+        obs, _, terminated, truncated, info = env.step(env_action(action, discrete))
+        env_steps += info["env_steps"]
+        if terminated or truncated:
+            (obs, _), state = env.reset(), None
+    acting_time = time.perf_counter() - start
+    env.close()
+    result = dict(seconds_per_update=float(np.median(times)), updates=len(times),
+                  parameters=agent.num_parameters(), env=args.env,
+                  env_steps_per_second=env_steps / acting_time, policy_ms=1000 * policy_time / 50,
+                  device=str(device), precision=args.precision, compile=args.compile)
+    if args.compile:
+        result["compile_seconds"] = agent.compile_seconds
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    # peak resident memory of the process (Linux reports KiB): weights, optimisers, activations, env
+    result["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(result))
+    return result
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class Progress:
+    """The progress line (A.1): at step 0, then every `log_every` env steps or 30 s."""
+
+    def __init__(self, args: Args, counters: dict, agent: Agent, steps_per_agent_step: int):
+        self.args, self.counters, self.agent, self.repeat = args, counters, agent, steps_per_agent_step
+        self.start, self.start_steps = time.time(), counters["env_steps"]
+        self.start_agent_steps, self.start_updates = counters["agent_steps"], agent.updates
+        self.update_seconds, self.last_time, self.last_step = 0.0, -math.inf, None
+        self.last_return = float("nan")
+
+    def timed_update(self, fn):
+        start = time.perf_counter()
+        out = fn()
+        self.update_seconds += time.perf_counter() - start
+        return out
+
+    def maybe_print(self, phase: str):
+        now, step = time.time(), self.counters["env_steps"]
+        if (self.last_step is not None and step - self.last_step < self.args.log_every
+                and now - self.last_time < 30):
+            return
+        self.last_time, self.last_step = now, step
+        args, elapsed = self.args, max(now - self.start, 1e-9)
+        updates = self.agent.updates - self.start_updates
+        spu = self.update_seconds / updates if updates else None
+        agent_steps = self.counters["agent_steps"] - self.start_agent_steps
+        sps = (step - self.start_steps) / elapsed
+        remaining = max(args.total_steps - step, 0)
+        eta = None
+        if spu is not None and agent_steps > 0:
+            acting = max(elapsed - self.update_seconds, 0.0) / agent_steps
+            pretrain_left = max(args.pretrain - self.counters["pretrain_updates"], 0)
+            eta = (remaining / self.repeat * (acting + args.updates_per_step / args.train_every * spu)
+                   + pretrain_left * spu)
+        elif sps > 0:
+            eta = remaining / sps
+        spu_text = "-" if spu is None else f"{spu:.2f}"
+        print(f"step {step}/{args.total_steps} | {phase} | return {self.last_return:.1f} | "
+              f"SPS {sps:.1f} | updates {self.agent.updates} ({spu_text} s/update) | "
+              f"ETA {format_eta(eta)}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main loop
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    if args.measure_updates > 0:
+        return measure_speed(args, resolve_device(args.device))
+    if args.nce_steps < 0 or args.nce_steps >= args.batch_length:
+        raise SystemExit(f"error: --nce-steps {args.nce_steps} must lie in 0..batch_length - 1 "
+                         f"({args.batch_length - 1})")
+    checkpoint = None
+    if args.resume:
+        if not Path(args.resume).is_file():
+            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint file")
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+    device = resolve_device(args.device)
+    configure_torch(args, device)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # Every episode is reset with its own SeedSequence child (episode_seed), so the evaluation
+    # env is reproducible after a resume without storing its RNG.
+    env = make_env(args, "train", args.seed)
+    eval_env = make_env(args, args.eval_split, args.seed + 10_000)
+    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    discrete = hasattr(env.action_space, "n")
+    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
+    repeat = args.action_repeat or envs.default_action_repeat(args.env)
+
+    agent = Agent(args, action_dim, discrete, device)
+    replay = Replay(max(args.replay_capacity // repeat, args.batch_length), env.observation_space.shape,
+                    action_dim, args.seed, replay_device(args, device))
+    counters = dict(env_steps=0, agent_steps=0, episodes=0, evals=0, next_eval=args.eval_every,
+                    last_eval=-1, pretrain_updates=0)
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        if checkpoint["replay"] is not None:
+            replay.load_state_dict(checkpoint["replay"])
+        counters.update(checkpoint["counters"])
+        rng = checkpoint["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    logger = Logger(run_dir, args, counters["env_steps"] if checkpoint is not None else None)
+
+    params = agent.num_parameters()
+    ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
+    print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | replay "
+          f"{replay.capacity:,} agent steps on {replay.device}, up to {replay.nbytes / 2**30:.2f} GiB "
+          f"(filled lazily) | replay ratio {ratio:.0f} replayed steps per agent step | videos: "
+          f"{args.video_dir or 'built-in pool'}", flush=True)
+    if checkpoint is not None:
+        print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "
+              "episode was stored as truncated; a new episode starts)", flush=True)
+    interrupt = Interrupt()
+    interrupt.install()
+    checkpoint_path = run_dir / "checkpoint.pt"
+
+    def new_episode():
+        obs, _ = env.reset(seed=episode_seed(args.seed, "train", counters["episodes"]))
+        return obs, dict(obs=[obs], action=[np.zeros(action_dim, np.float32)], reward=[0.0], cont=[1.0])
+
+    def store(episode):
+        replay.add_episode(*(np.asarray(episode[k]) for k in ("obs", "action", "reward", "cont")))
+        counters["episodes"] += 1
+
+    def write_checkpoint():
+        save_checkpoint(checkpoint_path, agent, replay if args.checkpoint_replay else None, counters, args)
+
+    def finish(code: int, message: str):
+        print(message, flush=True)
+        logger.close()
+        env.close()
+        eval_env.close()
+        sys.exit(code)
+
+    def stop_if_interrupted():
+        if interrupt.signum is None:
+            return
+        if len(ep["obs"]) >= 2:  # the episode so far, truncated (cont = 1 everywhere)
+            store(ep)
+        write_checkpoint()
+        finish(128 + interrupt.signum, f"interrupted at step {counters['env_steps']}; resume with: "
+               f"python dreamingv2.py --resume {checkpoint_path}")
+
+    pending = []  # host copy of the previous update's non-finite flags (A.6)
+    metrics = {}
+
+    def check_nonfinite():
+        if not pending:
+            return
+        flags, done, index = pending.pop()
+        if done is not None:
+            done.synchronize()  # waits for that copy only (long finished unless updates run back to back)
+        if flags.any():
+            name = NONFINITE_NAMES[int(flags.argmax())]
+            write_checkpoint()  # the bad update was skipped: these are the parameters before it
+            finish(1, f"error: non-finite {name} at update {index} (env step {counters['env_steps']}); "
+                   f"checkpoint from before it: {checkpoint_path}")
+
+    def train_once():
+        nonlocal metrics
+        check_nonfinite()
+        batch = to_device(replay.sample(args.batch_size, args.batch_length), device)
+        metrics, nonfinite = progress.timed_update(lambda: agent.update(batch))
+        # copied without blocking, read before the next update (no sync inside an update)
+        flags = nonfinite.to("cpu", non_blocking=True)
+        done = None
+        if nonfinite.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        pending.append((flags, done, agent.updates - 1))
+
+    def run_eval():
+        seeds = [episode_seed(args.seed, "eval", counters["evals"] * 10_000 + j)
+                 for j in range(args.eval_episodes)]
+        ret, frames = evaluate(agent, eval_env, args.eval_episodes, discrete, seeds,
+                               args.capture_video, interrupt)
+        if ret is None:  # interrupted: not logged, reruns after resume
+            stop_if_interrupted()
+        logger.log(counters["env_steps"], {"eval/episodic_return": ret})
+        if frames:
+            save_video(frames, run_dir / "videos" / f"eval_{counters['env_steps']}.mp4")
+            strip = np.concatenate(frames[:: max(1, len(frames) // 8)][:8], axis=1)
+            logger.writer.add_image("eval/frames", strip, counters["env_steps"], dataformats="HWC")
+        print(f"eval at {counters['env_steps']}: return {ret:.1f}", flush=True)
+        counters["evals"] += 1
+        counters["last_eval"] = counters["env_steps"]
+        if args.save_model:
+            write_checkpoint()
+
+    progress = Progress(args, counters, agent, repeat)
+    obs, ep = new_episode()
+    state, episode_return = None, 0.0
+    phase = lambda: "prefill" if counters["agent_steps"] < args.prefill else "train"  # noqa: E731
+    progress.maybe_print(phase())
+    while counters["env_steps"] < args.total_steps:
+        if counters["agent_steps"] < args.prefill:
+            action = (np.eye(action_dim, dtype=np.float32)[np.random.randint(action_dim)] if discrete
+                      else np.random.uniform(-1, 1, action_dim).astype(np.float32))
+        else:
+            action, state = agent.act(obs, state, explore=True)
+        obs, reward, terminated, truncated, info = env.step(env_action(action, discrete))
+        counters["agent_steps"] += 1
+        counters["env_steps"] += info["env_steps"]
+        episode_return += reward
+        for key, value in zip(("obs", "action", "reward", "cont"), (obs, action, reward, 1.0 - terminated)):
+            ep[key].append(value)
+        if terminated or truncated:
+            store(ep)
+            progress.last_return = episode_return
+            logger.log(counters["env_steps"], {"charts/episodic_return": episode_return,
+                                               "charts/episodic_length": len(ep["reward"]) - 1})
+            obs, ep = new_episode()
+            state, episode_return = None, 0.0
+        stop_if_interrupted()
+
+        # Train: once `prefill` steps are in, `pretrain` updates, then every `train_every` steps.
+        if counters["agent_steps"] >= args.prefill and replay.can_sample(args.batch_length):
+            if counters["pretrain_updates"] < args.pretrain:
+                while counters["pretrain_updates"] < args.pretrain:
+                    train_once()
+                    counters["pretrain_updates"] += 1
+                    progress.maybe_print("pretrain")
+                    stop_if_interrupted()
+            elif counters["agent_steps"] % args.train_every == 0:
+                for _ in range(args.updates_per_step):
+                    train_once()
+                    stop_if_interrupted()
+
+        if counters["env_steps"] // args.log_every != (counters["env_steps"] - info["env_steps"]) // args.log_every:
+            now = time.time()
+            logs = {f"losses/{k}": v for k, v in metrics.items()}
+            sps = (counters["env_steps"] - progress.start_steps) / max(now - progress.start, 1e-9)
+            logs.update({"charts/SPS": sps, "charts/updates": agent.updates})
+            logger.log(counters["env_steps"], logs)
+        progress.maybe_print(phase())
+        if args.eval_every and counters["env_steps"] >= counters["next_eval"]:
+            run_eval()
+            counters["next_eval"] += args.eval_every
+
+    check_nonfinite()
+    if counters["last_eval"] != counters["env_steps"]:
+        run_eval()
+    env.close()
+    eval_env.close()
+    logger.close()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main(parse_args())

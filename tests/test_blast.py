@@ -1,0 +1,403 @@
+"""Specification of blast.py: the five BLAST switches (Sec. 2.3), A.2 presets, shapes, the fast
+update pattern's invariants, and the CLI (run, resume)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import benchmark
+import blast
+from conftest import check_beats_random, smoke_args, without_host_sync
+
+CPU = torch.device("cpu")
+
+
+def tiny(ladder="ar", **kw):
+    return blast.preset_args("tiny", env="toy-reach", ladder=ladder, **kw)
+
+
+@pytest.fixture(scope="module")
+def toy_batch():
+    """Real pixels: random-action sequences of toy-reach, time-major (T=8, B=4)."""
+    replay = blast.Replay(500, (3, 64, 64), 2, seed=0)
+    env = blast.envs.make("toy-reach", seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        obs, _ = env.reset()
+        ep = dict(obs=[obs], action=[np.zeros(2, np.float32)], reward=[0.0], cont=[1.0])
+        done = False
+        while not done:
+            action = rng.uniform(-1, 1, 2).astype(np.float32)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            for key, value in zip(ep, (obs, action, reward, 1.0 - terminated)):
+                ep[key].append(value)
+            done = terminated or truncated
+        replay.add_episode(*(np.asarray(ep[k]) for k in ep))
+    return replay.sample(4, 8)
+
+
+def grads(loss, params):
+    """Gradients of loss w.r.t. params (zeros where it does not depend on them)."""
+    out = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(out, params)]
+
+
+def depends(loss, module) -> bool:
+    return any(g.abs().sum() > 0 for g in grads(loss, list(module.parameters())))
+
+
+# --- ladder and presets --------------------------------------------------------------------
+
+
+def test_ladder_rungs_are_cumulative_and_explicit_switch_flags_win():
+    rungs = {r: blast.parse_args(["--env", "toy-reach", "--ladder", r]) for r in blast.LADDER_RUNGS}
+    assert rungs["dreamerv2"].recon and rungs["dreamerv2"].kl_balance == 0.8
+    assert not rungs["no-recon"].recon and rungs["no-recon"].kl_balance == 0.8
+    assert rungs["sg"].kl_balance == 1.0 and not rungs["sg"].target_encoder
+    assert rungs["ema"].target_encoder and rungs["ema"].encoder_norm == "none"
+    assert rungs["bn"].encoder_norm == rungs["bn"].obs_out_norm == "bn" and rungs["bn"].ar_steps == 1
+    assert rungs["ar"].ar_steps is None  # = stoch, one categorical per step (A.2)
+    assert blast.parse_args(["--env", "toy-reach"]).ladder == "ar"
+    mixed = blast.parse_args(["--ladder", "sg", "--encoder-norm", "bn", "--kl-balance", "0.9"])
+    assert mixed.encoder_norm == "bn" and mixed.kl_balance == 0.9 and not mixed.target_encoder
+
+
+def test_a2_presets_follow_the_env_family_and_explicit_flags_win():
+    grid = blast.parse_args(["--env", "minigrid-dynamic-obstacles-6x6"])
+    assert (grid.deter, grid.hidden, grid.stoch, grid.classes) == (600, 600, 16, 64)
+    assert (grid.kl_scale, grid.reward_scale, grid.reward_clamp) == (0.1, 100.0, "tanh")
+    assert (grid.train_every, grid.prefill, grid.actor_grad, grid.total_steps) == (1, 10_000, "reinforce", 50_000)
+    dmc = blast.parse_args(["--env", "dmc-cartpole-swingup"])
+    assert (dmc.deter, dmc.hidden, dmc.stoch, dmc.classes) == (200, 200, 8, 64)
+    assert (dmc.kl_scale, dmc.reward_scale, dmc.reward_clamp) == (1.0, 1.0, "none")
+    assert (dmc.train_every, dmc.prefill, dmc.actor_grad, dmc.total_steps) == (5, 1000, "dynamics", 1_000_000)
+    assert blast.parse_args(["--env", "minigrid-dynamic-obstacles-6x6", "--deter", "64"]).deter == 64
+    small = blast.parse_args(["--env", "minigrid-dynamic-obstacles-6x6", "--preset", "tiny"])
+    assert small.total_steps == 2000 and small.reward_scale == 100.0 and small.deter == 32
+    assert blast.parse_args(["--preset", "tiny", "--total-steps", "500"]).total_steps == 500
+
+
+# --- shapes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ladder", ["dreamerv2", "ema", "ar"])
+def test_world_model_and_behaviour_terms_are_finite_scalars_with_documented_shapes(toy_batch, ladder):
+    args = tiny(ladder)
+    agent = blast.Agent(args, 2, False, CPU)
+    T, B = args.batch_length, args.batch_size
+    post, target = blast.bootstrapped_posteriors(agent.wm, toy_batch, args)
+    for states in (post, target):
+        assert states["stoch"].shape == states["logits"].shape == (T, B, args.stoch, args.classes)
+        assert states["deter"].shape == (T, B, args.deter)
+        assert torch.all(states["stoch"].sum(-1) == 1)  # one-hot samples
+    assert agent.wm.rssm.feat(post).shape == (T, B, args.stoch * args.classes + args.deter)
+    loss, start, metrics = blast.world_model_loss(agent.wm, toy_batch, args)
+    assert start["deter"].shape == (T * B, args.deter)
+    for name, value in metrics.items():
+        assert value.shape == () and torch.isfinite(value), name
+    actor_loss, critic_loss, ac_metrics = blast.behaviour_losses(agent.wm, agent.ac, start, args, False)
+    for name, value in {"actor": actor_loss, "critic": critic_loss, **ac_metrics}.items():
+        assert value.shape == () and torch.isfinite(value), name
+
+
+# --- no-recon ------------------------------------------------------------------------------
+
+
+def test_only_the_dreamerv2_rung_has_a_pixel_term_in_the_loss(toy_batch):
+    torch.manual_seed(0)
+    dv2 = tiny("dreamerv2")
+    agent = blast.Agent(dv2, 2, False, CPU)
+    loss, _, m = blast.world_model_loss(agent.wm, toy_batch, dv2)
+    torch.testing.assert_close(loss, m["image_loss"] + dv2.reward_scale * m["reward_loss"] + dv2.kl_scale * m["kl_loss"])
+    assert depends(m["image_loss"], agent.wm.encoder)
+    for ladder in blast.LADDER_RUNGS[1:]:
+        args = tiny(ladder)
+        agent = blast.Agent(args, 2, False, CPU)
+        assert agent.wm.decoder is None
+        loss, _, m = blast.world_model_loss(agent.wm, toy_batch, args)
+        assert "image_loss" not in m
+        torch.testing.assert_close(loss, args.reward_scale * m["reward_loss"] + args.kl_scale * m["kl_loss"])
+
+
+def test_probe_decoder_learns_from_stop_gradient_features_only(toy_batch):
+    args = tiny("ar", probe_decoder=True)
+    agent = blast.Agent(args, 2, False, CPU)
+    loss, _, m = blast.world_model_loss(agent.wm, toy_batch, args)
+    assert "image_loss" not in m and torch.isfinite(m["probe_loss"])
+    torch.testing.assert_close(loss, m["model_loss"] + m["probe_loss"])
+    assert depends(m["probe_loss"], agent.wm.decoder)
+    for net in (agent.wm.encoder, agent.wm.posterior, agent.wm.rssm):
+        assert not depends(m["probe_loss"], net)
+
+
+# --- sg ------------------------------------------------------------------------------------
+
+
+def test_kl_balance_one_stops_the_gradient_into_the_posterior():
+    torch.manual_seed(0)
+    post = torch.randn(2, 3, 4, 5, requires_grad=True)
+    prior = torch.randn(2, 3, 4, 5, requires_grad=True)
+    loss, value = blast.kl_balance(post, prior, alpha=1.0, free=0.0)
+    g_post, g_prior = grads(loss, [post, prior])
+    assert torch.all(g_post == 0) and g_prior.abs().sum() > 0
+    plain = torch.distributions.kl_divergence(blast.categorical_dist(post), blast.categorical_dist(prior))
+    torch.testing.assert_close(loss, plain.mean())
+    torch.testing.assert_close(value, plain.detach())
+    # DreamerV2's 0.8 balance moves the posterior too
+    loss08, _ = blast.kl_balance(post, prior, alpha=0.8, free=0.0)
+    assert grads(loss08, [post])[0].abs().sum() > 0
+
+
+def test_sg_rung_kl_at_step_t_sends_no_gradient_into_the_posterior_at_t(toy_batch):
+    """The KL only reaches posterior q_t through h_{t+1} and later: the last step's KL does not
+    depend on the last posterior layer output at all."""
+    for ladder, expect in (("no-recon", True), ("sg", False)):
+        args = tiny(ladder)
+        wm = blast.Agent(args, 2, False, CPU).wm
+        post, target = blast.bootstrapped_posteriors(wm, toy_batch, args)
+        prior_logits, _ = wm.rssm.prior(post["deter"], target["stoch"].detach())
+        loss, _ = blast.kl_balance(target["logits"][-1:], prior_logits[-1:], args.kl_balance, 0.0)
+        (g,) = grads(loss, [target["logits"]])
+        assert (g.abs().sum() > 0) == expect, ladder
+
+
+# --- ema -----------------------------------------------------------------------------------
+
+
+def test_target_nets_are_an_exponential_moving_average_of_the_online_nets(toy_batch):
+    torch.manual_seed(0)
+    args = tiny("ema", target_ema=0.9)
+    agent = blast.Agent(args, 2, False, CPU)
+    wm = agent.wm
+    with torch.no_grad():  # make target and online differ
+        for p in wm.target_encoder.parameters():
+            p.add_(1.0)
+    targets, onlines = wm.ema_pairs()
+    assert len(targets) == len(onlines) == len(list(wm.encoder.parameters())) + len(list(wm.posterior.parameters()))
+    before = [t.clone() for t in targets]
+    agent.update(toy_batch)
+    for t, b, o in zip(targets, before, onlines):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * o)  # xi <- tau xi + (1 - tau) theta
+    assert all(not p.requires_grad for p in targets)
+    assert all(p.grad is None for p in targets)
+
+
+def test_target_input_p_splits_the_batch_between_online_and_target_paths(toy_batch):
+    torch.manual_seed(0)
+    B = 4
+    for p, online_rows in ((0.5, 2), (0.25, 3), (0.0, 4), (1.0, 0)):
+        args = tiny("ema", target_input_p=p)
+        wm = blast.Agent(args, 2, False, CPU).wm
+        post, target = blast.bootstrapped_posteriors(wm, toy_batch, args)
+        for row in range(B):
+            # h_t of the last step depends on the online encoder only on rows rolled on online
+            # posteriors; the KL targets never do
+            assert depends(post["deter"][-1, row].sum(), wm.encoder) == (row < online_rows), (p, row)
+        assert not depends(target["logits"].sum(), wm.encoder)
+        assert not depends(target["stoch"].sum(), wm.posterior)
+
+
+# --- ar ------------------------------------------------------------------------------------
+
+
+def ar_prior(steps=4):
+    torch.manual_seed(0)
+    return blast.Prior(deter=6, hidden=8, stoch=4, classes=3, steps=steps)
+
+
+def test_ar_prior_log_prob_of_a_sample_is_the_sum_of_its_chunk_log_probs():
+    prior = ar_prior()
+    h = torch.randn(5, 6)
+    logits, z = prior(h)  # sampled chunk by chunk
+    assert logits.shape == z.shape == (5, 4, 3) and torch.all(z.sum(-1) == 1)
+    total, g = torch.zeros(5), h
+    for k in range(prior.steps):  # ln p(z) = sum_k ln p(z^k | h, z^{<k})
+        lk = prior.chunk_logits(g, k)
+        total = total + (z[:, k:k + 1] * lk.log_softmax(-1)).sum((-2, -1))
+        g = prior.next_state(g, z[:, k:k + 1])
+    torch.testing.assert_close(prior.log_prob(h, z), total)
+    # the distributions the sample was drawn from are the teacher-forced ones
+    torch.testing.assert_close(prior(h, z)[0], logits)
+
+
+def test_ar_prior_chunk_k_depends_only_on_earlier_chunks():
+    prior = ar_prior()
+    h = torch.randn(5, 6)
+    z = torch.nn.functional.one_hot(torch.randint(0, 3, (5, 4)), 3).float().requires_grad_()
+    logits, _ = prior(h, z)
+    for k in range(4):
+        (g,) = grads(logits[:, k].sum(), [z])
+        assert torch.all(g[:, k:] == 0) and (k == 0 or g[:, :k].abs().sum() > 0), k
+
+
+def test_ar_prior_samples_chunks_in_order_feeding_each_back():
+    """Sampling draws chunk k after chunks < k: replaying the random stream chunk by chunk by
+    hand gives the same sample."""
+    prior = ar_prior()
+    h = torch.randn(5, 6)
+    torch.manual_seed(1)
+    _, z = prior(h)
+    torch.manual_seed(1)
+    g, chunks = h, []
+    for k in range(prior.steps):
+        chunks.append(blast.sample_onehot(prior.chunk_logits(g, k)))
+        g = prior.next_state(g, chunks[-1])
+    torch.testing.assert_close(z, torch.cat(chunks, -2))
+
+
+def test_ar_steps_one_is_dreamerv2s_independent_prior():
+    prior = ar_prior(steps=1)
+    assert not hasattr(prior, "cell")
+    h = torch.randn(5, 6)
+    logits, _ = prior(h)
+    expected = prior.out(torch.nn.functional.elu(prior.hidden(h))).reshape(5, 4, 3)
+    torch.testing.assert_close(logits, expected)
+
+
+# --- bn ------------------------------------------------------------------------------------
+
+
+def batch_norms(module):
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def test_batchnorm_sits_in_every_encoder_conv_and_the_posterior_layer():
+    wm = blast.Agent(tiny("bn"), 2, False, CPU).wm
+    assert len(batch_norms(wm.encoder)) == 4 and len(batch_norms(wm.posterior)) == 1
+    assert len(batch_norms(wm.target_encoder)) == 4 and len(batch_norms(wm.target_posterior)) == 1
+    assert not batch_norms(wm.rssm) and not batch_norms(blast.Agent(tiny("ema"), 2, False, CPU).wm)
+
+
+def test_batchnorm_trains_on_batches_and_acting_and_imagination_run_in_eval_mode(toy_batch):
+    torch.manual_seed(0)
+    agent = blast.Agent(tiny("ar"), 2, False, CPU)
+    wm, seen = agent.wm, {}
+    bns = batch_norms(wm)
+
+    def record(name):
+        return lambda module, inputs: seen.setdefault(name, []).append([m.training for m in bns])
+
+    hooks = [wm.encoder.register_forward_pre_hook(record("world model")),
+             wm.rssm.prior.register_forward_pre_hook(record("prior"))]
+    agent.update(toy_batch)
+    assert all(all(modes) for modes in seen["world model"])  # batch statistics in the loss
+    assert all(not any(modes) for modes in seen["prior"][1:])  # imagination (first call: the loss)
+    seen.clear()
+    hooks.append(wm.target_encoder.register_forward_pre_hook(record("acting")))
+    running = [m.running_mean.clone() for m in bns]
+    agent.act(toy_batch["obs"][0, 0].numpy(), None, explore=True)
+    assert all(not any(modes) for modes in seen["acting"])
+    assert all(torch.equal(r, m.running_mean) for r, m in zip(running, bns))  # acting changes none
+    for h in hooks:
+        h.remove()
+
+
+def test_target_batchnorm_keeps_its_own_running_statistics(toy_batch):
+    agent = blast.Agent(tiny("ar", target_ema=0.5), 2, False, CPU)
+    online, target = batch_norms(agent.wm.encoder)[0], batch_norms(agent.wm.target_encoder)[0]
+    with torch.no_grad():
+        online.running_mean.fill_(5.0)  # an EMA of buffers would move the target's towards 5
+    agent.update(toy_batch)
+    assert target.running_mean.abs().max() < 1.0
+
+
+# --- fast-pattern invariants ---------------------------------------------------------------
+
+
+def test_batched_observe_equals_the_step_by_step_acting_loop(toy_batch):
+    args = tiny("sg")
+    wm = blast.Agent(args, 2, False, CPU).wm
+    proj = wm.posterior.project(wm.encoder(toy_batch["obs"]))
+    torch.manual_seed(3)
+    post = wm.rssm.observe([(wm.posterior, proj, toy_batch["action"])])
+    torch.manual_seed(3)
+    state = wm.rssm.initial(args.batch_size, CPU)
+    for t in range(args.batch_length):
+        state = wm.rssm.obs_step(state, toy_batch["action"][t], proj[t], wm.posterior)
+        for key in ("deter", "logits", "stoch"):
+            torch.testing.assert_close(post[key][t], state[key], atol=1e-5, rtol=1e-5)
+
+
+def test_a_non_finite_loss_skips_every_step_and_is_flagged(toy_batch):
+    agent = blast.Agent(tiny("ar"), 2, False, CPU)
+    bad = dict(toy_batch, reward=toy_batch["reward"].clone())
+    bad["reward"][0, 0] = float("nan")
+    before = copy.deepcopy(agent.state_dict())
+    metrics, flags = agent.update(bad)
+    assert flags.tolist()[0] == 1.0  # the model loss
+    assert not torch.isfinite(metrics["model_loss"])
+    for key, value in agent.wm.state_dict().items():  # parameters and EMA targets unchanged
+        if "running" not in key and "num_batches" not in key:
+            assert torch.equal(value, before["wm"][key]), key
+    assert agent.model_opt.state_dict()["state"][0]["exp_avg"].abs().sum() == 0  # Adam moments too
+    _, flags = agent.update(toy_batch)
+    assert flags.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_bf16_keeps_kl_log_probs_values_and_losses_in_fp32(toy_batch):
+    args = tiny("ar", precision="bf16")
+    agent = blast.Agent(args, 2, False, CPU)
+    with agent.autocast:
+        loss, start, m = blast.world_model_loss(agent.wm, toy_batch, args)
+        actor_loss, critic_loss, am = blast.behaviour_losses(agent.wm, agent.ac, start, args, False)
+        log_prob = agent.wm.rssm.prior.log_prob(start["deter"], start["stoch"])
+    for value in (loss, m["kl_loss"], m["kl"], actor_loss, critic_loss, am["value"], am["lambda_return"], log_prob):
+        assert value.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_update_on_cuda_never_syncs_with_the_host(toy_batch):
+    device = torch.device("cuda")
+    agent = blast.Agent(tiny("ar"), 2, False, device)
+    batch = blast.to_device(toy_batch, device)
+    without_host_sync(agent.update, batch)
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+
+
+@pytest.mark.slow
+def test_blast_beats_random_on_toy_reach_center(tmp_path, monkeypatch):
+    """Criterion: conftest.check_beats_random (benchmark.sh smoke's)."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = blast.main(smoke_args(blast, "blast"))
+    check_beats_random(run_dir, benchmark.SMOKE_ENV)
+
+
+@pytest.mark.slow
+def test_blast_beats_random_on_minigrid(tmp_path, monkeypatch):
+    """MiniGrid dynamic obstacles with the A.2 grid-world settings at small sizes."""
+    monkeypatch.chdir(tmp_path)
+    env = "minigrid-dynamic-obstacles-6x6"
+    args = blast.parse_args(["--env", env, "--preset", "tiny", "--cnn-depth", "8", "--deter", "64",
+                             "--hidden", "64", "--stoch", "8", "--classes", "8", "--mlp-units", "64",
+                             "--batch-size", "8", "--batch-length", "16", "--prefill", "1000",
+                             "--train-every", "2", "--total-steps", "6000", "--eval-every", "1000",
+                             "--eval-episodes", "20"])
+    run_dir = blast.main(args)
+    check_beats_random(run_dir, env)
+
+
+def test_compiled_losses_equal_eager_ones(toy_batch, compile_backend):
+    """--compile compiles the whole loss functions (per `compile_backend`; inductor is slow on CPU); with inductor's random
+    numbers replaced by eager's (fallback_random) the losses agree to 1e-4 relative."""
+    import torch._inductor.config as inductor
+
+    args = tiny("ar", compile=True, horizon=2)
+    short = {k: v[:3] for k, v in toy_batch.items()}
+    torch.manual_seed(0)
+    agent = blast.Agent(args, 2, False, CPU)
+    eager, compiled = {}, {}
+    for out, wm_loss, ac_loss in ((eager, blast.world_model_loss, blast.behaviour_losses),
+                                  (compiled, agent.wm_loss, agent.ac_loss)):
+        torch.manual_seed(1)
+        with inductor.patch(fallback_random=True):
+            loss, start, m = wm_loss(agent.wm, short, args)
+            actor_loss, critic_loss, _ = ac_loss(agent.wm, agent.ac, start, args, False)
+        out.update(model=loss, kl=m["kl_loss"], actor=actor_loss, critic=critic_loss)
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,181 @@
+"""What every algorithm script promises a user, tested the same way for each script present:
+progress from the first seconds, Ctrl-C/SIGTERM write a checkpoint and print the resume command,
+resume continues the run (flags that change the algorithm refused, metrics not duplicated),
+episode seeds never shared between seeds, `--preset tiny` is a short run."""
+
+import importlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, check_bad_cli_input, read_metrics
+
+SCRIPTS = [s for s in ("dreamerv2", "core", "blast", "dreamingv2", "cvrl") if (ROOT / f"{s}.py").is_file()]
+TINY = ["--env", "toy-reach", "--preset", "tiny", "--log-every", "50", "--eval-every", "0"]
+
+
+def module(script: str):
+    return importlib.import_module(script)
+
+
+class Run:
+    """A script started as a user would, its stdout read line by line as it comes."""
+
+    def __init__(self, script: str, flags: list[str], cwd: Path):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / f"{script}.py"), *flags], cwd=cwd,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=env)
+        self.lines: list[str] = []
+        self.stderr = ""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float = 300.0) -> re.Match:
+        """The first stdout line matching `pattern`, waiting up to `timeout` seconds."""
+        end = time.time() + timeout
+        while time.time() < end:
+            for line in list(self.lines):
+                match = re.search(pattern, line)
+                if match:
+                    return match
+            if self.proc.poll() is not None and not any(re.search(pattern, x) for x in self.lines):
+                time.sleep(0.5)  # let the reader thread drain the pipe
+                if not any(re.search(pattern, x) for x in self.lines):
+                    break
+            time.sleep(0.2)
+        self.proc.kill()
+        raise AssertionError(f"no line matching {pattern!r}; stdout:\n" + "\n".join(self.lines[-30:])
+                             + "\nstderr:\n" + self.proc.stderr.read()[-3000:])
+
+    def finish(self, timeout: float = 300.0) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        self.stderr = self.proc.stderr.read()
+        time.sleep(0.2)
+        return rc
+
+    @property
+    def stdout(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_progress_appears_during_prefill_and_ctrl_c_checkpoints_then_resume_continues(script, tmp_path):
+    run = Run(script, [*TINY, "--total-steps", "100000"], tmp_path)
+    # A progress line with an ETA from the first seconds, before any update.
+    run.wait_for(r"step +\d+/100000 \| prefill \|.*ETA", timeout=120)
+    # Then training starts; interrupt it once updates are being made.
+    run.wait_for(r"\| train \|.*updates +[1-9]", timeout=300)
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 130, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and "KeyboardInterrupt" not in run.stderr, run.stderr[-3000:]
+    match = re.search(rf"interrupted at step (\d+); resume with: python {script}\.py --resume (\S+)",
+                      run.stdout)
+    assert match, run.stdout[-2000:]
+    step, path = int(match.group(1)), tmp_path / match.group(2)
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["counters"]["env_steps"] == step and ckpt["agent"]["updates"] > 0
+    run_dir = path.parent
+
+    # Flags that change the algorithm are refused, with their names, before anything runs.
+    bad = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), "--resume", str(path),
+                          "--batch-size", "3"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert re.search(r"--batch[-_]size", bad.stdout + bad.stderr), bad.stdout + bad.stderr
+
+    # A record written after the checkpoint (a crash between checkpoint and exit) is dropped on
+    # resume, so that no step appears twice.
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step + 7, "time": time.time(), "charts/SPS": -1.0}) + "\n")
+    # Schedule flags may change: the resumed run goes 200 env steps further and ends normally.
+    resumed = Run(script, ["--resume", str(path), "--total-steps", str(step + 200), "--save-model"],
+                  tmp_path)
+    assert resumed.finish() == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    records = read_metrics(run_dir)
+    assert not any(r.get("charts/SPS") == -1.0 for r in records)
+    pairs = [(r["step"], k) for r in records for k in r if k not in ("step", "time")]
+    assert len(pairs) == len(set(pairs)), "a (step, metric) pair appears twice"
+    assert max(r["step"] for r in records) == step + 200
+    # what every run writes: TensorBoard events, progress and loss records, the final evaluation
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert any("charts/SPS" in r for r in records)
+    losses = [v for r in records for k, v in r.items() if k.startswith("losses/")]
+    assert losses and all(np.isfinite(losses))
+    assert any("eval/episodic_return" in r and r["step"] == step + 200 for r in records)
+    final = torch.load(path, weights_only=False)
+    assert final["counters"]["env_steps"] == step + 200
+    assert final["agent"]["updates"] > ckpt["agent"]["updates"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sigterm_during_prefill_writes_a_checkpoint_and_exits_143(script, tmp_path):
+    run = Run(script, [*TINY, "--total-steps", "100000", "--prefill", "100000"], tmp_path)
+    run.wait_for(r"step +\d+/100000 \| prefill", timeout=120)
+    time.sleep(1.0)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 143, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    match = re.search(r"interrupted at step (\d+); resume with: .* --resume (\S+)", run.stdout)
+    assert match and (tmp_path / match.group(2)).is_file(), run.stdout[-2000:]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_tiny_preset_is_a_short_run_unless_total_steps_is_given(script):
+    mod = module(script)
+    assert mod.parse_args(["--preset", "tiny"]).total_steps == 2000
+    assert mod.parse_args(["--preset", "tiny", "--total-steps", "500"]).total_steps == 500
+    assert mod.parse_args([]).total_steps > 2000  # the paper's length by default
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_episode_seeds_of_neighbouring_run_seeds_never_overlap(script):
+    seed_of = module(script).episode_seed
+    runs = {s: {seed_of(s, "train", k) for k in range(2000)} for s in (1, 2, 3)}
+    assert all(len(v) == 2000 for v in runs.values())  # no repeats inside a run
+    assert not runs[1] & runs[2] and not runs[2] & runs[3]
+    assert not runs[1] & {seed_of(1, "eval", k) for k in range(2000)}  # eval episodes differ too
+    assert seed_of(1, "train", 5) == seed_of(1, "train", 5)  # and they replay
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("flags,message", [
+    (["--env", "dcs-walkr-walk"], "unknown domain 'walkr'"),
+    (["--env", "dcs-walker-walk", "--distraction", "extreme"], "unknown distraction 'extreme'"),
+    (["--resume", "/no/such/checkpoint.pt"], "/no/such/checkpoint.pt"),
+])
+def test_bad_input_ends_with_a_message_and_no_run_folder(script, flags, message, tmp_path):
+    check_bad_cli_input(f"{script}.py", flags, message, tmp_path)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_checkpoint_holds_only_the_filled_part_of_the_replay(script, tmp_path):
+    """The replay is allocated for its whole capacity; a checkpoint stores what was filled (a
+    tensor view would drag the whole preallocated storage into the file)."""
+    import io
+
+    replay = module(script).Replay(20_000, (3, 64, 64), 2, seed=0, device=torch.device("cpu"))
+    n = 60
+    replay.add_episode(np.full((n, 3, 64, 64), 7, np.uint8), np.zeros((n, 2), np.float32),
+                       np.zeros(n, np.float32), np.ones(n, np.float32))
+    buffer = io.BytesIO()
+    torch.save(replay.state_dict(), buffer)
+    assert buffer.tell() < 3 * n * 3 * 64 * 64, buffer.tell()  # a few episodes' worth, not 20K frames
+    again = module(script).Replay(20_000, (3, 64, 64), 2, seed=0, device=torch.device("cpu"))
+    buffer.seek(0)
+    again.load_state_dict(torch.load(buffer, weights_only=False))
+    assert again.size == n
