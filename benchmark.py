@@ -691,9 +691,12 @@ def speed(algos: dict, updates: int, tiny: bool, env: str, out: Path, device: st
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         mem = f"{r['peak_memory_gib']:.2f}" if "peak_memory_gib" in r else "-"
+        policy = f"{r['policy_ms']:.1f}"
+        if "policy_ms_no_mpc" in r:  # cvrl: acting with latent-guided MPC, and with the actor alone
+            policy += f" (no MPC: {r['policy_ms_no_mpc']:.1f})"
         lines.append(f"| {r['algo']} | {r['sizes']} | {r['parameters'] / 1e6:.2f}M | "
                      f"{r['precision']} | {r['compile']} | {r['seconds_per_update']:.3f} | "
-                     f"{r['env_steps_per_second']:.1f} | {r['policy_ms']:.1f} | {mem} | "
+                     f"{r['env_steps_per_second']:.1f} | {policy} | {mem} | "
                      f"{r['peak_host_memory_gib']:.2f} |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -102,7 +102,8 @@ class Args:
     total_steps: int = 1_000_000
     """environment steps to train for, counted after action repeat (simulator steps)"""
     action_repeat: Optional[int] = None
-    """simulator steps per action (default: the per-task literature value, see envs)"""
+    """simulator steps per action (default: 2 for every dmc/dcs/natural task, DreamerV2's DMC
+    setting that A.2 keeps; the env's default elsewhere, e.g. 1 for MiniGrid)"""
     eval_every: int = 10_000
     """environment steps between evaluations (0: never, except at the end)"""
     eval_episodes: int = 10
@@ -213,7 +214,10 @@ class Args:
     grad_clip: float = 100.0
     """gradient-norm clip of every optimiser"""
     weight_decay: float = 1e-6
-    """decoupled weight decay of every optimiser"""
+    """weight decay of every optimiser, as DreamerV2's: each variable times (1 - wd) per step"""
+    init: Literal["glorot", "torch"] = "glorot"
+    """weight init: 'glorot' = Glorot-uniform weights, zero biases (Keras defaults: DreamerV2's and
+    the authors' code); 'torch' = PyTorch's layer defaults"""
 
 
 # The ladder (Fig. 3, 4): each rung adds one change to those before it.
@@ -389,6 +393,12 @@ class LayerNormGRUCell(nn.Module):
         return update * cand + (1 - update) * h
 
 
+def one_hot(index: torch.Tensor, classes: int) -> torch.Tensor:
+    """F.one_hot as float, by comparison with arange: F.one_hot checks the index range by reading
+    min and max to the host on CPU (on CUDA it skips the check), which the sync tests reject."""
+    return (index.unsqueeze(-1) == torch.arange(classes, device=index.device)).float()
+
+
 def sample_onehot(logits: torch.Tensor) -> torch.Tensor:
     """One-hot sample of each categorical (Gumbel-max: no host sync, compiles), with
     straight-through gradients: the value is the sample, the gradient that of the probabilities."""
@@ -396,7 +406,7 @@ def sample_onehot(logits: torch.Tensor) -> torch.Tensor:
     u = torch.rand_like(logits).clamp(1e-20, 1 - 1e-7)
     index = (logits - torch.log(-torch.log(u))).argmax(-1)
     probs = logits.softmax(-1)
-    return F.one_hot(index, logits.shape[-1]).to(probs.dtype) + (probs - probs.detach())  # exact one-hot value
+    return one_hot(index, logits.shape[-1]) + (probs - probs.detach())  # exact one-hot value
 
 
 def categorical_dist(logits: torch.Tensor) -> td.Distribution:
@@ -581,6 +591,15 @@ class TruncatedNormal(td.Distribution):
                 + (self._alpha * phi(self._alpha) - self._beta * phi(self._beta)) / (2 * self._z))
 
 
+class OneHotActionDist(td.OneHotCategoricalStraightThrough):
+    """The actor's distribution over discrete actions: a one-hot categorical whose straight-through
+    sample is drawn by `sample_onehot`, without torch.multinomial's validity check, which copies a flag
+    to the host (a GPU sync per imagined step)."""
+
+    def rsample(self, sample_shape=torch.Size()):
+        return sample_onehot(self.logits.expand(*sample_shape, *self.logits.shape))
+
+
 class Actor(nn.Module):
     """pi(a_t | z_t): truncated normal (mean tanh, std 2 sigmoid(x/2) + 0.1) or one-hot categorical."""
 
@@ -592,7 +611,7 @@ class Actor(nn.Module):
     def forward(self, feat: torch.Tensor) -> td.Distribution:
         out = self.net(feat).float()
         if self.discrete:
-            return td.OneHotCategoricalStraightThrough(logits=out)
+            return OneHotActionDist(logits=out)
         mean, std = out.chunk(2, -1)
         return td.Independent(TruncatedNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + 0.1), 1)
 
@@ -600,8 +619,16 @@ class Actor(nn.Module):
 def mode(dist: td.Distribution) -> torch.Tensor:
     """Deterministic action for evaluation."""
     if isinstance(dist, td.OneHotCategorical):
-        return F.one_hot(dist.logits.argmax(-1), dist.logits.shape[-1]).float()
+        return one_hot(dist.logits.argmax(-1), dist.logits.shape[-1])
     return dist.base_dist.mode
+
+
+def glorot_init(module: nn.Module):
+    """Keras' defaults, as in the TensorFlow code BLAST builds on: Glorot-uniform weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 class WorldModel(nn.Module):
@@ -620,6 +647,8 @@ class WorldModel(nn.Module):
         self.reward = mlp(feat, 1, args.mlp_units, args.mlp_layers)
         self.discount = mlp(feat, 1, args.mlp_units, args.mlp_layers) if args.pred_discount else None
         self.decoder = Decoder(feat, args.cnn_depth) if args.recon or args.probe_decoder else None
+        if args.init == "glorot":
+            self.apply(glorot_init)  # before the target copies, which start equal to the online nets
         # Sec. 2.3.1: xi starts as a copy of theta (BYOL). (As we read keirp/blast's
         # update_targets, its first update mixes with weight 1.0 on the target, which keeps the
         # target's own random initialisation instead.)
@@ -650,6 +679,8 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.actor = Actor(feat_dim, action_dim, discrete, args.mlp_units, args.mlp_layers)
         self.critic = mlp(feat_dim, 1, args.mlp_units, args.mlp_layers)
+        if args.init == "glorot":
+            self.apply(glorot_init)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
 
 
@@ -800,7 +831,7 @@ def gaussian_nll(mean: torch.Tensor, target: torch.Tensor, dims: int = 0) -> tor
 def world_model_loss(wm: WorldModel, batch: dict, args: Args):
     """Eq. 2.3 (dreamerv2 rung) / Eq. 2.4 (BLAST): beta_r reward log loss [+ discount log loss]
     [+ image log loss] + beta_KL KL(sg(q_xi) || p_theta). Returns (loss to minimise, imagination
-    start states, metrics). The loss includes the probe decoder's, which only trains the probe."""
+    start states, metrics). The probe decoder's loss is in the metrics (`probe_loss`), not in the loss."""
     post, kl_target = bootstrapped_posteriors(wm, batch, args)
     # Sec. 2.3.2: the prior is teacher-forced on the KL targets' samples, chunk by chunk, in one
     # batched pass over all T * B steps after the filtering loop.
@@ -829,8 +860,7 @@ def world_model_loss(wm: WorldModel, batch: dict, args: Args):
     metrics["model_loss"] = loss
     if wm.decoder is not None and not args.recon:  # probe (Fig. 8): stop-gradient features
         probe_nll = gaussian_nll(wm.decoder(feat.detach()), image, 3).mean()
-        metrics["probe_loss"] = probe_nll
-        loss = loss + probe_nll
+        metrics["probe_loss"] = probe_nll  # not in `loss`: the probe has its own optimiser
     # Imagination starts from the posteriors the prior was trained to predict and the actor acts
     # on: the target posteriors when there is a target (see Agent.act).
     start = {k: kl_target[k].detach().flatten(0, 1) for k in ("deter", "stoch")}  # (T*B, ...)
@@ -874,19 +904,22 @@ def behaviour_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args, d
         discount = args.gamma * torch.sigmoid(wm.discount(feats).squeeze(-1).float())
     else:
         discount = torch.full_like(reward, args.gamma)
-    value = ac.target_critic(feats).squeeze(-1).float()
+    value = ac.target_critic(feats).squeeze(-1).float()  # slow critic v(z_t), (H+1, N)
     target = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], args.return_lambda)
-    weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-2]], 0), 0).detach()
-    policy = ac.actor(feats[:-1].detach())
-    critic = ac.critic(feats[:-1].detach()).squeeze(-1).float()  # v(z_t), also the baseline
+    # Imagined steps after a predicted episode end count less: weight_t = prod_{k<t} gamma_k, (H+1, N).
+    weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]], 0), 0).detach()
+    # Actor, indexed as DreamerV2's official agent.py (which BLAST's code keeps): the action taken
+    # at z_t (t = 0..H-2) is credited with V_{t+1}; z_0 is a start state, so V_0 trains nothing.
+    policy = ac.actor(feats[:-2].detach())
     grad = args.actor_grad if args.actor_grad != "auto" else ("reinforce" if discrete else "dynamics")
     if grad == "dynamics":
-        objective = target  # rho = 1: backpropagate V_t through the model into the actions
-    else:  # rho = 0: REINFORCE with the critic as baseline
-        objective = policy.log_prob(actions.detach()) * (target - critic).detach()
+        objective = target[1:]  # rho = 1: backpropagate V_{t+1} through the model into a_t
+    else:  # rho = 0: REINFORCE, baseline the slow critic, advantage V_{t+1} - v(z_t) (official)
+        objective = policy.log_prob(actions[:-1].detach()) * (target[1:] - value[:-2]).detach()
     entropy = policy.entropy()
-    actor_loss = -(weight * (objective + args.actor_entropy * entropy)).mean()
-    critic_loss = (gaussian_nll(critic, target.detach()) * weight).mean()
+    actor_loss = -(weight[:-2] * (objective + args.actor_entropy * entropy)).mean()
+    critic = ac.critic(feats[:-1].detach()).squeeze(-1).float()  # v(z_t), (H, N)
+    critic_loss = (gaussian_nll(critic, target.detach()) * weight[:-1]).mean()
     metrics = dict(actor_loss=actor_loss, critic_loss=critic_loss, actor_entropy=entropy.mean(),
                    imagined_reward=reward.mean(), value=critic.mean(), lambda_return=target.mean())
     return actor_loss, critic_loss, metrics
@@ -899,6 +932,13 @@ def behaviour_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args, d
 NONFINITE_NAMES = ("model_loss", "actor_loss", "critic_loss")
 
 
+def lerp_(targets: list, sources: list, weight: torch.Tensor):
+    """targets <- targets + weight * (sources - targets), in place, for a 0-dim device tensor
+    `weight`. The weight goes in as a list of tensors: the overload that takes one number would
+    read the tensor to the host (a GPU sync every update)."""
+    torch._foreach_lerp_(targets, sources, [weight] * len(targets))
+
+
 def nonfinite(*values: torch.Tensor) -> torch.Tensor:
     """1.0 if any value is NaN/inf, as a 0-dim device tensor (no host sync)."""
     return (~torch.isfinite(torch.stack([v.float() for v in values]))).any().float()
@@ -909,13 +949,25 @@ class Agent:
         self.args, self.device, self.discrete, self.action_dim = args, device, discrete, action_dim
         self.wm = WorldModel(args, action_dim).to(device)
         self.ac = ActorCritic(args, self.wm.rssm.feat_dim, action_dim, discrete).to(device)
-        self.model_params = [p for p in self.wm.parameters() if p.requires_grad]
+        self.probe = args.probe_decoder and not args.recon
+        # The probe decoder has its own optimiser and clip, so that it cannot shape the latent in
+        # any way (a shared clip would scale the world model's gradient with the probe's).
+        self.probe_params = list(self.wm.decoder.parameters()) if self.probe else []
+        self.model_params = [p for n, p in self.wm.named_parameters()
+                             if p.requires_grad and not (self.probe and n.startswith("decoder."))]
+        # DreamerV2's optimiser multiplies each variable by (1 - wd) per step; AdamW multiplies by
+        # (1 - lr * wd'), so wd' = wd / lr is that decay. fused=True: one kernel per step, and it
+        # honours `found_inf` (skips the step on the device, see `update`).
         adam = lambda params, lr: torch.optim.AdamW(params, lr=lr, eps=args.adam_eps,  # noqa: E731
-                                                    weight_decay=args.weight_decay, fused=True)
+                                                    weight_decay=args.weight_decay / lr, fused=True)
         self.model_opt = adam(self.model_params, args.model_lr)
+        self.probe_opt = adam(self.probe_params, args.model_lr) if self.probe else None
         self.actor_opt = adam(self.ac.actor.parameters(), args.actor_lr)
         self.critic_opt = adam(self.ac.critic.parameters(), args.critic_lr)
         self.updates = 0
+        # Once an update has a non-finite loss, every later one is skipped too (a device flag): the
+        # main loop reads the flags one update late, without waiting for the GPU, and then stops.
+        self.halted = torch.zeros((), device=device)
         self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
         self.wm_loss, self.ac_loss = world_model_loss, behaviour_losses
         if args.compile:
@@ -926,22 +978,31 @@ class Agent:
     def update(self, batch: dict) -> tuple[dict, torch.Tensor]:
         """One world-model update (with the EMA of the target), then one actor and one critic
         update on imagined rollouts. Returns (metrics, nonfinite flags per NONFINITE_NAMES), all
-        device tensors. An optimiser whose loss or gradient norm is not finite skips its step
-        (fused Adam's found_inf) and so do the EMA and target-critic copies that follow it."""
-        args = self.args
+        device tensors. A step whose loss or gradient norm is not finite is skipped on the device
+        (fused Adam's found_inf), and so are the EMA and target-critic copies that follow it; a bad
+        world-model step skips the whole update, so that all parameters stay as before it."""
+        args, clip = self.args, nn.utils.clip_grad_norm_
         self.wm.train()  # BatchNorm: batch statistics (online and target), running stats update
         with self.autocast:
             model_loss, start, metrics = self.wm_loss(self.wm, batch, args)
         self.model_opt.zero_grad(set_to_none=True)
-        model_loss.backward()
-        metrics["model_grad_norm"] = nn.utils.clip_grad_norm_(self.model_params, args.grad_clip, foreach=True)
-        bad_model = nonfinite(model_loss, metrics["model_grad_norm"])
+        if self.probe:
+            self.probe_opt.zero_grad(set_to_none=True)
+            (model_loss + metrics["probe_loss"]).backward()  # separate parameters: separate gradients
+        else:
+            model_loss.backward()
+        metrics["model_grad_norm"] = clip(self.model_params, args.grad_clip, foreach=True)
+        bad_model = torch.maximum(self.halted, nonfinite(model_loss, metrics["model_grad_norm"]))
         self.model_opt.found_inf = bad_model
         self.model_opt.step()
+        if self.probe:
+            probe_norm = clip(self.probe_params, args.grad_clip, foreach=True)
+            self.probe_opt.found_inf = torch.maximum(bad_model, nonfinite(metrics["probe_loss"], probe_norm))
+            self.probe_opt.step()
         targets, onlines = self.wm.ema_pairs()
-        if targets:  # Sec. 2.3.1: xi <- tau xi + (1 - tau) theta
+        if targets:  # Sec. 2.3.1: xi <- tau xi + (1 - tau) theta, not after a skipped step
             with torch.no_grad():
-                torch._foreach_lerp_(targets, onlines, (1 - args.target_ema) * (1 - bad_model))
+                lerp_(targets, onlines, (1 - args.target_ema) * (1 - bad_model))
 
         # Imagination in eval mode (the prior has no BatchNorm; the mode is set so that no layer
         # could use batch statistics of imagined states or update running statistics with them).
@@ -953,24 +1014,27 @@ class Agent:
         # Each loss updates only its own network: the actor's gradient flows through the world
         # model into the actions, but the world model is not updated by it.
         # One backward pass for both: a compiled graph can be backpropagated only once, and the
-        # sum's gradient with respect to each network is its own loss's (the actor loss uses no
-        # trained critic output with a gradient; the critic loss sees detached features and targets).
+        # sum's gradient with respect to each network is its own loss's (the actor loss uses only
+        # the slow critic; the critic loss sees detached features and targets).
         (actor_loss + critic_loss).backward(
             inputs=[*self.ac.actor.parameters(), *self.ac.critic.parameters()])
-        metrics["actor_grad_norm"] = nn.utils.clip_grad_norm_(self.ac.actor.parameters(), args.grad_clip, foreach=True)
-        metrics["critic_grad_norm"] = nn.utils.clip_grad_norm_(self.ac.critic.parameters(), args.grad_clip, foreach=True)
+        metrics["actor_grad_norm"] = clip(self.ac.actor.parameters(), args.grad_clip, foreach=True)
+        metrics["critic_grad_norm"] = clip(self.ac.critic.parameters(), args.grad_clip, foreach=True)
         bad_actor = nonfinite(actor_loss, metrics["actor_grad_norm"])
         bad_critic = nonfinite(critic_loss, metrics["critic_grad_norm"])
-        self.actor_opt.found_inf, self.critic_opt.found_inf = bad_actor, bad_critic
+        self.actor_opt.found_inf = torch.maximum(bad_model, bad_actor)
+        self.critic_opt.found_inf = torch.maximum(bad_model, bad_critic)
         self.actor_opt.step()
         self.critic_opt.step()
         metrics.update(ac_metrics)
         if self.updates % args.target_update_every == 0:  # copy, unless the critic step was skipped
             critic, target = list(self.ac.critic.parameters()), list(self.ac.target_critic.parameters())
             with torch.no_grad():
-                torch._foreach_lerp_(target, critic, 1 - bad_critic)
+                lerp_(target, critic, 1 - self.critic_opt.found_inf)
         self.updates += 1
-        return metrics, torch.stack([bad_model, bad_actor, bad_critic])
+        flags = torch.stack([bad_model, bad_actor, bad_critic])
+        self.halted = torch.maximum(self.halted, flags.max())
+        return metrics, flags
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, state, explore: bool):
@@ -1007,12 +1071,13 @@ class Agent:
     def state_dict(self) -> dict:
         return dict(wm=self.wm.state_dict(), ac=self.ac.state_dict(),
                     model_opt=self.model_opt.state_dict(), actor_opt=self.actor_opt.state_dict(),
-                    critic_opt=self.critic_opt.state_dict(), updates=self.updates)
+                    critic_opt=self.critic_opt.state_dict(), updates=self.updates,
+                    probe_opt=self.probe_opt.state_dict() if self.probe else None)
 
     def load_state_dict(self, state: dict):
         self.wm.load_state_dict(state["wm"])
         self.ac.load_state_dict(state["ac"])
-        for key in ("model_opt", "actor_opt", "critic_opt"):
+        for key in ("model_opt", "actor_opt", "critic_opt") + (("probe_opt",) if self.probe else ()):
             getattr(self, key).load_state_dict(state[key])
         self.updates = state["updates"]
 
@@ -1180,9 +1245,19 @@ def setup_torch(args: Args, device: torch.device):
     torch.backends.cudnn.benchmark = not args.torch_deterministic
 
 
+def action_repeat(args: Args) -> int:
+    """--action-repeat, else 2 for every DMC-family task (DreamerV2's configs.yaml dmc:
+    action_repeat 2, which BLAST's A.2 keeps; not PlaNet's per-task 4/8), else the env's default."""
+    if args.action_repeat is not None:
+        return args.action_repeat
+    if args.env.partition("-")[0] in ("dmc", "dcs", "natural"):
+        return 2
+    return envs.default_action_repeat(args.env)
+
+
 def make_env(args: Args, split: str, seed: int):
     return envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=seed,
-                     image_size=64, action_repeat=args.action_repeat, split=split,
+                     image_size=64, action_repeat=action_repeat(args), split=split,
                      video_dir=args.video_dir)
 
 
@@ -1260,7 +1335,7 @@ def main(args: Args):
     if args.resume:
         if not Path(args.resume).is_file():
             raise SystemExit(f"error: --resume {args.resume}: no such checkpoint file")
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
     device = resolve_device(args.device)
     setup_torch(args, device)
     replay_device = device if args.replay_device == "auto" else resolve_device(args.replay_device)
@@ -1281,7 +1356,7 @@ def main(args: Args):
     run_dir.mkdir(parents=True, exist_ok=True)
     discrete = hasattr(env.action_space, "n")
     action_dim = env.action_space.n if discrete else env.action_space.shape[0]
-    repeat = args.action_repeat or envs.default_action_repeat(args.env)
+    repeat = action_repeat(args)
 
     agent = Agent(args, action_dim, discrete, device)
     replay = Replay(max(args.replay_capacity // repeat, args.batch_length), env.observation_space.shape,
@@ -1312,8 +1387,9 @@ def main(args: Args):
         print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "
               f"episode was stored as truncated; a new episode starts)")
     ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
-    videos = args.video_dir or "built-in pool"
-    print(f"run {run_dir} | {describe(args)} | device {device} | {agent.num_parameters() / 1e6:.1f}M "
+    videos = envs.video_source(args.env, args.distraction, args.video_dir)
+    print(f"run {run_dir} | {describe(args)} | action repeat {repeat} | device {device} | "
+          f"{agent.num_parameters() / 1e6:.1f}M "
           f"parameters | replay {replay.capacity:,} agent steps on {replay_device}, up to "
           f"{replay.nbytes / 2**30:.2f} GiB | replay ratio {ratio:.0f} | videos: {videos}", flush=True)
     progress = Progress(args, counters, repeat)
@@ -1358,13 +1434,16 @@ def main(args: Args):
             finish(1, f"error: non-finite {name} at update {update} (env step "
                       f"{counters['env_steps']}); checkpoint from before it: {ckpt_path}")
 
+    compiled = [not args.compile]  # the first update of this process compiles (also after a resume)
+
     def train_step():
         nonlocal metrics
         check_finite()
         batch = to_device(replay.sample(args.batch_size, args.batch_length), device)
         start = time.perf_counter()
         metrics, flags = agent.update(batch)
-        if agent.updates == 1 and args.compile:
+        if not compiled[0]:
+            compiled[0] = True
             print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
         else:  # the compile time would distort s/update
             progress.update_seconds += time.perf_counter() - start

@@ -825,6 +825,13 @@ def alpha_loss(log_alpha, log_prob, target_entropy: float):
 LOSS_NAMES = ("model_loss", "critic_loss", "actor_loss", "alpha_loss")  # one non-finite flag each
 
 
+def lerp_(targets: list, sources: list, weight: torch.Tensor):
+    """targets <- targets + weight * (sources - targets), in place, for a 0-dim device tensor
+    `weight`. The weight goes in as a list of tensors: the overload that takes one number would
+    read the tensor to the host (a GPU sync every update)."""
+    torch._foreach_lerp_(targets, sources, [weight] * len(targets))
+
+
 class Agent:
     def __init__(self, args: Args, action_dim: int, device: torch.device):
         self.args, self.device, self.action_dim = args, device, action_dim
@@ -935,8 +942,8 @@ class Agent:
         # Polyak averaging of the target critics (tau = 0.005, every update), one fused op;
         # no averaging once an update was non-finite.
         with torch.no_grad():  # in place on the targets, outside autograd (no history between updates)
-            torch._foreach_lerp_(list(self.target_critics.parameters()), list(self.critics.parameters()),
-                                 args.tau * (1 - self.halted))
+            lerp_(list(self.target_critics.parameters()), list(self.critics.parameters()),
+                  args.tau * (1 - self.halted))
         self.updates += 1
         metrics.update(q_metrics, actor_loss=pi_loss.detach(), alpha=self.log_alpha.exp().detach(),
                        alpha_loss=a_loss.detach(), entropy=-log_prob.mean())
@@ -1216,9 +1223,7 @@ def make_env(args: Args, split: str, seed: int):
 
 def video_source(args: Args) -> str:
     """Where background videos come from (the papers use DAVIS 2017)."""
-    if not args.env.startswith(("dcs-", "natural-")):
-        return "none"
-    return args.video_dir or "built-in pool"
+    return envs.video_source(args.env, args.distraction, args.video_dir)
 
 
 def measure_speed(args: Args, device: torch.device) -> dict:

@@ -240,7 +240,7 @@ def parse_args(argv=None) -> Args:
         return tyro.cli(Args, args=argv, default=default)
     if not Path(resume).is_file():
         raise SystemExit(f"error: --resume {resume}: no such checkpoint file")
-    saved = torch.load(resume, map_location="cpu", weights_only=False)["args"]
+    saved = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["args"]
     names = {f.name for f in dataclasses.fields(Args)}
     args = tyro.cli(Args, args=argv, default=Args(**{k: v for k, v in saved.items() if k in names}))
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint {saved[k]})"
@@ -718,6 +718,13 @@ def fused_adam(params, lr: float, eps: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
 
 
+def lerp_(targets: list, sources: list, weight: torch.Tensor):
+    """targets <- targets + weight * (sources - targets), in place, for a 0-dim device tensor
+    `weight`. The weight goes in as a list of tensors: the overload that takes one number would
+    read the tensor to the host (a GPU sync every update)."""
+    torch._foreach_lerp_(targets, sources, [weight] * len(targets))
+
+
 class Agent:
     def __init__(self, args: Args, action_dim: int, device: torch.device):
         self.args, self.device, self.action_dim = args, device, action_dim
@@ -800,8 +807,7 @@ class Agent:
             opt.step()
         if args.sac:  # Polyak averaging of the target Q-nets, skipped with the update
             with torch.no_grad():
-                torch._foreach_lerp_(list(self.target_q.parameters()), list(self.q.parameters()),
-                                     args.tau * (1 - found_inf))
+                lerp_(list(self.target_q.parameters()), list(self.q.parameters()), args.tau * (1 - found_inf))
         metrics.update(actor_loss=actor_loss.detach(), value_loss=value_loss.detach(),
                        model_grad_norm=norms[0], actor_grad_norm=norms[1], value_grad_norm=norms[2])
         self.nonfinite = nonfinite
@@ -1101,7 +1107,7 @@ def main(args: Args):
     if args.resume:
         if not Path(args.resume).is_file():
             raise SystemExit(f"error: --resume {args.resume}: no such checkpoint file")
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1141,8 +1147,8 @@ def main(args: Args):
 
     params = agent.num_parameters()
     ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
-    videos = args.video_dir or "built-in pool"
-    print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | replay "
+    videos = envs.video_source(args.env, args.distraction, args.video_dir)
+    print(f"run {run_dir} | action repeat {repeat} | device {device} | {params / 1e6:.1f}M parameters | replay "
           f"{replay.capacity:,} agent steps, up to {replay.nbytes / 2**30:.2f} GiB on {replay_device} | "
           f"replay ratio {ratio:.0f} replayed steps per agent step | videos: {videos}", flush=True)
     if checkpoint is not None:

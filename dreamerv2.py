@@ -366,6 +366,12 @@ class LayerNormGRUCell(nn.Module):
         return update * cand + (1 - update) * h
 
 
+def one_hot(index: torch.Tensor, classes: int) -> torch.Tensor:
+    """F.one_hot as float, by comparison with arange: F.one_hot checks the index range by reading
+    min and max to the host on CPU (on CUDA it skips the check), which the sync tests reject."""
+    return (index.unsqueeze(-1) == torch.arange(classes, device=index.device)).float()
+
+
 def sample_one_hot(logits: torch.Tensor) -> torch.Tensor:
     """One-hot sample of categoricals over the last axis with straight-through gradients
     (sample + p - sg(p)). argmax(p / E), E ~ Exp(1), is what torch.multinomial does for one sample
@@ -373,7 +379,7 @@ def sample_one_hot(logits: torch.Tensor) -> torch.Tensor:
     copies a flag to the host: a GPU sync per RSSM step."""
     probs = torch.softmax(logits.float(), -1)
     index = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
-    return F.one_hot(index, probs.shape[-1]).to(probs.dtype) + (probs - probs.detach())
+    return one_hot(index, probs.shape[-1]) + (probs - probs.detach())
 
 
 def categorical_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -508,6 +514,15 @@ class TruncatedNormal(td.Distribution):
                 + (self._alpha * phi(self._alpha) - self._beta * phi(self._beta)) / (2 * self._z))
 
 
+class OneHotActionDist(td.OneHotCategoricalStraightThrough):
+    """The actor's distribution over discrete actions: a one-hot categorical whose straight-through
+    sample is drawn by `sample_one_hot`, without torch.multinomial's validity check, which copies a flag
+    to the host (a GPU sync per imagined step)."""
+
+    def rsample(self, sample_shape=torch.Size()):
+        return sample_one_hot(self.logits.expand(*sample_shape, *self.logits.shape))
+
+
 class Actor(nn.Module):
     """pi(a_t | z_t): truncated normal (mean tanh, std 2 sigmoid(x/2) + 0.1) or one-hot categorical."""
 
@@ -519,7 +534,7 @@ class Actor(nn.Module):
     def forward(self, feat: torch.Tensor) -> td.Distribution:
         out = self.net(feat)  # fp32
         if self.discrete:
-            return td.OneHotCategoricalStraightThrough(logits=out)
+            return OneHotActionDist(logits=out)
         mean, std = out.chunk(2, -1)
         return td.Independent(TruncatedNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + 0.1), 1)
 
@@ -527,7 +542,7 @@ class Actor(nn.Module):
 def mode(dist: td.Distribution) -> torch.Tensor:
     """Deterministic action for evaluation."""
     if isinstance(dist, td.OneHotCategorical):
-        return F.one_hot(dist.logits.argmax(-1), dist.logits.shape[-1]).float()
+        return one_hot(dist.logits.argmax(-1), dist.logits.shape[-1])
     return dist.base_dist.mode
 
 
@@ -787,6 +802,13 @@ def behaviour_losses(wm: WorldModel, ac: ActorCritic, post: dict, args: Args, di
 # ---------------------------------------------------------------------------------------------
 
 
+def lerp_(targets: list, sources: list, weight: torch.Tensor):
+    """targets <- targets + weight * (sources - targets), in place, for a 0-dim device tensor
+    `weight`. The weight goes in as a list of tensors: the overload that takes one number would
+    read the tensor to the host (a GPU sync every update)."""
+    torch._foreach_lerp_(targets, sources, [weight] * len(targets))
+
+
 def nonfinite(*values: torch.Tensor) -> torch.Tensor:
     """1.0 if any value is NaN/inf, else 0.0: a 0-dim fp32 device tensor (no host sync)."""
     return (~torch.isfinite(torch.stack([v.detach().float() for v in values]))).any().float()
@@ -868,8 +890,8 @@ class Agent:
             # Copy the critic into the slow critic (lerp weight 1 copies exactly; 0 after a skip),
             # in place and outside autograd: the slow critic must carry no history of the critic.
             with torch.no_grad():
-                torch._foreach_lerp_(list(self.ac.target_critic.parameters()),
-                                     list(self.ac.critic.parameters()), 1 - critic_bad)
+                lerp_(list(self.ac.target_critic.parameters()), list(self.ac.critic.parameters()),
+                      1 - critic_bad)
         self.updates += 1
         metrics["nonfinite"] = torch.stack([model_flag, actor_flag, critic_flag])
         self.halted = torch.maximum(self.halted, metrics["nonfinite"].max())
@@ -1151,7 +1173,7 @@ def main(args: Args):
     if args.resume:
         if not Path(args.resume).is_file():
             raise SystemExit(f"error: --resume {args.resume}: no such checkpoint file")
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
     device = resolve_device(args.device)
     replay_device = resolve_replay_device(args.replay_device, device)
     configure_torch(args, device)
@@ -1198,7 +1220,7 @@ def main(args: Args):
     print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | action repeat {repeat} | "
           f"replay {replay.capacity:,} agent steps on {replay_device}, up to "
           f"{replay.nbytes / 2**30:.2f} GiB (allocated as it fills) | replay ratio {ratio:.0f} "
-          f"replayed steps per agent step | videos: {args.video_dir or 'built-in pool'}", flush=True)
+          f"replayed steps per agent step | videos: {envs.video_source(args.env, args.distraction, args.video_dir)}", flush=True)
     if checkpoint is not None:
         print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "
               "episode was stored as truncated; a new episode starts)", flush=True)
@@ -1234,6 +1256,8 @@ def main(args: Args):
             raise SystemExit(f"error: non-finite {', '.join(bad)} at update {update} (env step "
                              f"{step}); checkpoint from before it: {ckpt_path}")
 
+    compiled = [not args.compile]
+
     def train_once():
         nonlocal metrics
         check_finite(keep=1 if device.type == "cuda" else 0)
@@ -1245,7 +1269,8 @@ def main(args: Args):
                         counters["env_steps"]))
         if event is not None:
             event.record()
-        if progress.update_count == 0 and args.compile:
+        if not compiled[0]:  # the first update of this process compiles (also after a resume)
+            compiled[0] = True
             check_finite()  # waits for the first update: its wall time is the compile time
             print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
         else:

@@ -106,7 +106,8 @@ class Args:
     total_steps: int = 1_000_000
     """environment steps to train for, counted after action repeat (simulator steps)"""
     action_repeat: Optional[int] = None
-    """simulator steps per action (default: the per-task literature value, see envs)"""
+    """simulator steps per action (default: 2 for every dmc/dcs/natural task, DreamerV2's DMC
+    setting (our choice: the paper does not say); the env's default elsewhere)"""
     eval_every: int = 10_000
     """environment steps between evaluations (0: never, except at the end)"""
     eval_episodes: int = 10
@@ -200,7 +201,10 @@ class Args:
     grad_clip: float = 100.0
     """gradient-norm clip of every optimiser"""
     weight_decay: float = 1e-6
-    """decoupled weight decay of every optimiser"""
+    """weight decay of every optimiser, as DreamerV2's: each variable times (1 - wd) per step"""
+    init: Literal["glorot", "torch"] = "glorot"
+    """weight init: 'glorot' = Glorot-uniform weights, zero biases (Keras defaults, DreamerV2's
+    official code; the paper does not say); 'torch' = PyTorch's layer defaults"""
 
 
 # The tiny preset: runs end to end in about a minute on 2 CPU cores.
@@ -247,7 +251,7 @@ def parse_args(argv=None) -> Args:
     if resume is not None:
         if not Path(resume).is_file():
             raise SystemExit(f"error: --resume {resume}: no such checkpoint file")
-        saved = torch.load(resume, map_location="cpu", weights_only=False)["args"]
+        saved = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["args"]
         known = {f.name for f in fields(Args)}
         default = Args(**{k: v for k, v in saved.items() if k in known})
         args = tyro.cli(Args, args=argv, default=default)
@@ -293,6 +297,12 @@ class Encoder(nn.Module):
         return self.net(x).reshape(*obs.shape[:-3], -1)
 
 
+def one_hot(index: torch.Tensor, classes: int) -> torch.Tensor:
+    """F.one_hot as float, by comparison with arange: F.one_hot checks the index range by reading
+    min and max to the host on CPU (on CUDA it skips the check), which the sync tests reject."""
+    return (index.unsqueeze(-1) == torch.arange(classes, device=index.device)).float()
+
+
 def sample_one_hot(logits: torch.Tensor) -> torch.Tensor:
     """One-hot sample of independent categoricals (last axis = classes) with straight-through
     gradients (Sec. III-A): the value is the sample, the gradient that of the probabilities.
@@ -300,7 +310,7 @@ def sample_one_hot(logits: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     u = torch.rand_like(logits).clamp(1e-10, 1 - 1e-7)
     index = (logits - torch.log(-torch.log(u))).argmax(-1)
-    sample = F.one_hot(index, logits.shape[-1]).float()
+    sample = one_hot(index, logits.shape[-1])
     probs = logits.softmax(-1)
     return sample + (probs - probs.detach())
 
@@ -489,6 +499,15 @@ class TruncatedNormal(td.Distribution):
                 + (self._alpha * phi(self._alpha) - self._beta * phi(self._beta)) / (2 * self._z))
 
 
+class OneHotActionDist(td.OneHotCategoricalStraightThrough):
+    """The actor's distribution over discrete actions: a one-hot categorical whose straight-through
+    sample is drawn by `sample_one_hot`, without torch.multinomial's validity check, which copies a flag
+    to the host (a GPU sync per imagined step)."""
+
+    def rsample(self, sample_shape=torch.Size()):
+        return sample_one_hot(self.logits.expand(*sample_shape, *self.logits.shape))
+
+
 class Actor(nn.Module):
     """pi(a_t | z_t): truncated normal (mean tanh, std 2 sigmoid(x/2) + 0.1) or one-hot categorical."""
 
@@ -501,7 +520,7 @@ class Actor(nn.Module):
         """The distribution of the net's output (fp32)."""
         out = out.float()
         if self.discrete:
-            return td.OneHotCategoricalStraightThrough(logits=out)
+            return OneHotActionDist(logits=out)
         mean, std = out.chunk(2, -1)
         return td.Independent(TruncatedNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + 0.1), 1)
 
@@ -512,8 +531,16 @@ class Actor(nn.Module):
 def mode(dist: td.Distribution) -> torch.Tensor:
     """Deterministic action for evaluation."""
     if isinstance(dist, td.OneHotCategorical):
-        return F.one_hot(dist.logits.argmax(-1), dist.logits.shape[-1]).float()
+        return one_hot(dist.logits.argmax(-1), dist.logits.shape[-1])
     return dist.base_dist.mode
+
+
+def glorot_init(module: nn.Module):
+    """DreamerV2's initialisation (Keras defaults): Glorot-uniform weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 class WorldModel(nn.Module):
@@ -533,6 +560,9 @@ class WorldModel(nn.Module):
         self.discount = mlp(feat, 1, args.mlp_units, args.mlp_layers) if args.pred_discount else None
         self.linear_dynamics = (LinearDynamics(args.stoch, args.classes, action_dim)
                                 if args.aux_dynamics == "linear" else None)
+        if args.init == "glorot":
+            self.apply(glorot_init)
+        self.momentum_encoder.load_state_dict(self.encoder.state_dict())  # CNN' starts as CNN
 
 
 class ActorCritic(nn.Module):
@@ -541,6 +571,8 @@ class ActorCritic(nn.Module):
         self.actor = Actor(feat_dim, action_dim, discrete, args.mlp_units, args.mlp_layers)
         self.critic = mlp(feat_dim, 1, args.mlp_units, args.mlp_layers)
         self.target_critic = mlp(feat_dim, 1, args.mlp_units, args.mlp_layers)
+        if args.init == "glorot":
+            self.apply(glorot_init)
         self.target_critic.load_state_dict(self.critic.state_dict())
         self.target_critic.requires_grad_(False)
 
@@ -800,20 +832,22 @@ def behaviour_losses(wm: WorldModel, ac: ActorCritic, post: dict, args: Args, di
         discount = args.gamma * torch.sigmoid(wm.discount(feats).squeeze(-1).float())
     else:
         discount = torch.full_like(reward, args.gamma)
-    value = ac.target_critic(feats).squeeze(-1).float()
+    value = ac.target_critic(feats).squeeze(-1).float()  # slow critic v(z_t), (H+1, N)
     target = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], args.return_lambda)
-    # Imagined steps after a predicted episode end count less: weight_t = prod_{k<t} gamma_k.
-    weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-2]], 0), 0).detach()
-    policy = ac.actor.dist(outs)  # the in-loop actor outputs, no second forward
-    critic = ac.critic(feats[:-1].detach()).squeeze(-1).float()  # v(z_t), also the baseline
+    # Imagined steps after a predicted episode end count less: weight_t = prod_{k<t} gamma_k, (H+1, N).
+    weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]], 0), 0).detach()
+    # Actor, indexed as DreamerV2's official agent.py: the action taken at z_t (t = 0..H-2) is
+    # credited with V_{t+1}; z_0 is a start state from the replay, so V_0 trains nothing.
+    policy = ac.actor.dist(outs[:-1])  # the in-loop actor outputs at z_0..z_{H-2}, no second forward
     grad = args.actor_grad if args.actor_grad != "auto" else ("reinforce" if discrete else "dynamics")
     if grad == "dynamics":
-        objective = target  # rho = 1: backpropagate V_t through the model into the actions
-    else:  # rho = 0: REINFORCE with the critic as baseline
-        objective = policy.log_prob(actions.detach()).float() * (target - critic).detach()
+        objective = target[1:]  # rho = 1: backpropagate V_{t+1} through the model into a_t
+    else:  # rho = 0: REINFORCE, baseline the slow critic, advantage V_{t+1} - v(z_t) (official)
+        objective = policy.log_prob(actions[:-1].detach()).float() * (target[1:] - value[:-2]).detach()
     entropy = policy.entropy().float()
-    actor_loss = -(weight * (objective + args.actor_entropy * entropy)).mean()
-    critic_loss = (gaussian_nll(critic, target.detach()) * weight).mean()
+    actor_loss = -(weight[:-2] * (objective + args.actor_entropy * entropy)).mean()
+    critic = ac.critic(feats[:-1].detach()).squeeze(-1).float()  # v(z_t), (H, N)
+    critic_loss = (gaussian_nll(critic, target.detach()) * weight[:-1]).mean()
     metrics = dict(actor_loss=actor_loss, critic_loss=critic_loss, actor_entropy=entropy.mean(),
                    imagined_reward=reward.mean(), value=critic.mean(), lambda_return=target.mean())
     return actor_loss, critic_loss, metrics
@@ -827,6 +861,13 @@ def behaviour_losses(wm: WorldModel, ac: ActorCritic, post: dict, args: Args, di
 NONFINITE_NAMES = ("model_loss", "actor_loss", "critic_loss")
 
 
+def lerp_(targets: list, sources: list, weight: torch.Tensor):
+    """targets <- targets + weight * (sources - targets), in place, for a 0-dim device tensor
+    `weight`. The weight goes in as a list of tensors: the overload that takes one number would
+    read the tensor to the host (a GPU sync every update)."""
+    torch._foreach_lerp_(targets, sources, [weight] * len(targets))
+
+
 def nonfinite_flag(*values: torch.Tensor) -> torch.Tensor:
     """1.0 if any value is NaN/inf, else 0.0: a 0-dim device tensor (no host sync)."""
     return (~torch.isfinite(torch.stack([v.float() for v in values]))).any().float()
@@ -837,9 +878,11 @@ class Agent:
         self.args, self.device, self.discrete, self.action_dim = args, device, discrete, action_dim
         self.wm = WorldModel(args, action_dim).to(device)
         self.ac = ActorCritic(args, self.wm.rssm.feat_dim, action_dim, discrete).to(device)
-        # fused: one kernel per step, and a step is skipped when `found_inf` is set (A.6)
+        # DreamerV2's optimiser multiplies each variable by (1 - wd) per step; AdamW multiplies by
+        # (1 - lr * wd'), so wd' = wd / lr is that decay. fused: one kernel per step, and a step is
+        # skipped when `found_inf` is set.
         adam = lambda params, lr: torch.optim.AdamW(params, lr=lr, eps=args.adam_eps,  # noqa: E731
-                                                    weight_decay=args.weight_decay, fused=True)
+                                                    weight_decay=args.weight_decay / lr, fused=True)
         self.model_params = [p for p in self.wm.parameters() if p.requires_grad]
         self.model_opt = adam(self.model_params, args.model_lr)
         self.actor_opt = adam(self.ac.actor.parameters(), args.actor_lr)
@@ -847,6 +890,9 @@ class Agent:
         self.online_cnn = list(self.wm.encoder.parameters())
         self.momentum_cnn = list(self.wm.momentum_encoder.parameters())
         self.updates = 0
+        # Once an update has a non-finite loss, every later one is skipped too (a device flag): the
+        # main loop reads the flags one update late, without waiting for the GPU, and then stops.
+        self.halted = torch.zeros((), device=device)
         self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
         self.compile_seconds = None
         self._wm_loss, self._ac_loss = self._world_model_loss, self._behaviour_losses
@@ -876,12 +922,12 @@ class Agent:
         self.model_opt.zero_grad(set_to_none=True)
         model_loss.backward()
         model_norm = nn.utils.clip_grad_norm_(self.model_params, args.grad_clip, foreach=True)
-        bad_model = nonfinite_flag(model_loss, model_norm)
+        bad_model = torch.maximum(self.halted, nonfinite_flag(model_loss, model_norm))
         self.model_opt.found_inf = bad_model
         self.model_opt.step()
         # Sec. III-E: theta' <- (1 - eta) theta' + eta theta (eta = 0 after a skipped step).
         with torch.no_grad():  # in place, outside autograd: CNN' never joins the graph
-            torch._foreach_lerp_(self.momentum_cnn, self.online_cnn, args.momentum * (1 - bad_model))
+            lerp_(self.momentum_cnn, self.online_cnn, args.momentum * (1 - bad_model))
 
         post = {k: post[k].detach() for k in ("deter", "stoch")}
         actor_loss, critic_loss, ac_metrics = self._ac_loss(post)
@@ -894,19 +940,23 @@ class Agent:
         actor_norm = nn.utils.clip_grad_norm_(actor_params, args.grad_clip, foreach=True)
         critic_norm = nn.utils.clip_grad_norm_(critic_params, args.grad_clip, foreach=True)
         bad_actor, bad_critic = nonfinite_flag(actor_loss, actor_norm), nonfinite_flag(critic_loss, critic_norm)
-        self.actor_opt.found_inf, self.critic_opt.found_inf = bad_actor, bad_critic
+        # A bad world-model step skips the whole update, so that all parameters stay as before it.
+        self.actor_opt.found_inf = torch.maximum(bad_model, bad_actor)
+        self.critic_opt.found_inf = torch.maximum(bad_model, bad_critic)
         self.actor_opt.step()
         self.critic_opt.step()
         if self.updates % args.target_update_every == 0:  # copy (lerp weight 1), unless skipped
             with torch.no_grad():
-                torch._foreach_lerp_(list(self.ac.target_critic.parameters()), critic_params, 1 - bad_critic)
+                lerp_(list(self.ac.target_critic.parameters()), critic_params, 1 - self.critic_opt.found_inf)
         metrics.update(ac_metrics, model_grad_norm=model_norm, actor_grad_norm=actor_norm,
                        critic_grad_norm=critic_norm)
         if args.compile and self.compile_seconds is None:
             self.compile_seconds = time.perf_counter() - start
             print(f"compiled in {self.compile_seconds:.1f} s", flush=True)
         self.updates += 1
-        return metrics, torch.stack([bad_model, bad_actor, bad_critic])
+        flags = torch.stack([bad_model, bad_actor, bad_critic])
+        self.halted = torch.maximum(self.halted, flags.max())
+        return metrics, flags
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, state, explore: bool):
@@ -1082,11 +1132,21 @@ def replay_device(args: Args, device: torch.device) -> torch.device:
     return device if args.replay_device == "cuda" else torch.device("cpu")
 
 
+def action_repeat(args: Args) -> int:
+    """--action-repeat, else 2 for every DMC-family task (DreamerV2's configs.yaml dmc:
+    action_repeat 2; the paper gives none), else the env's default (e.g. robosuite's)."""
+    if args.action_repeat is not None:
+        return args.action_repeat
+    if args.env.partition("-")[0] in ("dmc", "dcs", "natural"):
+        return 2
+    return envs.default_action_repeat(args.env)
+
+
 def make_env(args: Args, split: str, seed: int):
     """envs.make with this run's settings; bad input ends in SystemExit("error: ...")."""
     try:
         env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=seed,
-                        image_size=64, action_repeat=args.action_repeat, split=split,
+                        image_size=64, action_repeat=action_repeat(args), split=split,
                         video_dir=args.video_dir)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
@@ -1214,7 +1274,7 @@ def main(args: Args):
     if args.resume:
         if not Path(args.resume).is_file():
             raise SystemExit(f"error: --resume {args.resume}: no such checkpoint file")
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
     device = resolve_device(args.device)
     configure_torch(args, device)
 
@@ -1231,7 +1291,7 @@ def main(args: Args):
     run_dir.mkdir(parents=True, exist_ok=True)
     discrete = hasattr(env.action_space, "n")
     action_dim = env.action_space.n if discrete else env.action_space.shape[0]
-    repeat = args.action_repeat or envs.default_action_repeat(args.env)
+    repeat = action_repeat(args)
 
     agent = Agent(args, action_dim, discrete, device)
     replay = Replay(max(args.replay_capacity // repeat, args.batch_length), env.observation_space.shape,
@@ -1253,10 +1313,10 @@ def main(args: Args):
 
     params = agent.num_parameters()
     ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
-    print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | replay "
+    print(f"run {run_dir} | action repeat {repeat} | device {device} | {params / 1e6:.1f}M parameters | replay "
           f"{replay.capacity:,} agent steps on {replay.device}, up to {replay.nbytes / 2**30:.2f} GiB "
           f"(filled lazily) | replay ratio {ratio:.0f} replayed steps per agent step | videos: "
-          f"{args.video_dir or 'built-in pool'}", flush=True)
+          f"{envs.video_source(args.env, args.distraction, args.video_dir)}", flush=True)
     if checkpoint is not None:
         print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "
               "episode was stored as truncated; a new episode starts)", flush=True)

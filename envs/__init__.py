@@ -41,7 +41,7 @@ FAMILY_LEVELS = {
 }
 SPLITS = ("train", "val")
 
-__all__ = ["make", "FAMILIES", "FAMILY_LEVELS", "LEVELS", "default_action_repeat"]
+__all__ = ["make", "FAMILIES", "FAMILY_LEVELS", "LEVELS", "default_action_repeat", "video_source"]
 
 
 def _suggest(word: str, choices) -> str:
@@ -57,6 +57,17 @@ def default_action_repeat(env_id: str) -> int:
     if family not in ("dmc", "dcs", "natural"):
         return 1  # robosuite (20 Hz), box pushing (24 Hz), manipulation (25 Hz), grids, toys
     return ACTION_REPEAT.get(rest.partition("-")[0], DEFAULT_ACTION_REPEAT)
+
+
+def video_source(env_id: str, distraction: str = "none", video_dir=None) -> str:
+    """Where the background videos of this env come from, for run headers and tables: 'none' (no
+    video in the frames), the `video_dir` given, or 'built-in pool' (envs.videos; not DAVIS)."""
+    family = env_id.partition("-")[0]
+    uses_videos = (family == "natural" or (family == "dcs" and distraction != "none")
+                   or (family == "minigrid" and distraction in ("random_frames", "video")))
+    if not uses_videos:
+        return "none"
+    return str(video_dir) if video_dir else "built-in pool"
 
 
 def _parse_control_id(env_id: str, family: str, rest: str) -> tuple[str, str]:

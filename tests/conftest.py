@@ -122,20 +122,46 @@ def check_bad_cli_input(script: str, flags: list[str], message: str, cwd: Path):
     assert not (cwd / "runs").exists()
 
 
+# Operators that make the host wait for a CUDA device: reading a value (`.item()`, `float(t)`,
+# `if t:`, a tensor passed where a number is expected), or producing a shape that depends on the
+# data (nonzero, boolean-mask indexing, unique), or checking a distribution on the host.
+SYNCING_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
+               "aten::unique_dim", "aten::unique_consecutive", "aten::multinomial"}
+
+
 def without_host_sync(update, *args):
     """Call `update(*args)` once to warm up (lazy initialisations may synchronise), then again
-    with CUDA's sync debug mode 'error', where any host-device synchronisation raises; returns
-    the second call's result."""
+    and return that call's result, failing on any host-device synchronisation in it. On every
+    device, a dispatch mode rejects the operators that synchronise on CUDA (SYNCING_OPS), so the
+    check runs on CPU too, where a sync costs nothing and would go unnoticed; on CUDA, also
+    CUDA's sync debug mode 'error', which catches every synchronising call."""
     import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RejectSyncs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in SYNCING_OPS:
+                raise AssertionError(f"{func._schema.name} inside an update: a host sync on CUDA")
+            return func(*args, **(kwargs or {}))
 
     update(*args)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
     try:
-        return update(*args)
+        with RejectSyncs():
+            return update(*args)
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
 
+
+def sync_test_device():
+    """CUDA where there is one (the sync tests then use CUDA's own sync check too), else CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(params=["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])

@@ -208,6 +208,8 @@ def test_speed_with_tiny_sizes_writes_a_table(tmp_path):
         assert r["parameters"] > 1000
         assert 0.05 < r["peak_host_memory_gib"] < 24  # torch alone is > 50 MiB resident
     assert "| algorithm | sizes | parameters |" in md.read_text() and "wrote" in out
+    (cvrl_row,) = [line for line in md.read_text().splitlines() if line.startswith("| cvrl |")]
+    assert "(no MPC: " in cvrl_row  # CVRL's acting latency with and without its planner
 
 
 def test_unknown_algorithm_gets_a_clear_error(tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 import benchmark
 import blast
-from conftest import check_beats_random, smoke_args, without_host_sync
+from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device
 
 CPU = torch.device("cpu")
 
@@ -73,6 +73,17 @@ def test_a2_presets_follow_the_env_family_and_explicit_flags_win():
     assert (dmc.deter, dmc.hidden, dmc.stoch, dmc.classes) == (200, 200, 8, 64)
     assert (dmc.kl_scale, dmc.reward_scale, dmc.reward_clamp) == (1.0, 1.0, "none")
     assert (dmc.train_every, dmc.prefill, dmc.actor_grad, dmc.total_steps) == (5, 1000, "dynamics", 1_000_000)
+    # DreamerV2's DMC action repeat 2 (configs.yaml), which A.2 keeps; MiniGrid: one step per action
+    assert blast.action_repeat(dmc) == 2 and blast.action_repeat(grid) == 1
+    assert dmc.init == "glorot" and dmc.weight_decay == 1e-6
+    agent = blast.Agent(tiny("ar"), 2, False, CPU)
+    assert all(torch.all(m.bias == 0) for m in agent.ac.modules() if isinstance(m, torch.nn.Linear))
+    before = [p.detach().clone() for p in agent.ac.critic.parameters()]
+    for p in agent.ac.critic.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: only DreamerV2's (1 - wd) per step decay acts
+    agent.critic_opt.step()
+    for b, p in zip(before, agent.ac.critic.parameters()):
+        torch.testing.assert_close(p.detach(), b * (1 - 1e-6), rtol=1e-7, atol=0)
     assert blast.parse_args(["--env", "minigrid-dynamic-obstacles-6x6", "--deter", "64"]).deter == 64
     small = blast.parse_args(["--env", "minigrid-dynamic-obstacles-6x6", "--preset", "tiny"])
     assert small.total_steps == 2000 and small.reward_scale == 100.0 and small.deter == 32
@@ -126,10 +137,23 @@ def test_probe_decoder_learns_from_stop_gradient_features_only(toy_batch):
     agent = blast.Agent(args, 2, False, CPU)
     loss, _, m = blast.world_model_loss(agent.wm, toy_batch, args)
     assert "image_loss" not in m and torch.isfinite(m["probe_loss"])
-    torch.testing.assert_close(loss, m["model_loss"] + m["probe_loss"])
+    torch.testing.assert_close(loss, m["model_loss"])  # the probe's loss is not the model's
     assert depends(m["probe_loss"], agent.wm.decoder)
     for net in (agent.wm.encoder, agent.wm.posterior, agent.wm.rssm):
         assert not depends(m["probe_loss"], net)
+    # The probe has its own optimiser and clip: the world model's update is the same with it or
+    # without it (a shared gradient clip would scale the model's step with the probe's gradient).
+    torch.manual_seed(0)
+    plain = blast.Agent(tiny("ar"), 2, False, CPU)
+    state = {k: v for k, v in agent.wm.state_dict().items() if not k.startswith("decoder.")}
+    plain.wm.load_state_dict(state)
+    decoder_before = [p.detach().clone() for p in agent.wm.decoder.parameters()]
+    for a in (agent, plain):
+        torch.manual_seed(1)
+        a.update(toy_batch)
+    for key, value in plain.wm.state_dict().items():
+        torch.testing.assert_close(agent.wm.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(b, p) for b, p in zip(decoder_before, agent.wm.decoder.parameters()))
 
 
 # --- sg ------------------------------------------------------------------------------------
@@ -332,8 +356,12 @@ def test_a_non_finite_loss_skips_every_step_and_is_flagged(toy_batch):
         if "running" not in key and "num_batches" not in key:
             assert torch.equal(value, before["wm"][key]), key
     assert agent.model_opt.state_dict()["state"][0]["exp_avg"].abs().sum() == 0  # Adam moments too
-    _, flags = agent.update(toy_batch)
-    assert flags.tolist() == [0.0, 0.0, 0.0]
+    for key, value in agent.ac.state_dict().items():  # the actor and critic steps are skipped too
+        assert torch.equal(value, before["ac"][key]), key
+    _, flags = agent.update(toy_batch)  # later updates stay skipped: the loop stops on the flags
+    assert flags.tolist()[0] == 1.0
+    for key, value in agent.ac.state_dict().items():
+        assert torch.equal(value, before["ac"][key]), key
 
 
 def test_bf16_keeps_kl_log_probs_values_and_losses_in_fp32(toy_batch):
@@ -347,10 +375,10 @@ def test_bf16_keeps_kl_log_probs_values_and_losses_in_fp32(toy_batch):
         assert value.dtype == torch.float32
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_an_update_on_cuda_never_syncs_with_the_host(toy_batch):
-    device = torch.device("cuda")
-    agent = blast.Agent(tiny("ar"), 2, False, device)
+@pytest.mark.parametrize("discrete", [False, True], ids=["continuous", "discrete"])  # discrete: REINFORCE
+def test_an_update_never_syncs_with_the_host(toy_batch, discrete):
+    device = sync_test_device()  # CUDA where there is one, else CPU (see without_host_sync)
+    agent = blast.Agent(tiny("ar"), 2, discrete, device)
     batch = blast.to_device(toy_batch, device)
     without_host_sync(agent.update, batch)
 

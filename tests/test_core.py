@@ -8,7 +8,7 @@ import torch
 
 import core
 import benchmark
-from conftest import collect_episodes, check_beats_random, check_run_then_resume, smoke_args, without_host_sync
+from conftest import collect_episodes, check_beats_random, check_run_then_resume, smoke_args, without_host_sync, sync_test_device
 
 
 def tiny_args(**kw):
@@ -333,10 +333,9 @@ def test_core_defaults_match_paper():
     assert a.total_steps == 500_000 and core.preset_args("tiny").total_steps == 2000
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_update_never_synchronises_with_the_gpu(dcs_replay):
+def test_update_never_synchronises_with_the_host(dcs_replay):
     args = tiny_args()
-    device = torch.device("cuda")
+    device = sync_test_device()  # CUDA where there is one, else CPU (see without_host_sync)
     agent = core.Agent(args, 6, device)
     batch = core.to_device(batch_from(dcs_replay, args), device)
     without_host_sync(agent.update, batch)

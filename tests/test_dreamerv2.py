@@ -8,7 +8,7 @@ import torch
 
 import dreamerv2 as dv2
 import benchmark
-from conftest import collect_episodes, check_beats_random, smoke_args, without_host_sync, check_bad_cli_input
+from conftest import collect_episodes, check_beats_random, smoke_args, without_host_sync, sync_test_device, check_bad_cli_input
 
 
 def tiny_args(**kw):
@@ -334,11 +334,11 @@ def test_dreamerv2_defaults_match_official_config():
         torch.testing.assert_close(p.detach(), b * (1 - 1e-6), rtol=1e-7, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_an_update_never_synchronises_with_the_host_on_cuda():
-    device = torch.device("cuda")
+@pytest.mark.parametrize("discrete", [False, True], ids=["continuous", "discrete"])  # discrete: REINFORCE
+def test_an_update_never_synchronises_with_the_host(discrete):
+    device = sync_test_device()  # CUDA where there is one, else CPU (see without_host_sync)
     args = tiny_args()
-    agent = dv2.Agent(args, 2, False, device)
+    agent = dv2.Agent(args, 2, discrete, device)
     replay = dv2.Replay(1000, (3, 64, 64), 2, seed=0, device=device)
     replay.add_episode(np.zeros((40, 3, 64, 64), np.uint8), np.zeros((40, 2)), np.zeros(40), np.ones(40))
     without_host_sync(agent.update, replay.sample(args.batch_size, args.batch_length))
