@@ -361,13 +361,21 @@ def column_key(column: str):
     return (order.index(key) if key in order else 99), column
 
 
+def row_key(algo: str):
+    """Rows: BLAST's ladder rungs in the paper's cumulative order (blast-dreamerv2 ... blast-ar),
+    other algorithms by name."""
+    rungs = ("dreamerv2", "no-recon", "sg", "ema", "bn", "ar")
+    family, _, rung = algo.partition("-")
+    return (family, rungs.index(rung) if family == "blast" and rung in rungs else -1, algo)
+
+
 def summarize(runs: dict, budget: float, suite: str, videos: str | None = None) -> dict:
     """Table rows: {row label: {env: (mean, se, n, complete)}} plus the envs in column order.
     `videos` (video_source) marks paper rows as not directly comparable when it is the pool."""
     envs_ = sorted({e for per_env in runs.values() for e in per_env}, key=column_key)
     not_theirs = " [their videos]" if videos and "built-in" in videos else ""
     rows: dict = {}
-    for algo in runs:
+    for algo in sorted(runs, key=row_key):
         row = {}
         for env in envs_:
             seeds = runs[algo].get(env, {})
@@ -434,12 +442,12 @@ def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    envs_ = sorted({e for per_env in runs.values() for e in per_env})
+    envs_ = sorted({e for per_env in runs.values() for e in per_env}, key=column_key)
     cols = min(3, max(1, len(envs_)))
     nrows = math.ceil(len(envs_) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
     for ax, env in zip(axes.ravel(), envs_):
-        for algo, per_env in runs.items():
+        for algo, per_env in sorted(runs.items(), key=lambda item: row_key(item[0])):
             seeds = list(per_env.get(env, {}).values())
             if not seeds:
                 continue

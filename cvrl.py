@@ -190,6 +190,9 @@ class Args:
     code takes one step)"""
     mpc_lr: float = 0.003
     """SGD learning rate of the MPC (App. B.8)"""
+    mpc_first_action_only: bool = False
+    """update only the first action of the plan (the authors' code; with --mpc-iterations 1 it is
+    their planner). The paper (App. A.3) updates the whole sequence, the default"""
     expl_noise: float = 0.3
     """std of the additive Gaussian exploration noise on the executed action (clipped to [-1, 1])"""
     adam_eps: float = 1e-5
@@ -827,7 +830,8 @@ class Agent:
     def optimise_plan(self, start: dict, actions: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """App. A.3: a~ <- a~ + lr grad_a~ V_lambda(s_t) for the whole sequence (H, N, A), plain SGD
         (lr 0.003, App. B.8), `mpc_iterations` times, kept in the action box [-1, 1]. The authors'
-        code takes a single step from a freshly sampled actor plan."""
+        code takes a single step from a freshly sampled actor plan, on the first action only
+        (`--mpc-first-action-only --mpc-iterations 1`)."""
         args = self.args
         for _ in range(args.mpc_iterations):
             actions = actions.detach().requires_grad_(True)
@@ -835,6 +839,8 @@ class Agent:
                 v = self._plan_value(self.wm, self.value, start, actions, noise, args.gamma,
                                      args.return_lambda).sum()
                 (grad,) = torch.autograd.grad(v, actions)
+            if args.mpc_first_action_only:
+                grad = torch.cat([grad[:1], torch.zeros_like(grad[1:])])
             actions = (actions + args.mpc_lr * grad).clamp(-1, 1)
         return actions.detach()
 

@@ -33,6 +33,19 @@ Equations implemented (numbers of the DreamingV2 paper):
   backpropagation (continuous) or REINFORCE (discrete) and entropy 1e-4, critic against a target
   copied every 100 updates. `lambda_return`, `imagine`, `behaviour_losses`.
 
+Our choices, where the paper is silent (each is a flag or a comment at its place):
+- Candidates: every start time and all T * B observations of the batch are scored, one
+  cross-entropy per k (Fig. 2a draws B x (K + 1) latents per batch; the issue and Eq. 3's D = the
+  whole mini-batch suggest all of them).
+- Shift offsets are drawn per frame, not per sequence; CNN' starts as a copy of CNN; W is shared
+  by the online (Eq. 6) and momentum paths; one straight-through sample per prediction.
+- J_KL_k for k >= 1 uses the same KL balancing, free nats and `--kl-scale` as k = 0.
+- `--aux-dynamics linear`: a linear map of [z, a] to categorical logits (Dreaming's p~ is
+  Gaussian; ours is categorical so that it fits the discrete latent).
+- DreamerV2's DMC settings for everything the paper does not list: action repeat 2, replay
+  1e6 env steps, Glorot init, weight decay (1 - 1e-6) per step, the actor/critic indexing of the
+  official agent.py.
+
 Shapes are time-major throughout: replay sequences are (T, B, ...), imagined rollouts (H + 1, N, ...)
 with N = T * B start states; the k-step predictions of all start times at once are (T - k, B, ...),
 element t predicting time t + k. Contrastive score matrices are (predictions, T * B candidates),

@@ -286,6 +286,13 @@ def test_minigrid_suite_is_blasts_ladder_on_every_rendering_change(tmp_path):
     assert job.folder == tmp_path / "minigrid" / "runs" / "blast-sg" / "minigrid-dynamic-obstacles-6x6@video" / "seed2"
     with pytest.raises(SystemExit, match="needs blast.py"):
         benchmark.suite_jobs("minigrid", ["core"], seeds=1, budget=None, results=tmp_path)
+    # the table lists the rungs in the ladder's order and the changes in Fig. 3's order
+    one_run = {"s1": (np.array([50_000.0]), np.array([1.0]))}
+    columns = [f"minigrid-dynamic-obstacles-6x6@{c}" for c in ("video", "none", "smaller_agent")]
+    runs = {f"blast-{r}": {c: one_run for c in columns} for r in ("sg", "ar", "dreamerv2", "no-recon")}
+    summary = benchmark.summarize(runs, 50_000, "minigrid")
+    assert list(summary["rows"]) == ["blast-dreamerv2", "blast-no-recon", "blast-sg", "blast-ar"]
+    assert [c.partition("@")[2] for c in summary["envs"]] == ["none", "smaller_agent", "video"]
 
 
 def test_tables_name_the_video_source_and_mark_paper_rows_when_videos_differ(tmp_path):

@@ -205,6 +205,10 @@ def test_mpc_plan_has_at_least_the_imagined_value_of_the_actors_initial_plan():
         v0, v1 = value(initial), value(planned)
     assert (v1 >= v0 - 1e-6).all() and v1.sum() > v0.sum(), (v0, v1)
     assert not torch.equal(planned, initial)
+    assert not torch.equal(planned[1:], initial[1:])  # the paper's MPC moves the whole sequence
+    agent.args.mpc_first_action_only = True  # the authors' code: the first action only
+    first_only = agent.optimise_plan(start, initial, noise)
+    assert torch.equal(first_only[1:], initial[1:]) and not torch.equal(first_only[0], initial[0])
 
 
 def test_acting_returns_box_actions_with_and_without_mpc():

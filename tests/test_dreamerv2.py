@@ -29,6 +29,56 @@ def cartpole_replay():
     return replay
 
 
+def test_the_action_into_an_episode_start_is_zeroed(cartpole_replay):
+    """Official RSSM.obs_step: the action at is_first is zero, whatever the batch holds there."""
+    args = tiny_args()
+    agent = dv2.Agent(args, 1, False, torch.device("cpu"))
+    batch = batch_from(cartpole_replay, args)
+    batch["is_first"] = torch.zeros_like(batch["reward"])
+    batch["is_first"][0] = 1.0
+    losses = []
+    for first_action in (0.0, 0.9):
+        batch["action"][0] = first_action
+        torch.manual_seed(0)
+        losses.append(dv2.world_model_loss(agent.wm, batch, args)[0])
+    assert torch.equal(losses[0], losses[1])
+    batch["is_first"][0] = 0.0  # and the action does matter where it is not an episode start
+    torch.manual_seed(0)
+    assert not torch.equal(dv2.world_model_loss(agent.wm, batch, args)[0], losses[1])
+
+
+def test_the_actor_is_credited_with_the_next_steps_return_and_the_slow_critic_is_the_baseline():
+    """Official agent.py: the action at z_t (t = 0..H-2) gets V_{t+1}; REINFORCE's baseline is the
+    slow critic v(z_t). So the actor loss depends on the slow critic, not on the trained critic."""
+    args = tiny_args(actor_grad="reinforce")
+    agent = dv2.Agent(args, 3, True, torch.device("cpu"))
+    T, B = args.batch_length, args.batch_size
+    post = dict(deter=torch.randn(T, B, args.deter),
+                stoch=torch.nn.functional.one_hot(torch.randint(0, args.classes, (T, B, args.stoch)), args.classes).float())
+
+    def actor_loss():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return dv2.behaviour_losses(agent.wm, agent.ac, post, args, True)[0]
+
+    before = actor_loss()
+    with torch.no_grad():
+        for p in agent.ac.critic.parameters():
+            p.add_(torch.randn_like(p))
+    assert torch.equal(actor_loss(), before)  # the trained critic plays no part in it
+    with torch.no_grad():
+        for p in agent.ac.target_critic.parameters():
+            p.add_(torch.randn_like(p))
+    assert not torch.equal(actor_loss(), before)  # the slow critic does
+    # H - 1 policy terms per start state: the policy at the last imagined state never acts
+    seen = []
+    original = agent.ac.actor.forward
+    agent.ac.actor.forward = lambda feat: (seen.append(feat.shape[0]), original(feat))[1]
+    torch.manual_seed(0)
+    dv2.behaviour_losses(agent.wm, agent.ac, post, args, True)
+    assert seen[-1] == args.horizon - 1  # the actor loss's forward pass over feats[:-2]
+
+
 def test_world_model_terms_are_finite_scalars_and_states_have_documented_shapes(cartpole_replay):
     args = tiny_args()
     agent = dv2.Agent(args, 1, False, torch.device("cpu"))
