@@ -129,6 +129,20 @@ SYNCING_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_selec
                "aten::unique_dim", "aten::unique_consecutive", "aten::multinomial"}
 
 
+def check_dreamerv2_weight_decay(agent, wd: float = 1e-6):
+    """DreamerV2's optimiser (common/other.py) multiplies each variable by (1 - wd) once per step,
+    whatever the learning rate: one critic step with zero gradients (a zero Adam step) must do
+    exactly that; `agent` has `ac.critic` and `critic_opt`."""
+    import torch
+
+    before = [p.detach().clone() for p in agent.ac.critic.parameters()]
+    for p in agent.ac.critic.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: the Adam step is zero, only the decay acts
+    agent.critic_opt.step()
+    for b, p in zip(before, agent.ac.critic.parameters()):
+        torch.testing.assert_close(p.detach(), b * (1 - wd), rtol=1e-7, atol=0)
+
+
 def without_host_sync(update, *args):
     """Call `update(*args)` once to warm up (lazy initialisations may synchronise), then again
     and return that call's result, failing on any host-device synchronisation in it. On every
