@@ -6,6 +6,10 @@
     ./benchmark.sh dmc   [--seeds 3] [--budget 500000] clean DMC (official DreamerV2 curves beside)
     ./benchmark.sh natural [--seeds 3]                 CVRL's Natural Mujoco, Table 1 tasks
     ./benchmark.sh minigrid [--seeds 5]                BLAST's Fig. 3: ladder x rendering changes
+    ./benchmark.sh cpu [--seeds 1] [--workers 2]       learning on a 2-core CPU, `--preset small`:
+                                                       cartpole-swingup clean and DCS medium
+                                                       (100K steps), MiniGrid under a video floor
+                                                       (5e4 steps, dreamerv2 and blast)
     ./benchmark.sh quick [--minutes 25]                short GPU learning check: DreamerV2 on
                                                        dmc-walker-walk and CoRe on dcs-walker-walk
                                                        medium side by side for a wall-clock budget
@@ -67,6 +71,19 @@ CVRL_PAPER_NATURAL_5M = {
 BLAST_LADDER = ["dreamerv2", "no-recon", "sg", "ema", "bn", "ar"]
 MINIGRID_ENV = "minigrid-dynamic-obstacles-6x6"
 MINIGRID_CHANGES = ["none", "color_direction", "smaller_agent", "random_frames", "video"]
+# The CPU learning suite (`--preset small` of every script): column -> (env, flags, env steps,
+# evaluation interval, evaluation episodes). The MiniGrid column is BLAST's Fig. 3 headline in
+# miniature (reconstruction under a video floor), for CPU_MINIGRID_ALGOS only.
+CPU_TASKS = {
+    "dmc-cartpole-swingup": ("dmc-cartpole-swingup", ["--distraction", "none"], 100_000, 10_000, 5),
+    "dcs-cartpole-swingup": ("dcs-cartpole-swingup", ["--distraction", "medium", "--dynamic"],
+                             100_000, 10_000, 5),
+    f"{MINIGRID_ENV}@video": (MINIGRID_ENV, ["--distraction", "video"], 50_000, 5_000, 10),
+}
+CPU_MINIGRID_ALGOS = ("dreamerv2", "blast")
+# DMC-100K: Dreamer's score at 100K env steps on cartpole-swingup (CURL, Laskin et al. 2020,
+# Table 1; full-size networks, action repeat 8).
+DREAMER_DMC100K = {"cartpole-swingup": 326}
 # The quick GPU learning check: one run per line, all at once on one GPU, for a wall-clock budget.
 QUICK_RUNS = [("dreamerv2", "dmc-walker-walk", ["--distraction", "none"]),
               ("core", "dcs-walker-walk", ["--distraction", "medium", "--dynamic"])]
@@ -139,7 +156,7 @@ class Job:
         return (self.folder / "DONE").is_file()
 
 
-SUITES = ["speed", "smoke", "dcs", "dmc", "natural", "minigrid", "quick"]
+SUITES = ["speed", "smoke", "dcs", "dmc", "natural", "minigrid", "quick", "cpu"]
 
 
 def suite_jobs(suite: str, algos, seeds: int, budget: int, tasks=None, eval_every=None,
@@ -147,6 +164,8 @@ def suite_jobs(suite: str, algos, seeds: int, budget: int, tasks=None, eval_ever
                video_dir=None) -> list[Job]:
     """Every (algorithm, env, seed) job of a suite, with the folder it writes to; `script_flags`
     go last on every command line, so they override the suite's own settings."""
+    if video_dir and suite in ("dcs", "natural", "minigrid", "cpu"):
+        script_flags = f"--video-dir {shlex.quote(str(video_dir))} {script_flags}"
     variants = {algo: [(algo, [])] for algo in algos}  # (row label, extra flags) per algorithm
     if suite == "smoke":
         envs_flags = [(SMOKE_ENV, [])]
@@ -171,6 +190,24 @@ def suite_jobs(suite: str, algos, seeds: int, budget: int, tasks=None, eval_ever
         envs_flags = [(f"{MINIGRID_ENV}@{c}", ["--distraction", c]) for c in MINIGRID_CHANGES]
         budget = budget or 50_000  # BLAST A.2: 5e4 steps
         eval_every, eval_episodes = eval_every or 2_500, eval_episodes or 10
+    elif suite == "cpu":
+        unknown = [t for t in tasks or [] if t not in CPU_TASKS]
+        if unknown:
+            raise SystemExit(f"error: unknown cpu task(s) {unknown}; known: {', '.join(CPU_TASKS)}")
+        jobs = []
+        for column in tasks or CPU_TASKS:  # task-major: with 2 workers the clean runs come first
+            env, extra, steps, every, episodes = CPU_TASKS[column]
+            for algo in algos:
+                if column.startswith("minigrid") and algo not in CPU_MINIGRID_ALGOS:
+                    continue
+                for seed in range(1, seeds + 1):
+                    flags = [*extra, "--preset", "small", "--total-steps", str(budget or steps),
+                             "--eval-every", str(eval_every or every),
+                             "--eval-episodes", str(eval_episodes or episodes),
+                             *shlex.split(script_flags)]
+                    folder = results / suite / "runs" / algo / column / f"seed{seed}"
+                    jobs.append(Job(algo, env, seed, flags, folder, algo, column))
+        return jobs
     elif suite == "quick":
         variants = {a: [(a, [])] for a, _, _ in QUICK_RUNS if a in algos}
         envs_flags = None
@@ -178,8 +215,6 @@ def suite_jobs(suite: str, algos, seeds: int, budget: int, tasks=None, eval_ever
         eval_every, eval_episodes = eval_every or 5_000, eval_episodes or 5
     else:
         raise SystemExit(f"error: unknown suite {suite!r}; known: {', '.join(SUITES)}")
-    if video_dir and suite in ("dcs", "natural", "minigrid"):
-        script_flags = f"--video-dir {shlex.quote(str(video_dir))} {script_flags}"
     jobs = []
     for algo, labels in variants.items():
         runs = ([(env, extra) for a, env, extra in QUICK_RUNS if a == algo] if envs_flags is None
@@ -231,7 +266,8 @@ def run_jobs(jobs: list[Job], workers: int, deadline: float | None = None) -> li
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
             if workers > 1 and not gpus:  # CPU: split the cores instead of oversubscribing them
-                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+                threads = str(max(1, (os.cpu_count() or 1) // workers))
+                env["OMP_NUM_THREADS"] = env["LP_NUM_THREADS"] = threads  # torch, Mesa llvmpipe
             job.folder.mkdir(parents=True, exist_ok=True)
             with open(job.folder / "log.txt", "a") as log:
                 proc = subprocess.Popen(job.command(), cwd=job.folder, stdout=log,
@@ -458,11 +494,13 @@ def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None)
             se = curves.std(0, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else 0 * mean
             ax.plot(grid, mean, label=f"{algo} ({len(seeds)})")
             ax.fill_between(grid, mean - se, mean + se, alpha=0.25)
-        if suite in ("dcs", "dmc", "quick") and not env.startswith("natural"):
+        if (suite in ("dcs", "dmc", "quick") and not env.startswith("natural")
+                or suite == "cpu" and env.startswith("dmc-")):
             ref = reference_dreamerv2(env)
             # only where every reference seed has data (the official curves start at 30K)
             first = max((s[0] for s, _ in ref), default=np.inf)
-            last = min([s[-1] for s, _ in ref] + ([budget] if budget else []), default=0)
+            cap = budget or (CPU_TASKS[env][2] if suite == "cpu" and env in CPU_TASKS else None)
+            last = min([s[-1] for s, _ in ref] + ([cap] if cap else []), default=0)
             if first < last:
                 grid = np.linspace(first, last, 50)
                 ys = np.stack([np.interp(grid, s, r) for s, r in ref]).mean(0)
@@ -474,6 +512,12 @@ def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None)
         if suite == "quick":
             ax.axhline(policy_return(env, episodes=QUICK_RANDOM_EPISODES), ls=":", color="grey",
                        label="random policy")
+        if suite == "cpu":
+            ax.axhline(policy_return(CPU_TASKS[env][0], episodes=CPU_RANDOM_EPISODES), ls=":",
+                       color="grey", label="random policy")
+            mark = DREAMER_DMC100K.get(env.partition("-")[2]) if env.startswith("dmc-") else None
+            if mark:
+                ax.plot([100_000], [mark], "k*", ms=10, label="Dreamer, DMC-100K (CURL)")
         if suite == "smoke":
             ax.axhline(policy_return(env), ls=":", color="grey", label="random policy")
             if np.isfinite(policy_return(env, "greedy")):
@@ -505,6 +549,8 @@ def report(suite: str, budget: float, results=Path("results")) -> dict:
         raise SystemExit(f"error: no metrics.jsonl with evaluations under {root}")
     if suite == "quick":
         return quick_report(runs, results)
+    if suite == "cpu":
+        return cpu_report(runs, results, budget)
     summary = summarize(runs, budget, suite, suite_videos(results, suite))
     text = markdown(summary, suite)
     (results / suite / "summary.json").write_text(json.dumps(
@@ -526,6 +572,62 @@ def report(suite: str, budget: float, results=Path("results")) -> dict:
     print(text)
     print(f"wrote {results / suite / 'summary.md'} and {results / suite / 'curves.png'}")
     return summary
+
+
+CPU_RANDOM_EPISODES = 5  # a control-suite episode costs seconds: a few give the random level
+
+
+def cpu_report(runs: dict, results: Path, budget: float | None = None) -> dict:
+    """The CPU suite: per task, the return at its budget (mean ± SE over seeds) and the minutes
+    per run; reference rows: the random policy, the official DreamerV2 curve (clean task) and
+    Dreamer's DMC-100K score."""
+    root = results / "cpu" / "runs"
+    columns = [c for c in CPU_TASKS if any(c in per_env for per_env in runs.values())]
+    budgets = {c: budget or CPU_TASKS[c][2] for c in columns}
+    head = [h for c in columns for h in (f"`{c}` return at {budgets[c]:,.0f}", "min / run")]
+    lines = ["# cpu: learning on a 2-core CPU with `--preset small`", "",
+             "Evaluation return at the budget (deterministic policy), mean ± standard error over "
+             "seeds (number of seeds; * = a run has not reached the budget, its last evaluation "
+             "is used), and wall-clock minutes per run (first to last metrics record; two runs "
+             "shared the machine's two cores, one thread each).", ""]
+    videos = suite_videos(results, "cpu")
+    if videos:
+        lines += [f"Background videos: {videos}.", ""]
+    lines += ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    rows = {}
+    for algo in sorted(runs, key=row_key):
+        cells, row = [], {}
+        for c in columns:
+            seeds = runs[algo].get(c, {})
+            scores = [score_at(s, r, budgets[c]) for s, r in seeds.values()]
+            m, se, n = mean_se([x for x, _ in scores])
+            minutes = [wall_seconds(root / algo / c / seed) / 60 for seed in seeds]
+            row[c] = (m, se, n, bool(scores) and all(ok for _, ok in scores))
+            cells += [fmt(row[c]) if seeds else "-",
+                      f"{np.nanmean(minutes):.0f}" if minutes and np.isfinite(minutes).any() else "-"]
+        rows[algo] = row
+        lines.append(f"| {algo} | " + " | ".join(cells) + " |")
+    randoms = {c: policy_return(CPU_TASKS[c][0], episodes=CPU_RANDOM_EPISODES) for c in columns}
+    lines.append("| random policy (" + str(CPU_RANDOM_EPISODES) + " episodes) | " + " | ".join(
+        f"{randoms[c]:.0f} | " for c in columns) + "|")
+    ref = {c: reference_mean(c, budgets[c]) for c in columns if c.startswith("dmc-")}
+    if any(np.isfinite(v) for v in ref.values()):
+        lines.append("| DreamerV2 official (clean, action repeat 2, full size) | " + " | ".join(
+            (f"{ref[c]:.0f} | " if c in ref and np.isfinite(ref[c]) else "- | ") for c in columns) + "|")
+    marks = {c: DREAMER_DMC100K.get(c.partition("-")[2]) for c in columns if c.startswith("dmc-")}
+    if any(marks.values()) and all(budgets[c] == 100_000 for c in marks):
+        lines.append("| Dreamer at DMC-100K (CURL Table 1) | " + " | ".join(
+            (f"{marks[c]} | " if marks.get(c) else "- | ") for c in columns) + "|")
+    text = "\n".join(lines) + "\n"
+    (results / "cpu" / "summary.md").write_text(text)
+    (results / "cpu" / "summary.json").write_text(json.dumps(
+        {"budgets": budgets, "random": randoms,
+         "rows": {k: {c: list(v) for c, v in r.items()} for k, r in rows.items()}},
+        indent=1, default=str))
+    plot_curves(runs, results / "cpu" / "curves.png", "cpu", None)
+    print(text)
+    print(f"wrote {results / 'cpu' / 'summary.md'} and {results / 'cpu' / 'curves.png'}")
+    return {"rows": rows, "text": text}
 
 
 QUICK_RANDOM_EPISODES = 5  # control-suite episodes cost seconds each: a few give the random level
@@ -726,7 +828,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=None, help="seeds per task (smoke 2, else 3)")
     parser.add_argument("--budget", type=int, default=None,
                         help="env steps per run (smoke 6000, dcs/dmc 500000)")
-    parser.add_argument("--tasks", nargs="+", help="dcs/dmc tasks (default: CoRe's six)")
+    parser.add_argument("--tasks", nargs="+", help="dcs/dmc tasks (default: CoRe's six); cpu: "
+                        f"columns of CPU_TASKS ({', '.join(CPU_TASKS)})")
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--eval-episodes", type=int, default=None)
     parser.add_argument("--workers", type=int, default=1, help="jobs in parallel (one GPU each)")
@@ -757,11 +860,12 @@ def main(argv=None):
         return 0
     if args.suite == "report":
         suite = args.report_suite or "dcs"
-        default_budget = {"smoke": 6000, "minigrid": 50_000, "quick": 1_000_000}.get(suite, 500_000)
+        default_budget = {"smoke": 6000, "minigrid": 50_000, "quick": 1_000_000,
+                          "cpu": None}.get(suite, 500_000)
         summary = report(suite, args.budget or default_budget, results)
         return 0 if summary.get("passed", True) else 1
 
-    seeds = args.seeds or {"smoke": 2, "minigrid": 5, "quick": 1}.get(args.suite, 3)
+    seeds = args.seeds or {"smoke": 2, "minigrid": 5, "quick": 1, "cpu": 1}.get(args.suite, 3)
     jobs = suite_jobs(args.suite, algos, seeds, args.budget, args.tasks, args.eval_every,
                       args.eval_episodes, results, args.script_flags, args.video_dir)
     budget = int(jobs[0].flags[jobs[0].flags.index("--total-steps") + 1])
@@ -779,7 +883,7 @@ def main(argv=None):
         if args.submit:
             subprocess.run(["sbatch", str(path)], check=True)
         return 0
-    if args.suite in ("dcs", "natural", "minigrid"):
+    if args.suite in ("dcs", "natural", "minigrid", "cpu"):
         (results / args.suite).mkdir(parents=True, exist_ok=True)
         (results / args.suite / "videos.txt").write_text(video_source(args.video_dir) + "\n")
     if args.suite == "quick":  # every run at once on the one GPU, stopped at the wall budget
@@ -790,7 +894,7 @@ def main(argv=None):
         return 1 if failed or summary["passed"] is False else 0
     finished = run_jobs(jobs, args.workers)
     failed = [j for j, rc in finished if rc != 0]
-    summary = report(args.suite, budget, results)
+    summary = report(args.suite, args.budget if args.suite == "cpu" else budget, results)
     if args.suite == "smoke" and not summary["passed"]:
         print("smoke: FAILED (an algorithm did not beat the random policy)")
         return 1

