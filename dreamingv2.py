@@ -261,12 +261,14 @@ def preset_args(preset: str = "paper", **overrides) -> Args:
 
 
 def _flag_value(argv: list, name: str):
+    """The value of `--name v` or `--name=v` in argv (the last one, as the parser takes it)."""
+    value = None
     for i, arg in enumerate(argv):
         if arg == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def parse_args(argv=None) -> Args:

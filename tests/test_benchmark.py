@@ -310,3 +310,58 @@ def test_tables_name_the_video_source_and_mark_paper_rows_when_videos_differ(tmp
     jobs = benchmark.suite_jobs("dcs", ["core"], seeds=1, budget=None, results=tmp_path,
                                 video_dir="/data/DAVIS")
     assert "--video-dir /data/DAVIS" in " ".join(jobs[0].command())
+
+
+def test_cpu_suite_runs_every_algorithm_small_on_cartpole_and_two_on_minigrid(tmp_path):
+    algos = ["dreamerv2", "core", "blast"]
+    jobs = benchmark.suite_jobs("cpu", algos, seeds=2, budget=None, results=tmp_path)
+    # task-major: with two workers the clean runs of every algorithm come first
+    assert [j.column for j in jobs[:6]] == ["dmc-cartpole-swingup"] * 6
+    assert len(jobs) == 2 * (3 + 3 + 2)
+    minigrid = [j for j in jobs if j.column.startswith("minigrid")]
+    assert {j.algo for j in minigrid} == set(benchmark.CPU_MINIGRID_ALGOS)
+    for job in jobs:
+        cmd = " ".join(job.command())
+        assert "--preset small" in cmd and "--save-model" in cmd
+        steps = "50000" if job.column.startswith("minigrid") else "100000"
+        assert f"--total-steps {steps}" in cmd
+    dcs = [j for j in jobs if j.column == "dcs-cartpole-swingup"][0]
+    assert "--distraction medium --dynamic" in " ".join(dcs.command())
+    assert dcs.folder == tmp_path / "cpu" / "runs" / "dreamerv2" / "dcs-cartpole-swingup" / "seed1"
+    # --budget shortens every task; script flags come last, so they win
+    short = benchmark.suite_jobs("cpu", ["core"], seeds=1, budget=2000,
+                                 tasks=["dmc-cartpole-swingup"], results=tmp_path,
+                                 script_flags="--preset tiny")
+    (job,) = short
+    assert " ".join(job.command()).endswith("--total-steps 2000 --eval-every 10000 "
+                                            "--eval-episodes 5 --preset tiny")
+
+
+def test_cpu_suite_names_the_valid_tasks_for_an_unknown_one(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "cpu", "--tasks",
+                          "nosuch-task", "--results", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "nosuch-task" in line and all(task in line for task in benchmark.CPU_TASKS)
+
+
+def test_cpu_report_gives_return_and_minutes_per_task_beside_the_reference_rows(tmp_path):
+    root = tmp_path / "cpu" / "runs"
+    curve = [(s, s / 400) for s in range(10_000, 100_001, 10_000)]  # 250 at 100K
+    write_run(root, "core", "dmc-cartpole-swingup", "seed1", curve)
+    write_run(root, "core", "dmc-cartpole-swingup", "seed2", [(s, r + 50) for s, r in curve])
+    write_run(root, "dreamerv2", "dmc-cartpole-swingup", "seed1", curve[:5])  # unfinished
+    runs = benchmark.collect(root)
+    text = benchmark.report("cpu", None, tmp_path)["text"]
+    lines = text.splitlines()
+    assert "| method | `dmc-cartpole-swingup` return at 100,000 | min / run |" in lines
+    # write_run's clock: 100 + step / 10 s, so 10K..100K steps take 9000 s = 150 min
+    assert "| core | 275 ± 25 (2) | 150 |" in lines
+    assert "| dreamerv2 | 125 (1) * | 67 |" in lines
+    random = benchmark.policy_return("dmc-cartpole-swingup", episodes=benchmark.CPU_RANDOM_EPISODES)
+    assert f"| random policy (5 episodes) | {random:.0f} | |" in lines
+    assert "| Dreamer at DMC-100K (CURL Table 1) | 326 | |" in lines
+    official = benchmark.reference_mean("dmc-cartpole-swingup", 100_000)
+    assert f"| DreamerV2 official (clean, action repeat 2, full size) | {official:.0f} | |" in lines
+    assert (tmp_path / "cpu" / "curves.png").stat().st_size > 10_000
+    assert set(runs) == {"core", "dreamerv2"}
