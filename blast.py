@@ -1176,6 +1176,21 @@ def format_eta(seconds: Optional[float]) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def preset_hint(args, eta: float | None):
+    """Once per process, when a CPU run at the paper's sizes would take many hours: say which
+    preset finishes in about an hour, and what it trades."""
+    if (eta is not None and eta > 6 * 3600 and args.preset == "paper" and not preset_hint.shown
+            and not torch.cuda.is_available()):
+        preset_hint.shown = True
+        print(f"note: at the paper's sizes this CPU needs about {format_eta(eta)}; --preset small "
+              "(the same algorithm with smaller networks and batches, fewer updates per step and "
+              "PlaNet's action repeat) trains 100K steps of dmc-cartpole-swingup in under an hour "
+              "on 2 cores", flush=True)
+
+
+preset_hint.shown = False
+
+
 class Progress:
     """Progress lines (contract A.1): at the start, every `log_every` env steps and every 30 s,
     also between the updates of the pretrain burst."""
@@ -1207,6 +1222,7 @@ class Progress:
         elif done > 0:
             eta = remaining / (done / elapsed)
         spu_text = "-" if spu is None else f"{spu:.2f}"
+        preset_hint(args, eta)
         print(f"step {self.counters['env_steps']}/{args.total_steps} | {phase} | return "
               f"{self.last_return:.1f} | SPS {self.sps():.1f} | updates {updates} ({spu_text} s/update)"
               f" | ETA {format_eta(eta)}", flush=True)

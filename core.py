@@ -1076,6 +1076,21 @@ def format_eta(seconds: float | None) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def preset_hint(args, eta: float | None):
+    """Once per process, when a CPU run at the paper's sizes would take many hours: say which
+    preset finishes in about an hour, and what it trades."""
+    if (eta is not None and eta > 6 * 3600 and args.preset == "paper" and not preset_hint.shown
+            and not torch.cuda.is_available()):
+        preset_hint.shown = True
+        print(f"note: at the paper's sizes this CPU needs about {format_eta(eta)}; --preset small "
+              "(the same algorithm with smaller networks and batches, fewer updates per step and "
+              "PlaNet's action repeat) trains 100K steps of dmc-cartpole-swingup in under an hour "
+              "on 2 cores", flush=True)
+
+
+preset_hint.shown = False
+
+
 class Progress:
     """The progress line: at the first step, then every `log_every` env steps or 30 s, also
     between the updates of a burst. s/update is this process's measured mean; the ETA adds the
@@ -1111,9 +1126,11 @@ class Progress:
             return
         self.last_step, self.last_time = step, now
         spu = f"{self.update_time / self.updates:.2f}" if self.updates else "-"
+        eta = self.eta(counters)
+        preset_hint(self.args, eta)
         print(f"step {step}/{self.args.total_steps} | {phase} | return {episode_return:.1f} | "
               f"SPS {self.sps(counters):.1f} | updates {updates} ({spu} s/update) | "
-              f"ETA {format_eta(self.eta(counters))}", flush=True)
+              f"ETA {format_eta(eta)}", flush=True)
 
 
 class StopFlag:

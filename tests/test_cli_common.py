@@ -179,3 +179,35 @@ def test_a_checkpoint_holds_only_the_filled_part_of_the_replay(script, tmp_path)
     buffer.seek(0)
     again.load_state_dict(torch.load(buffer, weights_only=False))
     assert again.size == n
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_cpu_run_of_many_hours_names_the_small_preset_once(script, capsys, monkeypatch):
+    m = module(script)
+    monkeypatch.setattr(m.preset_hint, "shown", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    paper, small = m.parse_args([]), m.parse_args(["--preset", "small"])
+    m.preset_hint(small, 100 * 3600)  # already the CPU preset: nothing to say
+    m.preset_hint(paper, 3600)  # an hour: nothing to say
+    assert capsys.readouterr().out == ""
+    m.preset_hint(paper, 350 * 3600)
+    m.preset_hint(paper, 350 * 3600)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "--preset small" in out[0] and "350h" in out[0]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_small_preset_is_the_same_algorithm_with_smaller_sizes(script):
+    """--preset small changes sizes, schedule and learning rates, never the objective's switches."""
+    m = module(script)
+    paper, small = vars(m.parse_args([])), vars(m.parse_args(["--preset", "small"]))
+    changed = {k for k in paper if paper[k] != small[k]} - {"preset"}
+    allowed = {"action_repeat", "total_steps", "eval_episodes", "replay_capacity", "batch_size",
+               "batch_length", "seq_len", "train_every", "updates_per_step", "prefill",
+               "model_lr", "actor_lr", "critic_lr", "value_lr", "q_lr", "cnn_depth", "cnn_filters",
+               "deter", "hidden", "stoch", "classes", "mlp_units", "mlp_layers", "contrast_units",
+               "obs_mlp", "gru_mlp", "prior_mlp", "posterior_mlp", "decoder_mlp", "reward_mlp",
+               "inverse_mlp", "ac_hidden", "render_size", "render_height", "render_width",
+               "crop_size"}
+    assert changed and changed <= allowed, changed - allowed
+    assert small["total_steps"] == 100_000
