@@ -145,6 +145,9 @@ class Args:
     """replay capacity in environment steps (stored per agent step as uint8 images)"""
     replay_device: Literal["auto", "cpu", "cuda"] = "auto"
     """where the replay's arrays live ('auto': the training device when it is CUDA)"""
+    prioritize_ends: bool = True
+    """sample the last window of each episode more often (DreamerV2 configs.yaml
+    replay.prioritize_ends True; see `Replay.draw_starts`)"""
     batch_size: int = 16
     """sequences per mini-batch (B)"""
     batch_length: int = 50
@@ -627,7 +630,8 @@ def random_shift(obs: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 class Replay:
-    """Whole episodes in a flat ring of uint8 images; uniform sampling of in-episode sequences.
+    """Whole episodes in a flat ring of uint8 images; sampling of in-episode sequences, uniform or
+    with episode ends preferred (`prioritize_ends`).
 
     Slot t of an episode holds obs_t, the action a_{t-1} that led to it (zeros at t = 0), the
     reward r_t received on arriving there (0 at t = 0) and cont_t = 0 if the episode terminated
@@ -636,8 +640,10 @@ class Replay:
     stay on the host, and one small index tensor goes to the device per batch.
     """
 
-    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device="cpu"):
+    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device="cpu",
+                 prioritize_ends: bool = False):
         self.capacity, self.device = capacity, torch.device(device)
+        self.prioritize_ends = prioritize_ends
         # empty: on the CPU pages are only allocated as they fill
         self.obs = torch.empty((capacity, *obs_shape), dtype=torch.uint8, device=self.device)
         self.action = torch.zeros((capacity, action_dim), device=self.device)
@@ -646,6 +652,7 @@ class Replay:
         self.episode = np.full(capacity, -1, np.int64)  # episode id per slot, -1 = empty
         self.pos = self.size = self.episodes = 0
         self.rng = np.random.default_rng(seed)
+        self._ends = np.zeros(0, np.int64)
         self._starts = np.zeros(0, np.int64)
         self._starts_length = None
 
@@ -678,14 +685,33 @@ class Replay:
             ok = (self.episode >= 0) & (self.episode == last)
             ok &= (np.arange(self.capacity) + length - 1 < self.capacity) | (self.size == self.capacity)
             self._starts, self._starts_length = np.flatnonzero(ok), length
+            # The last valid start of each episode (for prioritize_ends): its successor slot is no
+            # valid start of the same episode.
+            after = (self._starts + 1) % self.capacity
+            last = ~ok[after] | (self.episode[after] != self.episode[self._starts])
+            self._ends = self._starts[last]
         return self._starts
+
+    def draw_starts(self, batch: int, length: int) -> np.ndarray:
+        """Start slots of `batch` sequences. Uniform over valid starts; with prioritize_ends, each
+        episode's last start counts `length` + 1 times (official replay.py: the start is drawn from
+        [0, total - length + 1 + minlen) and clipped to the last one, so episode ends, rare under
+        uniform windows, are seen as often as DreamerV2 sees them). The official sampler first picks
+        an episode uniformly; here every valid start is equally likely, the same for equal-length
+        episodes (every DMC task)."""
+        starts = self.valid_starts(length)
+        if not self.prioritize_ends:
+            return self.rng.choice(starts, size=batch)
+        u = self.rng.integers(len(starts) + length * len(self._ends), size=batch)
+        extra = np.minimum(np.maximum(u - len(starts), 0) // length, len(self._ends) - 1)
+        return np.where(u < len(starts), starts[np.minimum(u, len(starts) - 1)], self._ends[extra])
 
     def can_sample(self, length: int) -> bool:
         return len(self.valid_starts(length)) > 0
 
     def sample(self, batch: int, length: int) -> dict:
         """Device tensors, time-major: obs (T, B, 3, H, W) uint8, action (T, B, A), reward, cont."""
-        starts = self.rng.choice(self.valid_starts(length), size=batch)
+        starts = self.draw_starts(batch, length)
         idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # (T, B)
         index = torch.from_numpy(idx).to(self.device, non_blocking=True)
         return dict(obs=self.obs[index], action=self.action[index], reward=self.reward[index],
@@ -1321,7 +1347,7 @@ def main(args: Args):
 
     agent = Agent(args, action_dim, discrete, device)
     replay = Replay(max(args.replay_capacity // repeat, args.batch_length), env.observation_space.shape,
-                    action_dim, args.seed, replay_device(args, device))
+                    action_dim, args.seed, replay_device(args, device), args.prioritize_ends)
     counters = dict(env_steps=0, agent_steps=0, episodes=0, evals=0, next_eval=args.eval_every,
                     last_eval=-1, pretrain_updates=0)
     if checkpoint is not None:
