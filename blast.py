@@ -10,8 +10,9 @@ one per rung of the paper's cumulative ablation ladder (Fig. 3 and 4), `--ladder
   no-recon   + no image decoder in the loss (`--no-recon`; `--probe-decoder` trains one on
              stop-gradient features only to look at what the latent holds, Fig. 8 / A.5).
   sg         + KL balance 1.0: KL(sg(q(z|h,x)) || p(z|h)), no gradient into the posterior (2.3.1).
-  ema        + target encoder and posterior observation layer xi <- tau xi + (1 - tau) theta,
-             tau = 0.99; the target posteriors are the KL targets (Eq. 2.4); `target_input_p` of
+  ema        + target encoder xi <- tau xi + (1 - tau) theta, tau = 0.99 (Sec. 3.3: "an
+             exponential moving average for the encoder"); its embeddings go through the online
+             posterior layer and the target posteriors are the KL targets (Eq. 2.4); `target_input_p` of
              the batch rolls the deterministic path on target posteriors, the rest on online ones
              (Sec. 2.3.2, A.2).
   bn         + BatchNorm in every encoder conv layer and in the posterior's observation layer (2.3.3).
@@ -101,7 +102,9 @@ class Args:
     """rung of the cumulative ablation ladder (Fig. 3, 4): sets the five switches below; 'ar' is
     BLAST. Switch flags given explicitly win over the rung"""
     total_steps: int = 1_000_000
-    """environment steps to train for, counted after action repeat (simulator steps)"""
+    """environment steps to train for, counted after action repeat (simulator steps), as in the
+    other scripts here. A.2's `steps` is DreamerV2's config key, which counts agent steps: DMC's
+    1e6 is 2e6 simulator steps at action repeat 2 (see FAMILY_PRESETS)"""
     action_repeat: Optional[int] = None
     """simulator steps per action (default: 2 for every dmc/dcs/natural task, DreamerV2's DMC
     setting that A.2 keeps; the env's default elsewhere, e.g. 1 for MiniGrid)"""
@@ -125,9 +128,13 @@ class Args:
 
     # Replay and schedule (A.2 per family, see FAMILY_PRESETS).
     replay_capacity: int = 1_000_000
-    """replay capacity in environment steps (stored per agent step as uint8 images)"""
+    """replay capacity in environment steps (stored per agent step as uint8 images). Ours: half a
+    DMC run (5e5 agent steps, 6 GB of frames); DreamerV2's configs.yaml keeps 2e6 agent steps"""
     replay_device: Literal["auto", "cpu", "cuda"] = "auto"
     """where the replay's arrays live: auto = the training device when it is CUDA"""
+    prioritize_ends: bool = True
+    """sample the last window of each episode more often (DreamerV2 configs.yaml
+    replay.prioritize_ends True, kept by the authors' configs; see `Replay.draw_starts`)"""
     batch_size: int = 16
     """sequences per mini-batch"""
     batch_length: int = 50
@@ -178,9 +185,14 @@ class Args:
     """KL balancing alpha, the prior side's weight: 0.8 DreamerV2, 1.0 = KL(sg(q) || p) (sg rung)"""
     target_encoder: bool = True
     """EMA target encoder whose posteriors are the KL targets (ema rung, use_target_encoder)"""
-    target_obs_out: bool = True
-    """the target also has its own EMA copy of the posterior's observation layer (obs_out); False:
-    target embeddings go through the online layer, as the authors' configs (use_target_rssm False)"""
+    target_obs_out: bool = False
+    """False (Sec. 3.3 "+EMA" averages the encoder; authors' configs use_target_rssm False): target
+    embeddings go through the online posterior layer, with full gradients into it, and acting uses
+    it. True: the target also has its own EMA copy of that layer (obs_out), which then acts"""
+    target_init: Literal["random", "copy"] = "random"
+    """the target's initial weights (the paper is silent): 'random' = its own random draw, as the
+    authors' code (update_targets mixes with weight 1.0 on the target at the first update);
+    'copy' = a copy of the online nets (BYOL)"""
     target_ema: float = 0.99
     """tau of xi <- tau xi + (1 - tau) theta"""
     target_input_p: float = 0.5
@@ -234,9 +246,14 @@ LADDER["ar"] = {**LADDER["bn"], "ar_steps": None}
 # for the grid world (minigrid-repeat: learning rates, entropy, free nats 0, 1 pretrain update,
 # 5 eval episodes every 2500 steps) are marked "cfg". The DMC values are DreamerV2's dmc_vision.
 FAMILY_PRESETS = {
+    # total_steps: A.2's `steps 1e6` counts agent steps (DreamerV2's train.py increments its step
+    # counter once per env.step of the action-repeat wrapper; the logger multiplies by the repeat),
+    # so the paper's DMC runs are 2e6 simulator steps at action repeat 2, the unit used here.
     "dmc": dict(deter=200, hidden=200, stoch=8, classes=64, kl_scale=1.0, reward_scale=1.0,
                 reward_clamp="none", train_every=5, prefill=1000, actor_grad="dynamics",
-                total_steps=1_000_000, pred_discount=False, gamma=0.99),
+                total_steps=2_000_000, pred_discount=False, gamma=0.99),
+    # stoch 16 is A.2's (with ar_steps = stoch, 16 AR steps); the authors' grid_exps.yaml runs
+    # stoch 8 with ar_steps 8. The paper wins.
     "minigrid": dict(deter=600, hidden=600, stoch=16, classes=64, kl_scale=0.1, reward_scale=100.0,
                      reward_clamp="tanh", train_every=1, prefill=10_000, actor_grad="reinforce",
                      total_steps=50_000, pred_discount=False, gamma=0.99,
@@ -337,6 +354,7 @@ def parse_args(argv=None) -> Args:
 # ---------------------------------------------------------------------------------------------
 
 BN_MOMENTUM = 0.01  # Keras' BatchNormalization default (momentum 0.99 of the running average)
+BN_EPS = 1e-3  # Keras' default epsilon, which the authors' tfkl.BatchNormalization() keeps
 
 
 def mlp(inp: int, out: int, units: int, layers: int) -> nn.Sequential:
@@ -352,7 +370,7 @@ def mlp(inp: int, out: int, units: int, layers: int) -> nn.Sequential:
 def norm_layer(kind: str, channels: int, conv: bool) -> nn.Module:
     if kind == "none":
         return nn.Identity()
-    return (nn.BatchNorm2d if conv else nn.BatchNorm1d)(channels, momentum=BN_MOMENTUM)
+    return (nn.BatchNorm2d if conv else nn.BatchNorm1d)(channels, momentum=BN_MOMENTUM, eps=BN_EPS)
 
 
 class Encoder(nn.Module):
@@ -463,18 +481,20 @@ class Prior(nn.Module):
 
         p(z_t | h_t) = prod_k p(z_t^k | g_k),  g_0 = h_t,  g_{k+1} = GRU(g_k, z_t^k),
 
-    a second small recurrent net started from h_t. Chunk k's logits come from ELU(W g_k) and the
-    k-th block of rows of one output layer. steps = 1 is DreamerV2's independent prior (one hidden
-    layer, no GRU). (The authors' ar prior has one more dense layer per step and predicts all
-    categoricals at every step, keeping chunk k; the k-th row block is the same parametrisation
-    without the unused outputs.)"""
+    a second small recurrent net started from h_t. Chunk k's logits come from two ELU layers
+    shared by all steps, ELU(W_2 ELU(W_1 g_k)), and the k-th block of rows of one output layer:
+    the authors' depth (their ar_img_in then img_out layer per step; the paper does not say).
+    steps = 1 is DreamerV2's independent prior (one hidden layer, no GRU). (The authors' ar prior
+    predicts all categoricals at every step and keeps chunk k; the k-th row block is the same
+    parametrisation without the unused outputs.)"""
 
     def __init__(self, deter: int, hidden: int, stoch: int, classes: int, steps: int):
         super().__init__()
         if steps < 1 or stoch % steps:
             raise SystemExit(f"error: --ar-steps {steps} must divide --stoch {stoch}")
         self.steps, self.chunk, self.classes = steps, stoch // steps, classes
-        self.hidden = nn.Linear(deter, hidden)
+        self.ar_in = nn.Linear(deter, hidden) if steps > 1 else None  # authors' ar_img_in
+        self.hidden = nn.Linear(hidden if steps > 1 else deter, hidden)  # DreamerV2's img_out
         self.out = nn.Linear(hidden, stoch * classes)
         if steps > 1:
             self.chunk_in = nn.Linear(self.chunk * classes, hidden)
@@ -483,7 +503,8 @@ class Prior(nn.Module):
     def chunk_logits(self, g: torch.Tensor, k: int) -> torch.Tensor:
         """Logits of chunk k given the AR state g_k: (..., chunk, classes)."""
         rows = slice(k * self.chunk * self.classes, (k + 1) * self.chunk * self.classes)
-        out = F.linear(F.elu(self.hidden(g)), self.out.weight[rows], self.out.bias[rows])
+        x = F.elu(self.ar_in(g)) if self.ar_in is not None else g
+        out = F.linear(F.elu(self.hidden(x)), self.out.weight[rows], self.out.bias[rows])
         return out.reshape(*g.shape[:-1], self.chunk, self.classes)
 
     def next_state(self, g: torch.Tensor, z_k: torch.Tensor) -> torch.Tensor:
@@ -663,15 +684,27 @@ class WorldModel(nn.Module):
         self.discount = mlp(feat, 1, args.mlp_units, args.mlp_layers) if args.pred_discount else None
         self.decoder = Decoder(feat, args.cnn_depth) if args.recon or args.probe_decoder else None
         if args.init == "glorot":
-            self.apply(glorot_init)  # before the target copies, which start equal to the online nets
-        # Sec. 2.3.1: xi starts as a copy of theta (BYOL). (As we read keirp/blast's
-        # update_targets, its first update mixes with weight 1.0 on the target, which keeps the
-        # target's own random initialisation instead.)
+            self.apply(glorot_init)
+        # The target's initial weights: the paper is silent; the authors' update_targets mixes with
+        # weight 1.0 on the target at the first update, so their target keeps its own random
+        # initialisation (target_init 'random'); 'copy' starts it equal to the online nets (BYOL).
         self.target_encoder = self.target_posterior = None
         if args.target_encoder:
-            self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+            self.target_encoder = self._target_of(self.encoder, args)
             if args.target_obs_out:
-                self.target_posterior = copy.deepcopy(self.posterior).requires_grad_(False)
+                self.target_posterior = self._target_of(self.posterior, args)
+
+    @staticmethod
+    def _target_of(online: nn.Module, args: Args) -> nn.Module:
+        """An EMA target of `online`: same architecture, no gradients, initialised per target_init."""
+        target = copy.deepcopy(online)
+        if args.target_init == "random":  # a fresh draw of the same initialiser
+            for module in target.modules():
+                if module is not target and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            if args.init == "glorot":
+                target.apply(glorot_init)
+        return target.requires_grad_(False)
 
     def ema_pairs(self) -> tuple[list, list]:
         """(target parameters, online parameters) of the EMA; BatchNorm running statistics are not
@@ -705,7 +738,8 @@ class ActorCritic(nn.Module):
 
 
 class Replay:
-    """Whole episodes in a flat ring of uint8 images; uniform sampling of in-episode sequences.
+    """Whole episodes in a flat ring of uint8 images; sampling of in-episode sequences, uniform or
+    with episode ends preferred (`prioritize_ends`).
 
     Slot t of an episode holds obs_t, the action a_{t-1} that led to it (zeros at t = 0), the
     reward r_t received on arriving there (0 at t = 0) and cont_t = 0 if the episode terminated
@@ -714,8 +748,10 @@ class Replay:
     gathered there); the episode ids stay on the host, where start indices are drawn.
     """
 
-    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device=torch.device("cpu")):
+    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device=torch.device("cpu"),
+                 prioritize_ends: bool = False):
         self.capacity, self.device = capacity, torch.device(device)
+        self.prioritize_ends = prioritize_ends
         if self.device.type == "cpu":  # numpy zeros: pages are allocated as they fill
             self.obs = torch.from_numpy(np.zeros((capacity, *obs_shape), np.uint8))
         else:
@@ -726,6 +762,7 @@ class Replay:
         self.episode = np.full(capacity, -1, np.int64)  # episode id per slot, -1 = empty
         self.pos = self.size = self.episodes = 0
         self.rng = np.random.default_rng(seed)
+        self._ends = np.zeros(0, np.int64)
         self._starts, self._starts_length = np.zeros(0, np.int64), None
 
     @property
@@ -754,7 +791,26 @@ class Replay:
             ok = (self.episode >= 0) & (self.episode == last)
             ok &= (np.arange(self.capacity) + length - 1 < self.capacity) | (self.size == self.capacity)
             self._starts, self._starts_length = np.flatnonzero(ok), length
+            # The last valid start of each episode (for prioritize_ends): its successor slot is no
+            # valid start of the same episode.
+            after = (self._starts + 1) % self.capacity
+            last = ~ok[after] | (self.episode[after] != self.episode[self._starts])
+            self._ends = self._starts[last]
         return self._starts
+
+    def draw_starts(self, batch: int, length: int) -> np.ndarray:
+        """Start slots of `batch` sequences. Uniform over valid starts; with prioritize_ends, each
+        episode's last start counts `length` + 1 times (official replay.py: the start is drawn from
+        [0, total - length + 1 + minlen) and clipped to the last one, so episode ends, rare under
+        uniform windows, are seen as often as DreamerV2 sees them). The official sampler first picks
+        an episode uniformly; here every valid start is equally likely, the same for equal-length
+        episodes (every DMC task)."""
+        starts = self.valid_starts(length)
+        if not self.prioritize_ends:
+            return self.rng.choice(starts, size=batch)
+        u = self.rng.integers(len(starts) + length * len(self._ends), size=batch)
+        extra = np.minimum(np.maximum(u - len(starts), 0) // length, len(self._ends) - 1)
+        return np.where(u < len(starts), starts[np.minimum(u, len(starts) - 1)], self._ends[extra])
 
     def can_sample(self, length: int) -> bool:
         return len(self.valid_starts(length)) > 0
@@ -762,7 +818,7 @@ class Replay:
     def sample(self, batch: int, length: int) -> dict:
         """Time-major tensors on the replay's device: obs (T, B, 3, H, W) uint8, action (T, B, A),
         reward, cont (T, B). One small index tensor crosses to the device; no loop over the batch."""
-        starts = self.rng.choice(self.valid_starts(length), size=batch)
+        starts = self.draw_starts(batch, length)
         idx = torch.from_numpy((starts[None, :] + np.arange(length)[:, None]) % self.capacity)
         idx = idx.to(self.device)
         return dict(obs=self.obs[idx], action=self.action[idx], reward=self.reward[idx], cont=self.cont[idx])
@@ -813,7 +869,9 @@ def bootstrapped_posteriors(wm: WorldModel, batch: dict, args: Args) -> tuple[di
     """Posteriors of a replayed batch: (post, kl_target), dicts of (T, B, ...).
 
     Without a target encoder both are the online posteriors. With one (Sec. 2.3.1-2.3.2), the
-    target encoder and posterior layer filter the whole batch: their posteriors are the KL targets.
+    target encoder (no gradient: an EMA) embeds the whole batch and the posterior layer (the
+    online one, with its gradients, unless target_obs_out gives the target its own EMA copy)
+    filters it: these target posteriors are the KL targets.
     The online nets filter the first round(B (1 - target_input_p)) sequences; `post`, which the
     prior is conditioned on (through h_t) and the heads read, takes the deterministic path rolled
     on online posteriors for those rows and the one rolled on target posteriors for the rest.
@@ -827,7 +885,10 @@ def bootstrapped_posteriors(wm: WorldModel, batch: dict, args: Args) -> tuple[di
     n = round(B * (1 - args.target_input_p))
     _, target_posterior = wm.acting_nets()
     with torch.no_grad():
-        target_proj = target_posterior.project(wm.target_encoder(batch["obs"]))
+        target_embed = wm.target_encoder(batch["obs"])  # (T, B, E)
+    # The online layer's W_e learns from the target rows too (the authors' online rssm.post on
+    # target_embed, use_target_rssm False); an EMA copy has no gradient anyway.
+    target_proj = target_posterior.project(target_embed)
     groups = [(target_posterior, target_proj, action)]
     if n > 0:  # (BatchNorm cannot normalise an empty group)
         groups.insert(0, (wm.posterior, wm.posterior.project(embed[:, :n]), action[:, :n]))
@@ -1391,7 +1452,7 @@ def main(args: Args):
 
     agent = Agent(args, action_dim, discrete, device)
     replay = Replay(max(args.replay_capacity // repeat, args.batch_length), env.observation_space.shape,
-                    action_dim, args.seed, replay_device)
+                    action_dim, args.seed, replay_device, args.prioritize_ends)
     counters = dict(env_steps=0, agent_steps=0, episodes=0, next_eval=args.eval_every,
                     last_eval=-1, eval_rounds=0, pretrain_updates=0)
     if checkpoint is not None:

@@ -94,9 +94,9 @@ class Args:
     """'small': the same algorithm sized for a 2-core CPU (100K steps of dmc-cartpole-swingup in
     under an hour); 'tiny': narrow nets, short sequences, small batch and prefill, 2000 steps, for smoke tests;
     flags you set explicitly win over the preset (see PRESETS)"""
-    total_steps: int = 1_000_000
-    """environment steps to train for, counted after action repeat (simulator steps); the paper
-    trains for 5M (Table 1)"""
+    total_steps: int = 5_000_000
+    """environment steps to train for, counted after action repeat (simulator steps): Table 1's
+    5e6 (authors' steps=5e6); --preset small/tiny are the short runs"""
     action_repeat: Optional[int] = 2
     """simulator steps per action (CVRL uses 2 for every task; None or 0: the per-task default of
     envs, PlaNet's: cartpole 8, walker 2, ...)"""
@@ -138,8 +138,10 @@ class Args:
     """updates per training round"""
 
     # World model.
-    objective: Literal["contrastive", "generative"] = "contrastive"
-    """contrastive: CELBO (Eq. 6); generative: pixel reconstruction ELBO (Eq. 2, CVRL-generative)"""
+    objective: Literal["contrastive", "generative", "reward"] = "contrastive"
+    """contrastive: CELBO (Eq. 6); generative: pixel reconstruction ELBO (Eq. 2, CVRL-generative);
+    reward: no observation term, the latent learns from the reward and the KL only (Table 2's
+    CVRL-reward-only)"""
     cnn_depth: int = 32
     """encoder channels of the first layer (doubling: 32/64/128/256, App. B.3)"""
     deter: int = 200
@@ -173,23 +175,31 @@ class Args:
     sac: bool = True
     """hybrid actor-critic: add alpha * L_SAC on real trajectories (False: CVRL-no-SAC, Table 2)"""
     sac_weight: float = 1.0
-    """alpha of L_CVRL = L_Dreamer + alpha L_SAC (Sec. 3.3; the paper gives no value)"""
+    """alpha of L_CVRL = L_Dreamer + alpha L_SAC (Sec. 3.3). Ours: the paper gives no value and the
+    authors' code never applies L_SAC to the actor, so there is none to copy; 1 weighs both equally"""
     sac_updates_actor: bool = True
-    """SAC's actor loss updates the actor (the paper). False reproduces the authors' code, where the
-    SAC actor and temperature gradients are computed but never applied: only the Q-nets learn"""
+    """SAC's actor loss updates the actor (Sec. 3.3, B.7). False reproduces one thing of the authors'
+    code: their SAC actor (and temperature) losses are computed but never applied, so only the
+    Q-nets learn from SAC. It does not reproduce the rest of their SAC: their temperature is fixed
+    at 1 (that is our default, --learn-temperature off) and their transitions pair batch rows
+    (s of sequence b with s of sequence b + 1), not consecutive time steps as here"""
     q_lr: float = 8e-5
     """Q-network learning rate (App. B.7's SAC optimiser)"""
+    learn_temperature: bool = False
+    """tune the SAC temperature towards entropy -|A| (SAC v2). Off: fixed at init_temperature, as
+    the authors' code (the paper does not say; B.7's SAC optimiser trains the actor and Q-nets only)"""
     temperature_lr: float = 3e-4
-    """SAC entropy-temperature learning rate (automatic tuning towards entropy -|A|)"""
-    init_temperature: float = 0.1
-    """initial SAC entropy temperature"""
+    """SAC temperature learning rate, with --learn-temperature (ours: SAC v2's 3e-4)"""
+    init_temperature: float = 1.0
+    """SAC entropy temperature (authors' code: 1, never updated)"""
     tau: float = 0.005
     """Polyak rate of the target Q-networks"""
     mpc: bool = True
     """latent-guided MPC for acting (False: CVRL-no-MPC, Table 2: act with the actor alone)"""
-    mpc_iterations: int = 10
-    """gradient-ascent steps on the action sequence per acting step (App. B.8; the authors'
-    code takes one step)"""
+    mpc_iterations: int = 1
+    """gradient-ascent steps on the action sequence per acting step: App. A.3's one update of the
+    whole sequence ("repeat this for all actions and return the first action after update"), as the
+    authors' code; more is ours"""
     mpc_lr: float = 0.003
     """SGD learning rate of the MPC (App. B.8)"""
     mpc_first_action_only: bool = False
@@ -484,6 +494,8 @@ class WorldModel(nn.Module):
         self.reward = mlp(feat, 1, args.mlp_units, 2)
         if args.objective == "contrastive":
             self.contrastive = ContrastiveHead(self.encoder.out_dim, feat, args.contrast_units)
+        elif args.objective == "reward":  # CVRL-reward-only: no observation model
+            pass
         else:
             self.decoder = Decoder(feat, args.cnn_depth)
 
@@ -607,7 +619,9 @@ def celbo_loss(wm: WorldModel, batch: dict, args: Args):
     post, prior = wm.rssm.observe(embed, batch["action"])
     feat = RSSM.feat(post)  # (T, B, F)
     metrics = {}
-    if args.objective == "contrastive":
+    if args.objective == "reward":  # Table 2, CVRL-reward-only: no observation term
+        observation_term = torch.zeros((), device=feat.device)
+    elif args.objective == "contrastive":
         scores = wm.contrastive(feat, embed)  # (T*B, T*B)
         observation_term = infonce(scores).mean()
         metrics["infonce_bound"] = math.log(scores.shape[0]) + observation_term.detach()
@@ -798,6 +812,10 @@ class Agent:
                 metrics.update(m, sac_actor_loss=pi_loss.detach(), sac_entropy=-log_prob.mean(),
                                temperature=self.log_temperature.exp().detach())
                 if args.sac_updates_actor:  # Sec. 3.3: L_CVRL = L_Dreamer + alpha L_SAC
+                    # Ours: one actor optimiser steps the sum. B.7 names a separate "SAC optimizer"
+                    # for the actor and the Q-nets (both lr 8e-5); two Adams stepping the same
+                    # actor weights would each normalise their own part, a detail the paper leaves
+                    # open; the Q-nets do have their own optimiser (q_opt).
                     actor_loss = actor_loss + args.sac_weight * pi_loss
                 # else the authors' code: SAC's actor and temperature losses are computed, never applied
         groups = [(self.model_opt, model_loss, list(self.wm.parameters())),
@@ -805,7 +823,7 @@ class Agent:
                   (self.value_opt, value_loss, list(self.value.parameters()))]
         if args.sac:
             groups.append((self.q_opt, q_loss, list(self.q.parameters())))
-            if args.sac_updates_actor:
+            if args.sac_updates_actor and args.learn_temperature:
                 groups.append((self.temperature_opt, temperature_loss, [self.log_temperature]))
         for opt, loss, params in groups:
             opt.zero_grad(set_to_none=True)

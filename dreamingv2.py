@@ -20,10 +20,18 @@ Equations implemented (numbers of the DreamingV2 paper):
   - J_NCE_k (Eq. 3, Fig. 2a): E[log p(z_t | x_t) / sum_{x' in D} p(z_t | x')] with z_t predicted
     k steps ahead by the auxiliary dynamics p~ (`--aux-dynamics rssm`, Sec. III-B; `linear`,
     Dreaming's, for Table III). `multi_step_priors`, `LinearDynamics`, `contrastive_nce`.
-  - Critic (Eq. 5 as parameterised in Sec. III-C / Fig. 2c): p(z | x) = prod_i softmax(W e)_i,
-    e = CNN'(x'); logit = sum(z * log pmf). `critic_log_pmf`, `contrastive_logits`.
-  - J_KL_k (Eq. 3, overshooting): KL[q(z_{t+k} | .) || p(z_{t+k} | z_t, a_{t:t+k})], with
-    DreamerV2's KL balancing and free nats on every k. `kl_balance`.
+  - The paper's "critic" (DreamingV2 Eq. 5 as parameterised in Sec. III-C / Fig. 2c; named
+    `pmf_critic_*` here, apart from the actor-critic's value critic): p(z | x) = prod_i
+    softmax(W e)_i, e = CNN'(x'); logit = sum(z * log pmf). `pmf_critic_log_pmf`,
+    `contrastive_logits`. Negatives (Fig. 2a, Sec. III-E): each start time t and the B sequences
+    give B x (K + 1) latents z_{t..t+K} scored pairwise against the PMFs of x'_{t..t+K},
+    (B x (K + 1))^2 logits (`--negatives window`; `window_logits`).
+  - J_KL_k (Eq. 3, overshooting): KL[q(z_{t+k} | .) || p(z_{t+k} | z_t, a_{t:t+k})]. k = 0 is
+    DreamerV2's KL (balancing, free nats); the k >= 1 terms follow PlaNet's latent overshooting
+    (Hafner et al. 2019, Sec. 4 / Eq. 7, which Dreaming's J_KL_k takes over): averaged over the
+    distances and with the posterior's gradient stopped, so that the open-loop priors move
+    towards the filtered posteriors and not the reverse (`--overshooting-kl planet`). `kl_balance`,
+    `overshooting_kl`.
   - J_NCE_aux (Eq. 6, Fig. 2b): z_t ~ p(z_t | x_t) from the online CNN against the momentum PMFs.
 - Momentum encoder (Sec. III-E): theta' <- (1 - eta) theta' + eta theta, stop-gradient after CNN'.
   `Agent.update`.
@@ -34,17 +42,23 @@ Equations implemented (numbers of the DreamingV2 paper):
   copied every 100 updates. `lambda_return`, `imagine`, `behaviour_losses`.
 
 Our choices, where the paper is silent (each is a flag or a comment at its place):
-- Candidates: every start time and all T * B observations of the batch are scored, one
-  cross-entropy per k (Fig. 2a draws B x (K + 1) latents per batch; the issue and Eq. 3's D = the
-  whole mini-batch suggest all of them).
+- Windows: Fig. 2a draws one start time per sequence; every start time t with K steps after it
+  in the sequence forms its own window of B x (K + 1) latents here (more windows per batch,
+  the same negatives per window). `--negatives batch` scores every start time against all T x B
+  momentum PMFs instead (~T / (K + 1) times more negatives, including same-episode frames).
 - Shift offsets are drawn per frame, not per sequence; CNN' starts as a copy of CNN; W is shared
   by the online (Eq. 6) and momentum paths; one straight-through sample per prediction.
-- J_KL_k for k >= 1 uses the same KL balancing, free nats and `--kl-scale` as k = 0.
 - `--aux-dynamics linear`: a linear map of [z, a] to categorical logits (Dreaming's p~ is
-  Gaussian; ours is categorical so that it fits the discrete latent).
-- DreamerV2's DMC settings for everything the paper does not list: action repeat 2, replay
-  1e6 env steps, Glorot init, weight decay (1 - 1e-6) per step, the actor/critic indexing of the
-  official agent.py.
+  Gaussian; ours is categorical so that it fits the discrete latent). It replaces p~ in J_NCE_k
+  only: J_KL_k is the RSSM's overshooting objective (Eq. 3 defines it on the RSSM prior), so the
+  RSSM is still rolled open loop for it.
+- DreamerV2's settings for everything the paper does not list: action repeat 2 (dmc_vision),
+  Glorot init, weight decay (1 - 1e-6) per step, the actor/critic indexing of the official
+  agent.py, prioritize_ends. The replay holds 1e6 simulator steps = 5e5 agent steps (ours: every
+  step of the paper's 500K-step runs; DreamerV2's configs.yaml keeps 2e6 agent steps).
+- Evaluation (the paper does not say how Table I is measured): every `eval_every` simulator steps,
+  `eval_episodes` episodes with the mode action on separately seeded eval envs; the return
+  reported is their mean (DreamerV2's eval_every 1e4, with 1 episode; ours: 10 for less noise).
 
 Shapes are time-major throughout: replay sequences are (T, B, ...), imagined rollouts (H + 1, N, ...)
 with N = T * B start states; the k-step predictions of all start times at once are (T - k, B, ...),
@@ -117,8 +131,9 @@ class Args:
     """'small': the same algorithm sized for a 2-core CPU (100K steps of dmc-cartpole-swingup in
     under an hour); 'tiny': narrow nets, short sequences, small batch and prefill, 2000 steps, for smoke tests;
     flags you set explicitly win over the preset (see PRESETS)"""
-    total_steps: int = 1_000_000
-    """environment steps to train for, counted after action repeat (simulator steps)"""
+    total_steps: int = 500_000
+    """environment steps to train for, counted after action repeat (simulator steps); Table I and
+    Fig. 3 benchmark at 500K steps"""
     action_repeat: Optional[int] = None
     """simulator steps per action (default: 2 for every dmc/dcs/natural task, DreamerV2's DMC
     setting (our choice: the paper does not say); the env's default elsewhere)"""
@@ -140,11 +155,15 @@ class Args:
     capture_video: bool = False
     """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard"""
 
-    # Replay and schedule (DreamerV2 DMC defaults; the paper keeps them, Sec. III-G).
+    # Replay and schedule (DreamerV2 defaults where the paper is silent).
     replay_capacity: int = 1_000_000
-    """replay capacity in environment steps (stored per agent step as uint8 images)"""
+    """replay capacity in simulator steps (stored per agent step as uint8 images). Ours: holds a
+    whole 500K-step run (Table I); DreamerV2's configs.yaml keeps 2e6 agent steps"""
     replay_device: Literal["auto", "cpu", "cuda"] = "auto"
     """where the replay's arrays live ('auto': the training device when it is CUDA)"""
+    prioritize_ends: bool = True
+    """sample the last window of each episode more often (DreamerV2 configs.yaml
+    replay.prioritize_ends True; see `Replay.draw_starts`)"""
     batch_size: int = 16
     """sequences per mini-batch (B)"""
     batch_length: int = 50
@@ -178,12 +197,21 @@ class Args:
     free_nats: float = 1.0
     """free nats, applied to the batch-mean KL of every J_KL_k"""
     kl_scale: float = 1.0
-    """weight of every J_KL_k (Eq. 3 sums them unweighted)"""
+    """weight of the KL terms (Eq. 3: 1)"""
+    overshooting_kl: Literal["planet", "sum"] = "planet"
+    """J_KL_k for k >= 1: 'planet' = PlaNet's latent overshooting (Sec. 4, Eq. 7), which Dreaming
+    builds on: the mean over k of KL(sg(q) || p_k), the posterior's gradient stopped, free nats on
+    each; 'sum' = each k with k = 0's KL balancing and free nats, summed unweighted (K + 1 times
+    DreamerV2's KL pressure)"""
+    negatives: Literal["window", "batch"] = "window"
+    """J_NCE negatives: 'window' = Fig. 2a / Sec. III-E, per start time the B x (K + 1) latents
+    z_{t..t+K} scored pairwise against the PMFs of x'_{t..t+K}; 'batch' = every start time against
+    all T x B momentum PMFs of the batch"""
     nce_steps: int = 3
     """K, the prediction horizon of J_NCE_k and J_KL_k, k = 0..K (Sec. III-G: 3; Table II)"""
     aux_dynamics: Literal["rssm", "linear"] = "rssm"
     """auxiliary dynamics p~ of J_NCE_k: the RSSM prior (Sec. III-B) or Dreaming's linear model
-    (Table III)"""
+    (Table III); J_KL_k rolls the RSSM prior either way (it is the RSSM's overshooting term)"""
     momentum: float = 0.05
     """eta of the momentum encoder, theta' <- (1 - eta) theta' + eta theta (Sec. III-G: 0.05)"""
     aug_pad: int = 4
@@ -580,7 +608,7 @@ class WorldModel(nn.Module):
         self.encoder = Encoder(args.cnn_depth)
         self.momentum_encoder = copy.deepcopy(self.encoder).requires_grad_(False)  # CNN'
         # Fig. 2c: x = W @ e_t, (stoch * classes) x embed, no bias
-        self.critic_w = nn.Linear(self.encoder.out_dim, args.stoch * args.classes, bias=False)
+        self.pmf_critic_w = nn.Linear(self.encoder.out_dim, args.stoch * args.classes, bias=False)
         self.rssm = RSSM(self.encoder.out_dim, action_dim, args.deter, args.hidden, args.stoch,
                          args.classes)
         feat = self.rssm.feat_dim
@@ -629,7 +657,8 @@ def random_shift(obs: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 class Replay:
-    """Whole episodes in a flat ring of uint8 images; uniform sampling of in-episode sequences.
+    """Whole episodes in a flat ring of uint8 images; sampling of in-episode sequences, uniform or
+    with episode ends preferred (`prioritize_ends`).
 
     Slot t of an episode holds obs_t, the action a_{t-1} that led to it (zeros at t = 0), the
     reward r_t received on arriving there (0 at t = 0) and cont_t = 0 if the episode terminated
@@ -638,8 +667,10 @@ class Replay:
     stay on the host, and one small index tensor goes to the device per batch.
     """
 
-    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device="cpu"):
+    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device="cpu",
+                 prioritize_ends: bool = False):
         self.capacity, self.device = capacity, torch.device(device)
+        self.prioritize_ends = prioritize_ends
         # empty: on the CPU pages are only allocated as they fill
         self.obs = torch.empty((capacity, *obs_shape), dtype=torch.uint8, device=self.device)
         self.action = torch.zeros((capacity, action_dim), device=self.device)
@@ -648,6 +679,7 @@ class Replay:
         self.episode = np.full(capacity, -1, np.int64)  # episode id per slot, -1 = empty
         self.pos = self.size = self.episodes = 0
         self.rng = np.random.default_rng(seed)
+        self._ends = np.zeros(0, np.int64)
         self._starts = np.zeros(0, np.int64)
         self._starts_length = None
 
@@ -680,14 +712,33 @@ class Replay:
             ok = (self.episode >= 0) & (self.episode == last)
             ok &= (np.arange(self.capacity) + length - 1 < self.capacity) | (self.size == self.capacity)
             self._starts, self._starts_length = np.flatnonzero(ok), length
+            # The last valid start of each episode (for prioritize_ends): its successor slot is no
+            # valid start of the same episode.
+            after = (self._starts + 1) % self.capacity
+            last = ~ok[after] | (self.episode[after] != self.episode[self._starts])
+            self._ends = self._starts[last]
         return self._starts
+
+    def draw_starts(self, batch: int, length: int) -> np.ndarray:
+        """Start slots of `batch` sequences. Uniform over valid starts; with prioritize_ends, each
+        episode's last start counts `length` + 1 times (official replay.py: the start is drawn from
+        [0, total - length + 1 + minlen) and clipped to the last one, so episode ends, rare under
+        uniform windows, are seen as often as DreamerV2 sees them). The official sampler first picks
+        an episode uniformly; here every valid start is equally likely, the same for equal-length
+        episodes (every DMC task)."""
+        starts = self.valid_starts(length)
+        if not self.prioritize_ends:
+            return self.rng.choice(starts, size=batch)
+        u = self.rng.integers(len(starts) + length * len(self._ends), size=batch)
+        extra = np.minimum(np.maximum(u - len(starts), 0) // length, len(self._ends) - 1)
+        return np.where(u < len(starts), starts[np.minimum(u, len(starts) - 1)], self._ends[extra])
 
     def can_sample(self, length: int) -> bool:
         return len(self.valid_starts(length)) > 0
 
     def sample(self, batch: int, length: int) -> dict:
         """Device tensors, time-major: obs (T, B, 3, H, W) uint8, action (T, B, A), reward, cont."""
-        starts = self.rng.choice(self.valid_starts(length), size=batch)
+        starts = self.draw_starts(batch, length)
         idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # (T, B)
         index = torch.from_numpy(idx).to(self.device, non_blocking=True)
         return dict(obs=self.obs[index], action=self.action[index], reward=self.reward[index],
@@ -736,27 +787,82 @@ def kl_balance(post_logits: torch.Tensor, prior_logits: torch.Tensor, alpha: flo
     return loss, kl_prior.detach()
 
 
-def critic_log_pmf(critic_w: nn.Linear, embed: torch.Tensor, stoch: int, classes: int) -> torch.Tensor:
+def pmf_critic_log_pmf(pmf_critic_w: nn.Linear, embed: torch.Tensor, stoch: int, classes: int) -> torch.Tensor:
     """Fig. 2c calc_pmf: log p(z | x) = log softmax(reshape(W e, (stoch, classes)), classes),
     fp32: (…, E) -> (…, stoch, classes)."""
-    x = critic_w(embed)
+    x = pmf_critic_w(embed)
     return F.log_softmax(x.float().reshape(*x.shape[:-1], stoch, classes), -1)
 
 
 def contrastive_logits(z: torch.Tensor, log_pmf: torch.Tensor) -> torch.Tensor:
     """Fig. 2c calc_logit for every pair: logit[i, j] = sum(z_i * log pmf_j) = log p(z_i | x'_j)
-    (Eq. 5 up to the normaliser). z (N, S, C), log_pmf (M, S, C) -> (N, M), fp32 (no autocast)."""
+    (DreamingV2 Eq. 5 up to the normaliser). z (N, S, C), log_pmf (M, S, C) -> (N, M), fp32 (no autocast)."""
     with torch.autocast(z.device.type, enabled=False):
         return z.float().flatten(1) @ log_pmf.float().flatten(1).T
 
 
-def contrastive_nce(logits: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-J_NCE as a |D|-class cross-entropy (Sec. II-C): row i's positive is candidate i + offset.
-    Returns (loss, top-1 accuracy)."""
-    labels = torch.arange(logits.shape[0], device=logits.device) + offset
+def overshooting_kl(post_logits: torch.Tensor, prior_logits: torch.Tensor, free: float) -> torch.Tensor:
+    """One latent overshooting term (PlaNet Sec. 4): KL(sg(q) || p_k) with free nats on its batch
+    mean; the posterior is a fixed target (PlaNet's stop-gradient on the overshooting posteriors),
+    so only the k-step prior moves. fp32 scalar."""
+    return categorical_kl(post_logits.detach(), prior_logits).mean().clamp_min(free)
+
+
+def windows(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """(T, B, ...) -> (T - K, K + 1, B, ...): window t holds x_t .. x_{t+K} (K = steps)."""
+    T = x.shape[0]
+    index = torch.arange(T - steps, device=x.device)[:, None] + torch.arange(steps + 1, device=x.device)
+    return x[index]
+
+
+def window_logits(z: torch.Tensor, log_pmf: torch.Tensor) -> torch.Tensor:
+    """Fig. 2a scoring: per window, every latent against every PMF of that window.
+    z, log_pmf (W, K + 1, B, S, C) -> (W, (K + 1) B, (K + 1) B), row/column index = k * B + b;
+    the positive of row i is column i. fp32 (no autocast)."""
+    with torch.autocast(z.device.type, enabled=False):
+        return z.float().flatten(3).flatten(1, 2) @ log_pmf.float().flatten(3).flatten(1, 2).transpose(1, 2)
+
+
+def contrastive_nce(logits: torch.Tensor, offset: int, period: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """-J_NCE as a |D|-class cross-entropy (Sec. II-C): row i's positive is candidate i + offset
+    (i mod period + offset with `period`, for stacked windows). Returns (loss, top-1 accuracy)."""
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return contrastive_nce_labels(logits, (labels % period if period else labels) + offset)
+
+
+def contrastive_nce_labels(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of rows against their positive candidates `labels`; (loss, top-1 accuracy)."""
     loss = F.cross_entropy(logits, labels)
     accuracy = (logits.argmax(-1) == labels).float().mean()
     return loss, accuracy
+
+
+def nce_objectives(latents: list, z_online: torch.Tensor, log_pmf: torch.Tensor, negatives: str):
+    """J_NCE_k for k = 0..K and J_NCE_aux as (loss, accuracy) pairs: ([term_k], aux).
+
+    latents[k] (T - k, B, S, C): element t predicts time t + k (the posterior for k = 0);
+    z_online (T, B, S, C): the online CNN's critic samples (Eq. 6); log_pmf (T, B, S, C): the
+    momentum PMFs log p(z | x'_t). The positive of a latent for time t + k of sequence b is the
+    PMF of x'_{t+k} of sequence b; negatives per `negatives` (Args.negatives)."""
+    T, B = log_pmf.shape[:2]
+    K = len(latents) - 1
+    if negatives == "window":
+        # Fig. 2a / Sec. III-E: window t holds, for all B sequences, z_{t+k} predicted from z_t,
+        # k = 0..K, scored against the PMFs of x'_{t..t+K}: (B (K+1))^2 logits per window.
+        z = torch.stack([x[:T - K] for x in latents], 1)  # (T-K, K+1, B, S, C)
+        pmf = windows(log_pmf, K)  # (T-K, K+1, B, S, C)
+        rows = window_logits(z, pmf).reshape(T - K, K + 1, B, (K + 1) * B)
+        positive = (torch.arange(K + 1, device=rows.device)[:, None] * B
+                    + torch.arange(B, device=rows.device))  # (K+1, B): column k * B + b
+        terms = [contrastive_nce_labels(rows[:, k].flatten(0, 1), positive[k].repeat(T - K))
+                 for k in range(K + 1)]
+        # J_NCE_aux (Eq. 6, Fig. 2b) over the same windows
+        aux = window_logits(windows(z_online, K), pmf).flatten(0, 1)  # rows (t, k, b)
+        return terms, contrastive_nce(aux, 0, period=(K + 1) * B)
+    # 'batch': every start time against all T * B PMFs, candidate index = time * B + sequence
+    flat = log_pmf.flatten(0, 1)
+    terms = [contrastive_nce(contrastive_logits(z.flatten(0, 1), flat), k * B) for k, z in enumerate(latents)]
+    return terms, contrastive_nce(contrastive_logits(z_online.flatten(0, 1), flat), 0)
 
 
 def world_model_loss(wm: WorldModel, batch: dict, args: Args):
@@ -770,38 +876,41 @@ def world_model_loss(wm: WorldModel, batch: dict, args: Args):
     x_prime = random_shift(obs.flatten(0, 1), args.aug_pad)
     embed = wm.encoder(x)  # e_t = CNN(x_t), (T*B, E)
     embed_prime = wm.momentum_encoder(x_prime).detach()  # Sec. III-E: stop-gradient after CNN'
-    target_log_pmf = critic_log_pmf(wm.critic_w, embed_prime, S, C)  # log p(z | x'), (T*B, S, C)
+    momentum_log_pmf = pmf_critic_log_pmf(wm.pmf_critic_w, embed_prime, S, C)  # log p(z | x'), (T*B, S, C)
 
     post, prior = wm.rssm.observe(embed.reshape(T, B, -1), action)
     priors = multi_step_priors(wm.rssm, post, action, args.nce_steps)  # k = 1..K, (T-k, B, ...)
 
-    # J_KL_k (Eq. 3): k = 0 is the usual posterior-prior KL, k >= 1 the overshooting terms against
-    # the open-loop k-step priors; KL balancing and free nats on each (our choice: as for k = 0).
-    kl_terms = [kl_balance(post["logits"], prior["logits"], args.kl_balance, args.free_nats)]
-    kl_terms += [kl_balance(post["logits"][k:], p["logits"], args.kl_balance, args.free_nats)
-                 for k, p in enumerate(priors, 1)]
-    kl_loss = sum(loss for loss, _ in kl_terms)
+    # J_KL_k (Eq. 3): k = 0 is DreamerV2's posterior-prior KL; k >= 1 the overshooting terms
+    # against the open-loop k-step priors (Dreaming's J_KL_k, PlaNet's latent overshooting).
+    kl_0, kl_value = kl_balance(post["logits"], prior["logits"], args.kl_balance, args.free_nats)
+    if args.overshooting_kl == "planet":  # PlaNet Eq. 7: mean over distances, sg(posterior)
+        overshoot = [overshooting_kl(post["logits"][k:], p["logits"], args.free_nats)
+                     for k, p in enumerate(priors, 1)]
+        kl_loss = kl_0 + (sum(overshoot) / len(overshoot) if overshoot else 0.0)
+    else:  # 'sum': each k balanced like k = 0, summed unweighted
+        overshoot = [kl_balance(post["logits"][k:], p["logits"], args.kl_balance, args.free_nats)[0]
+                     for k, p in enumerate(priors, 1)]
+        kl_loss = kl_0 + sum(overshoot)
 
     # J_NCE_k (Eq. 3, Fig. 2a): z_t from the posterior (k = 0) and the auxiliary dynamics' k-step
-    # predictions, scored against the critic PMFs of all T * B observations of the batch.
+    # predictions, scored by the PMF critic against momentum PMFs.
     if args.aux_dynamics == "rssm":  # Sec. III-B
         predictions = [p["stoch"] for p in priors]
-    else:  # Table III, Dreaming's linear p~
+    else:  # Table III, Dreaming's linear p~ (J_KL_k above still rolls the RSSM prior)
         predictions = wm.linear_dynamics.rollout(post["stoch"], action, args.nce_steps)
-    nce_terms = [contrastive_nce(contrastive_logits(z.flatten(0, 1), target_log_pmf), k * B)
-                 for k, z in enumerate([post["stoch"], *predictions])]
+    z_online = sample_one_hot(pmf_critic_log_pmf(wm.pmf_critic_w, embed, S, C))  # Eq. 6, (T*B, S, C)
+    nce_terms, (nce_aux_loss, aux_accuracy) = nce_objectives(
+        [post["stoch"], *predictions], z_online.reshape(T, B, S, C),
+        momentum_log_pmf.reshape(T, B, S, C), args.negatives)
     nce_loss = sum(loss for loss, _ in nce_terms)
-
-    # J_NCE_aux (Eq. 6, Fig. 2b): z_t ~ p(z_t | x_t) of the online CNN against the momentum PMFs.
-    z_online = sample_one_hot(critic_log_pmf(wm.critic_w, embed, S, C))  # (T*B, S, C)
-    nce_aux_loss, aux_accuracy = contrastive_nce(contrastive_logits(z_online, target_log_pmf), 0)
 
     # Rewards as observations (Sec. II-A): -ln p(r_t | h_t, z_t), the heads once over (T, B).
     feat = wm.rssm.feat(post)  # (T, B, F)
     reward_loss = gaussian_nll(wm.reward(feat).squeeze(-1), batch["reward"]).mean()
     loss = nce_loss + args.kl_scale * kl_loss + nce_aux_loss + reward_loss
     metrics = dict(nce_loss=nce_loss, nce_aux_loss=nce_aux_loss, kl_loss=kl_loss,
-                   reward_loss=reward_loss, kl=kl_terms[0][1].mean(),
+                   reward_loss=reward_loss, kl=kl_value.mean(),
                    nce_accuracy=nce_terms[0][1], nce_aux_accuracy=aux_accuracy,
                    prior_entropy=categorical_entropy(prior["logits"]).mean().detach(),
                    post_entropy=categorical_entropy(post["logits"]).mean().detach())
@@ -851,7 +960,7 @@ def imagine(wm: WorldModel, actor: Actor, start: dict, horizon: int):
 
 
 def behaviour_losses(wm: WorldModel, ac: ActorCritic, post: dict, args: Args, discrete: bool):
-    """Actor (DreamerV2 Eq. 6) and critic (Eq. 5) losses on imagined rollouts from every
+    """Actor (DreamerV2 Eq. 6) and value critic (DreamerV2 Eq. 5) losses on imagined rollouts from every
     posterior state; values, returns and log-probs in fp32."""
     start = {k: post[k].detach().flatten(0, 1) for k in ("deter", "stoch")}  # (T*B, ...)
     feats, actions, outs = imagine(wm, ac.actor, start, args.horizon)
@@ -861,7 +970,7 @@ def behaviour_losses(wm: WorldModel, ac: ActorCritic, post: dict, args: Args, di
     else:
         discount = torch.full_like(reward, args.gamma)
     value = ac.target_critic(feats).squeeze(-1).float()  # slow critic v(z_t), (H+1, N)
-    target = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], args.return_lambda)
+    returns = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], args.return_lambda)
     # Imagined steps after a predicted episode end count less: weight_t = prod_{k<t} gamma_k, (H+1, N).
     weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]], 0), 0).detach()
     # Actor, indexed as DreamerV2's official agent.py: the action taken at z_t (t = 0..H-2) is
@@ -869,15 +978,15 @@ def behaviour_losses(wm: WorldModel, ac: ActorCritic, post: dict, args: Args, di
     policy = ac.actor.dist(outs[:-1])  # the in-loop actor outputs at z_0..z_{H-2}, no second forward
     grad = args.actor_grad if args.actor_grad != "auto" else ("reinforce" if discrete else "dynamics")
     if grad == "dynamics":
-        objective = target[1:]  # rho = 1: backpropagate V_{t+1} through the model into a_t
+        objective = returns[1:]  # rho = 1: backpropagate V_{t+1} through the model into a_t
     else:  # rho = 0: REINFORCE, baseline the slow critic, advantage V_{t+1} - v(z_t) (official)
-        objective = policy.log_prob(actions[:-1].detach()).float() * (target[1:] - value[:-2]).detach()
+        objective = policy.log_prob(actions[:-1].detach()).float() * (returns[1:] - value[:-2]).detach()
     entropy = policy.entropy().float()
     actor_loss = -(weight[:-2] * (objective + args.actor_entropy * entropy)).mean()
     critic = ac.critic(feats[:-1].detach()).squeeze(-1).float()  # v(z_t), (H, N)
-    critic_loss = (gaussian_nll(critic, target.detach()) * weight[:-1]).mean()
+    critic_loss = (gaussian_nll(critic, returns.detach()) * weight[:-1]).mean()
     metrics = dict(actor_loss=actor_loss, critic_loss=critic_loss, actor_entropy=entropy.mean(),
-                   imagined_reward=reward.mean(), value=critic.mean(), lambda_return=target.mean())
+                   imagined_reward=reward.mean(), value=critic.mean(), lambda_return=returns.mean())
     return actor_loss, critic_loss, metrics
 
 
@@ -1339,7 +1448,7 @@ def main(args: Args):
 
     agent = Agent(args, action_dim, discrete, device)
     replay = Replay(max(args.replay_capacity // repeat, args.batch_length), env.observation_space.shape,
-                    action_dim, args.seed, replay_device(args, device))
+                    action_dim, args.seed, replay_device(args, device), args.prioritize_ends)
     counters = dict(env_steps=0, agent_steps=0, episodes=0, evals=0, next_eval=args.eval_every,
                     last_eval=-1, pretrain_updates=0)
     if checkpoint is not None:

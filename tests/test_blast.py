@@ -65,17 +65,11 @@ def test_ladder_rungs_are_cumulative_and_explicit_switch_flags_win():
 
 
 def test_a2_presets_follow_the_env_family_and_explicit_flags_win():
+    """The values themselves: test_blast_defaults_match_paper."""
     grid = blast.parse_args(["--env", "minigrid-dynamic-obstacles-6x6"])
-    assert (grid.deter, grid.hidden, grid.stoch, grid.classes) == (600, 600, 16, 64)
-    assert (grid.kl_scale, grid.reward_scale, grid.reward_clamp) == (0.1, 100.0, "tanh")
-    assert (grid.train_every, grid.prefill, grid.actor_grad, grid.total_steps) == (1, 10_000, "reinforce", 50_000)
     dmc = blast.parse_args(["--env", "dmc-cartpole-swingup"])
-    assert (dmc.deter, dmc.hidden, dmc.stoch, dmc.classes) == (200, 200, 8, 64)
-    assert (dmc.kl_scale, dmc.reward_scale, dmc.reward_clamp) == (1.0, 1.0, "none")
-    assert (dmc.train_every, dmc.prefill, dmc.actor_grad, dmc.total_steps) == (5, 1000, "dynamics", 1_000_000)
-    # DreamerV2's DMC action repeat 2 (configs.yaml), which A.2 keeps; MiniGrid: one step per action
-    assert blast.action_repeat(dmc) == 2 and blast.action_repeat(grid) == 1
-    assert dmc.init == "glorot" and dmc.weight_decay == 1e-6
+    for args, family in ((grid, "minigrid"), (dmc, "dmc")):
+        assert all(getattr(args, k) == v for k, v in blast.FAMILY_PRESETS[family].items()), family
     agent = blast.Agent(tiny("ar"), 2, False, CPU)
     assert all(torch.all(m.bias == 0) for m in agent.ac.modules() if isinstance(m, torch.nn.Linear))
     check_dreamerv2_weight_decay(agent)  # (1 - wd) per step, as DreamerV2's optimiser
@@ -169,19 +163,6 @@ def test_kl_balance_one_stops_the_gradient_into_the_posterior():
     assert grads(loss08, [post])[0].abs().sum() > 0
 
 
-def test_sg_rung_kl_at_step_t_sends_no_gradient_into_the_posterior_at_t(toy_batch):
-    """The KL only reaches posterior q_t through h_{t+1} and later: the last step's KL does not
-    depend on the last posterior layer output at all."""
-    for ladder, expect in (("no-recon", True), ("sg", False)):
-        args = tiny(ladder)
-        wm = blast.Agent(args, 2, False, CPU).wm
-        post, target = blast.bootstrapped_posteriors(wm, toy_batch, args)
-        prior_logits, _ = wm.rssm.prior(post["deter"], target["stoch"].detach())
-        loss, _ = blast.kl_balance(target["logits"][-1:], prior_logits[-1:], args.kl_balance, 0.0)
-        (g,) = grads(loss, [target["logits"]])
-        assert (g.abs().sum() > 0) == expect, ladder
-
-
 # --- ema -----------------------------------------------------------------------------------
 
 
@@ -194,13 +175,34 @@ def test_target_nets_are_an_exponential_moving_average_of_the_online_nets(toy_ba
         for p in wm.target_encoder.parameters():
             p.add_(1.0)
     targets, onlines = wm.ema_pairs()
-    assert len(targets) == len(onlines) == len(list(wm.encoder.parameters())) + len(list(wm.posterior.parameters()))
+    # Sec. 3.3 "+EMA": the encoder alone is averaged (the authors' use_target_rssm False)
+    assert wm.target_posterior is None
+    assert [o is p for o, p in zip(onlines, wm.encoder.parameters())] == [True] * len(targets)
+    assert len(targets) == len(list(wm.encoder.parameters()))
     before = [t.clone() for t in targets]
     agent.update(toy_batch)
     for t, b, o in zip(targets, before, onlines):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * o)  # xi <- tau xi + (1 - tau) theta
     assert all(not p.requires_grad for p in targets)
     assert all(p.grad is None for p in targets)
+    # --target-obs-out: the posterior's observation layer has an EMA copy too
+    wm = blast.Agent(tiny("ema", target_obs_out=True), 2, False, CPU).wm
+    targets, _ = wm.ema_pairs()
+    assert len(targets) == len(list(wm.encoder.parameters())) + len(list(wm.posterior.parameters()))
+
+
+def test_the_target_starts_from_its_own_random_init_as_the_authors_code(toy_batch):
+    """The paper is silent; keirp/blast's first update_targets keeps the target's own init."""
+    torch.manual_seed(0)
+    wm = blast.Agent(tiny("ema"), 2, False, CPU).wm
+    pairs = list(zip(wm.target_encoder.parameters(), wm.encoder.parameters()))
+    weights = [(t, o) for t, o in pairs if t.dim() > 1]
+    assert weights and all(not torch.equal(t, o) for t, o in weights)
+    # same initialiser (Glorot-uniform bound), different draw
+    for t, o in weights:
+        assert abs(t.abs().max().item() - o.abs().max().item()) < 0.2 * o.abs().max().item()
+    wm = blast.Agent(tiny("ema", target_init="copy"), 2, False, CPU).wm
+    assert all(torch.equal(t, o) for t, o in zip(wm.target_encoder.parameters(), wm.encoder.parameters()))
 
 
 def test_target_input_p_splits_the_batch_between_online_and_target_paths(toy_batch):
@@ -215,7 +217,74 @@ def test_target_input_p_splits_the_batch_between_online_and_target_paths(toy_bat
             # posteriors; the KL targets never do
             assert depends(post["deter"][-1, row].sum(), wm.encoder) == (row < online_rows), (p, row)
         assert not depends(target["logits"].sum(), wm.encoder)
-        assert not depends(target["stoch"].sum(), wm.posterior)
+
+
+def test_target_embeddings_train_the_online_posterior_layer_unless_it_has_an_ema_copy(toy_batch):
+    """Default (authors' use_target_rssm False): the target rows go through the online posterior
+    layer with full gradients, W_e included. With --target-obs-out they go through its EMA copy and
+    the online layer gets nothing from them. (Random weights on the one-hot: the class sum of a
+    straight-through sample has zero gradient by construction.)"""
+    for obs_out, expect in ((False, True), (True, False)):
+        torch.manual_seed(0)
+        args = tiny("ema", target_input_p=1.0, target_obs_out=obs_out)  # every row is a target row
+        wm = blast.Agent(args, 2, False, CPU).wm
+        _, target = blast.bootstrapped_posteriors(wm, toy_batch, args)
+        weights = torch.randn_like(target["stoch"])
+        assert depends((weights * target["stoch"]).sum(), wm.posterior.embed_in) == expect, obs_out
+        assert depends(target["logits"].sum(), wm.posterior.embed_in) == expect, obs_out
+        assert not depends((weights * target["stoch"]).sum(), wm.encoder)  # the online encoder: never
+
+
+def test_the_prior_is_teacher_forced_on_the_target_samples(toy_batch):
+    """Sec. 2.3.2 / the authors' teacher_forcing = sg(target_post['stoch']): the KL in
+    world_model_loss is that of the prior conditioned on the target samples, not the online ones."""
+    args = tiny("ar", target_input_p=0.5)
+    wm = blast.Agent(args, 2, False, CPU).wm
+    torch.manual_seed(5)
+    post, target = blast.bootstrapped_posteriors(wm, toy_batch, args)
+    torch.manual_seed(5)
+    _, _, m = blast.world_model_loss(wm, toy_batch, args)
+    kl = lambda z: blast.categorical_kl(target["logits"], wm.rssm.prior(post["deter"], z)[0]).mean()  # noqa: E731
+    torch.testing.assert_close(m["kl"], kl(target["stoch"]))
+    assert not torch.allclose(m["kl"], kl(post["stoch"]))  # online samples would give another KL
+
+
+def test_imagination_starts_from_the_target_posteriors(toy_batch):
+    """The authors imagine from outputs['target_posts']: the start states are the target rows."""
+    args = tiny("ar", target_input_p=0.5)
+    wm = blast.Agent(args, 2, False, CPU).wm
+    torch.manual_seed(5)
+    post, target = blast.bootstrapped_posteriors(wm, toy_batch, args)
+    torch.manual_seed(5)
+    _, start, _ = blast.world_model_loss(wm, toy_batch, args)
+    for key in ("deter", "stoch"):
+        torch.testing.assert_close(start[key], target[key].flatten(0, 1))
+    assert not torch.equal(start["deter"], post["deter"].flatten(0, 1))  # the online rows differ
+    assert not start["deter"].requires_grad
+
+
+def test_acting_filters_with_the_target_encoder_and_the_online_posterior_layer(toy_batch):
+    """The authors' policy: target_encoder, then target_rssm (= the online rssm by default)."""
+    torch.manual_seed(0)
+    agent = blast.Agent(tiny("ar"), 2, False, CPU)
+    obs = toy_batch["obs"][0, 0].numpy()
+
+    def acting_logits():
+        torch.manual_seed(0)
+        _, (latent, _) = agent.act(obs, None, explore=False)
+        return latent["logits"].clone()
+
+    base = acting_logits()
+    with torch.no_grad():
+        for p in agent.wm.encoder.parameters():  # the online encoder does not act
+            p.add_(1.0)
+        assert torch.equal(acting_logits(), base)
+        agent.wm.posterior.embed_in.weight.mul_(2.0)  # the online posterior layer does
+        changed = acting_logits()
+        assert not torch.equal(changed, base)
+        for p in agent.wm.target_encoder.parameters():  # and so does the target encoder
+            p.add_(0.1)
+        assert not torch.equal(acting_logits(), changed)
 
 
 # --- ar ------------------------------------------------------------------------------------
@@ -226,19 +295,44 @@ def ar_prior(steps=4):
     return blast.Prior(deter=6, hidden=8, stoch=4, classes=3, steps=steps)
 
 
-def test_ar_prior_log_prob_of_a_sample_is_the_sum_of_its_chunk_log_probs():
-    prior = ar_prior()
-    h = torch.randn(5, 6)
-    logits, z = prior(h)  # sampled chunk by chunk
-    assert logits.shape == z.shape == (5, 4, 3) and torch.all(z.sum(-1) == 1)
-    total, g = torch.zeros(5), h
-    for k in range(prior.steps):  # ln p(z) = sum_k ln p(z^k | h, z^{<k})
-        lk = prior.chunk_logits(g, k)
-        total = total + (z[:, k:k + 1] * lk.log_softmax(-1)).sum((-2, -1))
-        g = prior.next_state(g, z[:, k:k + 1])
-    torch.testing.assert_close(prior.log_prob(h, z), total)
-    # the distributions the sample was drawn from are the teacher-forced ones
-    torch.testing.assert_close(prior(h, z)[0], logits)
+def all_latents(stoch, classes):
+    """Every one-hot latent (classes ** stoch, stoch, classes)."""
+    index = torch.cartesian_prod(*[torch.arange(classes)] * stoch).reshape(-1, stoch)
+    return torch.nn.functional.one_hot(index, classes).float()
+
+
+def strongly_dependent(prior):
+    """Larger weights: chunk k's distribution moves a lot with the chunks before it."""
+    with torch.no_grad():
+        for layer in (prior.chunk_in, prior.cell.linear, prior.ar_in, prior.hidden, prior.out):
+            layer.weight.mul_(4.0)
+    return prior
+
+
+def test_ar_prior_is_a_normalised_joint_distribution_that_is_not_a_product():
+    """ln p(z | h) summed over every z gives 1, and the joint differs from the product of its
+    marginals (an autoregressive prior can model correlations between chunks)."""
+    prior = strongly_dependent(ar_prior(steps=2))
+    z = all_latents(4, 3)  # (81, 4, 3)
+    h = torch.randn(6).expand(len(z), 6)
+    p = prior.log_prob(h, z).exp()
+    torch.testing.assert_close(p.sum(), torch.tensor(1.0))
+    pz = p.reshape(9, 9)  # chunk 0 (two categoricals) x chunk 1
+    assert (pz - pz.sum(1, keepdim=True) * pz.sum(0, keepdim=True)).abs().max() > 1e-3
+
+
+def test_ar_prior_samples_follow_its_teacher_forced_log_prob():
+    """Sampling (each chunk fed back) and the teacher-forced log_prob describe one distribution:
+    the frequencies of 40000 samples match exp(log_prob) over all 9 latents."""
+    torch.manual_seed(0)
+    prior = strongly_dependent(blast.Prior(deter=6, hidden=8, stoch=2, classes=3, steps=2))
+    h = torch.randn(6).expand(40_000, 6)
+    with torch.no_grad():
+        _, z = prior(h)
+        index = z.argmax(-1) @ torch.tensor([3, 1])
+        freq = torch.bincount(index, minlength=9).float() / len(z)
+        p = prior.log_prob(h[:9], all_latents(2, 3)).exp()
+    torch.testing.assert_close(freq, p, atol=0.01, rtol=0)
 
 
 def test_ar_prior_chunk_k_depends_only_on_earlier_chunks():
@@ -251,24 +345,11 @@ def test_ar_prior_chunk_k_depends_only_on_earlier_chunks():
         assert torch.all(g[:, k:] == 0) and (k == 0 or g[:, :k].abs().sum() > 0), k
 
 
-def test_ar_prior_samples_chunks_in_order_feeding_each_back():
-    """Sampling draws chunk k after chunks < k: replaying the random stream chunk by chunk by
-    hand gives the same sample."""
-    prior = ar_prior()
-    h = torch.randn(5, 6)
-    torch.manual_seed(1)
-    _, z = prior(h)
-    torch.manual_seed(1)
-    g, chunks = h, []
-    for k in range(prior.steps):
-        chunks.append(blast.sample_onehot(prior.chunk_logits(g, k)))
-        g = prior.next_state(g, chunks[-1])
-    torch.testing.assert_close(z, torch.cat(chunks, -2))
-
-
-def test_ar_steps_one_is_dreamerv2s_independent_prior():
+def test_ar_steps_one_is_dreamerv2s_independent_prior_and_ar_steps_use_two_hidden_layers():
+    deep = ar_prior(steps=4)  # the authors' ar_img_in and img_out layers per step
+    assert [m.out_features for m in (deep.ar_in, deep.hidden)] == [8, 8]
     prior = ar_prior(steps=1)
-    assert not hasattr(prior, "cell")
+    assert not hasattr(prior, "cell") and prior.ar_in is None
     h = torch.randn(5, 6)
     logits, _ = prior(h)
     expected = prior.out(torch.nn.functional.elu(prior.hidden(h))).reshape(5, 4, 3)
@@ -283,8 +364,9 @@ def batch_norms(module):
 
 
 def test_batchnorm_sits_in_every_encoder_conv_and_the_posterior_layer():
-    wm = blast.Agent(tiny("bn"), 2, False, CPU).wm
+    wm = blast.Agent(tiny("bn", target_obs_out=True), 2, False, CPU).wm
     assert len(batch_norms(wm.encoder)) == 4 and len(batch_norms(wm.posterior)) == 1
+    assert all(m.eps == 1e-3 and m.momentum == 0.01 for m in batch_norms(wm))  # Keras defaults
     assert len(batch_norms(wm.target_encoder)) == 4 and len(batch_norms(wm.target_posterior)) == 1
     assert not batch_norms(wm.rssm) and not batch_norms(blast.Agent(tiny("ema"), 2, False, CPU).wm)
 
@@ -378,7 +460,55 @@ def test_an_update_never_syncs_with_the_host(toy_batch, discrete):
     without_host_sync(agent.update, batch)
 
 
-# --- CLI -----------------------------------------------------------------------------------
+# --- CLI and the paper's defaults --------------------------------------------------------
+
+
+def test_blast_defaults_match_paper():
+    """Each value's source: the paper (A.2, Sec.), the authors' keirp/blast code or configs, the
+    DreamerV2 config (danijar/dreamerv2 configs.yaml, which A.1 says DMC runs keep), or ours."""
+    dmc, grid = blast.parse_args([]), blast.parse_args(["--env", "minigrid-dynamic-obstacles-6x6"])
+    assert dmc.ladder == "ar" and LADDER_BLAST(dmc)  # A.2 "BLAST" block (below)
+    # A.2 DMC block
+    assert (dmc.prefill, dmc.train_every, dmc.pred_discount, dmc.gamma) == (1000, 5, False, 0.99)
+    assert (dmc.hidden, dmc.deter, dmc.stoch, dmc.classes) == (200, 200, 8, 64)
+    assert (dmc.actor_grad, dmc.kl_scale, dmc.reward_scale, dmc.reward_clamp) == ("dynamics", 1.0, 1.0, "none")
+    # A.2 steps 1e6 counts agent steps (DreamerV2 train.py): 2e6 simulator steps at repeat 2
+    assert dmc.total_steps == 2_000_000 and blast.action_repeat(dmc) == 2
+    # A.2 Gym-MiniGrid block; stoch 16 is A.2's (the authors' grid configs ran 8, ar_steps 8)
+    assert (grid.prefill, grid.train_every, grid.total_steps, grid.gamma) == (10_000, 1, 50_000, 0.99)
+    assert (grid.hidden, grid.deter, grid.stoch, grid.classes) == (600, 600, 16, 64)
+    assert (grid.actor_grad, grid.kl_scale, grid.reward_scale, grid.reward_clamp) == ("reinforce", 0.1, 100.0, "tanh")
+    assert blast.action_repeat(grid) == 1 and LADDER_BLAST(grid)
+    # authors' configs.yaml minigrid values A.2 does not list
+    assert (grid.model_lr, grid.critic_lr, grid.actor_entropy, grid.free_nats) == (4e-4, 1e-4, 0.1, 0.0)
+    assert (grid.pretrain, grid.eval_every, grid.eval_episodes) == (1, 2500, 5)
+    # authors' code where the paper is silent: encoder-only EMA (use_target_rssm False), the
+    # target's own random init, two hidden layers per AR step (Prior), Keras BatchNorm eps
+    assert dmc.target_obs_out is False and dmc.target_init == "random" and blast.BN_EPS == 1e-3
+    # DreamerV2 configs.yaml (A.1: "default hyperparameters for DreamerV2 on DMC")
+    assert dmc.prioritize_ends and (dmc.batch_size, dmc.batch_length) == (16, 50)
+    assert (dmc.model_lr, dmc.actor_lr, dmc.critic_lr, dmc.actor_entropy) == (3e-4, 8e-5, 8e-5, 1e-4)
+    assert (dmc.horizon, dmc.return_lambda, dmc.free_nats, dmc.target_update_every) == (15, 0.95, 1.0, 100)
+    assert (dmc.adam_eps, dmc.grad_clip, dmc.weight_decay, dmc.init) == (1e-5, 100.0, 1e-6, "glorot")
+    # ours: replay capacity 1e6 simulator steps (DreamerV2: 2e6 agent steps), see Args
+    assert dmc.replay_capacity == 1_000_000
+
+
+def LADDER_BLAST(args):
+    """A.2 "BLAST" block: kl.balance 1.0, encoder.norm and rssm.obs_out_norm bn, target_ema 0.99,
+    target_input_p 0.5, rssm.ar_steps = rssm.stoch, use_target_encoder true; no reconstruction."""
+    return (args.kl_balance == 1.0 and args.encoder_norm == args.obs_out_norm == "bn"
+            and args.target_ema == 0.99 and args.target_input_p == 0.5 and args.ar_steps is None
+            and args.target_encoder and not args.recon)
+
+
+def test_cli_switch_flags_parse_and_reach_the_agent():
+    args = blast.parse_args(["--preset", "tiny", "--env", "toy-reach", "--target-obs-out",
+                             "--target-init", "copy", "--no-prioritize-ends"])
+    assert args.target_obs_out and args.target_init == "copy" and not args.prioritize_ends
+    wm = blast.Agent(args, 2, False, CPU).wm
+    assert wm.target_posterior is not None
+    assert all(torch.equal(t, o) for t, o in zip(wm.target_posterior.parameters(), wm.posterior.parameters()))
 
 
 

@@ -183,8 +183,11 @@ def test_sac_really_updates_the_actor_unlike_the_authors_code():
     pi_loss, _ = cvrl.sac_actor_loss(hybrid.actor, hybrid.q, hybrid.log_temperature, feat)
     grads = torch.autograd.grad(pi_loss, list(hybrid.actor.parameters()))
     assert sum(g.abs().sum() for g in grads) > 0
-    # and the temperature is tuned only in the paper's variant
-    assert hybrid.log_temperature.item() != authors.log_temperature.item()
+    # the temperature stays at the authors' fixed 1 unless --learn-temperature
+    assert hybrid.log_temperature.item() == authors.log_temperature.item() == 0.0
+    tuned, _ = agent_and_batch(seed=3, learn_temperature=True)
+    tuned.update(batch)
+    assert tuned.log_temperature.item() != 0.0
 
 
 def test_mpc_plan_has_at_least_the_imagined_value_of_the_actors_initial_plan():
@@ -327,3 +330,65 @@ def test_cvrl_beats_random_on_toy_reach_center(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_dir = cvrl.main(smoke_args(cvrl, "cvrl"))
     check_beats_random(run_dir, benchmark.SMOKE_ENV)
+
+
+def test_lambda_return_between_zero_and_one_mixes_value_and_return_by_hand():
+    """App. A.2 at lambda 0.5, H = 2: V_1 = r_2 + g v(s_2) = 2 + 0.9 * 20 = 20;
+    V_0 = r_1 + g (0.5 v(s_1) + 0.5 V_1) = 1 + 0.9 * 15 = 14.5."""
+    reward, value = torch.tensor([[1.0], [2.0]]), torch.tensor([[10.0], [20.0]])
+    torch.testing.assert_close(cvrl.lambda_return(reward, value, 0.9, 0.5), torch.tensor([[14.5], [20.0]]))
+
+
+def test_sac_transitions_pair_each_state_with_the_action_taken_in_it_and_the_next_reward():
+    """Slot t + 1 of a replay sequence holds a_t and r_{t+1}: the SAC critic regresses
+    Q(s_t, a_t) on r_{t+1} + gamma (min Q'(s_{t+1}, a') - temperature ln pi(a' | s_{t+1}))."""
+    agent, batch = agent_and_batch(seed=2)
+    args = agent.args
+    g = torch.Generator().manual_seed(0)
+    batch = dict(batch, action=torch.rand(batch["action"].shape, generator=g) * 2 - 1,
+                 reward=torch.rand(batch["reward"].shape, generator=g))
+    feat = torch.randn(args.batch_length, args.batch_size, agent.wm.rssm.feat_dim)
+
+    def q_loss(action, reward):
+        with torch.no_grad():
+            a, log_prob = agent.actor(feat[1:]).rsample_with_log_prob()
+            y = reward + args.gamma * batch["cont"][1:] * (torch.min(*agent.target_q(feat[1:], a)) - log_prob)
+        q1, q2 = agent.q(feat[:-1], action)
+        return 0.5 * ((q1 - y) ** 2 + (q2 - y) ** 2).mean()
+
+    torch.manual_seed(4)
+    got, _ = cvrl.sac_q_loss(agent.actor, agent.q, agent.target_q, agent.log_temperature, feat, batch, args)
+    torch.manual_seed(4)
+    torch.testing.assert_close(got, q_loss(batch["action"][1:], batch["reward"][1:]))
+    torch.manual_seed(4)
+    assert not torch.allclose(got, q_loss(batch["action"][:-1], batch["reward"][1:]))
+    torch.manual_seed(4)
+    assert not torch.allclose(got, q_loss(batch["action"][1:], batch["reward"][:-1]))
+
+
+def test_reward_only_objective_has_no_observation_model_or_term():
+    """Table 2's CVRL-reward-only: the latent learns from the reward (and the KL) alone."""
+    agent, batch = agent_and_batch(seed=0, objective="reward", free_nats=0.0)
+    assert not hasattr(agent.wm, "contrastive") and not hasattr(agent.wm, "decoder")
+    loss, post, m = cvrl.celbo_loss(agent.wm, batch, agent.args)
+    torch.testing.assert_close(loss, m["reward_loss"] + m["kl"])
+    assert m["observation_loss"] == 0
+    grads = torch.autograd.grad(loss, list(agent.wm.encoder.parameters()))
+    assert sum(g.abs().sum() for g in grads) > 0  # the reward still shapes the encoder
+
+
+def test_cvrl_defaults_match_paper():
+    """Each value's source: cvrl.txt (Table 1, App. A-B), the authors' Yusufma03/CVRL code where
+    the paper is silent, or ours."""
+    a = cvrl.parse_args([])
+    assert a.total_steps == 5_000_000 and a.action_repeat == 2  # Table 1 (authors' steps=5e6)
+    assert (a.batch_size, a.batch_length, a.contrast_units) == (50, 50, 200)  # B.1, B.5
+    assert (a.cnn_depth, a.deter, a.hidden, a.stoch, a.mlp_units) == (32, 200, 200, 30, 400)  # B.3, B.4, B.6
+    assert (a.model_lr, a.actor_lr, a.value_lr, a.q_lr) == (6e-4, 8e-5, 8e-5, 8e-5)  # B.7
+    assert (a.mpc_iterations, a.mpc_lr, a.horizon, a.mpc_first_action_only) == (1, 0.003, 15, False)  # A.3, B.8
+    assert (a.return_lambda, a.gamma, a.free_nats) == (0.95, 0.99, 3.0)  # A.2; Dreamer-v1 (authors)
+    assert a.objective == "contrastive" and a.sac and a.mpc and a.sac_updates_actor  # Sec. 3.2-3.4
+    # authors' code: SAC temperature fixed at 1
+    assert a.init_temperature == 1.0 and not a.learn_temperature
+    # ours: alpha = 1 (the paper gives none), exploration noise 0.3 (Dreamer-v1), Polyak 0.005 (SAC)
+    assert (a.sac_weight, a.expl_noise, a.tau) == (1.0, 0.3, 0.005)

@@ -183,6 +183,26 @@ def test_replay_sequences_never_cross_episode_boundaries_and_wrap_around():
     assert np.all(np.diff(steps, axis=0) == 1)  # consecutive steps
 
 
+@pytest.mark.parametrize("script", ["dreamerv2", "blast", "dreamingv2"])
+def test_prioritize_ends_draws_each_episodes_last_start_length_plus_one_times_as_often(script):
+    """DreamerV2's replay (prioritize_ends True): the last window of an episode is drawn
+    length + 1 times as often as any other window; without it every window is equally likely.
+    The Replay code is the same text in the three scripts."""
+    module = __import__(script)
+    length, n = 5, 300_000
+    for prioritize, ratio in ((True, length + 1), (False, 1)):
+        replay = module.Replay(100, (1, 1, 1), 1, seed=0, prioritize_ends=prioritize)
+        for size in (12, 20):  # valid starts: slots 0..7 and 12..27; last ones 7 and 27
+            replay.add_episode(np.zeros((size, 1, 1, 1), np.uint8), np.zeros((size, 1)),
+                               np.zeros(size, np.float32), np.ones(size, np.float32))
+        counts = np.bincount(replay.draw_starts(n, length), minlength=100)
+        ends, others = [7, 27], [i for i in range(28) if i not in (7, 27, *range(8, 12))]
+        assert counts[8:12].sum() == counts[28:].sum() == 0  # windows never cross episodes
+        expected = n / (len(others) + ratio * len(ends))
+        np.testing.assert_allclose(counts[others], expected, rtol=0.05)
+        np.testing.assert_allclose(counts[ends], ratio * expected, rtol=0.05)
+
+
 def test_fifty_updates_on_a_fixed_batch_reduce_the_world_model_loss(cartpole_replay):
     torch.manual_seed(0)
     args = tiny_args(cnn_depth=8, deter=32, batch_length=16, batch_size=8)
