@@ -87,7 +87,8 @@ class Args:
     compile: bool = False
     """torch.compile the loss computations and the MPC unroll (the first updates are slow)"""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
-    """torch.compile mode (CUDA: 'max-autotune' means max-autotune-no-cudagraphs)"""
+    """torch.compile mode (CUDA: 'reduce-overhead' uses CUDA graphs; 'max-autotune' means
+    max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it)"""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast for the networks; KL, log-probs, values and score matrices stay fp32"""
     preset: Literal["paper", "small", "tiny"] = "paper"
@@ -742,6 +743,27 @@ def lerp_(targets: list, sources: list, weight: torch.Tensor):
     torch._foreach_lerp_(targets, sources, [weight] * len(targets))
 
 
+def cudagraph_step(enabled: bool):
+    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
+    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
+    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
+    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
+    with no backward pending, freeing outputs that are still in use."""
+    if enabled:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def outlive_step(value, enabled: bool):
+    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
+    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
+    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
+    if not enabled:
+        return value
+    if isinstance(value, dict):
+        return {k: outlive_step(v, True) for k, v in value.items()}
+    return value.detach().clone()
+
+
 class Agent:
     def __init__(self, args: Args, action_dim: int, device: torch.device):
         self.args, self.device, self.action_dim = args, device, action_dim
@@ -766,6 +788,7 @@ class Agent:
         self._model_loss, self._dreamer_actor_loss = celbo_loss, dreamer_actor_loss
         self._value_loss = value_loss_fn
         self._sac_q_loss, self._sac_actor_loss, self._plan_value = sac_q_loss, sac_actor_loss, plan_value
+        self.cudagraphs = args.compile and args.compile_mode == "reduce-overhead"
         if args.compile:
             mode = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(
                 args.compile_mode, args.compile_mode)
@@ -780,6 +803,9 @@ class Agent:
         optimiser steps its own parameters. A non-finite loss or gradient norm anywhere skips every
         step of this update (fused Adam's found_inf) and the Polyak step of the target Q-nets."""
         args = self.args
+        # One CUDA-graph step for the whole update: every loss is computed before any backward, so
+        # the forwards' outputs (saved for their backwards) must all stay valid until the end.
+        cudagraph_step(self.cudagraphs)
         with self.autocast:
             model_loss, post, metrics = self._model_loss(self.wm, batch, args)
             actor_loss, feats, returns, m = self._dreamer_actor_loss(self.wm, self.actor, self.value,
@@ -829,7 +855,7 @@ class Agent:
                        model_grad_norm=norms[0], actor_grad_norm=norms[1], value_grad_norm=norms[2])
         self.nonfinite = nonfinite
         self.updates += 1
-        return metrics
+        return outlive_step(metrics, self.cudagraphs)
 
     def plan(self, latent: dict, explore: bool) -> torch.Tensor:
         """Latent-guided MPC (Sec. 3.4, App. A.3, B.8): the actor's plan, refined by
@@ -849,6 +875,7 @@ class Agent:
         args = self.args
         for _ in range(args.mpc_iterations):
             actions = actions.detach().requires_grad_(True)
+            cudagraph_step(self.cudagraphs)  # a step per iteration: its backward runs at once
             with torch.enable_grad(), self.autocast:
                 v = self._plan_value(self.wm, self.value, start, actions, noise, args.gamma,
                                      args.return_lambda).sum()

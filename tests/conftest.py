@@ -194,3 +194,62 @@ def compile_backend(request, monkeypatch):
     torch._dynamo.reset()
     yield request.param
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def cuda_graph_steps(monkeypatch):
+    """`--compile-mode reduce-overhead` as CUDA graph trees treat the outputs of compiled calls,
+    simulated on CPU. torch.compile traces with aot_eager (the mode is recorded in `.modes`), and
+    a compiled call that begins a new step overwrites the outputs of every earlier compiled call
+    with NaN bytes, as replaying a CUDA graph overwrites its memory pool. A step begins at a
+    compiled call after `torch.compiler.cudagraph_mark_step_begin()` once that has been called,
+    else (CUDA graph trees' own rule) at any compiled call made while no backward is pending.
+    Outputs that alias an input are not in the pool and are left alone."""
+    import functools
+    import types
+
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    sim = types.SimpleNamespace(modes=[], marks=0, marked=False, pending=False, outputs=[])
+    compile = torch.compile
+
+    def poison(t):
+        storage = t.untyped_storage()
+        torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),)).fill_(255)
+
+    def fake_compile(fn, *, mode=None, **kw):
+        sim.modes.append(mode)
+        compiled = compile(fn, backend="aot_eager", **kw)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            new_step = sim.marked if sim.marks else not sim.pending
+            sim.marked = False
+            if new_step:
+                with torch.no_grad():
+                    for t in sim.outputs:
+                        poison(t)
+                sim.outputs.clear()
+            out = compiled(*args, **kwargs)
+            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                      if torch.is_tensor(t)}
+            tensors = [t for t in tree_flatten(out)[0] if torch.is_tensor(t)]
+            sim.outputs += [t for t in tensors if t.untyped_storage().data_ptr() not in inputs]
+            graded = [t for t in tensors if t.requires_grad]
+            if graded:  # a backward is pending until gradients reach this call's first output
+                sim.pending = True
+                graded[0].register_hook(lambda grad: setattr(sim, "pending", False))
+            return out
+
+        return run
+
+    def mark_step_begin():
+        sim.marks += 1
+        sim.marked = True
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", mark_step_begin)
+    torch._dynamo.reset()
+    yield sim
+    torch._dynamo.reset()

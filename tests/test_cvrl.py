@@ -327,3 +327,28 @@ def test_cvrl_beats_random_on_toy_reach_center(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_dir = cvrl.main(smoke_args(cvrl, "cvrl"))
     check_beats_random(run_dir, benchmark.SMOKE_ENV)
+
+
+def test_cuda_graph_modes_keep_the_losses_and_survive_overwritten_outputs(cuda_graph_steps):
+    """--compile-mode reduce-overhead: one CUDA-graph step per update (all five losses are
+    computed before any backward) and one per MPC iteration in `act`; the metrics are copied out
+    of the step, so that the logger reads them correctly after acting with MPC (whose compiled
+    `plan_value` begins a new step). Under the conftest simulation, which turns any use of an
+    overwritten output into NaN, the losses equal the eager ones. 'max-autotune' compiles
+    without CUDA graphs."""
+    small = dict(batch_length=4, horizon=3, mpc_iterations=1)
+    agent_and_batch(compile=True, compile_mode="max-autotune", **small)
+    assert cuda_graph_steps.modes == ["max-autotune-no-cudagraphs"] * 6
+    obs = np.zeros((3, 64, 64), np.uint8)
+    runs = []
+    for compile in (False, True):
+        agent, batch = agent_and_batch(seed=2, compile=compile, compile_mode="reduce-overhead", **small)
+        runs.append([])
+        for seed in (5, 6):
+            torch.manual_seed(seed)
+            runs[-1].append(agent.update(batch))
+            agent.act(obs, None, explore=True, mpc=True)
+    assert cuda_graph_steps.marks == 4
+    for eager, got in zip(*runs):  # read after acting and after the next update
+        for key in ("model_loss", "kl", "reward_loss", "observation_loss", "actor_loss", "value_loss", "q_loss"):
+            assert got[key].item() == pytest.approx(eager[key].item(), rel=1e-4, abs=1e-5), key
