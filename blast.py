@@ -1279,6 +1279,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def setup_torch(args: Args, device: torch.device):
+    if device.type == "cuda":  # once: CUDA events, synchronize() and tensors made on "cuda" then
+        torch.cuda.set_device(device)  # all mean --device's GPU (cuda:1 too), not cuda:0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

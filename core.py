@@ -1246,6 +1246,8 @@ def replay_device(args: Args, device: torch.device) -> torch.device:
 def configure_torch(args: Args, device: torch.device):
     """Speed on CUDA: TF32 matmuls and convolutions (10-bit mantissa inputs, fp32 accumulation),
     and cudnn autotuning unless --torch-deterministic."""
+    if device.type == "cuda":  # once: CUDA events, synchronize() and tensors made on "cuda" then
+        torch.cuda.set_device(device)  # all mean --device's GPU (cuda:1 too), not cuda:0
     torch.backends.cudnn.deterministic = args.torch_deterministic
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")

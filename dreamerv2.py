@@ -1153,6 +1153,8 @@ def resolve_replay_device(name: str, device: torch.device) -> torch.device:
 def configure_torch(args: Args, device: torch.device):
     """Determinism and, on CUDA, TF32: fp32 matmuls and convolutions on tensor cores (several
     times faster on Ampere and later, ~1e-3 relative precision, which the losses tolerate)."""
+    if device.type == "cuda":  # once: CUDA events, synchronize() and tensors made on "cuda" then
+        torch.cuda.set_device(device)  # all mean --device's GPU (cuda:1 too), not cuda:0
     torch.backends.cudnn.deterministic = args.torch_deterministic
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")

@@ -179,3 +179,22 @@ def test_a_checkpoint_holds_only_the_filled_part_of_the_replay(script, tmp_path)
     buffer.seek(0)
     again.load_state_dict(torch.load(buffer, weights_only=False))
     assert again.size == n
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_cuda_device_becomes_the_current_device_once(script, monkeypatch):
+    """--device cuda:1: the script makes cuda:1 the current device, so that CUDA events,
+    synchronize() and tensors made on plain "cuda" use it (torch's own calls faked: no GPU here)."""
+    mod = module(script)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)
+    for flags in (torch.backends.cudnn, torch.backends.cuda.matmul):
+        for name in ("deterministic", "benchmark", "allow_tf32"):
+            if hasattr(flags, name):
+                monkeypatch.setattr(flags, name, getattr(flags, name))
+    setup = getattr(mod, "configure_torch", None) or mod.setup_torch
+    setup(mod.preset_args("tiny"), torch.device("cpu"))
+    assert chosen == []
+    setup(mod.preset_args("tiny"), torch.device("cuda:1"))
+    assert chosen == [torch.device("cuda:1")]
