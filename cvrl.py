@@ -784,6 +784,9 @@ class Agent:
         self.q_opt = fused_adam(self.q.parameters(), args.q_lr, args.adam_eps)
         self.temperature_opt = fused_adam([self.log_temperature], args.temperature_lr, args.adam_eps)
         self.updates = 0
+        # Once an update has a non-finite loss, every later one is skipped too (a device flag): the
+        # main loop reads the flags one update late, without waiting for the GPU, and then stops.
+        self.halted = torch.zeros((), device=device)
         self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
         self._model_loss, self._dreamer_actor_loss = celbo_loss, dreamer_actor_loss
         self._value_loss = value_loss_fn
@@ -844,7 +847,7 @@ class Agent:
         losses = torch.stack([model_loss, actor_loss, value_loss, q_loss, temperature_loss]).detach().float()
         pad = torch.zeros(len(LOSS_NAMES) - len(groups), device=self.device)
         nonfinite = ~torch.isfinite(losses) | ~torch.isfinite(torch.cat([norms, pad]))
-        found_inf = nonfinite.any().float()
+        found_inf = torch.maximum(self.halted, nonfinite.any().float())
         for opt, _, _ in groups:
             opt.found_inf = found_inf  # 0-dim device tensor: the fused kernel skips the step if 1
             opt.step()
@@ -853,7 +856,8 @@ class Agent:
                 lerp_(list(self.target_q.parameters()), list(self.q.parameters()), args.tau * (1 - found_inf))
         metrics.update(actor_loss=actor_loss.detach(), value_loss=value_loss.detach(),
                        model_grad_norm=norms[0], actor_grad_norm=norms[1], value_grad_norm=norms[2])
-        self.nonfinite = nonfinite
+        self.nonfinite = nonfinite  # this update's own flags
+        self.halted = found_inf
         self.updates += 1
         return outlive_step(metrics, self.cudagraphs)
 
@@ -1226,10 +1230,15 @@ def main(args: Args):
         print(f"step {counters['env_steps']}/{args.total_steps} | {phase} | return {last_return:.1f} | "
               f"SPS {sps:.1f} | updates {agent.updates} ({spu_text}) | ETA {format_eta(eta)}", flush=True)
 
-    pending = dict(flags=None, update=0)  # the previous update's non-finite flags (host copy)
+    # The previous update's non-finite flags: a host copy queued without waiting, and on CUDA the
+    # event after it (the copy is complete only once the event is); the agent's `halted` flag
+    # skips every update after a non-finite one until the flags are read.
+    pending = dict(flags=None, event=None, update=0)
 
     def check_nonfinite():
         flags = pending["flags"]
+        if pending["event"] is not None:
+            pending["event"].synchronize()  # normally long done: the copy was queued an update ago
         if flags is not None and bool(flags.any()):
             name = LOSS_NAMES[int(np.flatnonzero(flags.numpy())[0])]
             save_checkpoint(ckpt_path, agent, replay if args.checkpoint_replay else None, counters, args)
@@ -1246,6 +1255,9 @@ def main(args: Args):
         batch = replay.sample(args.batch_size, args.batch_length, device)
         metrics = agent.update(batch)
         pending["flags"] = agent.nonfinite.to("cpu", non_blocking=True)
+        pending["event"] = torch.cuda.Event() if device.type == "cuda" else None
+        if pending["event"] is not None:
+            pending["event"].record()
         pending["update"] = agent.updates
         if clock["updates"] == 0 and args.compile:
             print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)

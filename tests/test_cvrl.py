@@ -237,8 +237,9 @@ def test_a_nan_reward_skips_the_whole_update_and_names_the_loss():
     flags = dict(zip(cvrl.LOSS_NAMES, agent.nonfinite.tolist()))
     assert flags["model_loss"] and flags["q_loss"]
     batch["reward"][2, 1] = 0.0
-    agent.update(batch)  # a finite batch trains again
-    assert not same(parameters(*modules), before) and not agent.nonfinite.any()
+    agent.update(batch)  # halted (sticky, like the other scripts): a finite batch changes nothing
+    assert same(parameters(*modules), before) and agent.log_temperature.item() == temperature
+    assert not agent.nonfinite.any() and agent.halted.item() == 1  # its own flags are clean
 
 
 def test_bf16_keeps_kl_log_probs_values_and_scores_in_fp32():
