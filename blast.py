@@ -615,6 +615,11 @@ class OneHotActionDist(td.OneHotCategoricalStraightThrough):
     def rsample(self, sample_shape=torch.Size()):
         return sample_onehot(self.logits.expand(*sample_shape, *self.logits.shape))
 
+    def sample(self, sample_shape=torch.Size()):
+        """Acting: the same draw as torch.multinomial (which `sample` would call), without its
+        validity check's host sync."""
+        return self.rsample(sample_shape).detach()
+
 
 class Actor(nn.Module):
     """pi(a_t | z_t): truncated normal (mean tanh, std 2 sigmoid(x/2) + 0.1) or one-hot categorical."""
@@ -705,6 +710,16 @@ class ActorCritic(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
+    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
+    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class Replay:
     """Whole episodes in a flat ring of uint8 images; uniform sampling of in-episode sequences.
 
@@ -764,8 +779,7 @@ class Replay:
         """Time-major tensors on the replay's device: obs (T, B, 3, H, W) uint8, action (T, B, A),
         reward, cont (T, B). One small index tensor crosses to the device; no loop over the batch."""
         starts = self.rng.choice(self.valid_starts(length), size=batch)
-        idx = torch.from_numpy((starts[None, :] + np.arange(length)[:, None]) % self.capacity)
-        idx = idx.to(self.device)
+        idx = to_device_async((starts[None, :] + np.arange(length)[:, None]) % self.capacity, self.device)
         return dict(obs=self.obs[idx], action=self.action[idx], reward=self.reward[idx], cont=self.cont[idx])
 
     def state_dict(self) -> dict:

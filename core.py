@@ -597,6 +597,16 @@ class Critics(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
+    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
+    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class Replay:
     """Whole episodes in a flat ring of uint8 images; uniform sampling of in-episode sequences.
 
@@ -662,7 +672,7 @@ class Replay:
         oy, ox = self.rng.integers(0, self.obs.shape[-1] - crop + 1, size=(2, batch))
         idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # (T, B)
         # one small host -> device copy: slots (T*B), then the crop offsets (B each)
-        index = torch.as_tensor(np.concatenate([idx.ravel(), oy, ox]), device=self.device)
+        index = to_device_async(np.concatenate([idx.ravel(), oy, ox]), self.device)
         slots, oy, ox = index[:length * batch].view(length, batch), index[-2 * batch:-batch], index[-batch:]
         side = torch.arange(crop, device=self.device)
         rows = (oy[:, None] + side)[None, :, None, :, None]  # (1, B, 1, crop, 1)

@@ -492,6 +492,16 @@ class WorldModel(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
+    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
+    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class Replay:
     """Whole episodes in a flat ring of uint8 images; uniform sampling of in-episode sequences.
 
@@ -552,8 +562,7 @@ class Replay:
     def sample(self, batch: int, length: int, device) -> dict:
         """Device tensors, time-major: obs (T, B, 3, H, W) uint8, action (T, B, A), reward, cont."""
         starts = self.rng.choice(self.valid_starts(length), size=batch)
-        idx = torch.from_numpy((starts[None, :] + np.arange(length)[:, None]) % self.capacity)
-        idx = idx.to(self.device)
+        idx = to_device_async((starts[None, :] + np.arange(length)[:, None]) % self.capacity, self.device)
         return {k: getattr(self, k)[idx].to(device, non_blocking=True)
                 for k in ("obs", "action", "reward", "cont")}
 

@@ -543,6 +543,11 @@ class OneHotActionDist(td.OneHotCategoricalStraightThrough):
     def rsample(self, sample_shape=torch.Size()):
         return sample_one_hot(self.logits.expand(*sample_shape, *self.logits.shape))
 
+    def sample(self, sample_shape=torch.Size()):
+        """Acting: the same draw as torch.multinomial (which `sample` would call), without its
+        validity check's host sync."""
+        return self.rsample(sample_shape).detach()
+
 
 class Actor(nn.Module):
     """pi(a_t | z_t): truncated normal (mean tanh, std 2 sigmoid(x/2) + 0.1) or one-hot categorical."""
@@ -596,6 +601,16 @@ class ActorCritic(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Replay buffer
 # ---------------------------------------------------------------------------------------------
+
+
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
+    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
+    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class Replay:
@@ -702,7 +717,7 @@ class Replay:
         reward, cont, is_first (T, B)."""
         starts = self.draw_starts(batch, length)
         idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # (T, B)
-        index = torch.from_numpy(idx).to(self.device)
+        index = to_device_async(idx, self.device)
         return {key: value[index] for key, value in self.data.items()}
 
     def state_dict(self) -> dict:

@@ -143,23 +143,32 @@ def check_dreamerv2_weight_decay(agent, wd: float = 1e-6):
         torch.testing.assert_close(p.detach(), b * (1 - wd), rtol=1e-7, atol=0)
 
 
-def without_host_sync(update, *args):
+def without_host_sync(update, *args, returns_to_host: bool = False):
     """Call `update(*args)` once to warm up (lazy initialisations may synchronise), then again
     and return that call's result, failing on any host-device synchronisation in it. On every
-    device, a dispatch mode rejects the operators that synchronise on CUDA (SYNCING_OPS), so the
-    check runs on CPU too, where a sync costs nothing and would go unnoticed; on CUDA, also
-    CUDA's sync debug mode 'error', which catches every synchronising call."""
+    device, a dispatch mode rejects the operators that synchronise on CUDA (SYNCING_OPS) and
+    host-to-device copies that are blocking or from pageable memory (CUDA makes those wait for the
+    stream), so the check runs on CPU too, where a sync costs nothing and would go unnoticed; on
+    CUDA, also CUDA's sync debug mode 'error', which catches every synchronising call, unless the
+    call ends by design with a copy to the host (`returns_to_host`: acting returns a numpy action)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class RejectSyncs(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
             if func._schema.name in SYNCING_OPS:
                 raise AssertionError(f"{func._schema.name} inside an update: a host sync on CUDA")
-            return func(*args, **(kwargs or {}))
+            if func._schema.name in ("aten::_to_copy", "aten::copy_"):
+                src = args[1] if func._schema.name == "aten::copy_" else args[0]
+                dst = args[0].device if func._schema.name == "aten::copy_" else kwargs.get("device")
+                to_gpu = src.device.type == "cpu" and dst is not None and torch.device(dst).type == "cuda"
+                if to_gpu and not (src.is_pinned() and kwargs.get("non_blocking", False)):
+                    raise AssertionError("a blocking or pageable host-to-device copy: the host waits")
+            return func(*args, **kwargs)
 
     update(*args)
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda = (torch.cuda.is_available() and torch.cuda.is_initialized()) and not returns_to_host
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")

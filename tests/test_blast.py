@@ -374,8 +374,12 @@ def test_bf16_keeps_kl_log_probs_values_and_losses_in_fp32(toy_batch):
 def test_an_update_never_syncs_with_the_host(toy_batch, discrete):
     device = sync_test_device()  # CUDA where there is one, else CPU (see without_host_sync)
     agent = blast.Agent(tiny("ar"), 2, discrete, device)
-    batch = blast.to_device(toy_batch, device)
-    without_host_sync(agent.update, batch)
+    replay = blast.Replay(200, (3, 64, 64), 2, seed=0, device=device)
+    replay.add_episode(*(toy_batch[k][:, 0].cpu().numpy() for k in ("obs", "action", "reward", "cont")))
+    # the training loop's device work: sampling, the update, acting (up to its numpy action)
+    without_host_sync(lambda: agent.update(blast.to_device(replay.sample(4, 8), device)))
+    state = agent.act(np.zeros((3, 64, 64), np.uint8), None, explore=True)[1]
+    without_host_sync(agent.act, np.zeros((3, 64, 64), np.uint8), state, True, returns_to_host=True)
 
 
 # --- CLI -----------------------------------------------------------------------------------

@@ -337,8 +337,15 @@ def test_update_never_synchronises_with_the_host(dcs_replay):
     args = tiny_args()
     device = sync_test_device()  # CUDA where there is one, else CPU (see without_host_sync)
     agent = core.Agent(args, 6, device)
-    batch = core.to_device(batch_from(dcs_replay, args), device)
-    without_host_sync(agent.update, batch)
+    replay = core.Replay(1000, dcs_replay.obs.shape[1:], 6, seed=0, device=device)
+    n = dcs_replay.size
+    replay.add_episode(*(getattr(dcs_replay, k)[:n].cpu().numpy() for k in ("obs", "action", "reward", "cont")))
+    # the training loop's device work: sampling, the update, acting (up to its numpy action)
+    without_host_sync(lambda: agent.update(core.to_device(replay.sample(args.batch_size, args.seq_len,
+                                                                        args.crop_size), device)))
+    obs = np.zeros(dcs_replay.obs.shape[1:], np.uint8)
+    state = agent.act(obs, None, explore=True)[1]
+    without_host_sync(agent.act, obs, state, True, returns_to_host=True)
 
 
 def test_cuda_graph_modes_keep_the_losses_and_survive_overwritten_outputs(cuda_graph_steps):

@@ -286,8 +286,13 @@ def test_one_update_makes_no_host_sync():
     torch.manual_seed(0)
     device = sync_test_device()  # CUDA where there is one, else CPU (see without_host_sync)
     agent = cvrl.Agent(args, 2, device)
-    batch = cvrl.synthetic_batch(args, 2, device)
-    without_host_sync(agent.update, batch)
+    replay = cvrl.Replay(200, (3, 64, 64), 2, seed=0, device=device)
+    batch = cvrl.synthetic_batch(args, 2, torch.device("cpu"))
+    replay.add_episode(*(batch[k][:, 0].numpy() for k in ("obs", "action", "reward", "cont")))
+    # the training loop's device work: sampling, the update, acting with MPC (up to its numpy action)
+    without_host_sync(lambda: agent.update(replay.sample(args.batch_size, args.batch_length, device)))
+    state = agent.act(np.zeros((3, 64, 64), np.uint8), None, explore=True)[1]
+    without_host_sync(agent.act, np.zeros((3, 64, 64), np.uint8), state, True, returns_to_host=True)
 
 
 # ---------------------------------------------------------------------------------------------

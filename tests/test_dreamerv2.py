@@ -385,7 +385,11 @@ def test_an_update_never_synchronises_with_the_host(discrete):
     agent = dv2.Agent(args, 2, discrete, device)
     replay = dv2.Replay(1000, (3, 64, 64), 2, seed=0, device=device)
     replay.add_episode(np.zeros((40, 3, 64, 64), np.uint8), np.zeros((40, 2)), np.zeros(40), np.ones(40))
-    without_host_sync(agent.update, replay.sample(args.batch_size, args.batch_length))
+    # the training loop's device work: sampling, the update, acting (up to its numpy action)
+    without_host_sync(lambda: agent.update(dv2.to_torch(replay.sample(args.batch_size, args.batch_length),
+                                                        device)))
+    state = agent.act(np.zeros((3, 64, 64), np.uint8), None, explore=True)[1]
+    without_host_sync(agent.act, np.zeros((3, 64, 64), np.uint8), state, True, returns_to_host=True)
 
 
 @pytest.mark.slow

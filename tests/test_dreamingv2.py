@@ -277,8 +277,10 @@ def test_an_update_never_syncs_with_the_host(discrete):
     replay = dv.Replay(200, (3, 64, 64), 2, seed=0, device=device)
     batch = random_batch(args)
     replay.add_episode(*(batch[k][:, 0].numpy() for k in ("obs", "action", "reward", "cont")))
-    sample = replay.sample(args.batch_size, args.batch_length)
-    metrics, nonfinite = without_host_sync(agent.update, sample)
+    # the training loop's device work: sampling, the update, acting (up to its numpy action)
+    metrics, nonfinite = without_host_sync(lambda: agent.update(replay.sample(args.batch_size, args.batch_length)))
+    state = agent.act(np.zeros((3, 64, 64), np.uint8), None, explore=True)[1]
+    without_host_sync(agent.act, np.zeros((3, 64, 64), np.uint8), state, True, returns_to_host=True)
     assert not nonfinite.cpu().any()
 
 
