@@ -1,6 +1,7 @@
 """Speed and learning benchmarks for every algorithm script (`./benchmark.sh` calls this).
 
     ./benchmark.sh speed [--updates 5] [--tiny]        seconds/update, acting env steps/s, memory
+         [--variants fp32 compile ...] [--variant-timeout 120]  (GPU default: all five variants)
     ./benchmark.sh smoke [--seeds 2] [--dry-run]       CPU learning check against the random policy
     ./benchmark.sh dcs   [--seeds 3] [--budget 500000] CoRe's protocol: DCS dynamic medium, 6 tasks
     ./benchmark.sh dmc   [--seeds 3] [--budget 500000] clean DMC (official DreamerV2 curves beside)
@@ -244,12 +245,38 @@ def video_source(video_dir) -> str:
             "Kinetics): paper rows used the papers' own videos and are not directly comparable")
 
 
+def visible_gpus() -> list[str]:
+    """The CUDA device ids that jobs may use: torch's device count within the caller's
+    CUDA_VISIBLE_DEVICES (ids as the caller wrote them: indices or UUIDs), else 0..count-1. torch
+    counts through NVML without creating a CUDA context in this process."""
+    import torch
+
+    count = torch.cuda.device_count()
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is None:
+        return [str(i) for i in range(count)]
+    return [d.strip() for d in mask.split(",") if d.strip()][:count]
+
+
 def gpu_count() -> int:
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-        return sum(line.startswith("GPU") for line in out.stdout.splitlines())
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
+    return len(visible_gpus())
+
+
+def worker_env(slot: int, workers: int, gpus: list[str], cores: int) -> dict:
+    """The environment of the job in worker `slot`: on a GPU host, one of the visible GPUs (every
+    len(gpus)-th slot shares one; chosen within the caller's CUDA_VISIBLE_DEVICES, never outside
+    it) and the same GPU for MuJoCo's EGL rendering (MUJOCO_EGL_DEVICE_ID, the driver's index,
+    known when the id is an index); with several workers, the cores split between them (torch and
+    Mesa llvmpipe threads), on GPU hosts too: each job also renders and runs numpy."""
+    env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+    if gpus:
+        gpu = gpus[slot % len(gpus)]
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+        if gpu.isdigit():
+            env["MUJOCO_EGL_DEVICE_ID"] = gpu
+    if workers > 1:
+        env["OMP_NUM_THREADS"] = env["LP_NUM_THREADS"] = str(max(1, cores // workers))
+    return env
 
 
 def run_jobs(jobs: list[Job], workers: int, deadline: float | None = None) -> list[tuple[Job, int]]:
@@ -259,18 +286,13 @@ def run_jobs(jobs: list[Job], workers: int, deadline: float | None = None) -> li
     todo = [j for j in jobs if not j.done]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already finished; running {len(todo)} "
           f"with {workers} worker(s)", flush=True)
-    gpus = gpu_count()
+    gpus = visible_gpus()
     free = list(range(max(workers, 1)))
 
     def one(job: Job) -> tuple[Job, int]:
         slot = free.pop()
         try:
-            env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-            if workers > 1 and not gpus:  # CPU: split the cores instead of oversubscribing them
-                threads = str(max(1, (os.cpu_count() or 1) // workers))
-                env["OMP_NUM_THREADS"] = env["LP_NUM_THREADS"] = threads  # torch, Mesa llvmpipe
+            env = worker_env(slot, workers, gpus, os.cpu_count() or 1)
             job.folder.mkdir(parents=True, exist_ok=True)
             with open(job.folder / "log.txt", "a") as log:
                 proc = subprocess.Popen(job.command(), cwd=job.folder, stdout=log,
@@ -766,53 +788,131 @@ def smoke_verdict(runs: dict, baselines: dict, root: Path) -> tuple[bool, list[s
 
 
 def device_name() -> str:
-    if gpu_count():
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True)
-        return out.stdout.splitlines()[0].strip().replace(" ", "-")
+    """The name of the first visible GPU (results/speed/<name>.md), else cpu-<N>cores."""
+    gpus = visible_gpus()
+    if gpus:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,name", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            rows = [[c.strip() for c in line.split(",", 2)] for line in out.stdout.splitlines()
+                    if line.count(",") >= 2]
+            for index, uuid, name in rows:
+                if gpus[0] in (index, uuid) or (gpus[0].startswith("GPU-") and uuid.startswith(gpus[0])):
+                    return name.replace(" ", "-")
+            if rows:
+                return rows[0][2].replace(" ", "-")
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        return "gpu"
     return f"cpu-{os.cpu_count()}cores"
 
 
-def speed(algos: dict, updates: int, tiny: bool, env: str, out: Path, device: str) -> list[dict]:
-    gpu = device != "cpu" and gpu_count() > 0
-    variants = [[]] + ([["--compile"], ["--precision", "bf16"],
-                        ["--compile", "--precision", "bf16"]] if gpu else [])
-    results = []
-    for algo, script in algos.items():
-        for extra in variants:
-            cmd = [sys.executable, str(script), "--measure-updates", str(updates), "--env", env,
-                   "--device", device, *extra] + (["--preset", "tiny"] if tiny else [])
-            if algo == "core" and env.startswith("toy"):
-                cmd += ["--time-limit", "None"]  # tiny preset: 200-step episodes; toys keep 50
-            out_ = subprocess.run(cmd, capture_output=True, text=True,
-                                  env=dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl")))
-            if out_.returncode != 0:
-                raise SystemExit(f"error: {' '.join(cmd)} failed:\n{out_.stderr[-2000:]}")
-            record = json.loads(out_.stdout.strip().splitlines()[-1])
-            record.update(algo=algo, sizes="tiny" if tiny else "paper")
-            results.append(record)
-            print(json.dumps(record), flush=True)
-    name = device_name() + ("-tiny" if tiny else "")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+# Speed variants, in the order `speed` measures them on a GPU (the CPU default is fp32 alone).
+SPEED_VARIANTS = {
+    "fp32": [],
+    "bf16": ["--precision", "bf16"],
+    "compile": ["--compile"],
+    "compile-bf16": ["--compile", "--precision", "bf16"],
+    "reduce-overhead": ["--compile", "--compile-mode", "reduce-overhead"],
+}
+
+
+def last_error_line(text: str) -> str:
+    """The last non-empty line of a failed command's output (the exception, as a rule)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(no output)"
+
+
+def measure_variant(algo: str, script: Path, variant: str, updates: int, tiny: bool, env: str,
+                    device: str, timeout: float | None) -> dict:
+    """One `--measure-updates` run. A failure or a timeout is a record too (status FAILED or
+    TIMEOUT, with the last error line), so that one bad variant never costs the others."""
+    cmd = [sys.executable, str(script), "--measure-updates", str(updates), "--env", env,
+           "--device", device, *SPEED_VARIANTS[variant]] + (["--preset", "tiny"] if tiny else [])
+    if algo == "core" and env.startswith("toy"):
+        cmd += ["--time-limit", "None"]  # tiny preset: 200-step episodes; toys keep 50
+    base = dict(algo=algo, variant=variant, sizes="tiny" if tiny else "paper",
+                date=time.strftime("%Y-%m-%d %H:%M"))
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                             env=dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl")))
+    except subprocess.TimeoutExpired:
+        return dict(base, status="TIMEOUT", error=f"no result within --variant-timeout {timeout:g} s")
+    try:
+        if out.returncode != 0:
+            raise ValueError
+        record = json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        error = last_error_line(out.stderr or out.stdout)
+        return dict(base, status="FAILED", error=f"exit {out.returncode}: {error}")
+    return dict(record, **base, status="ok")
+
+
+def speed_table(results: list[dict], name: str, updates: int, env: str) -> str:
     lines = [f"# Speed on {name}", "",
              f"Seconds per gradient update (median of {updates} after 2 warm-ups, synthetic batch) "
-             f"and env steps per second of the acting loop (policy + env, 50 steps on `{env}`).",
-             "", "| algorithm | sizes | parameters | precision | compile | s / update | "
+             f"and env steps per second of the acting loop (policy + env, 50 steps on `{env}`). "
+             "A variant that failed or ran out of time says so, with its last error line.",
+             "", "| algorithm | sizes | variant | parameters | s / update | "
              "acting env steps / s | policy ms / step | peak GPU memory (GiB) | "
-             "peak host memory (GiB) |",
+             "peak host memory (GiB) | date |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
+    algos, variants = list(ALGORITHMS), list(SPEED_VARIANTS)
+    order = lambda r: (algos.index(r["algo"]) if r["algo"] in algos else len(algos), r["sizes"],  # noqa: E731
+                       variants.index(r["variant"]))
+    for r in sorted(results, key=order):
+        head = f"| {r['algo']} | {r['sizes']} | {r['variant']} |"
+        if r.get("status", "ok") != "ok":
+            lines.append(f"{head} - | {r['status']}: {r['error'].replace('|', '/')} | - | - | - | - | "
+                         f"{r.get('date', '-')} |")
+            continue
         mem = f"{r['peak_memory_gib']:.2f}" if "peak_memory_gib" in r else "-"
         policy = f"{r['policy_ms']:.1f}"
         if "policy_ms_no_mpc" in r:  # cvrl: acting with latent-guided MPC, and with the actor alone
             policy += f" (no MPC: {r['policy_ms_no_mpc']:.1f})"
-        lines.append(f"| {r['algo']} | {r['sizes']} | {r['parameters'] / 1e6:.2f}M | "
-                     f"{r['precision']} | {r['compile']} | {r['seconds_per_update']:.3f} | "
+        lines.append(f"{head} {r['parameters'] / 1e6:.2f}M | {r['seconds_per_update']:.3f} | "
                      f"{r['env_steps_per_second']:.1f} | {policy} | {mem} | "
-                     f"{r['peak_host_memory_gib']:.2f} |")
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                     f"{r['peak_host_memory_gib']:.2f} | {r.get('date', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def variant_of(record: dict) -> str:
+    """A record's variant (records from before variants had names: from its precision and compile)."""
+    if "variant" in record:
+        return record["variant"]
+    compiled, bf16 = bool(record.get("compile")), record.get("precision") == "bf16"
+    return {(False, False): "fp32", (False, True): "bf16", (True, False): "compile",
+            (True, True): "compile-bf16"}[compiled, bf16]
+
+
+def speed(algos: dict, updates: int, tiny: bool, env: str, out: Path, device: str,
+          variants: list[str] | None = None, timeout: float | None = None) -> list[dict]:
+    """Measure every (variant, algorithm), variant by variant (by default on a GPU: fp32, bf16,
+    compile, compile-bf16, reduce-overhead; on a CPU: fp32), so that a short call measures the
+    first variants of every algorithm. Results go to <out>/<device name>[-tiny].md and .json after
+    each measurement; records of other (algorithm, variant) pairs already there are kept."""
+    gpu = device != "cpu" and gpu_count() > 0
+    variants = variants or (list(SPEED_VARIANTS) if gpu else ["fp32"])
+    name = device_name() + ("-tiny" if tiny else "")
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    sizes = "tiny" if tiny else "paper"
+    planned = {(a, v) for a in algos for v in variants}
+    kept = []
+    if json_path.exists():
+        for r in json.loads(json_path.read_text()):
+            r.setdefault("variant", variant_of(r))
+            if (r["algo"], r["variant"]) not in planned or r.get("sizes") != sizes:
+                kept.append(r)
+    results = []
+    for variant in variants:
+        for algo, script in algos.items():
+            record = measure_variant(algo, script, variant, updates, tiny, env, device, timeout)
+            results.append(record)
+            print(json.dumps(record), flush=True)
+            json_path.write_text(json.dumps(kept + results, indent=1))
+            md_path.write_text(speed_table(kept + results, name, updates, env))
+    print(md_path.read_text())
     print(f"wrote {out / name}.md and .json")
     return results
 
@@ -854,12 +954,19 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="speed: tiny sizes (CI)")
     parser.add_argument("--env", default="dmc-walker-walk", help="speed: env of the acting loop")
     parser.add_argument("--device", default="auto", help="speed: auto | cpu | cuda")
+    parser.add_argument("--variants", nargs="+", choices=list(SPEED_VARIANTS), default=None,
+                        help="speed: variants to measure, in this order (default on a GPU: "
+                             f"{' '.join(SPEED_VARIANTS)}; on a CPU: fp32)")
+    parser.add_argument("--variant-timeout", type=float, default=None,
+                        help="speed: seconds per (algorithm, variant) measurement; one that takes "
+                             "longer is recorded as TIMEOUT and the next one starts")
     args = parser.parse_args(argv)
     results = Path(args.results)
     algos = available_algorithms(args.algos)
 
     if args.suite == "speed":
-        speed(algos, args.updates, args.tiny, args.env, results / "speed", args.device)
+        speed(algos, args.updates, args.tiny, args.env, results / "speed", args.device,
+              args.variants, args.variant_timeout)
         return 0
     if args.suite == "report":
         suite = args.report_suite or "dcs"

@@ -91,7 +91,8 @@ class Args:
     compile: bool = False
     """torch.compile the whole world-model and behaviour loss functions"""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
-    """torch.compile mode (CUDA: try reduce-overhead / max-autotune only if it pays)"""
+    """torch.compile mode (CUDA: 'reduce-overhead' uses CUDA graphs; 'max-autotune' means
+    max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it)"""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast for the networks; KL, log-probs, values and loss reductions stay fp32"""
     preset: Literal["paper", "small", "tiny"] = "paper"
@@ -635,6 +636,11 @@ class OneHotActionDist(td.OneHotCategoricalStraightThrough):
     def rsample(self, sample_shape=torch.Size()):
         return sample_onehot(self.logits.expand(*sample_shape, *self.logits.shape))
 
+    def sample(self, sample_shape=torch.Size()):
+        """Acting: the same draw as torch.multinomial (which `sample` would call), without its
+        validity check's host sync."""
+        return self.rsample(sample_shape).detach()
+
 
 class Actor(nn.Module):
     """pi(a_t | z_t): truncated normal (mean tanh, std 2 sigmoid(x/2) + 0.1) or one-hot categorical."""
@@ -737,6 +743,16 @@ class ActorCritic(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
+    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
+    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class Replay:
     """Whole episodes in a flat ring of uint8 images; sampling of in-episode sequences, uniform or
     with episode ends preferred (`prioritize_ends`).
@@ -819,8 +835,7 @@ class Replay:
         """Time-major tensors on the replay's device: obs (T, B, 3, H, W) uint8, action (T, B, A),
         reward, cont (T, B). One small index tensor crosses to the device; no loop over the batch."""
         starts = self.draw_starts(batch, length)
-        idx = torch.from_numpy((starts[None, :] + np.arange(length)[:, None]) % self.capacity)
-        idx = idx.to(self.device)
+        idx = to_device_async((starts[None, :] + np.arange(length)[:, None]) % self.capacity, self.device)
         return dict(obs=self.obs[idx], action=self.action[idx], reward=self.reward[idx], cont=self.cont[idx])
 
     def state_dict(self) -> dict:
@@ -1020,6 +1035,27 @@ def nonfinite(*values: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(torch.stack([v.float() for v in values]))).any().float()
 
 
+def cudagraph_step(enabled: bool):
+    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
+    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
+    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
+    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
+    with no backward pending, freeing outputs that are still in use."""
+    if enabled:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def outlive_step(value, enabled: bool):
+    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
+    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
+    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
+    if not enabled:
+        return value
+    if isinstance(value, dict):
+        return {k: outlive_step(v, True) for k, v in value.items()}
+    return value.detach().clone()
+
+
 class Agent:
     def __init__(self, args: Args, action_dim: int, discrete: bool, device: torch.device):
         self.args, self.device, self.discrete, self.action_dim = args, device, discrete, action_dim
@@ -1046,8 +1082,10 @@ class Agent:
         self.halted = torch.zeros((), device=device)
         self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
         self.wm_loss, self.ac_loss = world_model_loss, behaviour_losses
+        self.cudagraphs = args.compile and args.compile_mode == "reduce-overhead"
         if args.compile:
-            mode = None if args.compile_mode == "default" else args.compile_mode
+            mode = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(
+                args.compile_mode, args.compile_mode)
             self.wm_loss = torch.compile(world_model_loss, dynamic=False, mode=mode)
             self.ac_loss = torch.compile(behaviour_losses, dynamic=False, mode=mode)
 
@@ -1059,6 +1097,7 @@ class Agent:
         world-model step skips the whole update, so that all parameters stay as before it."""
         args, clip = self.args, nn.utils.clip_grad_norm_
         self.wm.train()  # BatchNorm: batch statistics (online and target), running stats update
+        cudagraph_step(self.cudagraphs)
         with self.autocast:
             model_loss, start, metrics = self.wm_loss(self.wm, batch, args)
         self.model_opt.zero_grad(set_to_none=True)
@@ -1083,6 +1122,8 @@ class Agent:
         # Imagination in eval mode (the prior has no BatchNorm; the mode is set so that no layer
         # could use batch statistics of imagined states or update running statistics with them).
         self.wm.eval()
+        start, metrics = outlive_step(start, self.cudagraphs), outlive_step(metrics, self.cudagraphs)
+        cudagraph_step(self.cudagraphs)
         with self.autocast:
             actor_loss, critic_loss, ac_metrics = self.ac_loss(self.wm, self.ac, start, args, self.discrete)
         self.actor_opt.zero_grad(set_to_none=True)
@@ -1102,7 +1143,7 @@ class Agent:
         self.critic_opt.found_inf = torch.maximum(bad_model, bad_critic)
         self.actor_opt.step()
         self.critic_opt.step()
-        metrics.update(ac_metrics)
+        metrics.update(outlive_step(ac_metrics, self.cudagraphs))
         if self.updates % args.target_update_every == 0:  # copy, unless the critic step was skipped
             critic, target = list(self.ac.critic.parameters()), list(self.ac.target_critic.parameters())
             with torch.no_grad():
@@ -1329,6 +1370,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def setup_torch(args: Args, device: torch.device):
+    if device.type == "cuda":  # once: CUDA events, synchronize() and tensors made on "cuda" then
+        torch.cuda.set_device(device)  # all mean --device's GPU (cuda:1 too), not cuda:0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

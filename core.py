@@ -99,7 +99,8 @@ class Args:
     """torch.compile the three loss computations (J_M incl. the observe loop, J_Q incl. the
     re-filtering, J_pi); the first update compiles (its time is printed)"""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
-    """torch.compile mode (CUDA: try reduce-overhead / max-autotune, keep what measures faster)"""
+    """torch.compile mode (CUDA: 'reduce-overhead' uses CUDA graphs; 'max-autotune' means
+    max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it)"""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast for the networks (critic outputs, targets, log-probs, KL, contrastive scores
     and loss reductions stay fp32)"""
@@ -596,6 +597,16 @@ class Critics(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
+    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
+    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class Replay:
     """Whole episodes in a flat ring of uint8 images; uniform sampling of in-episode sequences.
 
@@ -661,7 +672,7 @@ class Replay:
         oy, ox = self.rng.integers(0, self.obs.shape[-1] - crop + 1, size=(2, batch))
         idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # (T, B)
         # one small host -> device copy: slots (T*B), then the crop offsets (B each)
-        index = torch.as_tensor(np.concatenate([idx.ravel(), oy, ox]), device=self.device)
+        index = to_device_async(np.concatenate([idx.ravel(), oy, ox]), self.device)
         slots, oy, ox = index[:length * batch].view(length, batch), index[-2 * batch:-batch], index[-batch:]
         side = torch.arange(crop, device=self.device)
         rows = (oy[:, None] + side)[None, :, None, :, None]  # (1, B, 1, crop, 1)
@@ -847,6 +858,27 @@ def lerp_(targets: list, sources: list, weight: torch.Tensor):
     torch._foreach_lerp_(targets, sources, [weight] * len(targets))
 
 
+def cudagraph_step(enabled: bool):
+    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
+    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
+    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
+    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
+    with no backward pending, freeing outputs that are still in use."""
+    if enabled:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def outlive_step(value, enabled: bool):
+    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
+    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
+    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
+    if not enabled:
+        return value
+    if isinstance(value, dict):
+        return {k: outlive_step(v, True) for k, v in value.items()}
+    return value.detach().clone()
+
+
 class Agent:
     def __init__(self, args: Args, action_dim: int, device: torch.device):
         self.args, self.device, self.action_dim = args, device, action_dim
@@ -883,8 +915,10 @@ class Agent:
         self.model_losses, self.critic_losses, self.actor_losses = (
             self._model_losses, self._critic_losses, self._actor_losses)
         self.compile_seconds = None
+        self.cudagraphs = args.compile and args.compile_mode == "reduce-overhead"
         if args.compile:
-            mode = None if args.compile_mode == "default" else args.compile_mode
+            mode = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(
+                args.compile_mode, args.compile_mode)
             self.model_losses, self.critic_losses, self.actor_losses = (
                 torch.compile(f, dynamic=False, mode=mode)
                 for f in (self._model_losses, self._critic_losses, self._actor_losses))
@@ -921,13 +955,16 @@ class Agent:
         flag per LOSS_NAMES entry."""
         args = self.args
         start = time.perf_counter()
+        cudagraph_step(self.cudagraphs)
         loss, metrics = self.model_losses(batch)
         self.model_opt.zero_grad(set_to_none=True)
         loss.backward()
         metrics["model_grad_norm"] = nn.utils.clip_grad_norm_(self.wm.parameters(), args.model_clip)
         bad_model = self._skip_if_nonfinite(self.model_opt, loss, metrics["model_grad_norm"])
         self.model_opt.step()
+        metrics = outlive_step(metrics, self.cudagraphs)
 
+        cudagraph_step(self.cudagraphs)
         q_loss, q_metrics, z = self.critic_losses(batch)
         self.critic_opt.zero_grad(set_to_none=True)
         q_loss.backward()
@@ -941,9 +978,12 @@ class Agent:
             checked.append(theta_norm)
         bad_critic = self._skip_if_nonfinite(self.critic_opt, *checked)
         self.critic_opt.step()
+        # z goes into J_pi, which trains only the actor and alpha: a detached copy is the same input
+        q_metrics, z = outlive_step(q_metrics, self.cudagraphs), outlive_step(z, self.cudagraphs)
 
         # J_pi and the temperature loss in one backward: neither reaches the other's parameter
         # (alpha is detached in J_pi, log pi in the alpha loss); `inputs` keeps the critics out.
+        cudagraph_step(self.cudagraphs)
         pi_loss, a_loss, log_prob = self.actor_losses(z)
         self.actor_opt.zero_grad(set_to_none=True)
         self.alpha_opt.zero_grad(set_to_none=True)
@@ -962,7 +1002,7 @@ class Agent:
         self.updates += 1
         metrics.update(q_metrics, actor_loss=pi_loss.detach(), alpha=self.log_alpha.exp().detach(),
                        alpha_loss=a_loss.detach(), entropy=-log_prob.mean())
-        metrics = {k: v.detach() for k, v in metrics.items()}
+        metrics = {k: v.detach() for k, v in outlive_step(metrics, self.cudagraphs).items()}
         if self.compile_seconds is None and self.args.compile:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -1233,6 +1273,8 @@ def replay_device(args: Args, device: torch.device) -> torch.device:
 def configure_torch(args: Args, device: torch.device):
     """Speed on CUDA: TF32 matmuls and convolutions (10-bit mantissa inputs, fp32 accumulation),
     and cudnn autotuning unless --torch-deterministic."""
+    if device.type == "cuda":  # once: CUDA events, synchronize() and tensors made on "cuda" then
+        torch.cuda.set_device(device)  # all mean --device's GPU (cuda:1 too), not cuda:0
     torch.backends.cudnn.deterministic = args.torch_deterministic
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")

@@ -87,7 +87,8 @@ class Args:
     compile: bool = False
     """torch.compile the loss computations and the MPC unroll (the first updates are slow)"""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
-    """torch.compile mode (CUDA: 'max-autotune' means max-autotune-no-cudagraphs)"""
+    """torch.compile mode (CUDA: 'reduce-overhead' uses CUDA graphs; 'max-autotune' means
+    max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it)"""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast for the networks; KL, log-probs, values and score matrices stay fp32"""
     preset: Literal["paper", "small", "tiny"] = "paper"
@@ -505,6 +506,16 @@ class WorldModel(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
+    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
+    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class Replay:
     """Whole episodes in a flat ring of uint8 images; uniform sampling of in-episode sequences.
 
@@ -565,8 +576,7 @@ class Replay:
     def sample(self, batch: int, length: int, device) -> dict:
         """Device tensors, time-major: obs (T, B, 3, H, W) uint8, action (T, B, A), reward, cont."""
         starts = self.rng.choice(self.valid_starts(length), size=batch)
-        idx = torch.from_numpy((starts[None, :] + np.arange(length)[:, None]) % self.capacity)
-        idx = idx.to(self.device)
+        idx = to_device_async((starts[None, :] + np.arange(length)[:, None]) % self.capacity, self.device)
         return {k: getattr(self, k)[idx].to(device, non_blocking=True)
                 for k in ("obs", "action", "reward", "cont")}
 
@@ -758,6 +768,27 @@ def lerp_(targets: list, sources: list, weight: torch.Tensor):
     torch._foreach_lerp_(targets, sources, [weight] * len(targets))
 
 
+def cudagraph_step(enabled: bool):
+    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
+    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
+    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
+    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
+    with no backward pending, freeing outputs that are still in use."""
+    if enabled:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def outlive_step(value, enabled: bool):
+    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
+    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
+    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
+    if not enabled:
+        return value
+    if isinstance(value, dict):
+        return {k: outlive_step(v, True) for k, v in value.items()}
+    return value.detach().clone()
+
+
 class Agent:
     def __init__(self, args: Args, action_dim: int, device: torch.device):
         self.args, self.device, self.action_dim = args, device, action_dim
@@ -778,10 +809,14 @@ class Agent:
         self.q_opt = fused_adam(self.q.parameters(), args.q_lr, args.adam_eps)
         self.temperature_opt = fused_adam([self.log_temperature], args.temperature_lr, args.adam_eps)
         self.updates = 0
+        # Once an update has a non-finite loss, every later one is skipped too (a device flag): the
+        # main loop reads the flags one update late, without waiting for the GPU, and then stops.
+        self.halted = torch.zeros((), device=device)
         self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
         self._model_loss, self._dreamer_actor_loss = celbo_loss, dreamer_actor_loss
         self._value_loss = value_loss_fn
         self._sac_q_loss, self._sac_actor_loss, self._plan_value = sac_q_loss, sac_actor_loss, plan_value
+        self.cudagraphs = args.compile and args.compile_mode == "reduce-overhead"
         if args.compile:
             mode = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(
                 args.compile_mode, args.compile_mode)
@@ -796,6 +831,9 @@ class Agent:
         optimiser steps its own parameters. A non-finite loss or gradient norm anywhere skips every
         step of this update (fused Adam's found_inf) and the Polyak step of the target Q-nets."""
         args = self.args
+        # One CUDA-graph step for the whole update: every loss is computed before any backward, so
+        # the forwards' outputs (saved for their backwards) must all stay valid until the end.
+        cudagraph_step(self.cudagraphs)
         with self.autocast:
             model_loss, post, metrics = self._model_loss(self.wm, batch, args)
             actor_loss, feats, returns, m = self._dreamer_actor_loss(self.wm, self.actor, self.value,
@@ -838,7 +876,7 @@ class Agent:
         losses = torch.stack([model_loss, actor_loss, value_loss, q_loss, temperature_loss]).detach().float()
         pad = torch.zeros(len(LOSS_NAMES) - len(groups), device=self.device)
         nonfinite = ~torch.isfinite(losses) | ~torch.isfinite(torch.cat([norms, pad]))
-        found_inf = nonfinite.any().float()
+        found_inf = torch.maximum(self.halted, nonfinite.any().float())
         for opt, _, _ in groups:
             opt.found_inf = found_inf  # 0-dim device tensor: the fused kernel skips the step if 1
             opt.step()
@@ -847,9 +885,10 @@ class Agent:
                 lerp_(list(self.target_q.parameters()), list(self.q.parameters()), args.tau * (1 - found_inf))
         metrics.update(actor_loss=actor_loss.detach(), value_loss=value_loss.detach(),
                        model_grad_norm=norms[0], actor_grad_norm=norms[1], value_grad_norm=norms[2])
-        self.nonfinite = nonfinite
+        self.nonfinite = nonfinite  # this update's own flags
+        self.halted = found_inf
         self.updates += 1
-        return metrics
+        return outlive_step(metrics, self.cudagraphs)
 
     def plan(self, latent: dict, explore: bool) -> torch.Tensor:
         """Latent-guided MPC (Sec. 3.4, App. A.3, B.8): the actor's plan, refined by
@@ -869,6 +908,7 @@ class Agent:
         args = self.args
         for _ in range(args.mpc_iterations):
             actions = actions.detach().requires_grad_(True)
+            cudagraph_step(self.cudagraphs)  # a step per iteration: its backward runs at once
             with torch.enable_grad(), self.autocast:
                 v = self._plan_value(self.wm, self.value, start, actions, noise, args.gamma,
                                      args.return_lambda).sum()
@@ -1025,6 +1065,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def setup_torch(args: Args, device: torch.device):
+    if device.type == "cuda":  # once: CUDA events, synchronize() and tensors made on "cuda" then
+        torch.cuda.set_device(device)  # all mean --device's GPU (cuda:1 too), not cuda:0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1233,10 +1275,15 @@ def main(args: Args):
         print(f"step {counters['env_steps']}/{args.total_steps} | {phase} | return {last_return:.1f} | "
               f"SPS {sps:.1f} | updates {agent.updates} ({spu_text}) | ETA {format_eta(eta)}", flush=True)
 
-    pending = dict(flags=None, update=0)  # the previous update's non-finite flags (host copy)
+    # The previous update's non-finite flags: a host copy queued without waiting, and on CUDA the
+    # event after it (the copy is complete only once the event is); the agent's `halted` flag
+    # skips every update after a non-finite one until the flags are read.
+    pending = dict(flags=None, event=None, update=0)
 
     def check_nonfinite():
         flags = pending["flags"]
+        if pending["event"] is not None:
+            pending["event"].synchronize()  # normally long done: the copy was queued an update ago
         if flags is not None and bool(flags.any()):
             name = LOSS_NAMES[int(np.flatnonzero(flags.numpy())[0])]
             save_checkpoint(ckpt_path, agent, replay if args.checkpoint_replay else None, counters, args)
@@ -1253,6 +1300,9 @@ def main(args: Args):
         batch = replay.sample(args.batch_size, args.batch_length, device)
         metrics = agent.update(batch)
         pending["flags"] = agent.nonfinite.to("cpu", non_blocking=True)
+        pending["event"] = torch.cuda.Event() if device.type == "cuda" else None
+        if pending["event"] is not None:
+            pending["event"].record()
         pending["update"] = agent.updates
         if clock["updates"] == 0 and args.compile:
             print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)

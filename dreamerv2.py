@@ -93,7 +93,8 @@ class Args:
     """torch.compile the world-model loss and the behaviour losses as wholes (CPU and CUDA; the
     first update compiles them and prints how long it took)"""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
-    """torch.compile mode (CUDA: 'reduce-overhead' uses CUDA graphs)"""
+    """torch.compile mode (CUDA: 'reduce-overhead' uses CUDA graphs; 'max-autotune' means
+    max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it)"""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast for the networks; values, returns, log-probs, KL and losses stay fp32
     (fp16 is known to diverge in Dreamer)"""
@@ -544,6 +545,11 @@ class OneHotActionDist(td.OneHotCategoricalStraightThrough):
     def rsample(self, sample_shape=torch.Size()):
         return sample_one_hot(self.logits.expand(*sample_shape, *self.logits.shape))
 
+    def sample(self, sample_shape=torch.Size()):
+        """Acting: the same draw as torch.multinomial (which `sample` would call), without its
+        validity check's host sync."""
+        return self.rsample(sample_shape).detach()
+
 
 class Actor(nn.Module):
     """pi(a_t | z_t): truncated normal (mean tanh, std 2 sigmoid(x/2) + 0.1) or one-hot categorical."""
@@ -597,6 +603,16 @@ class ActorCritic(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Replay buffer
 # ---------------------------------------------------------------------------------------------
+
+
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
+    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
+    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class Replay:
@@ -703,7 +719,7 @@ class Replay:
         reward, cont, is_first (T, B)."""
         starts = self.draw_starts(batch, length)
         idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # (T, B)
-        index = torch.from_numpy(idx).to(self.device)
+        index = to_device_async(idx, self.device)
         return {key: value[index] for key, value in self.data.items()}
 
     def state_dict(self) -> dict:
@@ -858,6 +874,27 @@ def nonfinite(*values: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(torch.stack([v.detach().float() for v in values]))).any().float()
 
 
+def cudagraph_step(enabled: bool):
+    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
+    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
+    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
+    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
+    with no backward pending, freeing outputs that are still in use."""
+    if enabled:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def outlive_step(value, enabled: bool):
+    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
+    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
+    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
+    if not enabled:
+        return value
+    if isinstance(value, dict):
+        return {k: outlive_step(v, True) for k, v in value.items()}
+    return value.detach().clone()
+
+
 class Agent:
     LOSSES = ("model_loss", "actor_loss", "critic_loss")  # the names of the `nonfinite` flags
 
@@ -879,11 +916,13 @@ class Agent:
         # the main loop reads the flags one update late on a GPU, without waiting for the GPU.
         self.halted = torch.zeros((), device=device)
         self.model_loss, self.behaviour_losses = self._model_loss, self._behaviour_losses
+        self.cudagraphs = args.compile and args.compile_mode == "reduce-overhead"
         if args.compile:
             # Speed: each loss function compiled as a whole, the observe and imagine loops unrolled
             # into one graph each (fixed shapes), so an update is a few fused kernels instead of
             # thousands of small launches. Parameters stay the same modules: checkpoints unchanged.
-            mode = None if args.compile_mode == "default" else args.compile_mode
+            mode = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(
+                args.compile_mode, args.compile_mode)
             self.model_loss = torch.compile(self._model_loss, dynamic=False, mode=mode)
             self.behaviour_losses = torch.compile(self._behaviour_losses, dynamic=False, mode=mode)
 
@@ -901,6 +940,7 @@ class Agent:
         whose loss or gradient is not finite is skipped on the device (fused Adam's `found_inf`,
         GradScaler's mechanism): parameters and moments stay as they were, with no host sync."""
         clip = nn.utils.clip_grad_norm_
+        cudagraph_step(self.cudagraphs)
         model_loss, post, metrics = self.model_loss(batch)
         self.model_opt.zero_grad(set_to_none=True)
         model_loss.backward()
@@ -909,7 +949,9 @@ class Agent:
         model_bad = torch.maximum(self.halted, model_flag)
         self.model_opt.found_inf = model_bad
         self.model_opt.step()
+        post, metrics = outlive_step(post, self.cudagraphs), outlive_step(metrics, self.cudagraphs)
 
+        cudagraph_step(self.cudagraphs)
         actor_loss, critic_loss, ac_metrics = self.behaviour_losses(post)
         self.actor_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
@@ -929,7 +971,7 @@ class Agent:
         self.actor_opt.found_inf, self.critic_opt.found_inf = actor_bad, critic_bad
         self.actor_opt.step()
         self.critic_opt.step()
-        metrics.update(ac_metrics)
+        metrics.update(outlive_step(ac_metrics, self.cudagraphs))
         if self.updates % self.args.target_update_every == 0:
             # Copy the critic into the slow critic (lerp weight 1 copies exactly; 0 after a skip),
             # in place and outside autograd: the slow critic must carry no history of the critic.
@@ -1144,6 +1186,8 @@ def resolve_replay_device(name: str, device: torch.device) -> torch.device:
 def configure_torch(args: Args, device: torch.device):
     """Determinism and, on CUDA, TF32: fp32 matmuls and convolutions on tensor cores (several
     times faster on Ampere and later, ~1e-3 relative precision, which the losses tolerate)."""
+    if device.type == "cuda":  # once: CUDA events, synchronize() and tensors made on "cuda" then
+        torch.cuda.set_device(device)  # all mean --device's GPU (cuda:1 too), not cuda:0
     torch.backends.cudnn.deterministic = args.torch_deterministic
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")

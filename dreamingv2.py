@@ -124,7 +124,8 @@ class Args:
     compile: bool = False
     """torch.compile the whole world-model and behaviour losses (the first update compiles)"""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
-    """torch.compile mode (GPU: try the others only where it pays)"""
+    """torch.compile mode (CUDA: 'reduce-overhead' uses CUDA graphs; 'max-autotune' means
+    max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it)"""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast for the networks; KL, log-probs, values and score matrices stay fp32"""
     preset: Literal["paper", "small", "tiny"] = "paper"
@@ -563,6 +564,11 @@ class OneHotActionDist(td.OneHotCategoricalStraightThrough):
     def rsample(self, sample_shape=torch.Size()):
         return sample_one_hot(self.logits.expand(*sample_shape, *self.logits.shape))
 
+    def sample(self, sample_shape=torch.Size()):
+        """Acting: the same draw as torch.multinomial (which `sample` would call), without its
+        validity check's host sync."""
+        return self.rsample(sample_shape).detach()
+
 
 class Actor(nn.Module):
     """pi(a_t | z_t): truncated normal (mean tanh, std 2 sigmoid(x/2) + 0.1) or one-hot categorical."""
@@ -656,6 +662,16 @@ def random_shift(obs: torch.Tensor, pad: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
+    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
+    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class Replay:
     """Whole episodes in a flat ring of uint8 images; sampling of in-episode sequences, uniform or
     with episode ends preferred (`prioritize_ends`).
@@ -740,7 +756,7 @@ class Replay:
         """Device tensors, time-major: obs (T, B, 3, H, W) uint8, action (T, B, A), reward, cont."""
         starts = self.draw_starts(batch, length)
         idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # (T, B)
-        index = torch.from_numpy(idx).to(self.device, non_blocking=True)
+        index = to_device_async(idx, self.device)
         return dict(obs=self.obs[index], action=self.action[index], reward=self.reward[index],
                     cont=self.cont[index])
 
@@ -1010,6 +1026,27 @@ def nonfinite_flag(*values: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(torch.stack([v.float() for v in values]))).any().float()
 
 
+def cudagraph_step(enabled: bool):
+    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
+    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
+    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
+    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
+    with no backward pending, freeing outputs that are still in use."""
+    if enabled:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def outlive_step(value, enabled: bool):
+    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
+    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
+    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
+    if not enabled:
+        return value
+    if isinstance(value, dict):
+        return {k: outlive_step(v, True) for k, v in value.items()}
+    return value.detach().clone()
+
+
 class Agent:
     def __init__(self, args: Args, action_dim: int, discrete: bool, device: torch.device):
         self.args, self.device, self.discrete, self.action_dim = args, device, discrete, action_dim
@@ -1033,10 +1070,12 @@ class Agent:
         self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
         self.compile_seconds = None
         self._wm_loss, self._ac_loss = self._world_model_loss, self._behaviour_losses
+        self.cudagraphs = args.compile and args.compile_mode == "reduce-overhead"
         if args.compile:
             # The whole loss computations (observe and imagine included) compile into one graph
             # each; the modules stay uncompiled, so state_dict keys and checkpoints are the same.
-            mode = None if args.compile_mode == "default" else args.compile_mode
+            mode = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(
+                args.compile_mode, args.compile_mode)
             self._wm_loss = torch.compile(self._world_model_loss, dynamic=False, mode=mode)
             self._ac_loss = torch.compile(self._behaviour_losses, dynamic=False, mode=mode)
 
@@ -1055,6 +1094,7 @@ class Agent:
         norm is not finite is skipped by the fused optimiser (its `found_inf`), and so are the
         momentum and target updates that follow it."""
         args, start = self.args, time.perf_counter()
+        cudagraph_step(self.cudagraphs)
         model_loss, post, metrics = self._wm_loss(batch)
         self.model_opt.zero_grad(set_to_none=True)
         model_loss.backward()
@@ -1066,7 +1106,9 @@ class Agent:
         with torch.no_grad():  # in place, outside autograd: CNN' never joins the graph
             lerp_(self.momentum_cnn, self.online_cnn, args.momentum * (1 - bad_model))
 
-        post = {k: post[k].detach() for k in ("deter", "stoch")}
+        post = outlive_step({k: post[k].detach() for k in ("deter", "stoch")}, self.cudagraphs)
+        metrics = outlive_step(metrics, self.cudagraphs)
+        cudagraph_step(self.cudagraphs)
         actor_loss, critic_loss, ac_metrics = self._ac_loss(post)
         self.actor_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
@@ -1085,7 +1127,7 @@ class Agent:
         if self.updates % args.target_update_every == 0:  # copy (lerp weight 1), unless skipped
             with torch.no_grad():
                 lerp_(list(self.ac.target_critic.parameters()), critic_params, 1 - self.critic_opt.found_inf)
-        metrics.update(ac_metrics, model_grad_norm=model_norm, actor_grad_norm=actor_norm,
+        metrics.update(outlive_step(ac_metrics, self.cudagraphs), model_grad_norm=model_norm, actor_grad_norm=actor_norm,
                        critic_grad_norm=critic_norm)
         if args.compile and self.compile_seconds is None:
             self.compile_seconds = time.perf_counter() - start
@@ -1253,6 +1295,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def configure_torch(args: Args, device: torch.device):
+    if device.type == "cuda":  # once: CUDA events, synchronize() and tensors made on "cuda" then
+        torch.cuda.set_device(device)  # all mean --device's GPU (cuda:1 too), not cuda:0
     torch.backends.cudnn.deterministic = args.torch_deterministic
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -143,23 +143,32 @@ def check_dreamerv2_weight_decay(agent, wd: float = 1e-6):
         torch.testing.assert_close(p.detach(), b * (1 - wd), rtol=1e-7, atol=0)
 
 
-def without_host_sync(update, *args):
+def without_host_sync(update, *args, returns_to_host: bool = False):
     """Call `update(*args)` once to warm up (lazy initialisations may synchronise), then again
     and return that call's result, failing on any host-device synchronisation in it. On every
-    device, a dispatch mode rejects the operators that synchronise on CUDA (SYNCING_OPS), so the
-    check runs on CPU too, where a sync costs nothing and would go unnoticed; on CUDA, also
-    CUDA's sync debug mode 'error', which catches every synchronising call."""
+    device, a dispatch mode rejects the operators that synchronise on CUDA (SYNCING_OPS) and
+    host-to-device copies that are blocking or from pageable memory (CUDA makes those wait for the
+    stream), so the check runs on CPU too, where a sync costs nothing and would go unnoticed; on
+    CUDA, also CUDA's sync debug mode 'error', which catches every synchronising call, unless the
+    call ends by design with a copy to the host (`returns_to_host`: acting returns a numpy action)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class RejectSyncs(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
             if func._schema.name in SYNCING_OPS:
                 raise AssertionError(f"{func._schema.name} inside an update: a host sync on CUDA")
-            return func(*args, **(kwargs or {}))
+            if func._schema.name in ("aten::_to_copy", "aten::copy_"):
+                src = args[1] if func._schema.name == "aten::copy_" else args[0]
+                dst = args[0].device if func._schema.name == "aten::copy_" else kwargs.get("device")
+                to_gpu = src.device.type == "cpu" and dst is not None and torch.device(dst).type == "cuda"
+                if to_gpu and not (src.is_pinned() and kwargs.get("non_blocking", False)):
+                    raise AssertionError("a blocking or pageable host-to-device copy: the host waits")
+            return func(*args, **kwargs)
 
     update(*args)
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda = (torch.cuda.is_available() and torch.cuda.is_initialized()) and not returns_to_host
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -193,4 +202,63 @@ def compile_backend(request, monkeypatch):
         monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=request.param))
     torch._dynamo.reset()
     yield request.param
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def cuda_graph_steps(monkeypatch):
+    """`--compile-mode reduce-overhead` as CUDA graph trees treat the outputs of compiled calls,
+    simulated on CPU. torch.compile traces with aot_eager (the mode is recorded in `.modes`), and
+    a compiled call that begins a new step overwrites the outputs of every earlier compiled call
+    with NaN bytes, as replaying a CUDA graph overwrites its memory pool. A step begins at a
+    compiled call after `torch.compiler.cudagraph_mark_step_begin()` once that has been called,
+    else (CUDA graph trees' own rule) at any compiled call made while no backward is pending.
+    Outputs that alias an input are not in the pool and are left alone."""
+    import functools
+    import types
+
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    sim = types.SimpleNamespace(modes=[], marks=0, marked=False, pending=False, outputs=[])
+    compile = torch.compile
+
+    def poison(t):
+        storage = t.untyped_storage()
+        torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),)).fill_(255)
+
+    def fake_compile(fn, *, mode=None, **kw):
+        sim.modes.append(mode)
+        compiled = compile(fn, backend="aot_eager", **kw)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            new_step = sim.marked if sim.marks else not sim.pending
+            sim.marked = False
+            if new_step:
+                with torch.no_grad():
+                    for t in sim.outputs:
+                        poison(t)
+                sim.outputs.clear()
+            out = compiled(*args, **kwargs)
+            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                      if torch.is_tensor(t)}
+            tensors = [t for t in tree_flatten(out)[0] if torch.is_tensor(t)]
+            sim.outputs += [t for t in tensors if t.untyped_storage().data_ptr() not in inputs]
+            graded = [t for t in tensors if t.requires_grad]
+            if graded:  # a backward is pending until gradients reach this call's first output
+                sim.pending = True
+                graded[0].register_hook(lambda grad: setattr(sim, "pending", False))
+            return out
+
+        return run
+
+    def mark_step_begin():
+        sim.marks += 1
+        sim.marked = True
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", mark_step_begin)
+    torch._dynamo.reset()
+    yield sim
     torch._dynamo.reset()

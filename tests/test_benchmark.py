@@ -207,7 +207,8 @@ def test_speed_with_tiny_sizes_writes_a_table(tmp_path):
         assert r["seconds_per_update"] > 0 and r["env_steps_per_second"] > 0
         assert r["parameters"] > 1000
         assert 0.05 < r["peak_host_memory_gib"] < 24  # torch alone is > 50 MiB resident
-    assert "| algorithm | sizes | parameters |" in md.read_text() and "wrote" in out
+    assert "| algorithm | sizes | variant | parameters |" in md.read_text() and "wrote" in out
+    assert {r["variant"] for r in records} == {"fp32"}  # a CPU measures fp32 unless asked
     (cvrl_row,) = [line for line in md.read_text().splitlines() if line.startswith("| cvrl |")]
     assert "(no MPC: " in cvrl_row  # CVRL's acting latency with and without its planner
 
@@ -365,3 +366,81 @@ def test_cpu_report_gives_return_and_minutes_per_task_beside_the_reference_rows(
     assert f"| DreamerV2 official (clean, action repeat 2, full size) | {official:.0f} | |" in lines
     assert (tmp_path / "cpu" / "curves.png").stat().st_size > 10_000
     assert set(runs) == {"core", "dreamerv2"}
+
+
+FAKE_RECORD = dict(seconds_per_update=0.5, updates=1, parameters=2e6, env="toy-reach",
+                   env_steps_per_second=100.0, policy_ms=3.0, device="cpu", precision="fp32",
+                   compile=False, peak_host_memory_gib=0.3)
+
+
+def test_speed_records_a_failing_or_timed_out_variant_and_measures_the_others(tmp_path):
+    """One (algorithm, variant) that crashes or hangs costs only its own row: it is recorded as
+    FAILED with its last error line (or TIMEOUT), and the results on disk are rewritten after
+    every measurement (the failing script reports what it found there)."""
+    out = tmp_path / "speed"
+    good = tmp_path / "good.py"
+    good.write_text(f"import json, sys\nprint('warming up')\nprint(json.dumps({FAKE_RECORD!r}))\n")
+    bad = tmp_path / "bad.py"
+    bad.write_text("import glob, json, sys\n"
+                   f"files = glob.glob({str(out / '*.json')!r})\n"
+                   "done = len(json.load(open(files[0]))) if files else 0\n"
+                   "print('Traceback (most recent call last): ...', file=sys.stderr)\n"
+                   "raise RuntimeError(f'CUDA error: out of memory ({done} results on disk)')\n")
+    slow = tmp_path / "slow.py"
+    slow.write_text("import time\ntime.sleep(60)\n")
+    results = benchmark.speed({"dreamerv2": good, "core": bad, "cvrl": slow}, 1, True, "toy-reach",
+                              out, "cpu", variants=["fp32", "bf16"], timeout=3)
+    assert [(r["variant"], r["algo"], r["status"]) for r in results] == [
+        ("fp32", "dreamerv2", "ok"), ("fp32", "core", "FAILED"), ("fp32", "cvrl", "TIMEOUT"),
+        ("bf16", "dreamerv2", "ok"), ("bf16", "core", "FAILED"), ("bf16", "cvrl", "TIMEOUT")]
+    (md,) = out.glob("*-tiny.md")
+    saved = json.loads(md.with_suffix(".json").read_text())
+    assert saved == results
+    assert results[0]["seconds_per_update"] == 0.5
+    assert results[1]["error"] == "exit 1: RuntimeError: CUDA error: out of memory (1 results on disk)"
+    table = md.read_text()
+    assert "| dreamerv2 | tiny | bf16 | 2.00M | 0.500 |" in table
+    assert "| core | tiny | fp32 | - | FAILED: exit 1: RuntimeError: CUDA error: out of memory" in table
+    assert "| cvrl | tiny | bf16 | - | TIMEOUT: no result within --variant-timeout 3 s |" in table
+
+    # a later call for other variants keeps these rows and replaces only the ones it measures
+    benchmark.speed({"core": good}, 1, True, "toy-reach", out, "cpu", variants=["fp32"])
+    saved = {(r["algo"], r["variant"]): r["status"] for r in json.loads(md.with_suffix(".json").read_text())}
+    assert saved[("core", "fp32")] == "ok" and saved[("core", "bf16")] == "FAILED"
+    assert saved[("dreamerv2", "bf16")] == "ok" and len(saved) == 6
+
+
+def test_speed_variants_flag_accepts_only_known_variants(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "speed", "--variants", "fp16"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode != 0 and "invalid choice: 'fp16'" in out.stderr
+
+
+def test_workers_get_gpus_within_the_callers_mask_and_a_share_of_the_cores(monkeypatch):
+    """torch counts the GPUs the caller's CUDA_VISIBLE_DEVICES leaves visible (faked here: 2 of a
+    host's 4); workers are spread over exactly those, MuJoCo renders on the same GPU, and the
+    cores are split between workers on GPU hosts too."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert benchmark.visible_gpus() == ["2", "3"] and benchmark.gpu_count() == 2
+    envs = [benchmark.worker_env(slot, 4, benchmark.visible_gpus(), 16) for slot in range(4)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "3", "2", "3"]
+    assert [e["MUJOCO_EGL_DEVICE_ID"] for e in envs] == ["2", "3", "2", "3"]
+    assert all(e["OMP_NUM_THREADS"] == e["LP_NUM_THREADS"] == "4" for e in envs)
+    import os
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"  # the caller's own mask is untouched
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert benchmark.visible_gpus() == ["0", "1", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f0e,GPU-11aa")  # UUIDs: no EGL index known
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    env = benchmark.worker_env(1, 1, benchmark.visible_gpus(), 16)
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-11aa" and "MUJOCO_EGL_DEVICE_ID" not in env
+    assert "OMP_NUM_THREADS" not in env or env["OMP_NUM_THREADS"] == os.environ.get("OMP_NUM_THREADS")
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # a CPU host: only the thread split
+    env = benchmark.worker_env(0, 2, benchmark.visible_gpus(), 2)
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-8f0e,GPU-11aa" and env["OMP_NUM_THREADS"] == "1"

@@ -456,8 +456,12 @@ def test_bf16_keeps_kl_log_probs_values_and_losses_in_fp32(toy_batch):
 def test_an_update_never_syncs_with_the_host(toy_batch, discrete):
     device = sync_test_device()  # CUDA where there is one, else CPU (see without_host_sync)
     agent = blast.Agent(tiny("ar"), 2, discrete, device)
-    batch = blast.to_device(toy_batch, device)
-    without_host_sync(agent.update, batch)
+    replay = blast.Replay(200, (3, 64, 64), 2, seed=0, device=device)
+    replay.add_episode(*(toy_batch[k][:, 0].cpu().numpy() for k in ("obs", "action", "reward", "cont")))
+    # the training loop's device work: sampling, the update, acting (up to its numpy action)
+    without_host_sync(lambda: agent.update(blast.to_device(replay.sample(4, 8), device)))
+    state = agent.act(np.zeros((3, 64, 64), np.uint8), None, explore=True)[1]
+    without_host_sync(agent.act, np.zeros((3, 64, 64), np.uint8), state, True, returns_to_host=True)
 
 
 # --- CLI and the paper's defaults --------------------------------------------------------
@@ -554,3 +558,25 @@ def test_compiled_losses_equal_eager_ones(toy_batch, compile_backend):
         out.update(model=loss, kl=m["kl_loss"], actor=actor_loss, critic=critic_loss)
     for key in eager:
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graph_modes_keep_the_losses_and_survive_overwritten_outputs(toy_batch, cuda_graph_steps):
+    """--compile-mode reduce-overhead: each compiled call begins a CUDA-graph step and what outlives
+    one is copied first (the imagination start states, the metrics read after the next update), so
+    the losses equal the eager ones under the conftest simulation, which turns any use of an
+    overwritten output into NaN. 'max-autotune' compiles without CUDA graphs."""
+    blast.Agent(tiny("dreamerv2", compile=True, compile_mode="max-autotune"), 2, False, CPU)
+    assert cuda_graph_steps.modes == ["max-autotune-no-cudagraphs"] * 2
+    short, runs = {k: v[:3] for k, v in toy_batch.items()}, []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        agent = blast.Agent(tiny("ar", compile=compile, compile_mode="reduce-overhead",
+                                 probe_decoder=True, horizon=2), 2, False, CPU)
+        runs.append([])
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            runs[-1].append(agent.update(short)[0])
+    assert cuda_graph_steps.marks == 4
+    for want, got in zip(*runs):  # the first update's metrics are read after the second update
+        for key in ("kl_loss", "probe_loss", "actor_loss", "critic_loss", "actor_grad_norm"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)

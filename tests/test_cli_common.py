@@ -211,3 +211,21 @@ def test_the_small_preset_is_the_same_algorithm_with_smaller_sizes(script):
                "crop_size"}
     assert changed and changed <= allowed, changed - allowed
     assert small["total_steps"] == 100_000
+
+
+def test_a_cuda_device_becomes_the_current_device_once(script, monkeypatch):
+    """--device cuda:1: the script makes cuda:1 the current device, so that CUDA events,
+    synchronize() and tensors made on plain "cuda" use it (torch's own calls faked: no GPU here)."""
+    mod = module(script)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)
+    for flags in (torch.backends.cudnn, torch.backends.cuda.matmul):
+        for name in ("deterministic", "benchmark", "allow_tf32"):
+            if hasattr(flags, name):
+                monkeypatch.setattr(flags, name, getattr(flags, name))
+    setup = getattr(mod, "configure_torch", None) or mod.setup_torch
+    setup(mod.preset_args("tiny"), torch.device("cpu"))
+    assert chosen == []
+    setup(mod.preset_args("tiny"), torch.device("cuda:1"))
+    assert chosen == [torch.device("cuda:1")]

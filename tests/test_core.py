@@ -337,5 +337,41 @@ def test_update_never_synchronises_with_the_host(dcs_replay):
     args = tiny_args()
     device = sync_test_device()  # CUDA where there is one, else CPU (see without_host_sync)
     agent = core.Agent(args, 6, device)
-    batch = core.to_device(batch_from(dcs_replay, args), device)
-    without_host_sync(agent.update, batch)
+    replay = core.Replay(1000, dcs_replay.obs.shape[1:], 6, seed=0, device=device)
+    n = dcs_replay.size
+    replay.add_episode(*(getattr(dcs_replay, k)[:n].cpu().numpy() for k in ("obs", "action", "reward", "cont")))
+    # the training loop's device work: sampling, the update, acting (up to its numpy action)
+    without_host_sync(lambda: agent.update(core.to_device(replay.sample(args.batch_size, args.seq_len,
+                                                                        args.crop_size), device)))
+    obs = np.zeros(dcs_replay.obs.shape[1:], np.uint8)
+    state = agent.act(obs, None, explore=True)[1]
+    without_host_sync(agent.act, obs, state, True, returns_to_host=True)
+
+
+def test_cuda_graph_modes_keep_the_losses_and_survive_overwritten_outputs(cuda_graph_steps):
+    """--compile-mode reduce-overhead: each compiled call begins a CUDA-graph step and what outlives
+    one is copied first (the SAC states z from J_Q into J_pi, the metrics read after the next
+    update), so the losses equal the eager ones under the conftest simulation, which turns any use
+    of an overwritten output into NaN. 'max-autotune' compiles without CUDA graphs."""
+    kw = dict(seq_len=4, batch_size=2)
+    core.Agent(tiny_args(compile=True, compile_mode="max-autotune", **kw), 6, torch.device("cpu"))
+    assert cuda_graph_steps.modes == ["max-autotune-no-cudagraphs"] * 3
+    args = tiny_args(**kw)
+    replay = core.Replay(100, (3, args.render_size, args.render_size), 6, seed=0)
+    rng = np.random.default_rng(0)
+    replay.add_episode(rng.integers(0, 255, (20, 3, args.render_size, args.render_size), dtype=np.uint8),
+                       rng.uniform(-1, 1, (20, 6)).astype(np.float32),
+                       rng.uniform(0, 1, 20).astype(np.float32), np.ones(20, np.float32))
+    batch, runs = batch_from(replay, args), []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        agent = core.Agent(tiny_args(compile=compile, compile_mode="reduce-overhead", **kw), 6,
+                           torch.device("cpu"))
+        runs.append([])
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            runs[-1].append(agent.update(batch)[0])
+    assert cuda_graph_steps.marks == 6
+    for want, got in zip(*runs):  # the first update's metrics are read after the second update
+        for key in ("model_loss", "contrastive_loss", "kl_loss", "critic_loss", "actor_loss", "alpha_loss"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)

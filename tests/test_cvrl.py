@@ -240,8 +240,9 @@ def test_a_nan_reward_skips_the_whole_update_and_names_the_loss():
     flags = dict(zip(cvrl.LOSS_NAMES, agent.nonfinite.tolist()))
     assert flags["model_loss"] and flags["q_loss"]
     batch["reward"][2, 1] = 0.0
-    agent.update(batch)  # a finite batch trains again
-    assert not same(parameters(*modules), before) and not agent.nonfinite.any()
+    agent.update(batch)  # halted (sticky, like the other scripts): a finite batch changes nothing
+    assert same(parameters(*modules), before) and agent.log_temperature.item() == temperature
+    assert not agent.nonfinite.any() and agent.halted.item() == 1  # its own flags are clean
 
 
 def test_bf16_keeps_kl_log_probs_values_and_scores_in_fp32():
@@ -288,8 +289,13 @@ def test_one_update_makes_no_host_sync():
     torch.manual_seed(0)
     device = sync_test_device()  # CUDA where there is one, else CPU (see without_host_sync)
     agent = cvrl.Agent(args, 2, device)
-    batch = cvrl.synthetic_batch(args, 2, device)
-    without_host_sync(agent.update, batch)
+    replay = cvrl.Replay(200, (3, 64, 64), 2, seed=0, device=device)
+    batch = cvrl.synthetic_batch(args, 2, torch.device("cpu"))
+    replay.add_episode(*(batch[k][:, 0].numpy() for k in ("obs", "action", "reward", "cont")))
+    # the training loop's device work: sampling, the update, acting with MPC (up to its numpy action)
+    without_host_sync(lambda: agent.update(replay.sample(args.batch_size, args.batch_length, device)))
+    state = agent.act(np.zeros((3, 64, 64), np.uint8), None, explore=True)[1]
+    without_host_sync(agent.act, np.zeros((3, 64, 64), np.uint8), state, True, returns_to_host=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,3 +398,28 @@ def test_cvrl_defaults_match_paper():
     assert a.init_temperature == 1.0 and not a.learn_temperature
     # ours: alpha = 1 (the paper gives none), exploration noise 0.3 (Dreamer-v1), Polyak 0.005 (SAC)
     assert (a.sac_weight, a.expl_noise, a.tau) == (1.0, 0.3, 0.005)
+
+
+def test_cuda_graph_modes_keep_the_losses_and_survive_overwritten_outputs(cuda_graph_steps):
+    """--compile-mode reduce-overhead: one CUDA-graph step per update (all five losses are
+    computed before any backward) and one per MPC iteration in `act`; the metrics are copied out
+    of the step, so that the logger reads them correctly after acting with MPC (whose compiled
+    `plan_value` begins a new step). Under the conftest simulation, which turns any use of an
+    overwritten output into NaN, the losses equal the eager ones. 'max-autotune' compiles
+    without CUDA graphs."""
+    small = dict(batch_length=4, horizon=3, mpc_iterations=1)
+    agent_and_batch(compile=True, compile_mode="max-autotune", **small)
+    assert cuda_graph_steps.modes == ["max-autotune-no-cudagraphs"] * 6
+    obs = np.zeros((3, 64, 64), np.uint8)
+    runs = []
+    for compile in (False, True):
+        agent, batch = agent_and_batch(seed=2, compile=compile, compile_mode="reduce-overhead", **small)
+        runs.append([])
+        for seed in (5, 6):
+            torch.manual_seed(seed)
+            runs[-1].append(agent.update(batch))
+            agent.act(obs, None, explore=True, mpc=True)
+    assert cuda_graph_steps.marks == 4
+    for eager, got in zip(*runs):  # read after acting and after the next update
+        for key in ("model_loss", "kl", "reward_loss", "observation_loss", "actor_loss", "value_loss", "q_loss"):
+            assert got[key].item() == pytest.approx(eager[key].item(), rel=1e-4, abs=1e-5), key

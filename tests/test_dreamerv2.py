@@ -405,7 +405,11 @@ def test_an_update_never_synchronises_with_the_host(discrete):
     agent = dv2.Agent(args, 2, discrete, device)
     replay = dv2.Replay(1000, (3, 64, 64), 2, seed=0, device=device)
     replay.add_episode(np.zeros((40, 3, 64, 64), np.uint8), np.zeros((40, 2)), np.zeros(40), np.ones(40))
-    without_host_sync(agent.update, replay.sample(args.batch_size, args.batch_length))
+    # the training loop's device work: sampling, the update, acting (up to its numpy action)
+    without_host_sync(lambda: agent.update(dv2.to_torch(replay.sample(args.batch_size, args.batch_length),
+                                                        device)))
+    state = agent.act(np.zeros((3, 64, 64), np.uint8), None, explore=True)[1]
+    without_host_sync(agent.act, np.zeros((3, 64, 64), np.uint8), state, True, returns_to_host=True)
 
 
 @pytest.mark.slow
@@ -415,3 +419,28 @@ def test_dreamerv2_beats_random_on_toy_reach_center(tmp_path, monkeypatch):
     run_dir = dv2.main(smoke_args(dv2, "dreamerv2"))
     check_beats_random(run_dir, benchmark.SMOKE_ENV)
 
+
+
+def test_cuda_graph_modes_keep_the_losses_and_survive_overwritten_outputs(cuda_graph_steps):
+    """--compile-mode reduce-overhead: each compiled call begins a CUDA-graph step and what outlives
+    one is copied first (the posterior into the behaviour losses, the metrics that the logger reads
+    later), so the losses equal the eager ones, also for metrics read after the next update. The
+    conftest simulation turns any use of an overwritten output into NaN. 'max-autotune' compiles
+    without CUDA graphs."""
+    kw = dict(batch_length=3, horizon=2, batch_size=2)
+    dv2.Agent(tiny_args(compile=True, compile_mode="max-autotune", **kw), 2, False, torch.device("cpu"))
+    assert cuda_graph_steps.modes == ["max-autotune-no-cudagraphs"] * 2
+    runs = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        agent = dv2.Agent(tiny_args(compile=compile, compile_mode="reduce-overhead", **kw), 2, False,
+                          torch.device("cpu"))
+        batch = dv2.synthetic_batch(agent.args, 2, torch.device("cpu"))
+        runs.append([])
+        for seed in (5, 6):
+            torch.manual_seed(seed)
+            runs[-1].append(agent.update(batch))
+    assert cuda_graph_steps.marks == 4
+    for eager, got in zip(*runs):  # the first update's metrics are read after the second update
+        for key in ("model_loss", "kl", "actor_loss", "critic_loss", "value", "actor_grad_norm"):
+            torch.testing.assert_close(got[key], eager[key], rtol=1e-4, atol=1e-5, msg=key)

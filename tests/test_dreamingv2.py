@@ -372,8 +372,10 @@ def test_an_update_never_syncs_with_the_host(discrete):
     replay = dv.Replay(200, (3, 64, 64), 2, seed=0, device=device)
     batch = random_batch(args)
     replay.add_episode(*(batch[k][:, 0].numpy() for k in ("obs", "action", "reward", "cont")))
-    sample = replay.sample(args.batch_size, args.batch_length)
-    metrics, nonfinite = without_host_sync(agent.update, sample)
+    # the training loop's device work: sampling, the update, acting (up to its numpy action)
+    metrics, nonfinite = without_host_sync(lambda: agent.update(replay.sample(args.batch_size, args.batch_length)))
+    state = agent.act(np.zeros((3, 64, 64), np.uint8), None, explore=True)[1]
+    without_host_sync(agent.act, np.zeros((3, 64, 64), np.uint8), state, True, returns_to_host=True)
     assert not nonfinite.cpu().any()
 
 
@@ -462,3 +464,26 @@ def test_dreamingv2_beats_random_on_toy_reach_center(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_dir = dv.main(smoke_args(dv, "dreamingv2"))
     check_beats_random(run_dir, benchmark.SMOKE_ENV)
+
+
+def test_cuda_graph_modes_keep_the_losses_and_survive_overwritten_outputs(cuda_graph_steps):
+    """--compile-mode reduce-overhead: each compiled call begins a CUDA-graph step and what outlives
+    one is copied first (the posterior, the metrics read after the next update), so the losses
+    equal the eager ones under the conftest simulation, which turns any use of an overwritten
+    output into NaN. 'max-autotune' compiles without CUDA graphs."""
+    args = tiny_args(batch_length=4, batch_size=2, horizon=2, nce_steps=1, cnn_depth=2)
+    dv.Agent(dataclasses.replace(args, compile=True, compile_mode="max-autotune"), 2, False, CPU)
+    assert cuda_graph_steps.modes == ["max-autotune-no-cudagraphs"] * 2
+    batch, runs = random_batch(args), []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        agent = dv.Agent(dataclasses.replace(args, compile=compile, compile_mode="reduce-overhead"),
+                         2, False, CPU)
+        runs.append([])
+        for seed in (3, 4):
+            torch.manual_seed(seed)
+            runs[-1].append(agent.update(batch)[0])
+    assert cuda_graph_steps.marks == 4
+    for want, got in zip(*runs):  # the first update's metrics are read after the second update
+        for key in ("model_loss", "nce_loss", "kl_loss", "actor_loss", "critic_loss"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
