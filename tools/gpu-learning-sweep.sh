@@ -11,7 +11,8 @@ minutes=${1:-5}
 exec > >(tee "$OUT/sweep.log") 2>&1
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
 tar xJf .devsite.tar.xz -C /tmp || exit 1
-export PYTHONPATH=/tmp/.devsite:$PWD MUJOCO_GL=egl PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+ROOT=$PWD
+export PYTHONPATH=/tmp/.devsite:$ROOT MUJOCO_GL=egl PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 nvidia-smi -L
 common="--env dmc-cartpole-swingup --preset small --device cuda --total-steps 100000 --eval-every 10000 --eval-episodes 5"
 declare -A runs=(
@@ -26,16 +27,21 @@ declare -A runs=(
   [blast-small]="blast.py"
   [cvrl-small]="cvrl.py --mpc-iterations 1"
 )
-mkdir -p sweep
+# Outside the project folder: the device tool re-syncs the working tree before each call, which
+# would delete a run folder that is not in git.
+W=/tmp/sweep
+pids=()
 for name in "${!runs[@]}"; do
-  mkdir -p "sweep/$name"
-  (cd "sweep/$name" && timeout -s INT -k 30 $((minutes * 60)) python3 ../../${runs[$name]%% *} \
+  mkdir -p "$W/$name"
+  (cd "$W/$name" && timeout -s INT -k 30 $((minutes * 60)) python3 "$ROOT/${runs[$name]%% *}" \
      $common ${runs[$name]#*.py} > log.txt 2>&1) &
+  pids+=($!)
 done
-wait
+# `wait` with no arguments would also wait for the `tee` above, which ends only with this script.
+wait "${pids[@]}"
 for name in $(printf '%s\n' "${!runs[@]}" | sort); do
   echo "== $name: ${runs[$name]}"
-  grep -E "eval at|error|Error" "sweep/$name/log.txt" | head -n 12
-  grep -E "^step" "sweep/$name/log.txt" | tail -n 1
+  grep -E "eval at|error|Error" "$W/$name/log.txt" | head -n 12
+  grep -E "^step" "$W/$name/log.txt" | tail -n 1
 done
-tar cf "$OUT/sweep.tar" $(find sweep -name metrics.jsonl -o -name log.txt)
+(cd "$W" && tar cf "$OUT/sweep.tar" $(find . -name metrics.jsonl -o -name log.txt))
