@@ -336,19 +336,23 @@ def write_slurm(jobs: list[Job], path: Path, time_limit: str, gpus_per_task: int
              "#",
              "# What a task does:",
              "# 1. A job folder that holds DONE finished before: exit at once (never rerun).",
-             "# 2. Otherwise the training script starts in the background, from the job's",
-             "#    checkpoint (runs/*/checkpoint.pt) if an earlier attempt left one; its output goes",
-             "#    to <job folder>/log.txt, this shell's to results/<suite>/slurm-<array>_<task>.out.",
+             "# 2. Otherwise start the training script in the background, from the job's",
+             "#    checkpoint (runs/*/checkpoint.pt) if an earlier attempt left one. Its output goes",
+             "#    to <job folder>/log.txt, this shell's to slurm-<array id>_<task>.out beside this file.",
              f"# 3. {warning} s before the time limit Slurm sends SIGUSR1 to this shell",
-             f"#    (--signal=B:USR1@{warning}); a preemption or `scancel --batch --signal=TERM` "
-             "sends",
-             "#    SIGTERM. Either way the shell sends SIGTERM to the training process, which",
-             "#    writes its checkpoint and exits 143.",
-             "# 4. Stopped that way, the task requeues itself (scontrol requeue; --requeue allows",
-             "#    it): Slurm starts it again after a short delay, at step 1, and it continues from",
-             "#    the checkpoint. A task cancelled with plain `scancel` stays cancelled.",
-             "# 5. Exit 0 writes DONE. Any other exit writes FAILED (the exit code) and the task",
-             "#    ends FAILED; `./benchmark.sh report` lists it with the tail of its log.txt.",
+             f"#    (--signal=B:USR1@{warning}); a preemption, or `scancel --batch --signal=TERM "
+             "<id>_<task>`,",
+             "#    sends SIGTERM (Slurm then logs `*** JOB ... CANCELLED ***`, but the task goes on).",
+             "#    Either way the shell sends SIGTERM to the training process, which writes its",
+             "#    checkpoint and exits 143.",
+             "# 4. Exit 0: write DONE.",
+             "# 5. Stopped by a signal while Slurm still has the task RUNNING (the warning, a",
+             "#    preemption's grace time, scancel --batch): requeue it (scontrol requeue; --requeue",
+             "#    allows it). Slurm starts it again after a short delay, at step 1, so it continues",
+             "#    from the checkpoint. Plain `scancel` and the time limit itself end the task",
+             "#    (COMPLETING): it stays ended, step 6; running the suite again continues it.",
+             "# 6. Any other exit: write FAILED (the exit code); the task ends FAILED and",
+             "#    `./benchmark.sh report` lists it with the tail of its log.txt.",
              "set -uo pipefail",
              f"PYTHON={shlex.quote(sys.executable)}  # the interpreter (and environment) that "
              "wrote this script",
@@ -370,35 +374,36 @@ def write_slurm(jobs: list[Job], path: Path, time_limit: str, gpus_per_task: int
               "# 1.",
               '[ -f "$DIR/DONE" ] && { say "already finished: $DIR"; exit 0; }',
               'mkdir -p "$DIR" && cd "$DIR" && rm -f FAILED || exit 1',
-              "# 2.",
+              "# 2. (the signal handlers of step 3 first, so that no signal is lost)",
+              "STOPPED= CHILD=",
+              'stop() { STOPPED=$1; say "SIG$1: asking the training process to checkpoint"; '
+              '[ -z "$CHILD" ] || kill -TERM "$CHILD" 2>/dev/null; }',
+              "trap 'stop USR1' USR1",
+              "trap 'stop TERM' TERM",
               'RESUME=$(ls runs/*/checkpoint.pt 2>/dev/null | tail -n 1)',
               'eval "set -- $ARGS"',
               'say "start ${SLURM_RESTART_COUNT:+(restart $SLURM_RESTART_COUNT) }in $DIR'
               '${RESUME:+, resuming from $RESUME}"',
               '"$PYTHON" "$ROOT/$ALGO.py" "$@" ${RESUME:+--resume "$RESUME"} >> log.txt 2>&1 &',
-              "CHILD=$!",
-              "# 3.",
-              "STOPPED=",
-              'stop() { STOPPED=$1; say "SIG$1: asking the training process to checkpoint"; '
-              'kill -TERM "$CHILD" 2>/dev/null; }',
-              "trap 'stop USR1' USR1",
-              "trap 'stop TERM' TERM",
-              "# a trapped signal ends `wait` early: wait on until the process is gone, then read",
-              "# its exit status (bash keeps it)",
+              'CHILD=$!',
+              '[ -z "$STOPPED" ] || kill -TERM "$CHILD"',
+              "# 3. a trapped signal ends `wait` early: wait on until the process is gone, then",
+              "#    read its exit status (bash keeps it)",
               'while kill -0 "$CHILD" 2>/dev/null; do wait "$CHILD"; done',
               'wait "$CHILD"; RC=$?',
-              "# 5. (finished)",
-              'if [ "$RC" -eq 0 ]; then date "+%F %T" > DONE; say "finished"; exit 0; fi',
               "# 4.",
+              'if [ "$RC" -eq 0 ]; then date "+%F %T" > DONE; say "finished"; exit 0; fi',
+              "# 5.",
               'if [ -n "$STOPPED" ] || [ "$RC" -eq 143 ] || [ "$RC" -eq 130 ]; then',
-              "  trap '' USR1 TERM  # the requeue stops this shell too: quietly",
-              '  if [ -n "$(ls runs/*/checkpoint.pt 2>/dev/null)" ] && '
-              'scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"; then',
-              '    say "checkpointed (exit $RC) and requeued"; exit 0',
+              "  trap '' USR1 TERM  # the requeue ends this shell too: quietly",
+              '  TASK=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}',
+              '  STATE=$(squeue -h -j "$TASK" -o %T 2>/dev/null)',
+              '  if [ "$STATE" = RUNNING ] && scontrol requeue "$TASK"; then',
+              '    say "stopped (exit $RC) and requeued"; exit 0',
               "  fi",
-              '  say "stopped (exit $RC) and not requeued (no checkpoint, or the task was cancelled)"',
+              '  say "stopped (exit $RC); not requeued, Slurm is ending the task (${STATE:-?})"',
               "fi",
-              "# 5. (failed)",
+              "# 6.",
               'echo "exit $RC${STOPPED:+ after SIG$STOPPED}" > FAILED',
               'say "FAILED (exit $RC): $DIR/log.txt"',
               'exit "$RC"', ""]
@@ -444,7 +449,8 @@ def check_slurm_fit(cpus: int, gpus: int, mem: str | None, partition: str | None
     out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%c|%m|%G|%P|%l"], capture_output=True,
                          text=True, timeout=60)
     if out.returncode != 0:
-        print(f"warning: sinfo failed, the request is not checked: {out.stderr.strip()}")
+        why = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"warning: sinfo failed ({why}); the resource request is not checked")
         return
     nodes = []
     for line in out.stdout.splitlines():
@@ -1076,6 +1082,11 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="speed: tiny sizes (CI)")
     parser.add_argument("--env", default="dmc-walker-walk", help="speed: env of the acting loop")
     parser.add_argument("--device", default="auto", help="speed: auto | cpu | cuda")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv[:-1]):  # `--slurm-extra "--qos=high"`: argparse takes a lone
+        if arg == "--slurm-extra":         # "--..." value for a flag, so join the two
+            argv[i:i + 2] = [f"--slurm-extra={argv[i + 1]}"]
+            break
     args = parser.parse_args(argv)
     results = Path(args.results)
     algos = available_algorithms(args.algos)

@@ -153,11 +153,13 @@ def benchmark_py(*args, env=None, cwd=None, timeout=120):
 
 
 def tiny_smoke_flags(results: Path) -> list[str]:
-    """Two array tasks (dreamerv2 seeds 1 and 2 on toy-reach-center), each about 20 s on a busy
-    CPU: tiny networks, 400 env steps, an evaluation (and checkpoint) every 100."""
-    return ["smoke", "--algos", "dreamerv2", "--seeds", "2", "--budget", "400", "--eval-every",
-            "100", "--eval-episodes", "1", "--script-flags", "--prefill 60 --pretrain 2",
-            "--results", str(results), "--slurm"]
+    """Two array tasks (dreamerv2 seeds 1 and 2 on toy-reach-center) of under a minute each on a
+    busy CPU: the smoke suite's tiny networks with a smaller batch and fewer updates, 300 env
+    steps, an evaluation (and checkpoint) every 100."""
+    return ["smoke", "--algos", "dreamerv2", "--seeds", "2", "--budget", "300", "--eval-every",
+            "100", "--eval-episodes", "1", "--script-flags", "--prefill 60 --pretrain 2 "
+            "--train-every 10 --batch-size 4 --batch-length 8", "--results", str(results),
+            "--slurm"]
 
 
 def wait_for(predicate, timeout: float, what: str, cluster: SlurmCluster, poll: float = 0.5):
@@ -215,14 +217,14 @@ def test_preempted_tasks_checkpoint_requeue_finish_and_the_report_follows(slurm,
         log = (folder / "log.txt").read_text()
         assert (folder / "DONE").is_file() and not (folder / "FAILED").exists(), shell + log
         assert f"SIG{sig}: asking the training process to checkpoint" in shell, shell
-        assert "checkpointed (exit 143) and requeued" in shell and "(restart 1)" in shell, shell
+        assert "stopped (exit 143) and requeued" in shell and "(restart 1)" in shell, shell
         assert "interrupted at step" in log and "resumed from runs/" in log, log
         (run,) = folder.glob("runs/*/metrics.jsonl")  # the resumed run continued the same folder
         records = [json.loads(line) for line in run.read_text().splitlines()]
         pairs = collections.Counter((r["step"], k) for r in records for k in r
                                     if k not in ("step", "time"))
         assert [p for p, n in pairs.items() if n > 1] == []
-        assert [r["step"] for r in records if "eval/episodic_return" in r] == [100, 200, 300, 400]
+        assert [r["step"] for r in records if "eval/episodic_return" in r] == [100, 200, 300]
     summary = results / "smoke" / "summary.md"
     assert summary.is_file(), list((results / "smoke").iterdir())
     text = summary.read_text()
@@ -230,6 +232,33 @@ def test_preempted_tasks_checkpoint_requeue_finish_and_the_report_follows(slurm,
     assert "Failed jobs" not in text
     assert summary.stat().st_mtime >= max((f / "DONE").stat().st_mtime for f in folders)
     print(f"slurm end-to-end: {time.time() - start:.0f} s")
+
+
+def test_a_cancelled_task_stays_cancelled_and_the_report_lists_it_with_its_log(slurm, tmp_path):
+    """Plain `scancel` also sends SIGTERM, but it ends the task for good: the requeue fails,
+    FAILED is written, and the report job (afterany) lists the job with the tail of log.txt."""
+    results = tmp_path / "results"
+    flags = tiny_smoke_flags(results)
+    flags[flags.index("--seeds") + 1] = "1"
+    out = benchmark_py(*flags, "--submit", "--slurm-cpus", "1", "--slurm-mem", "2G",
+                       env=slurm.env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    array = out.stdout.split("submitted array job ")[1].split()[0]
+    folder = results / "smoke" / "runs" / "dreamerv2" / "toy-reach-center" / "seed1"
+    log = folder / "log.txt"
+    wait_for(lambda: log.is_file() and "eval at 100:" in log.read_text(), 180,
+             "the first evaluation", slurm)
+    slurm.run("scancel", f"{array}_0")
+    wait_for(lambda: not slurm.run("squeue", "-h", "-o", "%i").stdout.strip(), 180,
+             "the task and the report job to end", slurm, poll=2)
+    shell = (results / "smoke" / f"slurm-{array}_0.out").read_text()
+    assert "not requeued, Slurm is ending the task (COMPLETING)" in shell, shell
+    assert "(restart" not in shell and "requeued\n" not in shell, shell
+    assert not (folder / "DONE").exists()
+    assert (folder / "FAILED").read_text().strip() == "exit 143 after SIGTERM"
+    section = (results / "smoke" / "summary.md").read_text().split("## Failed jobs")[1]
+    assert "`dreamerv2/toy-reach-center/seed1`: exit 143 after SIGTERM" in section
+    assert "interrupted at step" in section  # the training script's last words, from log.txt
 
 
 def test_submit_without_sbatch_says_so_in_one_line(tmp_path):
