@@ -6,12 +6,14 @@ Where `slurm-wlm`/`munge` are missing or the daemons cannot run (not root, no no
 says why."""
 
 import collections
+import fcntl
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,7 +58,7 @@ class SlurmCluster:
              f"--log-file={self.home / 'munged.log'}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
         node = subprocess.run([sbin("slurmd"), "-C"], capture_output=True, text=True,
-                              check=True).stdout.splitlines()[0]  # NodeName=<host> CPUs=... RealMemory=...
+                              check=True).stdout.splitlines()[0]  # NodeName=<host> CPUs=...
         self.node = node.split()[0].partition("=")[2]
         self.cpus = int(next(w for w in node.split() if w.startswith("CPUs=")).partition("=")[2])
         h = self.home
@@ -64,7 +66,8 @@ class SlurmCluster:
             "ClusterName=rfwmtest", f"SlurmctldHost={self.node}(127.0.0.1)",
             "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",
             # cred_expire: how long a requeued task waits before it may start again (default 120 s)
-            f"AuthInfo=socket={sock},cred_expire=10", f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
+            f"AuthInfo=socket={sock},cred_expire=10",
+            f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
             f"StateSaveLocation={h / 'state'}", f"SlurmdSpoolDir={h / 'spool'}",
             f"SlurmctldPidFile={h / 'slurmctld.pid'}", f"SlurmdPidFile={h / 'slurmd.pid'}",
             f"SlurmctldLogFile={h / 'slurmctld.log'}", f"SlurmdLogFile={h / 'slurmd.log'}",
@@ -140,11 +143,14 @@ def slurm(tmp_path_factory):
     reason = daemons_unavailable()
     if reason:
         pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
+    # one cluster on this machine at a time (pytest -n 2 may run this module on both workers)
+    with open(Path(tempfile.gettempdir()) / "rfwm-test-slurm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+        try:
+            yield cluster.start()
+        finally:
+            cluster.stop()
 
 
 def benchmark_py(*args, env=None, cwd=None, timeout=120):
@@ -291,6 +297,32 @@ def test_the_array_script_asks_for_the_flags_resources_and_a_warning_before_the_
     text = benchmark.write_slurm(jobs, tmp_path / "d" / "slurm.sh", "1:00:00", 1).read_text()
     assert "--partition" not in text and "--account" not in text
     assert f"--cpus-per-task={benchmark.SLURM_CPUS}" in text and "--mem=32G" in text
+
+
+def test_node_sizes_are_read_from_sinfo_with_gpus_memory_and_time_limits(tmp_path, monkeypatch):
+    """Against a GPU cluster's `sinfo -N` (a stand-in script on PATH: this machine has none)."""
+    fake = tmp_path / "bin" / "sinfo"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\ncat <<'EOF'\n"
+                    "gpu01|64|512000|gpu:a100:4(S:0-1)|gpu*|2-00:00:00\n"
+                    "gpu02|64|512000|gpu:a100:4(S:0-1)|gpu*|2-00:00:00\n"
+                    "cpu01|128|256000|(null)|cpu|infinite\nEOF\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    benchmark.check_slurm_fit(benchmark.SLURM_CPUS, 1, benchmark.SLURM_MEM, None, "48:00:00")
+    benchmark.check_slurm_fit(64, 4, "500G", "gpu", "2-00:00:00")  # a whole node fits
+    benchmark.check_slurm_fit(8, 0, "0", "cpu", "30-0")
+    for request, says in [((4, 8, "32G", None, "1:00:00"), "8 GPUs"),
+                          ((4, 1, "600G", "gpu", "1:00:00"), "600G memory"),
+                          ((4, 1, "32G", None, "3-00:00:00"), "for 3-00:00:00"),
+                          ((4, 1, "32G", "cpu", "1:00:00"), "partition cpu")]:
+        with pytest.raises(SystemExit) as refused:
+            benchmark.check_slurm_fit(*request)
+        message = str(refused.value)
+        assert says in message and "\n" not in message
+        nodes = ("cpu01: 128 CPUs, 250G, 0 GPUs, limit infinite" if request[3] == "cpu" else
+                 "gpu01, gpu02: 64 CPUs, 500G, 4 GPUs, limit 2-00:00:00")
+        assert f"its nodes: {nodes}." in message
 
 
 def test_slurm_times_and_sizes_are_read_like_slurm_does():
