@@ -213,9 +213,16 @@ def test_preempted_tasks_checkpoint_requeue_finish_and_the_report_follows(slurm,
     def evaluated(log: Path) -> bool:  # the first evaluation wrote a checkpoint (--save-model)
         return log.is_file() and "eval at 100:" in log.read_text()
 
-    for task, (log, sig) in enumerate(zip(logs, ("TERM", "USR1"))):
-        wait_for(lambda: evaluated(log), 180, f"task {task}'s first evaluation", slurm)
-        slurm.run("scancel", "--batch", f"--signal={sig}", f"{array}_{task}")
+    unsignalled = {0: "TERM", 1: "USR1"}
+
+    def signal_the_evaluated() -> bool:  # each task as soon as it is 100 steps into its 300
+        for task, sig in list(unsignalled.items()):
+            if evaluated(logs[task]):
+                slurm.run("scancel", "--batch", f"--signal={sig}", f"{array}_{task}")
+                del unsignalled[task]
+        return not unsignalled
+
+    wait_for(signal_the_evaluated, 180, "both tasks' first evaluation", slurm)
     wait_for(lambda: not slurm.run("squeue", "-h", "-o", "%i").stdout.strip(), 300,
              "the array and the report job to end", slurm, poll=2)
     for task, (folder, sig) in enumerate(zip(folders, ("TERM", "USR1"))):
