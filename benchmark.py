@@ -19,7 +19,8 @@
 Learning suites run one job per (algorithm, env, seed) in `results/<suite>/runs/<algo>/<env>/
 seed<k>/` (the script's own `runs/<name>/` folder lands inside), in parallel with `--workers N`
 (one GPU each via CUDA_VISIBLE_DEVICES when GPUs are present), or as a Slurm array job with
-`--slurm` (written to `results/<suite>/slurm.sh`; `--submit` also calls sbatch). A job whose
+`--slurm` (written to `results/<suite>/slurm.sh`, resources from the --slurm-* flags; `--submit` also
+calls sbatch, for it and for the report after it). A job whose
 folder holds `DONE` is skipped; an unfinished one resumes from its checkpoint. Aggregation reads
 only `metrics.jsonl` files laid out as `<root>/<algo>/<env>/<seed>/.../metrics.jsonl`, so runs
 copied from elsewhere can be dropped in. Reports: `summary.md` (+ `summary.json`) and
