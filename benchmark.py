@@ -20,7 +20,8 @@
 Learning suites run one job per (algorithm, env, seed) in `results/<suite>/runs/<algo>/<env>/
 seed<k>/` (the script's own `runs/<name>/` folder lands inside), in parallel with `--workers N`
 (one GPU each via CUDA_VISIBLE_DEVICES when GPUs are present), or as a Slurm array job with
-`--slurm` (written to `results/<suite>/slurm.sh`; `--submit` also calls sbatch). A job whose
+`--slurm` (written to `results/<suite>/slurm.sh`, resources from the --slurm-* flags; `--submit` also
+calls sbatch, for it and for the report after it). A job whose
 folder holds `DONE` is skipped; an unfinished one resumes from its checkpoint. Aggregation reads
 only `metrics.jsonl` files laid out as `<root>/<algo>/<env>/<seed>/.../metrics.jsonl`, so runs
 copied from elsewhere can be dropped in. Reports: `summary.md` (+ `summary.json`) and
@@ -35,6 +36,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -328,28 +330,213 @@ def wait_until(proc: subprocess.Popen, deadline: float | None, grace: float = 30
             return proc.wait()
 
 
-def write_slurm(jobs: list[Job], path: Path, time_limit: str, gpus_per_task: int) -> Path:
-    """A Slurm array script with one task per job (each task resumes if it was started)."""
+# Slurm: what each array task asks for unless a --slurm-* flag says otherwise. Ours: one task per
+# GPU, and 4 CPUs / 32 GB per task, which fit four tasks on a 4-GPU node with 16 cores and 128 GB
+# (most GPU nodes have more); the paper-size replay of a 500K-step run needs about 3 GiB.
+SLURM_CPUS = 4
+SLURM_MEM = "32G"
+SLURM_WARNING = 300  # ours: seconds before the time limit at which a task saves and requeues
+SLURM_REPORT = ["--time=01:00:00", "--cpus-per-task=1", "--mem=8G"]  # the dependent report job
+
+
+def write_slurm(jobs: list[Job], path: Path, time_limit: str, gpus_per_task: int,
+                cpus: int = SLURM_CPUS, mem: str | None = SLURM_MEM, partition: str | None = None,
+                account: str | None = None, extra: str = "", warning: int = SLURM_WARNING) -> Path:
+    """A Slurm array script with one task per job. A task resumes from its job's checkpoint,
+    passes the time-limit warning (or a preemption's SIGTERM) to the training process, which
+    saves and exits, then requeues itself; a finished job gets DONE, a failed one FAILED."""
+    path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=rfwm-{path.parent.name}",
-             f"#SBATCH --array=0-{len(jobs) - 1}", f"#SBATCH --time={time_limit}",
-             "#SBATCH --cpus-per-task=4", f"#SBATCH --output={path.parent}/slurm-%A_%a.out"]
-    if gpus_per_task:
-        lines.append(f"#SBATCH --gres=gpu:{gpus_per_task}")
-    lines += ["set -euo pipefail", "export MUJOCO_GL=${MUJOCO_GL:-egl}", "JOBS=("]
+    sbatch = [f"--job-name=rfwm-{path.parent.name}", f"--array=0-{len(jobs) - 1}",
+              f"--time={time_limit}", f"--cpus-per-task={cpus}"]
+    sbatch += [f"--mem={mem}"] if mem else []
+    sbatch += [f"--gres=gpu:{gpus_per_task}"] if gpus_per_task else []
+    sbatch += [f"--partition={partition}"] if partition else []
+    sbatch += [f"--account={account}"] if account else []
+    sbatch += [f"--signal=B:USR1@{warning}", "--requeue", "--open-mode=append",
+               f"--output={path.parent}/slurm-%A_%a.out", *shlex.split(extra)]
+    lines = ["#!/bin/bash",
+             f"# Written by `./benchmark.sh {path.parent.name} --slurm`: one array task per "
+             "(algorithm, env, seed) job.",
+             *(f"#SBATCH {flag}" for flag in sbatch),
+             "#",
+             "# What a task does:",
+             "# 1. A job folder that holds DONE finished before: exit at once (never rerun).",
+             "# 2. Otherwise start the training script in the background, from the job's",
+             "#    checkpoint (runs/*/checkpoint.pt) if an earlier attempt left one. Its output goes",
+             "#    to <job folder>/log.txt, this shell's to slurm-<array id>_<task>.out beside this file.",
+             f"# 3. {warning} s before the time limit Slurm sends SIGUSR1 to this shell",
+             f"#    (--signal=B:USR1@{warning}); a preemption, or `scancel --batch --signal=TERM "
+             "<id>_<task>`,",
+             "#    sends SIGTERM (Slurm then logs `*** JOB ... CANCELLED ***`, but the task goes on).",
+             "#    Either way the shell sends SIGTERM to the training process, which writes its",
+             "#    checkpoint and exits 143.",
+             "# 4. Exit 0: write DONE.",
+             "# 5. Stopped by a signal while Slurm still has the task RUNNING (the warning, a",
+             "#    preemption's grace time, scancel --batch): requeue it (scontrol requeue; --requeue",
+             "#    allows it). Slurm starts it again after a short delay, at step 1, so it continues",
+             "#    from the checkpoint. Plain `scancel` and the time limit itself end the task",
+             "#    (COMPLETING): it stays ended, step 6; running the suite again continues it.",
+             "# 6. Any other exit: write FAILED (the exit code); the task ends FAILED and",
+             "#    `./benchmark.sh report` lists it with the tail of its log.txt.",
+             "set -uo pipefail",
+             f"PYTHON={shlex.quote(sys.executable)}  # the interpreter (and environment) that "
+             "wrote this script",
+             f"ROOT={shlex.quote(str(ROOT))}",
+             "export MUJOCO_GL=${MUJOCO_GL:-egl}",
+             "# torch and Mesa's llvmpipe: as many threads as the task has CPUs, not the node",
+             "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1} LP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
+             "# one EGL device per task: MuJoCo renders on the GPU the task trains on (the node's",
+             "# numbering, which is EGL's)",
+             'if [ -n "${SLURM_JOB_GPUS:-}" ]; then export MUJOCO_EGL_DEVICE_ID=${SLURM_JOB_GPUS%%,*}; fi',
+             "# one line per array task: job folder|script|arguments",
+             "JOBS=("]
     for job in jobs:
         cmd = " ".join(shlex.quote(c) for c in job.command()[2:])  # without interpreter/script
         lines.append(f"  {shlex.quote(f'{job.folder.resolve()}|{ALGORITHMS[job.algo][:-3]}|{cmd}')}")
     lines += [")",
               'IFS="|" read -r DIR ALGO ARGS <<< "${JOBS[$SLURM_ARRAY_TASK_ID]}"',
-              '[ -f "$DIR/DONE" ] && { echo "already finished: $DIR"; exit 0; }',
-              'mkdir -p "$DIR" && cd "$DIR"',
-              f'SCRIPT={shlex.quote(str(ROOT))}/$ALGO.py',
-              'RESUME=$(ls runs/*/checkpoint.pt 2>/dev/null | tail -n 1 || true)',
-              'eval python3 "$SCRIPT" $ARGS ${RESUME:+--resume "$RESUME"} && date > DONE', ""]
+              'say() { echo "$(date "+%F %T") task $SLURM_ARRAY_TASK_ID: $*"; }',
+              "# 1.",
+              '[ -f "$DIR/DONE" ] && { say "already finished: $DIR"; exit 0; }',
+              'mkdir -p "$DIR" && cd "$DIR" && rm -f FAILED || exit 1',
+              "# 2. (the signal handlers of step 3 first, so that no signal is lost)",
+              "STOPPED= CHILD=",
+              'stop() { STOPPED=$1; say "SIG$1: asking the training process to checkpoint"; '
+              '[ -z "$CHILD" ] || kill -TERM "$CHILD" 2>/dev/null; }',
+              "trap 'stop USR1' USR1",
+              "trap 'stop TERM' TERM",
+              'RESUME=$(ls runs/*/checkpoint.pt 2>/dev/null | tail -n 1)',
+              'eval "set -- $ARGS"',
+              'say "start ${SLURM_RESTART_COUNT:+(restart $SLURM_RESTART_COUNT) }in $DIR'
+              '${RESUME:+, resuming from $RESUME}"',
+              '"$PYTHON" "$ROOT/$ALGO.py" "$@" ${RESUME:+--resume "$RESUME"} >> log.txt 2>&1 &',
+              'CHILD=$!',
+              '[ -z "$STOPPED" ] || kill -TERM "$CHILD"',
+              "# 3. a trapped signal ends `wait` early: wait on until the process is gone, then",
+              "#    read its exit status (bash keeps it)",
+              'while kill -0 "$CHILD" 2>/dev/null; do wait "$CHILD"; done',
+              'wait "$CHILD"; RC=$?',
+              "# 4.",
+              'if [ "$RC" -eq 0 ]; then date "+%F %T" > DONE; say "finished"; exit 0; fi',
+              "# 5.",
+              'if [ -n "$STOPPED" ] || [ "$RC" -eq 143 ] || [ "$RC" -eq 130 ]; then',
+              "  trap '' USR1 TERM  # the requeue ends this shell too: quietly",
+              '  TASK=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}',
+              '  STATE=$(squeue -h -j "$TASK" -o %T 2>/dev/null)',
+              '  if [ "$STATE" = RUNNING ] && scontrol requeue "$TASK"; then',
+              '    say "stopped (exit $RC) and requeued"; exit 0',
+              "  fi",
+              '  say "stopped (exit $RC); not requeued, Slurm is ending the task (${STATE:-?})"',
+              "fi",
+              "# 6.",
+              'echo "exit $RC${STOPPED:+ after SIG$STOPPED}" > FAILED',
+              'say "FAILED (exit $RC): $DIR/log.txt"',
+              'exit "$RC"', ""]
     path.write_text("\n".join(lines))
     path.chmod(0o755)
     return path
+
+
+def slurm_seconds(text: str) -> float:
+    """A Slurm time (`minutes`, `m:s`, `h:m:s`, `d-h`, `d-h:m`, `d-h:m:s`; `infinite`/`UNLIMITED`)
+    in seconds."""
+    if text.strip().lower() in ("infinite", "unlimited", "n/a", ""):
+        return math.inf
+    days, dash, rest = text.strip().partition("-")
+    if not dash:
+        days, rest = "0", days
+    parts = [int(p) for p in rest.split(":")]
+    if dash:  # d-h, d-h:m, d-h:m:s
+        h, m, sec = (parts + [0, 0])[:3]
+    elif len(parts) == 3:  # h:m:s
+        h, m, sec = parts
+    else:  # m, m:s
+        h, (m, sec) = 0, (parts + [0])[:2]
+    return ((int(days) * 24 + h) * 60 + m) * 60 + sec
+
+
+def slurm_megabytes(text: str) -> float:
+    """A Slurm memory size (`32G`, `500M`, `32000` = MB, `1T`) in MB."""
+    text = text.strip().upper().removesuffix("B")
+    unit = text[-1] if text[-1:].isalpha() else "M"
+    scale = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 ** 2}
+    if unit not in scale:
+        raise SystemExit(f"error: --slurm-mem {text!r}: use a Slurm size such as 32G or 32000M")
+    return float(text.rstrip("KMGT") or 0) * scale[unit]
+
+
+def check_slurm_fit(cpus: int, gpus: int, mem: str | None, partition: str | None,
+                    time_limit: str):
+    """Where `sinfo` is on PATH: refuse, with the nodes' sizes, a task no node of the partition
+    can hold (it would pend forever); without sinfo there is nothing to check against."""
+    if not shutil.which("sinfo"):
+        return
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%c|%m|%G|%P|%l"], capture_output=True,
+                         text=True, timeout=60)
+    if out.returncode != 0:
+        why = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"warning: sinfo failed ({why}); the resource request is not checked")
+        return
+    nodes = []
+    for line in out.stdout.splitlines():
+        name, ncpus, memory, gres, part, limit = line.split("|")
+        ngpus = sum(int(g.split("(")[0].split(":")[-1]) for g in gres.split(",")
+                    if g.startswith("gpu:") and g.split("(")[0].split(":")[-1].isdigit())
+        nodes.append(dict(name=name, cpus=int(ncpus), mem=float(memory), gpus=ngpus,
+                          partition=part.rstrip("*"), default=part.endswith("*"), limit=limit))
+    known = sorted({n["partition"] for n in nodes})
+    if partition and partition not in known:
+        raise SystemExit(f"error: --slurm-partition {partition}: no such partition; this "
+                         f"cluster has {', '.join(known)}")
+    pool = [n for n in nodes if (n["partition"] == partition if partition else n["default"])]
+    pool = pool or nodes  # no default partition: Slurm asks for one at submission anyway
+    need_mem = slurm_megabytes(mem) if mem else 0.0  # --mem=0: all of a node's memory
+    if any(n["cpus"] >= cpus and n["gpus"] >= gpus and n["mem"] >= need_mem
+           and slurm_seconds(n["limit"]) >= slurm_seconds(time_limit) for n in pool):
+        return
+    sizes: dict = {}
+    for n in pool:
+        sizes.setdefault((n["cpus"], n["mem"], n["gpus"], n["limit"]), []).append(n["name"])
+    listed = "; ".join(f"{', '.join(names[:3])}{f' (+{len(names) - 3})' if len(names) > 3 else ''}"
+                       f": {c} CPUs, {m / 1024:.0f}G, {g} GPUs, limit {lim}"
+                       for (c, m, g, lim), names in sizes.items())
+    where = f"partition {partition or pool[0]['partition']}"
+    raise SystemExit(f"error: no node of {where} can run a task with {cpus} CPUs, {gpus} GPUs, "
+                     f"{mem or 'any'} memory for {time_limit} (it would pend forever); its nodes: "
+                     f"{listed}. Ask for less with --slurm-cpus/--slurm-gpus/--slurm-mem/"
+                     "--slurm-time or choose --slurm-partition")
+
+
+def submit_slurm(path: Path, suite: str, results: Path, budget: int | None,
+                 partition: str | None = None, account: str | None = None,
+                 extra: str = "") -> tuple[str, str]:
+    """sbatch the array script, then `./benchmark.sh report <suite>` as a job that starts when
+    every task has ended (afterany: also after failures, which the report lists). Returns the
+    two job ids."""
+    if not shutil.which("sbatch"):
+        raise SystemExit(f"error: --submit needs sbatch, which is not on PATH; {path} is written: "
+                         f"submit it with `sbatch {path}` where Slurm is installed")
+
+    def sbatch(*argv) -> str:
+        out = subprocess.run(["sbatch", "--parsable", *argv], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"error: sbatch refused the job: {' '.join(out.stderr.split())}")
+        return out.stdout.strip().split(";")[0]  # `id` or `id;cluster`
+
+    array = sbatch(str(path))
+    report_cmd = ["./benchmark.sh", "report", suite, "--results", str(results.resolve()),
+                  *(["--budget", str(budget)] if budget else [])]
+    wrap = (f"cd {shlex.quote(str(ROOT))} && RFWM_PYTHON={shlex.quote(sys.executable)} "
+            + " ".join(shlex.quote(c) for c in report_cmd))
+    report_job = sbatch(f"--dependency=afterany:{array}", f"--job-name=rfwm-{suite}-report",
+                        f"--output={path.parent}/report-%j.out", *SLURM_REPORT,
+                        *([f"--partition={partition}"] if partition else []),
+                        *([f"--account={account}"] if account else []), *shlex.split(extra),
+                        f"--wrap={wrap}")
+    print(f"submitted array job {array} ({path}) and report job {report_job}, which writes "
+          f"{results / suite / 'summary.md'} when every task has ended")
+    return array, report_job
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,11 +754,45 @@ def suite_videos(results: Path, suite: str) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def failed_jobs(root: Path, tail: int = 15) -> str:
+    """Markdown for the jobs under `root` (<algo>/<env>/<seed>/) whose folder holds FAILED (the
+    Slurm array script writes it with the exit code): each with the tail of its log.txt."""
+    parts = []
+    for marker in sorted(Path(root).glob("*/*/*/FAILED")):
+        folder = marker.parent
+        log = folder / "log.txt"
+        lines = log.read_text(errors="replace").splitlines()[-tail:] if log.is_file() else []
+        parts += [f"- `{folder.relative_to(root)}`: {marker.read_text().strip()}; last "
+                  f"{len(lines)} lines of `{log}`:", "", "  ```",
+                  *(f"  {line}" for line in lines), "  ```"]
+    if not parts:
+        return ""
+    return "\n".join(["", "## Failed jobs", "", "Their folders hold `FAILED`; once fixed, running "
+                      "the suite again (or resubmitting) continues them from their checkpoints.",
+                      "", *parts]) + "\n"
+
+
 def report(suite: str, budget: float, results=Path("results")) -> dict:
+    """The suite's tables and curves (`summary.md`, `curves.png`), failed jobs listed last."""
     root = results / suite / "runs"
+    failures = failed_jobs(root)
     runs = collect(root)
     if not runs:
-        raise SystemExit(f"error: no metrics.jsonl with evaluations under {root}")
+        if failures:
+            (results / suite / "summary.md").write_text(f"# {suite}: no evaluations yet\n"
+                                                        + failures)
+        raise SystemExit(f"error: no metrics.jsonl with evaluations under {root}"
+                         + (f"; failed jobs: {results / suite / 'summary.md'}" if failures else ""))
+    summary = report_tables(suite, budget, results, runs)
+    if failures:
+        with open(results / suite / "summary.md", "a") as f:
+            f.write(failures)
+        print(failures)
+    return summary
+
+
+def report_tables(suite: str, budget: float, results: Path, runs: dict) -> dict:
+    root = results / suite / "runs"
     if suite == "quick":
         return quick_report(runs, results)
     if suite == "cpu":
@@ -937,8 +1158,19 @@ def main(argv=None):
     parser.add_argument("--eval-episodes", type=int, default=None)
     parser.add_argument("--workers", type=int, default=1, help="jobs in parallel (one GPU each)")
     parser.add_argument("--slurm", action="store_true", help="write a Slurm array script instead")
-    parser.add_argument("--submit", action="store_true", help="with --slurm: also sbatch it")
-    parser.add_argument("--slurm-time", default="48:00:00")
+    parser.add_argument("--submit", action="store_true",
+                        help="with --slurm: also sbatch it, and `report <suite>` after it")
+    parser.add_argument("--slurm-time", default="48:00:00", help="time limit per task; a task "
+                        "that reaches it checkpoints and is requeued")
+    parser.add_argument("--slurm-cpus", type=int, default=SLURM_CPUS, help="CPUs per task")
+    parser.add_argument("--slurm-gpus", type=int, default=None,
+                        help="GPUs per task (default: 1; smoke and cpu: 0)")
+    parser.add_argument("--slurm-mem", default=SLURM_MEM, help="memory per task (Slurm --mem; "
+                        "0: a whole node's)")
+    parser.add_argument("--slurm-partition", default=None, help="default: the cluster's")
+    parser.add_argument("--slurm-account", default=None)
+    parser.add_argument("--slurm-extra", default="",
+                        help="more sbatch flags for every job, e.g. \"--qos=high --constraint=a100\"")
     parser.add_argument("--script-flags", default="",
                         help="extra flags for every job's script, e.g. \"--preset tiny\" for a "
                              "CPU check of a GPU suite (use another --results folder for it)")
@@ -960,6 +1192,11 @@ def main(argv=None):
     parser.add_argument("--variant-timeout", type=float, default=None,
                         help="speed: seconds per (algorithm, variant) measurement; one that takes "
                              "longer is recorded as TIMEOUT and the next one starts")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv[:-1]):  # `--slurm-extra "--qos=high"`: argparse takes a lone
+        if arg == "--slurm-extra":         # "--..." value for a flag, so join the two
+            argv[i:i + 2] = [f"--slurm-extra={argv[i + 1]}"]
+            break
     args = parser.parse_args(argv)
     results = Path(args.results)
     algos = available_algorithms(args.algos)
@@ -986,12 +1223,20 @@ def main(argv=None):
         print(f"{len(jobs)} jobs")
         return 0
     if args.slurm:
-        path = write_slurm(jobs, results / args.suite / "slurm.sh", args.slurm_time,
-                           0 if args.suite == "smoke" else 1)
-        print(f"wrote {path} ({len(jobs)} array tasks); after they finish: "
-              f"./benchmark.sh report {args.suite}")
+        gpus = args.slurm_gpus if args.slurm_gpus is not None else int(args.suite not in
+                                                                        ("smoke", "cpu"))
+        check_slurm_fit(args.slurm_cpus, gpus, args.slurm_mem, args.slurm_partition,
+                        args.slurm_time)
+        path = write_slurm(jobs, results / args.suite / "slurm.sh", args.slurm_time, gpus,
+                           args.slurm_cpus, args.slurm_mem, args.slurm_partition,
+                           args.slurm_account, args.slurm_extra)
+        print(f"wrote {path} ({len(jobs)} array tasks)")
         if args.submit:
-            subprocess.run(["sbatch", str(path)], check=True)
+            submit_slurm(path, args.suite, results, args.budget if args.suite == "cpu" else budget,
+                         args.slurm_partition, args.slurm_account, args.slurm_extra)
+        else:
+            print(f"submit it with `sbatch {path}`; after the tasks end: "
+                  f"./benchmark.sh report {args.suite}")
         return 0
     if args.suite in ("dcs", "natural", "minigrid", "cpu"):
         (results / args.suite).mkdir(parents=True, exist_ok=True)

@@ -8,4 +8,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
-exec python3 benchmark.py "$@"
+exec "${RFWM_PYTHON:-python3}" benchmark.py "$@"  # RFWM_PYTHON: the Slurm report job's interpreter
