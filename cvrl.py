@@ -337,8 +337,14 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        x = self.linear(feat).reshape(-1, 32 * self.depth, 1, 1)
-        return self.net(x).reshape(*feat.shape[:-1], 3, 64, 64)
+        x = self.linear(feat).reshape(-1, 32 * self.depth)
+        # The first transposed conv sees a 1x1 input, where it is exactly a matmul (as in
+        # dreamerv2.py's Decoder): out[n, o, i, j] = sum_c x[n, c] W[c, o, i, j] + b[o]. Written as
+        # one (same parameters), it is one GEMM, and torch.compile's inductor no longer crashes in
+        # this conv's backward (a stride assertion, ../shared/measurements/h100-2026-11-23.md).
+        first = self.net[0]
+        x = (x @ first.weight.flatten(1)).view(-1, *first.weight.shape[1:]) + first.bias[:, None, None]
+        return self.net[1:](x).reshape(*feat.shape[:-1], 3, 64, 64)
 
 
 class RSSM(nn.Module):

@@ -121,6 +121,26 @@ def test_only_the_dreamerv2_rung_has_a_pixel_term_in_the_loss(toy_batch):
         torch.testing.assert_close(loss, args.reward_scale * m["reward_loss"] + args.kl_scale * m["kl_loss"])
 
 
+def test_probe_decoder_first_layer_is_the_transposed_conv_it_replaces():
+    """Issue 22 item 5: the decoder's first transposed conv on a 1x1 input is written as a matmul;
+    with the same weights it computes what the conv computes (output and every gradient)."""
+    torch.manual_seed(0)
+    decoder = blast.Decoder(10, 2)
+    feat = torch.randn(3, 2, 10, requires_grad=True)
+    out = decoder(feat)
+    conv_input = decoder.linear(feat).reshape(-1, 32 * decoder.depth, 1, 1)
+    reference = decoder.net(conv_input).reshape(3, 2, 3, 64, 64)
+    assert out.shape == (3, 2, 3, 64, 64)
+    torch.testing.assert_close(out, reference)
+    weight = torch.randn_like(out)
+    params = [feat, *decoder.parameters()]
+    got = torch.autograd.grad((out * weight).sum(), params)
+    want = torch.autograd.grad((reference * weight).sum(), params)
+    assert got[1].abs().sum() > 0  # the first layer's weight is trained through the matmul
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def test_probe_decoder_learns_from_stop_gradient_features_only(toy_batch):
     args = tiny("ar", probe_decoder=True)
     agent = blast.Agent(args, 2, False, CPU)

@@ -110,6 +110,26 @@ def test_generative_ablation_reconstructs_pixels_and_has_no_contrastive_head():
     assert torch.isfinite(loss)
 
 
+def test_generative_decoder_first_layer_is_the_transposed_conv_it_replaces():
+    """Issue 22 item 5: the decoder's first transposed conv on a 1x1 input is written as a matmul;
+    with the same weights it computes what the conv computes (output and every gradient)."""
+    torch.manual_seed(0)
+    decoder = cvrl.Decoder(10, 2)
+    feat = torch.randn(3, 2, 10, requires_grad=True)
+    out = decoder(feat)
+    conv_input = decoder.linear(feat).reshape(-1, 32 * decoder.depth, 1, 1)
+    reference = decoder.net(conv_input).reshape(3, 2, 3, 64, 64)
+    assert out.shape == (3, 2, 3, 64, 64)
+    torch.testing.assert_close(out, reference)
+    weight = torch.randn_like(out)
+    params = [feat, *decoder.parameters()]
+    got = torch.autograd.grad((out * weight).sum(), params)
+    want = torch.autograd.grad((reference * weight).sum(), params)
+    assert got[1].abs().sum() > 0  # the first layer's weight is trained through the matmul
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 # ---------------------------------------------------------------------------------------------
 # Shapes, batched filtering, lambda-return
 # ---------------------------------------------------------------------------------------------
