@@ -358,14 +358,24 @@ BN_MOMENTUM = 0.01  # Keras' BatchNormalization default (momentum 0.99 of the ru
 BN_EPS = 1e-3  # Keras' default epsilon, which the authors' tfkl.BatchNormalization() keeps
 
 
-def mlp(inp: int, out: int, units: int, layers: int) -> nn.Sequential:
-    """`layers` hidden ELU layers of `units`, then a linear output."""
-    mods, d = [], inp
-    for _ in range(layers):
-        mods += [nn.Linear(d, units), nn.ELU()]
-        d = units
-    mods.append(nn.Linear(d, out))
-    return nn.Sequential(*mods)
+class MLP(nn.Sequential):
+    """`layers` hidden ELU layers of `units`, then a linear output. The output layer runs
+    in fp32 also under bf16 autocast (as dreamerv2.py's MLP): rewards, values, Q and action
+    parameters feed returns and log-probs, and bf16 would resolve a value of 500 in steps of 2."""
+
+    def __init__(self, inp: int, out: int, units: int, layers: int):
+        mods, d = [], inp
+        for _ in range(layers):
+            mods += [nn.Linear(d, units), nn.ELU()]
+            d = units
+        super().__init__(*mods, nn.Linear(d, out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *hidden, out = self
+        for layer in hidden:
+            x = layer(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return out(x.float())
 
 
 def norm_layer(kind: str, channels: int, conv: bool) -> nn.Module:
@@ -654,7 +664,7 @@ class Actor(nn.Module):
     def __init__(self, feat_dim: int, action_dim: int, discrete: bool, units: int, layers: int):
         super().__init__()
         self.discrete = discrete
-        self.net = mlp(feat_dim, action_dim if discrete else 2 * action_dim, units, layers)
+        self.net = MLP(feat_dim, action_dim if discrete else 2 * action_dim, units, layers)
 
     def forward(self, feat: torch.Tensor) -> td.Distribution:
         out = self.net(feat).float()
@@ -692,8 +702,8 @@ class WorldModel(nn.Module):
                                    args.obs_out_norm)
         self.rssm = RSSM(action_dim, args.deter, args.hidden, stoch, classes, args.ar_steps or stoch)
         feat = self.rssm.feat_dim
-        self.reward = mlp(feat, 1, args.mlp_units, args.mlp_layers)
-        self.discount = mlp(feat, 1, args.mlp_units, args.mlp_layers) if args.pred_discount else None
+        self.reward = MLP(feat, 1, args.mlp_units, args.mlp_layers)
+        self.discount = MLP(feat, 1, args.mlp_units, args.mlp_layers) if args.pred_discount else None
         self.decoder = Decoder(feat, args.cnn_depth) if args.recon or args.probe_decoder else None
         if args.init == "glorot":
             self.apply(glorot_init)
@@ -738,7 +748,7 @@ class ActorCritic(nn.Module):
     def __init__(self, args: Args, feat_dim: int, action_dim: int, discrete: bool):
         super().__init__()
         self.actor = Actor(feat_dim, action_dim, discrete, args.mlp_units, args.mlp_layers)
-        self.critic = mlp(feat_dim, 1, args.mlp_units, args.mlp_layers)
+        self.critic = MLP(feat_dim, 1, args.mlp_units, args.mlp_layers)
         if args.init == "glorot":
             self.apply(glorot_init)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)

@@ -295,14 +295,24 @@ def episode_seed(seed: int, stream: str, index: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def mlp(inp: int, out: int, units: int, layers: int) -> nn.Sequential:
-    """`layers` hidden ELU layers of `units`, then a linear output (Dreamer-v1's dense heads)."""
-    mods, d = [], inp
-    for _ in range(layers):
-        mods += [nn.Linear(d, units), nn.ELU()]
-        d = units
-    mods.append(nn.Linear(d, out))
-    return nn.Sequential(*mods)
+class MLP(nn.Sequential):
+    """`layers` hidden ELU layers of `units`, then a linear output (Dreamer-v1's dense heads). The output layer runs
+    in fp32 also under bf16 autocast (as dreamerv2.py's MLP): rewards, values, Q and action
+    parameters feed returns and log-probs, and bf16 would resolve a value of 500 in steps of 2."""
+
+    def __init__(self, inp: int, out: int, units: int, layers: int):
+        mods, d = [], inp
+        for _ in range(layers):
+            mods += [nn.Linear(d, units), nn.ELU()]
+            d = units
+        super().__init__(*mods, nn.Linear(d, out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *hidden, out = self
+        for layer in hidden:
+            x = layer(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return out(x.float())
 
 
 class Encoder(nn.Module):
@@ -468,7 +478,7 @@ class Actor(nn.Module):
 
     def __init__(self, feat_dim: int, action_dim: int, units: int):
         super().__init__()
-        self.net = mlp(feat_dim, 2 * action_dim, units, 4)
+        self.net = MLP(feat_dim, 2 * action_dim, units, 4)
         self.raw_init_std = math.log(math.exp(5.0) - 1)
 
     def forward(self, feat: torch.Tensor) -> TanhNormal:
@@ -481,8 +491,8 @@ class QNetworks(nn.Module):
 
     def __init__(self, feat_dim: int, action_dim: int, units: int):
         super().__init__()
-        self.q1 = mlp(feat_dim + action_dim, 1, units, 3)
-        self.q2 = mlp(feat_dim + action_dim, 1, units, 3)
+        self.q1 = MLP(feat_dim + action_dim, 1, units, 3)
+        self.q2 = MLP(feat_dim + action_dim, 1, units, 3)
 
     def forward(self, feat: torch.Tensor, action: torch.Tensor):
         x = torch.cat([feat, action.to(feat.dtype)], -1)
@@ -498,7 +508,7 @@ class WorldModel(nn.Module):
         self.encoder = Encoder(args.cnn_depth)
         self.rssm = RSSM(self.encoder.out_dim, action_dim, args.deter, args.hidden, args.stoch)
         feat = self.rssm.feat_dim
-        self.reward = mlp(feat, 1, args.mlp_units, 2)
+        self.reward = MLP(feat, 1, args.mlp_units, 2)
         if args.objective == "contrastive":
             self.contrastive = ContrastiveHead(self.encoder.out_dim, feat, args.contrast_units)
         elif args.objective == "reward":  # CVRL-reward-only: no observation model
@@ -801,7 +811,7 @@ class Agent:
         self.wm = WorldModel(args, action_dim).to(device)
         feat = self.wm.rssm.feat_dim
         self.actor = Actor(feat, action_dim, args.mlp_units).to(device)
-        self.value = mlp(feat, 1, args.mlp_units, 3).to(device)
+        self.value = MLP(feat, 1, args.mlp_units, 3).to(device)
         self.q = QNetworks(feat, action_dim, args.mlp_units).to(device)
         self.target_q = QNetworks(feat, action_dim, args.mlp_units).to(device)
         self.target_q.load_state_dict(self.q.state_dict())

@@ -143,6 +143,26 @@ def check_dreamerv2_weight_decay(agent, wd: float = 1e-6):
         torch.testing.assert_close(p.detach(), b * (1 - wd), rtol=1e-7, atol=0)
 
 
+def check_output_layer_in_fp32(forward, net, x):
+    """Issue 22 item 6: under bf16 autocast, `forward(x)` (the code path under test: a head, a
+    critic's forward) returns `net`'s last layer computed in fp32 from the bf16 hidden
+    activations: exactly that product, and not the bf16 product cast to fp32 afterwards (which
+    rounds a value of 500 to steps of 2)."""
+    import torch
+
+    *hidden, last = net
+    with torch.autocast(x.device.type, torch.bfloat16):
+        out = forward(x)
+        h = x
+        for layer in hidden:
+            h = layer(h)
+        rounded = last(h).float()
+    assert h.dtype == torch.bfloat16  # the hidden layers do run in bf16
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, last(h.float()).reshape(out.shape), rtol=0, atol=0)
+    assert not torch.equal(out, rounded.reshape(out.shape))
+
+
 def without_host_sync(update, *args, returns_to_host: bool = False):
     """Call `update(*args)` once to warm up (lazy initialisations may synchronise), then again
     and return that call's result, failing on any host-device synchronisation in it. On every

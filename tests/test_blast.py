@@ -9,7 +9,7 @@ import torch
 
 import benchmark
 import blast
-from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device, check_dreamerv2_weight_decay
+from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device, check_dreamerv2_weight_decay, check_output_layer_in_fp32
 
 CPU = torch.device("cpu")
 
@@ -470,6 +470,10 @@ def test_bf16_keeps_kl_log_probs_values_and_losses_in_fp32(toy_batch):
         log_prob = agent.wm.rssm.prior.log_prob(start["deter"], start["stoch"])
     for value in (loss, m["kl_loss"], m["kl"], actor_loss, critic_loss, am["value"], am["lambda_return"], log_prob):
         assert value.dtype == torch.float32
+    # reward and values are computed in fp32 (the output layer), not rounded to bf16 and cast
+    feat = 3 * torch.randn(16, agent.wm.rssm.feat_dim)
+    for net in (agent.wm.reward, agent.ac.critic, agent.ac.target_critic):
+        check_output_layer_in_fp32(net, net, feat)
 
 
 @pytest.mark.parametrize("discrete", [False, True], ids=["continuous", "discrete"])  # discrete: REINFORCE

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device
+from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device, check_output_layer_in_fp32
 
 import benchmark  # noqa: E402
 import cvrl  # noqa: E402
@@ -283,6 +283,14 @@ def test_bf16_keeps_kl_log_probs_values_and_scores_in_fp32():
     metrics = agent.update(batch)
     assert all(v.dtype == torch.float32 for v in metrics.values())
     assert not agent.nonfinite.any()
+    # reward, value and Q are computed in fp32 (the output layer), not rounded to bf16 and cast
+    F = wm.rssm.feat_dim
+    feat = 3 * torch.randn(16, F)
+    for net in (wm.reward, agent.value):
+        check_output_layer_in_fp32(net, net, feat)
+    fa = torch.cat([feat, torch.rand(16, 2) * 2 - 1], -1)
+    for i, (q, net) in enumerate([(agent.q, agent.q.q1), (agent.q, agent.q.q2), (agent.target_q, agent.target_q.q1)]):
+        check_output_layer_in_fp32(lambda x: q(x[:, :F], x[:, F:])[i % 2], net, fa)
 
 
 def test_compiled_losses_equal_eager_ones_on_cpu(monkeypatch, compile_backend):

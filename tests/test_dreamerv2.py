@@ -8,7 +8,7 @@ import torch
 
 import dreamerv2 as dv2
 import benchmark
-from conftest import collect_episodes, check_beats_random, smoke_args, without_host_sync, sync_test_device, check_bad_cli_input, check_dreamerv2_weight_decay
+from conftest import collect_episodes, check_beats_random, smoke_args, without_host_sync, sync_test_device, check_bad_cli_input, check_dreamerv2_weight_decay, check_output_layer_in_fp32
 
 
 def tiny_args(**kw):
@@ -320,6 +320,10 @@ def test_bf16_keeps_values_returns_log_probs_kl_and_losses_in_fp32(cartpole_repl
     metrics.update(agent._behaviour_losses(post)[2])
     for name, x in metrics.items():
         assert x.dtype == torch.float32, name
+    # reward and values are computed in fp32 (the output layer), not rounded to bf16 and cast
+    feat = 3 * torch.randn(16, agent.wm.rssm.feat_dim)
+    for net in (agent.wm.reward, agent.ac.critic, agent.ac.target_critic):
+        check_output_layer_in_fp32(net, net, feat)
 
 
 def test_an_update_with_a_nan_in_the_batch_changes_no_parameter_and_is_flagged(cartpole_replay):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import benchmark
 import dreamingv2 as dv
-from conftest import check_beats_random, collect_episodes, smoke_args, without_host_sync, sync_test_device, check_bad_cli_input, check_dreamerv2_weight_decay
+from conftest import check_beats_random, collect_episodes, smoke_args, without_host_sync, sync_test_device, check_bad_cli_input, check_dreamerv2_weight_decay, check_output_layer_in_fp32
 
 CPU = torch.device("cpu")
 
@@ -335,6 +335,10 @@ def test_bf16_keeps_kl_log_probs_values_and_score_matrices_in_fp32():
     assert all(v.dtype == torch.float32 for v in (actor_loss, critic_loss, *ac_metrics.values()))
     _, nonfinite = agent.update(batch)
     assert not nonfinite.any()
+    # reward and values are computed in fp32 (the output layer), not rounded to bf16 and cast
+    feat = 3 * torch.randn(16, agent.wm.rssm.feat_dim)
+    for net in (agent.wm.reward, agent.ac.critic, agent.ac.target_critic):
+        check_output_layer_in_fp32(net, net, feat)
 
 
 def test_compiled_losses_equal_eager_on_cpu(compile_backend):
