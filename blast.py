@@ -37,6 +37,7 @@ with N = T * B start states. Images are uint8 (3, 64, 64) until the encoder maps
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -1072,6 +1073,24 @@ def outlive_step(value, enabled: bool):
     return value.detach().clone()
 
 
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
+    on again after). A loss computed inside still backpropagates through `module` into its
+    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
+    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
+    eager mode, but a compiled graph's backward computes a gradient for every input that
+    requires one, here the whole world model's, for nothing (issue 22 item 9)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 class Agent:
     def __init__(self, args: Args, action_dim: int, discrete: bool, device: torch.device):
         self.args, self.device, self.discrete, self.action_dim = args, device, discrete, action_dim
@@ -1140,7 +1159,7 @@ class Agent:
         self.wm.eval()
         start, metrics = outlive_step(start, self.cudagraphs), outlive_step(metrics, self.cudagraphs)
         cudagraph_step(self.cudagraphs)
-        with self.autocast:
+        with self.autocast, frozen(self.wm):  # the behaviour losses do not train the world model
             actor_loss, critic_loss, ac_metrics = self.ac_loss(self.wm, self.ac, start, args, self.discrete)
         self.actor_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)

@@ -36,6 +36,7 @@ N = T * B start states. Images are uint8 (3, 64, 64) until the encoder, which ma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -805,6 +806,24 @@ def outlive_step(value, enabled: bool):
     return value.detach().clone()
 
 
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
+    on again after). A loss computed inside still backpropagates through `module` into its
+    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
+    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
+    eager mode, but a compiled graph's backward computes a gradient for every input that
+    requires one, here the whole world model's, for nothing (issue 22 item 9)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 class Agent:
     def __init__(self, args: Args, action_dim: int, device: torch.device):
         self.args, self.device, self.action_dim = args, device, action_dim
@@ -852,8 +871,9 @@ class Agent:
         cudagraph_step(self.cudagraphs)
         with self.autocast:
             model_loss, post, metrics = self._model_loss(self.wm, batch, args)
-            actor_loss, feats, returns, m = self._dreamer_actor_loss(self.wm, self.actor, self.value,
-                                                                     post, args)
+            with frozen(self.wm):  # the actor loss does not train the world model
+                actor_loss, feats, returns, m = self._dreamer_actor_loss(self.wm, self.actor, self.value,
+                                                                         post, args)
             value_loss = self._value_loss(self.value, feats, returns, args)
             metrics.update(m)
             q_loss = temperature_loss = torch.zeros((), device=self.device)
@@ -925,7 +945,8 @@ class Agent:
         for _ in range(args.mpc_iterations):
             actions = actions.detach().requires_grad_(True)
             cudagraph_step(self.cudagraphs)  # a step per iteration: its backward runs at once
-            with torch.enable_grad(), self.autocast:
+            # Only the actions are differentiated: the world model and the value are frozen.
+            with torch.enable_grad(), self.autocast, frozen(self.wm), frozen(self.value):
                 v = self._plan_value(self.wm, self.value, start, actions, noise, args.gamma,
                                      args.return_lambda).sum()
                 (grad,) = torch.autograd.grad(v, actions)

@@ -39,6 +39,7 @@ losses skip the fused optimiser step on the device); the replay's images live on
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -895,6 +896,24 @@ def outlive_step(value, enabled: bool):
     return value.detach().clone()
 
 
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
+    on again after). A loss computed inside still backpropagates through `module` into its
+    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
+    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
+    eager mode, but a compiled graph's backward computes a gradient for every input that
+    requires one, here the whole world model's, for nothing (issue 22 item 9)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 class Agent:
     LOSSES = ("model_loss", "actor_loss", "critic_loss")  # the names of the `nonfinite` flags
 
@@ -952,7 +971,8 @@ class Agent:
         post, metrics = outlive_step(post, self.cudagraphs), outlive_step(metrics, self.cudagraphs)
 
         cudagraph_step(self.cudagraphs)
-        actor_loss, critic_loss, ac_metrics = self.behaviour_losses(post)
+        with frozen(self.wm):  # the behaviour losses do not train the world model
+            actor_loss, critic_loss, ac_metrics = self.behaviour_losses(post)
         self.actor_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         # Each loss updates only its own network: the actor's gradient flows through the world

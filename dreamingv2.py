@@ -71,6 +71,7 @@ candidate index = time * B + sequence. Images stay uint8 (3, 64, 64) until the e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -1057,6 +1058,24 @@ def outlive_step(value, enabled: bool):
     return value.detach().clone()
 
 
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
+    on again after). A loss computed inside still backpropagates through `module` into its
+    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
+    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
+    eager mode, but a compiled graph's backward computes a gradient for every input that
+    requires one, here the whole world model's, for nothing (issue 22 item 9)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 class Agent:
     def __init__(self, args: Args, action_dim: int, discrete: bool, device: torch.device):
         self.args, self.device, self.discrete, self.action_dim = args, device, discrete, action_dim
@@ -1119,7 +1138,8 @@ class Agent:
         post = outlive_step({k: post[k].detach() for k in ("deter", "stoch")}, self.cudagraphs)
         metrics = outlive_step(metrics, self.cudagraphs)
         cudagraph_step(self.cudagraphs)
-        actor_loss, critic_loss, ac_metrics = self._ac_loss(post)
+        with frozen(self.wm):  # the behaviour losses do not train the world model
+            actor_loss, critic_loss, ac_metrics = self._ac_loss(post)
         self.actor_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         # Each loss updates only its own network: the actor's gradient flows through the world

@@ -9,7 +9,7 @@ import torch
 
 import benchmark
 import blast
-from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device, check_dreamerv2_weight_decay, check_output_layer_in_fp32
+from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device, check_dreamerv2_weight_decay, check_output_layer_in_fp32, check_behaviour_step_freezes_world_model
 
 CPU = torch.device("cpu")
 
@@ -439,6 +439,16 @@ def test_batched_observe_equals_the_step_by_step_acting_loop(toy_batch):
         state = wm.rssm.obs_step(state, toy_batch["action"][t], proj[t], wm.posterior)
         for key in ("deter", "logits", "stoch"):
             torch.testing.assert_close(post[key][t], state[key], atol=1e-5, rtol=1e-5)
+
+
+def test_behaviour_step_leaves_the_world_model_out_and_the_actor_gradient_through_the_latents(toy_batch):
+    """Issue 22 item 9: with --compile, `backward(inputs=...)` does not prune a compiled backward, so
+    the behaviour losses run with the world model frozen; the loss and the actor's gradient are
+    unchanged. With no entropy bonus and dynamics gradients, the actor reaches its loss only
+    through the imagined latents, so its non-zero gradient has come through them."""
+    agent = blast.Agent(tiny("ar", actor_entropy=0.0, actor_grad="dynamics"), 2, False, CPU)
+    check_behaviour_step_freezes_world_model(agent, "ac_loss", lambda: agent.update(toy_batch),
+                                             agent.wm, agent.ac.actor, blast.frozen)
 
 
 def test_a_non_finite_loss_skips_every_step_and_is_flagged(toy_batch):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device, check_output_layer_in_fp32
+from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device, check_output_layer_in_fp32, check_behaviour_step_freezes_world_model
 
 import benchmark  # noqa: E402
 import cvrl  # noqa: E402
@@ -247,6 +247,16 @@ def test_acting_returns_box_actions_with_and_without_mpc():
 # ---------------------------------------------------------------------------------------------
 # Fast update pattern: non-finite guard, bf16, compile, CUDA syncs
 # ---------------------------------------------------------------------------------------------
+
+
+def test_dreamer_actor_loss_leaves_the_world_model_out_and_the_actor_gradient_through_the_latents():
+    """Issue 22 item 9: with --compile, `backward(inputs=...)` does not prune a compiled backward, so
+    the actor loss (Eq. 7, -V_lambda: the actor reaches it only through the imagined latents) runs
+    with the world model frozen; the loss and the actor's gradient are unchanged. All losses are
+    computed before any backward here, so the world model's .grad is not compared."""
+    agent, batch = agent_and_batch()
+    check_behaviour_step_freezes_world_model(agent, "_dreamer_actor_loss", lambda: agent.update(batch),
+                                             agent.wm, agent.actor, cvrl.frozen, grads_kept=False)
 
 
 def test_a_nan_reward_skips_the_whole_update_and_names_the_loss():

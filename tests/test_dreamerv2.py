@@ -8,7 +8,7 @@ import torch
 
 import dreamerv2 as dv2
 import benchmark
-from conftest import collect_episodes, check_beats_random, smoke_args, without_host_sync, sync_test_device, check_bad_cli_input, check_dreamerv2_weight_decay, check_output_layer_in_fp32
+from conftest import collect_episodes, check_beats_random, smoke_args, without_host_sync, sync_test_device, check_bad_cli_input, check_dreamerv2_weight_decay, check_output_layer_in_fp32, check_behaviour_step_freezes_world_model
 
 
 def tiny_args(**kw):
@@ -324,6 +324,28 @@ def test_bf16_keeps_values_returns_log_probs_kl_and_losses_in_fp32(cartpole_repl
     feat = 3 * torch.randn(16, agent.wm.rssm.feat_dim)
     for net in (agent.wm.reward, agent.ac.critic, agent.ac.target_critic):
         check_output_layer_in_fp32(net, net, feat)
+
+
+def test_behaviour_step_leaves_the_world_model_out_and_the_actor_gradient_through_the_latents(cartpole_replay):
+    """Issue 22 item 9: with --compile, `backward(inputs=...)` does not prune a compiled backward, so
+    the behaviour losses run with the world model frozen; the loss and the actor's gradient are
+    unchanged. With no entropy bonus and dynamics gradients, the actor reaches its loss only
+    through the imagined latents, so its non-zero gradient has come through them."""
+    args = tiny_args(actor_entropy=0.0, actor_grad="dynamics")
+    agent = dv2.Agent(args, 1, False, torch.device("cpu"))
+    batch = batch_from(cartpole_replay, args)
+    check_behaviour_step_freezes_world_model(agent, "behaviour_losses", lambda: agent.update(batch),
+                                             agent.wm, agent.ac.actor, dv2.frozen)
+
+
+def test_compiled_behaviour_backward_has_no_world_model_weight_in_its_graph(cartpole_replay, compile_backend):
+    """The same with --compile (per `compile_backend`), where the fault was: the compiled actor
+    loss's backward node accumulates into the actor's weights and none of the world model's."""
+    args = tiny_args(actor_entropy=0.0, actor_grad="dynamics", compile=True)
+    agent = dv2.Agent(args, 1, False, torch.device("cpu"))
+    batch = batch_from(cartpole_replay, args)
+    check_behaviour_step_freezes_world_model(agent, "behaviour_losses", lambda: agent.update(batch),
+                                             agent.wm, agent.ac.actor, dv2.frozen)
 
 
 def test_an_update_with_a_nan_in_the_batch_changes_no_parameter_and_is_flagged(cartpole_replay):

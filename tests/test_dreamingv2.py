@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import benchmark
 import dreamingv2 as dv
-from conftest import check_beats_random, collect_episodes, smoke_args, without_host_sync, sync_test_device, check_bad_cli_input, check_dreamerv2_weight_decay, check_output_layer_in_fp32
+from conftest import check_beats_random, collect_episodes, smoke_args, without_host_sync, sync_test_device, check_bad_cli_input, check_dreamerv2_weight_decay, check_output_layer_in_fp32, check_behaviour_step_freezes_world_model
 
 CPU = torch.device("cpu")
 
@@ -290,6 +290,20 @@ def test_random_shift_gives_two_different_views_each_a_crop_of_the_replicate_pad
 
 
 # --- update: NaN guard, precision, compile, CUDA ------------------------------------------------
+
+
+def test_behaviour_step_leaves_the_world_model_out_and_the_actor_gradient_through_the_latents():
+    """Issue 22 item 9: with --compile, `backward(inputs=...)` does not prune a compiled backward, so
+    the behaviour losses run with the world model frozen; the loss and the actor's gradient are
+    unchanged. With no entropy bonus and dynamics gradients, the actor reaches its loss only
+    through the imagined latents, so its non-zero gradient has come through them."""
+    torch.manual_seed(0)
+    args = tiny_args(actor_entropy=0.0, actor_grad="dynamics")
+    agent = dv.Agent(args, 2, False, CPU)
+    batch = random_batch(args)
+    check_behaviour_step_freezes_world_model(agent, "_ac_loss", lambda: agent.update(batch),
+                                             agent.wm, agent.ac.actor,
+                                             dv.frozen)
 
 
 def test_a_nan_reward_skips_the_whole_update_and_is_flagged():
