@@ -714,6 +714,13 @@ def centre_crop(obs: np.ndarray, crop: int) -> np.ndarray:
     return obs[..., off:off + crop, off:off + crop]
 
 
+def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
+    """The replay's size in agent steps, allocated once (issue 22 item 7): `capacity` (agent steps)
+    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
+    of an episode, and at least one training sequence of `length`."""
+    return max(min(capacity, -(-total_steps // repeat) + 1), length)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """A sampled batch on the training device (a no-op when the replay lives there)."""
     return {key: value.to(device) for key, value in batch.items()}
@@ -1398,7 +1405,9 @@ def main(args: Args):
     action_dim = env.action_space.shape[0]
 
     agent = Agent(args, action_dim, device)
-    replay = Replay(max(args.replay_capacity, args.seq_len), env.observation_space.shape, action_dim,
+    repeat = args.action_repeat or envs.default_action_repeat(args.env)  # None: the task's (envs)
+    replay = Replay(replay_slots(args.replay_capacity, args.total_steps, repeat, args.seq_len),
+                    env.observation_space.shape, action_dim,
                     args.seed, replay_device(args, device))
     # updates_due: gradient steps still owed to the last collected episode (a resumed run makes
     # up those an interrupt cut short); evals: completed evaluations (seeds their episodes).

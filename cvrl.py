@@ -613,6 +613,13 @@ class Replay:
         self._starts_length = None
 
 
+def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
+    """The replay's size in agent steps, allocated once (issue 22 item 7): `capacity` (agent steps)
+    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
+    of an episode, and at least one training sequence of `length`."""
+    return max(min(capacity, -(-total_steps // repeat) + 1), length)
+
+
 # ---------------------------------------------------------------------------------------------
 # World-model objective: CELBO (Eq. 6)
 # ---------------------------------------------------------------------------------------------
@@ -1263,7 +1270,8 @@ def main(args: Args):
         torch.device("cpu") if args.replay_device in ("auto", "cpu") else resolve_device(args.replay_device))
 
     agent = Agent(args, action_dim, device)
-    replay = Replay(max(args.replay_capacity // repeat, args.batch_length), env.observation_space.shape,
+    replay = Replay(replay_slots(args.replay_capacity // repeat, args.total_steps, repeat, args.batch_length),
+                    env.observation_space.shape,
                     action_dim, args.seed, replay_device)
     counters = dict(env_steps=0, agent_steps=0, episodes=0, eval_rounds=0, next_eval=args.eval_every,
                     last_eval=-1, pretrained=False)

@@ -135,8 +135,8 @@ class Args:
 
     # Replay and schedule.
     replay_capacity: int = 2_000_000
-    """replay capacity in agent steps (official configs.yaml replay capacity 2e6); memory is
-    allocated as it fills"""
+    """replay capacity in agent steps (official configs.yaml replay capacity 2e6), capped at what
+    the run can fill (total_steps / action repeat) and allocated once"""
     replay_device: str = "auto"
     """where the replay's arrays live: 'auto' (the training device when it is CUDA, else cpu),
     'cpu', 'cuda'"""
@@ -627,8 +627,9 @@ class Replay:
 
     Speed: the arrays are torch tensors on `device`; on a GPU the images never cross the bus
     again after they are stored, and sampling is one gather on the device (start indices are drawn
-    with numpy on the host and sent as one small tensor). Memory is allocated as the ring fills
-    (doubling), so a 2e6-step capacity costs only what a run stores.
+    with numpy on the host and sent as one small tensor). The arrays are allocated once, at the
+    capacity the run can fill (`replay_slots`): growing them by doubling held the old and the new
+    block at once (1.5x at peak) and left the old one in the CUDA cache.
     """
 
     def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device="cpu",
@@ -638,7 +639,7 @@ class Replay:
         self.shapes = dict(obs=tuple(obs_shape), action=(action_dim,), reward=(), cont=(), is_first=())
         self.dtypes = dict(obs=torch.uint8, action=torch.float32, reward=torch.float32,
                            cont=torch.float32, is_first=torch.float32)
-        self.data = {k: torch.empty((0, *s), dtype=self.dtypes[k], device=self.device)
+        self.data = {k: torch.empty((capacity, *s), dtype=self.dtypes[k], device=self.device)
                      for k, s in self.shapes.items()}
         self.episode = np.full(capacity, -1, np.int64)  # episode id per slot (host), -1 = empty
         self.pos = self.size = self.episodes = 0
@@ -652,22 +653,10 @@ class Replay:
         per_slot = sum(math.prod(s) * self.dtypes[k].itemsize for k, s in self.shapes.items())
         return self.capacity * (per_slot + self.episode.itemsize)
 
-    def _reserve(self, slots: int):
-        """Grow the arrays (doubling, at most to capacity) so that `slots` slots exist."""
-        allocated = len(self.data["obs"])
-        if slots <= allocated:
-            return
-        new = min(self.capacity, max(slots, 2 * allocated, 1024))
-        for key, old in self.data.items():
-            grown = torch.empty((new, *self.shapes[key]), dtype=old.dtype, device=self.device)
-            grown[:allocated] = old
-            self.data[key] = grown
-
     def add_episode(self, obs, action, reward, cont):
         n = len(obs)
         if n > self.capacity:
             raise ValueError(f"episode of {n} steps does not fit a replay of {self.capacity}")
-        self._reserve(min(self.pos + n, self.capacity))
         idx = (self.pos + np.arange(n)) % self.capacity
         is_first = np.zeros(n, np.float32)
         is_first[0] = 1.0
@@ -732,13 +721,19 @@ class Replay:
 
     def load_state_dict(self, state: dict):
         n = state["size"]
-        self._reserve(n)
         for key in self.data:
             self.data[key][:n] = torch.as_tensor(state[key]).to(self.device)
         self.episode[:n] = state["episode"]
         self.pos, self.size, self.episodes = state["pos"], n, state["episodes"]
         self.rng.bit_generator.state = state["rng"]
         self._starts_length = None
+
+
+def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
+    """The replay's size in agent steps, allocated once (issue 22 item 7): `capacity` (agent steps)
+    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
+    of an episode, and at least one training sequence of `length`."""
+    return max(min(capacity, -(-total_steps // repeat) + 1), length)
 
 
 def to_torch(batch: dict, device: torch.device) -> dict:
@@ -1321,7 +1316,8 @@ def main(args: Args):
     action_dim = env.action_space.n if discrete else env.action_space.shape[0]
 
     agent = Agent(args, action_dim, discrete, device)
-    replay = Replay(max(args.replay_capacity, args.batch_length), env.observation_space.shape,
+    replay = Replay(replay_slots(args.replay_capacity, args.total_steps, repeat, args.batch_length),
+                    env.observation_space.shape,
                     action_dim, args.seed, replay_device, args.prioritize_ends)
     counters = dict(env_steps=0, agent_steps=0, episodes=0, next_eval=args.eval_every,
                     last_eval=-1, eval_rounds=0, pretrain_updates=0)
@@ -1343,7 +1339,7 @@ def main(args: Args):
     ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
     print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | action repeat {repeat} | "
           f"replay {replay.capacity:,} agent steps on {replay_device}, up to "
-          f"{replay.nbytes / 2**30:.2f} GiB (allocated as it fills) | replay ratio {ratio:.0f} "
+          f"{replay.nbytes / 2**30:.2f} GiB (allocated once) | replay ratio {ratio:.0f} "
           f"replayed steps per agent step | videos: {envs.video_source(args.env, args.distraction, args.video_dir)}", flush=True)
     if checkpoint is not None:
         print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "

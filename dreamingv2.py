@@ -788,6 +788,13 @@ class Replay:
         self._starts_length = None
 
 
+def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
+    """The replay's size in agent steps, allocated once (issue 22 item 7): `capacity` (agent steps)
+    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
+    of an episode, and at least one training sequence of `length`."""
+    return max(min(capacity, -(-total_steps // repeat) + 1), length)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """Replay batch -> training device (a no-op when the replay lives there)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -1521,7 +1528,8 @@ def main(args: Args):
     repeat = action_repeat(args)
 
     agent = Agent(args, action_dim, discrete, device)
-    replay = Replay(max(args.replay_capacity // repeat, args.batch_length), env.observation_space.shape,
+    replay = Replay(replay_slots(args.replay_capacity // repeat, args.total_steps, repeat, args.batch_length),
+                    env.observation_space.shape,
                     action_dim, args.seed, replay_device(args, device), args.prioritize_ends)
     counters = dict(env_steps=0, agent_steps=0, episodes=0, evals=0, next_eval=args.eval_every,
                     last_eval=-1, pretrain_updates=0)
