@@ -102,8 +102,8 @@ class Args:
     """torch.compile mode (CUDA: 'reduce-overhead' uses CUDA graphs; 'max-autotune' means
     max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it)"""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocast for the networks (critic outputs, targets, log-probs, KL, contrastive scores
-    and loss reductions stay fp32)"""
+    """bf16 autocast for the networks (critic and reward outputs, the plain GRU's state, targets,
+    log-probs, KL, contrastive scores and loss reductions stay fp32)"""
     preset: Literal["paper", "small", "tiny"] = "paper"
     """'small': the same algorithm sized for a 2-core CPU (100K steps of dmc-cartpole-swingup in
     under an hour); 'tiny': narrow nets, short sequences and episodes, 2000 steps, for smoke tests; flags you
@@ -355,6 +355,14 @@ def mlp(inp: int, hidden: list[int], out: int | None = None, act=nn.ELU, layer_n
     return nn.Sequential(*mods)
 
 
+def fp32_output(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """net(x) with its output layer in fp32 also under bf16 autocast: a reward or a Q near 500
+    would be resolved to 2-4 units in bf16, coarser than the errors it is trained on."""
+    hidden = net[:-1](x)
+    with torch.autocast(x.device.type, enabled=False):
+        return net[-1](hidden.float())
+
+
 def weight_init(m: nn.Module):
     """Initialisation of the CURL / SAC-AE encoder that CoRe borrows as-is (A.2): orthogonal
     linear layers, delta-orthogonal convolutions (only the kernel centre is non-zero), zero biases.
@@ -444,6 +452,16 @@ class LayerNormGRUCell(nn.Module):
         return update * cand + (1 - update) * h
 
 
+class FP32GRUCell(nn.GRUCell):
+    """torch.nn.GRUCell (`--gru plain`) run in fp32 also under bf16 autocast, which would otherwise
+    run it in bf16 and carry h_t rounded to 8 bits of mantissa through every step (the LayerNorm
+    cell's state is fp32 already: LayerNorm and the gates' arithmetic run in fp32 under autocast)."""
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float(), h.float())
+
+
 class RSSM(nn.Module):
     """Appendix A.1. A state is a dict of (…, D) tensors: deter h, stoch s, mean, std."""
 
@@ -453,7 +471,7 @@ class RSSM(nn.Module):
         self.obs_mlp = mlp(args.embed, [args.obs_mlp, args.obs_mlp], layer_norm=True)
         self.gru_mlp = mlp(args.stoch + action_dim, [args.gru_mlp, args.gru_mlp])
         self.gru_mlp.append(nn.ELU())  # its output feeds the GRU (ELU everywhere, A.2)
-        cell = LayerNormGRUCell if args.gru == "layernorm" else nn.GRUCell
+        cell = LayerNormGRUCell if args.gru == "layernorm" else FP32GRUCell
         self.cell = cell(args.gru_mlp, args.deter)
         self.prior_mlp = mlp(args.deter, [args.prior_mlp] * 3, 2 * args.stoch)
         self.posterior_mlp = mlp(args.deter + args.obs_mlp, [args.posterior_mlp] * 2, 2 * args.stoch)
@@ -579,17 +597,9 @@ class Critics(nn.Module):
         self.q2 = mlp(state_dim + action_dim, [hidden] * 3, 1)
         self.apply(weight_init)
 
-    @staticmethod
-    def _value(net: nn.Sequential, za: torch.Tensor) -> torch.Tensor:
-        # The output layer runs in fp32 also under bf16 autocast: Q near 500 would be resolved
-        # to 2-4 units in bf16, coarser than the TD errors it is trained on.
-        hidden = net[:-1](za)
-        with torch.autocast(za.device.type, enabled=False):
-            return net[-1](hidden.float()).squeeze(-1)
-
     def forward(self, z, a):
-        za = torch.cat([z, a], -1)
-        return self._value(self.q1, za), self._value(self.q2, za)
+        za = torch.cat([z, a], -1)  # output layers in fp32 also under bf16 (fp32_output)
+        return fp32_output(self.q1, za).squeeze(-1), fp32_output(self.q2, za).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -704,6 +714,13 @@ def centre_crop(obs: np.ndarray, crop: int) -> np.ndarray:
     return obs[..., off:off + crop, off:off + crop]
 
 
+def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
+    """The replay's size in agent steps, allocated once (issue 22 item 7): `capacity` (agent steps)
+    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
+    of an episode, and at least one training sequence of `length`."""
+    return max(min(capacity, -(-total_steps // repeat) + 1), length)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """A sampled batch on the training device (a no-op when the replay lives there)."""
     return {key: value.to(device) for key, value in batch.items()}
@@ -786,7 +803,7 @@ def model_loss(wm: WorldModel, batch: dict, args: Args):
     loss = l_c + args.beta * l_kl
     metrics["kl_loss"] = l_kl
     if not args.no_reward_loss:
-        reward_loss = ((batch["reward"] - wm.reward(z).squeeze(-1).float()) ** 2).mean()
+        reward_loss = ((batch["reward"] - fp32_output(wm.reward, z).squeeze(-1)) ** 2).mean()
         loss = loss + args.alpha_r * reward_loss
         metrics["reward_loss"] = reward_loss
     if not args.no_inverse_dynamics:
@@ -1388,7 +1405,9 @@ def main(args: Args):
     action_dim = env.action_space.shape[0]
 
     agent = Agent(args, action_dim, device)
-    replay = Replay(max(args.replay_capacity, args.seq_len), env.observation_space.shape, action_dim,
+    repeat = args.action_repeat or envs.default_action_repeat(args.env)  # None: the task's (envs)
+    replay = Replay(replay_slots(args.replay_capacity, args.total_steps, repeat, args.seq_len),
+                    env.observation_space.shape, action_dim,
                     args.seed, replay_device(args, device))
     # updates_due: gradient steps still owed to the last collected episode (a resumed run makes
     # up those an interrupt cut short); evals: completed evaluations (seeds their episodes).

@@ -36,6 +36,7 @@ N = T * B start states. Images are uint8 (3, 64, 64) until the encoder, which ma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -295,14 +296,24 @@ def episode_seed(seed: int, stream: str, index: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def mlp(inp: int, out: int, units: int, layers: int) -> nn.Sequential:
-    """`layers` hidden ELU layers of `units`, then a linear output (Dreamer-v1's dense heads)."""
-    mods, d = [], inp
-    for _ in range(layers):
-        mods += [nn.Linear(d, units), nn.ELU()]
-        d = units
-    mods.append(nn.Linear(d, out))
-    return nn.Sequential(*mods)
+class MLP(nn.Sequential):
+    """`layers` hidden ELU layers of `units`, then a linear output (Dreamer-v1's dense heads). The output layer runs
+    in fp32 also under bf16 autocast (as dreamerv2.py's MLP): rewards, values, Q and action
+    parameters feed returns and log-probs, and bf16 would resolve a value of 500 in steps of 2."""
+
+    def __init__(self, inp: int, out: int, units: int, layers: int):
+        mods, d = [], inp
+        for _ in range(layers):
+            mods += [nn.Linear(d, units), nn.ELU()]
+            d = units
+        super().__init__(*mods, nn.Linear(d, out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *hidden, out = self
+        for layer in hidden:
+            x = layer(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return out(x.float())
 
 
 class Encoder(nn.Module):
@@ -337,8 +348,14 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        x = self.linear(feat).reshape(-1, 32 * self.depth, 1, 1)
-        return self.net(x).reshape(*feat.shape[:-1], 3, 64, 64)
+        x = self.linear(feat).reshape(-1, 32 * self.depth)
+        # The first transposed conv sees a 1x1 input, where it is exactly a matmul (as in
+        # dreamerv2.py's Decoder): out[n, o, i, j] = sum_c x[n, c] W[c, o, i, j] + b[o]. Written as
+        # one (same parameters), it is one GEMM, and torch.compile's inductor no longer crashes in
+        # this conv's backward (a stride assertion, ../shared/measurements/h100-2026-11-23.md).
+        first = self.net[0]
+        x = (x @ first.weight.flatten(1)).view(-1, *first.weight.shape[1:]) + first.bias[:, None, None]
+        return self.net[1:](x).reshape(*feat.shape[:-1], 3, 64, 64)
 
 
 class RSSM(nn.Module):
@@ -462,7 +479,7 @@ class Actor(nn.Module):
 
     def __init__(self, feat_dim: int, action_dim: int, units: int):
         super().__init__()
-        self.net = mlp(feat_dim, 2 * action_dim, units, 4)
+        self.net = MLP(feat_dim, 2 * action_dim, units, 4)
         self.raw_init_std = math.log(math.exp(5.0) - 1)
 
     def forward(self, feat: torch.Tensor) -> TanhNormal:
@@ -475,8 +492,8 @@ class QNetworks(nn.Module):
 
     def __init__(self, feat_dim: int, action_dim: int, units: int):
         super().__init__()
-        self.q1 = mlp(feat_dim + action_dim, 1, units, 3)
-        self.q2 = mlp(feat_dim + action_dim, 1, units, 3)
+        self.q1 = MLP(feat_dim + action_dim, 1, units, 3)
+        self.q2 = MLP(feat_dim + action_dim, 1, units, 3)
 
     def forward(self, feat: torch.Tensor, action: torch.Tensor):
         x = torch.cat([feat, action.to(feat.dtype)], -1)
@@ -492,7 +509,7 @@ class WorldModel(nn.Module):
         self.encoder = Encoder(args.cnn_depth)
         self.rssm = RSSM(self.encoder.out_dim, action_dim, args.deter, args.hidden, args.stoch)
         feat = self.rssm.feat_dim
-        self.reward = mlp(feat, 1, args.mlp_units, 2)
+        self.reward = MLP(feat, 1, args.mlp_units, 2)
         if args.objective == "contrastive":
             self.contrastive = ContrastiveHead(self.encoder.out_dim, feat, args.contrast_units)
         elif args.objective == "reward":  # CVRL-reward-only: no observation model
@@ -594,6 +611,13 @@ class Replay:
         self.pos, self.size, self.episodes = state["pos"], n, state["episodes"]
         self.rng.bit_generator.state = state["rng"]
         self._starts_length = None
+
+
+def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
+    """The replay's size in agent steps, allocated once (issue 22 item 7): `capacity` (agent steps)
+    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
+    of an episode, and at least one training sequence of `length`."""
+    return max(min(capacity, -(-total_steps // repeat) + 1), length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -789,13 +813,31 @@ def outlive_step(value, enabled: bool):
     return value.detach().clone()
 
 
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
+    on again after). A loss computed inside still backpropagates through `module` into its
+    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
+    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
+    eager mode, but a compiled graph's backward computes a gradient for every input that
+    requires one, here the whole world model's, for nothing (issue 22 item 9)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 class Agent:
     def __init__(self, args: Args, action_dim: int, device: torch.device):
         self.args, self.device, self.action_dim = args, device, action_dim
         self.wm = WorldModel(args, action_dim).to(device)
         feat = self.wm.rssm.feat_dim
         self.actor = Actor(feat, action_dim, args.mlp_units).to(device)
-        self.value = mlp(feat, 1, args.mlp_units, 3).to(device)
+        self.value = MLP(feat, 1, args.mlp_units, 3).to(device)
         self.q = QNetworks(feat, action_dim, args.mlp_units).to(device)
         self.target_q = QNetworks(feat, action_dim, args.mlp_units).to(device)
         self.target_q.load_state_dict(self.q.state_dict())
@@ -836,8 +878,9 @@ class Agent:
         cudagraph_step(self.cudagraphs)
         with self.autocast:
             model_loss, post, metrics = self._model_loss(self.wm, batch, args)
-            actor_loss, feats, returns, m = self._dreamer_actor_loss(self.wm, self.actor, self.value,
-                                                                     post, args)
+            with frozen(self.wm):  # the actor loss does not train the world model
+                actor_loss, feats, returns, m = self._dreamer_actor_loss(self.wm, self.actor, self.value,
+                                                                         post, args)
             value_loss = self._value_loss(self.value, feats, returns, args)
             metrics.update(m)
             q_loss = temperature_loss = torch.zeros((), device=self.device)
@@ -909,7 +952,8 @@ class Agent:
         for _ in range(args.mpc_iterations):
             actions = actions.detach().requires_grad_(True)
             cudagraph_step(self.cudagraphs)  # a step per iteration: its backward runs at once
-            with torch.enable_grad(), self.autocast:
+            # Only the actions are differentiated: the world model and the value are frozen.
+            with torch.enable_grad(), self.autocast, frozen(self.wm), frozen(self.value):
                 v = self._plan_value(self.wm, self.value, start, actions, noise, args.gamma,
                                      args.return_lambda).sum()
                 (grad,) = torch.autograd.grad(v, actions)
@@ -1226,7 +1270,8 @@ def main(args: Args):
         torch.device("cpu") if args.replay_device in ("auto", "cpu") else resolve_device(args.replay_device))
 
     agent = Agent(args, action_dim, device)
-    replay = Replay(max(args.replay_capacity // repeat, args.batch_length), env.observation_space.shape,
+    replay = Replay(replay_slots(args.replay_capacity // repeat, args.total_steps, repeat, args.batch_length),
+                    env.observation_space.shape,
                     action_dim, args.seed, replay_device)
     counters = dict(env_steps=0, agent_steps=0, episodes=0, eval_rounds=0, next_eval=args.eval_every,
                     last_eval=-1, pretrained=False)

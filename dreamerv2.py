@@ -39,6 +39,7 @@ losses skip the fused optimiser step on the device); the replay's images live on
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -134,8 +135,8 @@ class Args:
 
     # Replay and schedule.
     replay_capacity: int = 2_000_000
-    """replay capacity in agent steps (official configs.yaml replay capacity 2e6); memory is
-    allocated as it fills"""
+    """replay capacity in agent steps (official configs.yaml replay capacity 2e6), capped at what
+    the run can fill (total_steps / action repeat) and allocated once"""
     replay_device: str = "auto"
     """where the replay's arrays live: 'auto' (the training device when it is CUDA, else cpu),
     'cpu', 'cuda'"""
@@ -626,8 +627,9 @@ class Replay:
 
     Speed: the arrays are torch tensors on `device`; on a GPU the images never cross the bus
     again after they are stored, and sampling is one gather on the device (start indices are drawn
-    with numpy on the host and sent as one small tensor). Memory is allocated as the ring fills
-    (doubling), so a 2e6-step capacity costs only what a run stores.
+    with numpy on the host and sent as one small tensor). The arrays are allocated once, at the
+    capacity the run can fill (`replay_slots`): growing them by doubling held the old and the new
+    block at once (1.5x at peak) and left the old one in the CUDA cache.
     """
 
     def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device="cpu",
@@ -637,7 +639,7 @@ class Replay:
         self.shapes = dict(obs=tuple(obs_shape), action=(action_dim,), reward=(), cont=(), is_first=())
         self.dtypes = dict(obs=torch.uint8, action=torch.float32, reward=torch.float32,
                            cont=torch.float32, is_first=torch.float32)
-        self.data = {k: torch.empty((0, *s), dtype=self.dtypes[k], device=self.device)
+        self.data = {k: torch.empty((capacity, *s), dtype=self.dtypes[k], device=self.device)
                      for k, s in self.shapes.items()}
         self.episode = np.full(capacity, -1, np.int64)  # episode id per slot (host), -1 = empty
         self.pos = self.size = self.episodes = 0
@@ -651,22 +653,10 @@ class Replay:
         per_slot = sum(math.prod(s) * self.dtypes[k].itemsize for k, s in self.shapes.items())
         return self.capacity * (per_slot + self.episode.itemsize)
 
-    def _reserve(self, slots: int):
-        """Grow the arrays (doubling, at most to capacity) so that `slots` slots exist."""
-        allocated = len(self.data["obs"])
-        if slots <= allocated:
-            return
-        new = min(self.capacity, max(slots, 2 * allocated, 1024))
-        for key, old in self.data.items():
-            grown = torch.empty((new, *self.shapes[key]), dtype=old.dtype, device=self.device)
-            grown[:allocated] = old
-            self.data[key] = grown
-
     def add_episode(self, obs, action, reward, cont):
         n = len(obs)
         if n > self.capacity:
             raise ValueError(f"episode of {n} steps does not fit a replay of {self.capacity}")
-        self._reserve(min(self.pos + n, self.capacity))
         idx = (self.pos + np.arange(n)) % self.capacity
         is_first = np.zeros(n, np.float32)
         is_first[0] = 1.0
@@ -731,13 +721,19 @@ class Replay:
 
     def load_state_dict(self, state: dict):
         n = state["size"]
-        self._reserve(n)
         for key in self.data:
             self.data[key][:n] = torch.as_tensor(state[key]).to(self.device)
         self.episode[:n] = state["episode"]
         self.pos, self.size, self.episodes = state["pos"], n, state["episodes"]
         self.rng.bit_generator.state = state["rng"]
         self._starts_length = None
+
+
+def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
+    """The replay's size in agent steps, allocated once (issue 22 item 7): `capacity` (agent steps)
+    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
+    of an episode, and at least one training sequence of `length`."""
+    return max(min(capacity, -(-total_steps // repeat) + 1), length)
 
 
 def to_torch(batch: dict, device: torch.device) -> dict:
@@ -895,6 +891,24 @@ def outlive_step(value, enabled: bool):
     return value.detach().clone()
 
 
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
+    on again after). A loss computed inside still backpropagates through `module` into its
+    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
+    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
+    eager mode, but a compiled graph's backward computes a gradient for every input that
+    requires one, here the whole world model's, for nothing (issue 22 item 9)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 class Agent:
     LOSSES = ("model_loss", "actor_loss", "critic_loss")  # the names of the `nonfinite` flags
 
@@ -952,7 +966,8 @@ class Agent:
         post, metrics = outlive_step(post, self.cudagraphs), outlive_step(metrics, self.cudagraphs)
 
         cudagraph_step(self.cudagraphs)
-        actor_loss, critic_loss, ac_metrics = self.behaviour_losses(post)
+        with frozen(self.wm):  # the behaviour losses do not train the world model
+            actor_loss, critic_loss, ac_metrics = self.behaviour_losses(post)
         self.actor_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         # Each loss updates only its own network: the actor's gradient flows through the world
@@ -1301,7 +1316,8 @@ def main(args: Args):
     action_dim = env.action_space.n if discrete else env.action_space.shape[0]
 
     agent = Agent(args, action_dim, discrete, device)
-    replay = Replay(max(args.replay_capacity, args.batch_length), env.observation_space.shape,
+    replay = Replay(replay_slots(args.replay_capacity, args.total_steps, repeat, args.batch_length),
+                    env.observation_space.shape,
                     action_dim, args.seed, replay_device, args.prioritize_ends)
     counters = dict(env_steps=0, agent_steps=0, episodes=0, next_eval=args.eval_every,
                     last_eval=-1, eval_rounds=0, pretrain_updates=0)
@@ -1323,7 +1339,7 @@ def main(args: Args):
     ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
     print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | action repeat {repeat} | "
           f"replay {replay.capacity:,} agent steps on {replay_device}, up to "
-          f"{replay.nbytes / 2**30:.2f} GiB (allocated as it fills) | replay ratio {ratio:.0f} "
+          f"{replay.nbytes / 2**30:.2f} GiB (allocated once) | replay ratio {ratio:.0f} "
           f"replayed steps per agent step | videos: {envs.video_source(args.env, args.distraction, args.video_dir)}", flush=True)
     if checkpoint is not None:
         print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "

@@ -71,6 +71,7 @@ candidate index = time * B + sequence. Images stay uint8 (3, 64, 64) until the e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -328,14 +329,24 @@ def parse_args(argv=None) -> Args:
 # ---------------------------------------------------------------------------------------------
 
 
-def mlp(inp: int, out: int, units: int, layers: int) -> nn.Sequential:
-    """`layers` hidden ELU layers of `units`, then a linear output."""
-    mods, d = [], inp
-    for _ in range(layers):
-        mods += [nn.Linear(d, units), nn.ELU()]
-        d = units
-    mods.append(nn.Linear(d, out))
-    return nn.Sequential(*mods)
+class MLP(nn.Sequential):
+    """`layers` hidden ELU layers of `units`, then a linear output. The output layer runs
+    in fp32 also under bf16 autocast (as dreamerv2.py's MLP): rewards, values, Q and action
+    parameters feed returns and log-probs, and bf16 would resolve a value of 500 in steps of 2."""
+
+    def __init__(self, inp: int, out: int, units: int, layers: int):
+        mods, d = [], inp
+        for _ in range(layers):
+            mods += [nn.Linear(d, units), nn.ELU()]
+            d = units
+        super().__init__(*mods, nn.Linear(d, out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *hidden, out = self
+        for layer in hidden:
+            x = layer(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return out(x.float())
 
 
 class Encoder(nn.Module):
@@ -576,7 +587,7 @@ class Actor(nn.Module):
     def __init__(self, feat_dim: int, action_dim: int, discrete: bool, units: int, layers: int):
         super().__init__()
         self.discrete = discrete
-        self.net = mlp(feat_dim, action_dim if discrete else 2 * action_dim, units, layers)
+        self.net = MLP(feat_dim, action_dim if discrete else 2 * action_dim, units, layers)
 
     def dist(self, out: torch.Tensor) -> td.Distribution:
         """The distribution of the net's output (fp32)."""
@@ -618,8 +629,8 @@ class WorldModel(nn.Module):
         self.rssm = RSSM(self.encoder.out_dim, action_dim, args.deter, args.hidden, args.stoch,
                          args.classes)
         feat = self.rssm.feat_dim
-        self.reward = mlp(feat, 1, args.mlp_units, args.mlp_layers)
-        self.discount = mlp(feat, 1, args.mlp_units, args.mlp_layers) if args.pred_discount else None
+        self.reward = MLP(feat, 1, args.mlp_units, args.mlp_layers)
+        self.discount = MLP(feat, 1, args.mlp_units, args.mlp_layers) if args.pred_discount else None
         self.linear_dynamics = (LinearDynamics(args.stoch, args.classes, action_dim)
                                 if args.aux_dynamics == "linear" else None)
         if args.init == "glorot":
@@ -631,8 +642,8 @@ class ActorCritic(nn.Module):
     def __init__(self, args: Args, feat_dim: int, action_dim: int, discrete: bool):
         super().__init__()
         self.actor = Actor(feat_dim, action_dim, discrete, args.mlp_units, args.mlp_layers)
-        self.critic = mlp(feat_dim, 1, args.mlp_units, args.mlp_layers)
-        self.target_critic = mlp(feat_dim, 1, args.mlp_units, args.mlp_layers)
+        self.critic = MLP(feat_dim, 1, args.mlp_units, args.mlp_layers)
+        self.target_critic = MLP(feat_dim, 1, args.mlp_units, args.mlp_layers)
         if args.init == "glorot":
             self.apply(glorot_init)
         self.target_critic.load_state_dict(self.critic.state_dict())
@@ -775,6 +786,13 @@ class Replay:
         self.pos, self.size, self.episodes = state["pos"], n, state["episodes"]
         self.rng.bit_generator.state = state["rng"]
         self._starts_length = None
+
+
+def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
+    """The replay's size in agent steps, allocated once (issue 22 item 7): `capacity` (agent steps)
+    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
+    of an episode, and at least one training sequence of `length`."""
+    return max(min(capacity, -(-total_steps // repeat) + 1), length)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -1047,6 +1065,24 @@ def outlive_step(value, enabled: bool):
     return value.detach().clone()
 
 
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
+    on again after). A loss computed inside still backpropagates through `module` into its
+    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
+    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
+    eager mode, but a compiled graph's backward computes a gradient for every input that
+    requires one, here the whole world model's, for nothing (issue 22 item 9)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 class Agent:
     def __init__(self, args: Args, action_dim: int, discrete: bool, device: torch.device):
         self.args, self.device, self.discrete, self.action_dim = args, device, discrete, action_dim
@@ -1109,7 +1145,8 @@ class Agent:
         post = outlive_step({k: post[k].detach() for k in ("deter", "stoch")}, self.cudagraphs)
         metrics = outlive_step(metrics, self.cudagraphs)
         cudagraph_step(self.cudagraphs)
-        actor_loss, critic_loss, ac_metrics = self._ac_loss(post)
+        with frozen(self.wm):  # the behaviour losses do not train the world model
+            actor_loss, critic_loss, ac_metrics = self._ac_loss(post)
         self.actor_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         # Each loss updates only its own network: the actor's gradient flows through the world
@@ -1491,7 +1528,8 @@ def main(args: Args):
     repeat = action_repeat(args)
 
     agent = Agent(args, action_dim, discrete, device)
-    replay = Replay(max(args.replay_capacity // repeat, args.batch_length), env.observation_space.shape,
+    replay = Replay(replay_slots(args.replay_capacity // repeat, args.total_steps, repeat, args.batch_length),
+                    env.observation_space.shape,
                     action_dim, args.seed, replay_device(args, device), args.prioritize_ends)
     counters = dict(env_steps=0, agent_steps=0, episodes=0, evals=0, next_eval=args.eval_every,
                     last_eval=-1, pretrain_updates=0)

@@ -143,6 +143,92 @@ def check_dreamerv2_weight_decay(agent, wd: float = 1e-6):
         torch.testing.assert_close(p.detach(), b * (1 - wd), rtol=1e-7, atol=0)
 
 
+def check_output_layer_in_fp32(forward, net, x):
+    """Issue 22 item 6: under bf16 autocast, `forward(x)` (the code path under test: a head, a
+    critic's forward) returns `net`'s last layer computed in fp32 from the bf16 hidden
+    activations: exactly that product, and not the bf16 product cast to fp32 afterwards (which
+    rounds a value of 500 to steps of 2)."""
+    import torch
+
+    *hidden, last = net
+    with torch.autocast(x.device.type, torch.bfloat16):
+        out = forward(x)
+        h = x
+        for layer in hidden:
+            h = layer(h)
+        rounded = last(h).float()
+    assert h.dtype == torch.bfloat16  # the hidden layers do run in bf16
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, last(h.float()).reshape(out.shape), rtol=0, atol=0)
+    assert not torch.equal(out, rounded.reshape(out.shape))
+
+
+def graph_leaves(loss) -> set:
+    """ids of the leaf tensors (parameters) that `loss`'s autograd graph accumulates into."""
+    leaves, seen, stack = set(), set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if hasattr(node, "variable"):  # AccumulateGrad
+            leaves.add(id(node.variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def check_behaviour_step_freezes_world_model(agent, loss_name, run_update, world_model, actor, frozen,
+                                             grads_kept=True):
+    """Issue 22 item 9. In `run_update()`, the actor loss (the first output of `agent.<loss_name>`)
+    is computed with `world_model`'s parameters frozen: none of them is in its graph (so neither
+    an eager nor a compiled backward computes their gradients), they are trainable again after
+    the update, and (`grads_kept`) their .grad is what the model step left. The same call with
+    and without `frozen` (same inputs, same seed) gives the same loss and the same non-zero actor
+    gradient: it reaches the actor through the imagined latents as before."""
+    import contextlib
+
+    import torch
+
+    calls, original = [], getattr(agent, loss_name)
+
+    def spy(*args):
+        out = original(*args)
+        wm = list(world_model.parameters())
+        calls.append(dict(args=args, leaves=graph_leaves(out[0]), trainable=[p.requires_grad for p in wm],
+                          grads=[None if p.grad is None else p.grad.clone() for p in wm]))
+        return out
+
+    trainable = [p.requires_grad for p in world_model.parameters()]
+    setattr(agent, loss_name, spy)
+    try:
+        run_update()
+    finally:
+        setattr(agent, loss_name, original)
+    assert len(calls) == 1 and any(trainable)
+    call = calls[0]
+    wm_ids = {id(p) for p in world_model.parameters()}
+    assert not any(call["trainable"])  # frozen during the behaviour losses
+    assert not call["leaves"] & wm_ids  # the actor loss accumulates into no world-model weight
+    assert {id(p) for p in actor.parameters()} <= call["leaves"]
+    assert [p.requires_grad for p in world_model.parameters()] == trainable  # restored
+    if grads_kept:
+        for before, p in zip(call["grads"], world_model.parameters()):
+            assert (before is None and p.grad is None) or torch.equal(before, p.grad)
+    results = []
+    for freeze in (True, False):
+        torch.manual_seed(0)
+        with frozen(world_model) if freeze else contextlib.nullcontext():
+            loss = original(*call["args"])[0]
+        leaves = graph_leaves(loss)
+        assert bool(leaves & wm_ids) is not freeze  # unfrozen, the world model is in the graph
+        results.append((loss.detach(), torch.autograd.grad(loss, list(actor.parameters()), allow_unused=True)))
+    (loss_frozen, grads_frozen), (loss_free, grads_free) = results
+    assert torch.equal(loss_frozen, loss_free)
+    assert all(g is not None for g in grads_frozen) and any(g.abs().sum() > 0 for g in grads_frozen)
+    for a, b in zip(grads_frozen, grads_free):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def without_host_sync(update, *args, returns_to_host: bool = False):
     """Call `update(*args)` once to warm up (lazy initialisations may synchronise), then again
     and return that call's result, failing on any host-device synchronisation in it. On every

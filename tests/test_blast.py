@@ -9,7 +9,7 @@ import torch
 
 import benchmark
 import blast
-from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device, check_dreamerv2_weight_decay
+from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device, check_dreamerv2_weight_decay, check_output_layer_in_fp32, check_behaviour_step_freezes_world_model
 
 CPU = torch.device("cpu")
 
@@ -119,6 +119,26 @@ def test_only_the_dreamerv2_rung_has_a_pixel_term_in_the_loss(toy_batch):
         loss, _, m = blast.world_model_loss(agent.wm, toy_batch, args)
         assert "image_loss" not in m
         torch.testing.assert_close(loss, args.reward_scale * m["reward_loss"] + args.kl_scale * m["kl_loss"])
+
+
+def test_probe_decoder_first_layer_is_the_transposed_conv_it_replaces():
+    """Issue 22 item 5: the decoder's first transposed conv on a 1x1 input is written as a matmul;
+    with the same weights it computes what the conv computes (output and every gradient)."""
+    torch.manual_seed(0)
+    decoder = blast.Decoder(10, 2)
+    feat = torch.randn(3, 2, 10, requires_grad=True)
+    out = decoder(feat)
+    conv_input = decoder.linear(feat).reshape(-1, 32 * decoder.depth, 1, 1)
+    reference = decoder.net(conv_input).reshape(3, 2, 3, 64, 64)
+    assert out.shape == (3, 2, 3, 64, 64)
+    torch.testing.assert_close(out, reference)
+    weight = torch.randn_like(out)
+    params = [feat, *decoder.parameters()]
+    got = torch.autograd.grad((out * weight).sum(), params)
+    want = torch.autograd.grad((reference * weight).sum(), params)
+    assert got[1].abs().sum() > 0  # the first layer's weight is trained through the matmul
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_probe_decoder_learns_from_stop_gradient_features_only(toy_batch):
@@ -421,6 +441,16 @@ def test_batched_observe_equals_the_step_by_step_acting_loop(toy_batch):
             torch.testing.assert_close(post[key][t], state[key], atol=1e-5, rtol=1e-5)
 
 
+def test_behaviour_step_leaves_the_world_model_out_and_the_actor_gradient_through_the_latents(toy_batch):
+    """Issue 22 item 9: with --compile, `backward(inputs=...)` does not prune a compiled backward, so
+    the behaviour losses run with the world model frozen; the loss and the actor's gradient are
+    unchanged. With no entropy bonus and dynamics gradients, the actor reaches its loss only
+    through the imagined latents, so its non-zero gradient has come through them."""
+    agent = blast.Agent(tiny("ar", actor_entropy=0.0, actor_grad="dynamics"), 2, False, CPU)
+    check_behaviour_step_freezes_world_model(agent, "ac_loss", lambda: agent.update(toy_batch),
+                                             agent.wm, agent.ac.actor, blast.frozen)
+
+
 def test_a_non_finite_loss_skips_every_step_and_is_flagged(toy_batch):
     agent = blast.Agent(tiny("ar"), 2, False, CPU)
     bad = dict(toy_batch, reward=toy_batch["reward"].clone())
@@ -450,6 +480,10 @@ def test_bf16_keeps_kl_log_probs_values_and_losses_in_fp32(toy_batch):
         log_prob = agent.wm.rssm.prior.log_prob(start["deter"], start["stoch"])
     for value in (loss, m["kl_loss"], m["kl"], actor_loss, critic_loss, am["value"], am["lambda_return"], log_prob):
         assert value.dtype == torch.float32
+    # reward and values are computed in fp32 (the output layer), not rounded to bf16 and cast
+    feat = 3 * torch.randn(16, agent.wm.rssm.feat_dim)
+    for net in (agent.wm.reward, agent.ac.critic, agent.ac.target_critic):
+        check_output_layer_in_fp32(net, net, feat)
 
 
 @pytest.mark.parametrize("discrete", [False, True], ids=["continuous", "discrete"])  # discrete: REINFORCE

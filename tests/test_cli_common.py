@@ -163,6 +163,17 @@ def test_bad_input_ends_with_a_message_and_no_run_folder(script, flags, message,
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_replay_capacity_is_capped_at_what_the_run_can_fill(script):
+    """Issue 22 item 7: agent steps = total_steps / action repeat (rounded up), plus the first
+    observation of an episode; the configured capacity when smaller; at least one sequence."""
+    slots = module(script).replay_slots
+    assert slots(1_000_000, 2_000, 2, 50) == 1_001  # a short run: what it fills
+    assert slots(1_000_000, 2_001, 2, 50) == 1_002
+    assert slots(500, 2_000, 1, 50) == 500  # the configured capacity is smaller
+    assert slots(1_000_000, 20, 2, 50) == 50  # at least one training sequence
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_a_checkpoint_holds_only_the_filled_part_of_the_replay(script, tmp_path):
     """The replay is allocated for its whole capacity; a checkpoint stores what was filled (a
     tensor view would drag the whole preallocated storage into the file)."""

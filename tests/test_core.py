@@ -8,7 +8,7 @@ import torch
 
 import core
 import benchmark
-from conftest import collect_episodes, check_beats_random, check_run_then_resume, smoke_args, without_host_sync, sync_test_device
+from conftest import collect_episodes, check_beats_random, check_run_then_resume, smoke_args, without_host_sync, sync_test_device, check_output_layer_in_fp32
 
 
 def tiny_args(**kw):
@@ -264,6 +264,38 @@ def test_bf16_keeps_critic_values_scores_log_probs_and_kl_in_fp32(dcs_replay):
     q_loss, q_metrics, _ = agent.critic_losses(batch)
     for key, value in {**metrics, **q_metrics}.items():  # KL, Q, targets and every loss
         assert value.dtype == torch.float32, key
+    # Q and reward are computed in fp32 (the output layer), not rounded to bf16 and cast
+    d = agent.wm.rssm.state_dim
+    za = torch.cat([3 * z, a], -1)
+    for i, net in enumerate((agent.critics.q1, agent.critics.q2)):
+        check_output_layer_in_fp32(lambda x: agent.critics(x[:, :d], x[:, d:])[i], net, za)
+    check_output_layer_in_fp32(lambda x: core.fp32_output(agent.wm.reward, x), agent.wm.reward, 3 * z)
+
+
+def test_bf16_plain_gru_carries_its_state_in_fp32(monkeypatch):
+    """--gru plain: CUDA's autocast runs torch.nn.GRUCell in bf16 (gru_cell is on its
+    lower-precision list; CPU's autocast leaves it to type promotion), which would carry a bf16
+    h_t. The cell runs with autocast off on fp32 inputs, and the state stays fp32 through observe."""
+    args = tiny_args(precision="bf16", gru="plain")
+    torch.manual_seed(0)
+    rssm = core.RSSM(args, 6)
+    seen, gru_cell = [], torch.nn.GRUCell.forward
+
+    def spy(cell, x, h=None):  # what torch.nn.GRUCell computes with, on any device
+        seen.append((torch.is_autocast_enabled("cpu"), x.dtype, h.dtype))
+        return gru_cell(cell, x, h)
+
+    monkeypatch.setattr(torch.nn.GRUCell, "forward", spy)
+    stoch, action = torch.randn(4, args.stoch), torch.rand(4, 6) * 2 - 1
+    deter = torch.randn(4, args.deter)
+    with torch.autocast("cpu", torch.bfloat16):
+        x = rssm.gru_mlp(torch.cat([stoch, action], -1))
+        h = rssm.deter_step(stoch, action, deter)
+        post, _ = rssm.observe(torch.randn(3, 4, args.embed), torch.zeros(3, 4, 6))
+    assert x.dtype == torch.bfloat16  # GRU_MLP does run in bf16
+    assert len(seen) == 1 + 3 and all(s == (False, torch.float32, torch.float32) for s in seen)
+    assert h.dtype == post["deter"].dtype == torch.float32
+    torch.testing.assert_close(h, gru_cell(rssm.cell, x.float(), deter), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device
+from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device, check_output_layer_in_fp32, check_behaviour_step_freezes_world_model
 
 import benchmark  # noqa: E402
 import cvrl  # noqa: E402
@@ -39,12 +39,19 @@ def same(a: list, b: list) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_infonce_bound_is_at_most_log_n_and_constant_scores_give_a_loss_of_exactly_log_n():
+def test_infonce_is_each_states_log_softmax_over_observations_and_constant_scores_give_log_n():
     n = 12
     torch.manual_seed(0)
-    for scale in (0.1, 1.0, 10.0):
-        bound = math.log(n) + cvrl.infonce(scale * torch.randn(n, n)).mean()
-        assert bound <= math.log(n) + 1e-6
+    scores = 3 * torch.randn(n, n)  # scores[i, j] = log f(s_i, o_j)
+    terms = cvrl.infonce(scores)
+    # Eq. 5: each state's positive against all N observations (rows, not columns)
+    torch.testing.assert_close(terms, torch.log_softmax(scores, 1).diagonal())
+    # a higher positive score raises that state's term, a higher negative one lowers it
+    positive, negative = scores.clone(), scores.clone()
+    positive[3, 3] += 1.0
+    negative[3, 5] += 1.0
+    assert cvrl.infonce(positive)[3] > terms[3] > cvrl.infonce(negative)[3]
+    assert torch.equal(cvrl.infonce(positive)[4:], terms[4:])
     # uninformative scores: every observation equally compatible, the loss is log N (bound 0)
     loss = -cvrl.infonce(torch.full((n, n), 3.7)).mean()
     assert loss.item() == pytest.approx(math.log(n), abs=1e-6)
@@ -104,10 +111,73 @@ def test_kl_reward_and_infonce_gradients_reach_exactly_the_parameters_they_shoul
 def test_generative_ablation_reconstructs_pixels_and_has_no_contrastive_head():
     agent, batch = agent_and_batch(objective="generative")
     assert not hasattr(agent.wm, "contrastive") and hasattr(agent.wm, "decoder")
-    loss, _, metrics = cvrl.celbo_loss(agent.wm, batch, agent.args)
-    # ln N(x; mean, 1) summed over 3*64*64 pixels: at least the constant part
-    assert metrics["observation_loss"] > 3 * 64 * 64 * 0.5 * math.log(2 * math.pi)
-    assert torch.isfinite(loss)
+    loss, post, metrics = cvrl.celbo_loss(agent.wm, batch, agent.args)
+    # Eq. 2's observation term: -ln N(x; decoder(s_t, h_t), 1) summed over the pixels, mean over (t, b)
+    target = batch["obs"].float() / 255.0 - 0.5
+    mean = agent.wm.decoder(cvrl.RSSM.feat(post))
+    nll = (0.5 * (target - mean) ** 2 + 0.5 * math.log(2 * math.pi)).sum((-3, -2, -1)).mean()
+    torch.testing.assert_close(metrics["observation_loss"], nll.detach())
+    torch.testing.assert_close(loss.detach(), metrics["observation_loss"] + metrics["reward_loss"]
+                               + agent.args.kl_scale * metrics["kl"].clamp_min(agent.args.free_nats))
+
+
+def test_generative_decoder_first_layer_is_the_transposed_conv_it_replaces():
+    """Issue 22 item 5: the decoder's first transposed conv on a 1x1 input is written as a matmul;
+    with the same weights it computes what the conv computes (output and every gradient)."""
+    torch.manual_seed(0)
+    decoder = cvrl.Decoder(10, 2)
+    feat = torch.randn(3, 2, 10, requires_grad=True)
+    out = decoder(feat)
+    conv_input = decoder.linear(feat).reshape(-1, 32 * decoder.depth, 1, 1)
+    reference = decoder.net(conv_input).reshape(3, 2, 3, 64, 64)
+    assert out.shape == (3, 2, 3, 64, 64)
+    torch.testing.assert_close(out, reference)
+    weight = torch.randn_like(out)
+    params = [feat, *decoder.parameters()]
+    got = torch.autograd.grad((out * weight).sum(), params)
+    want = torch.autograd.grad((reference * weight).sum(), params)
+    assert got[1].abs().sum() > 0  # the first layer's weight is trained through the matmul
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_celbo_clamps_the_kl_at_free_nats_from_below_and_falls_as_the_positive_pairs_score_rises(monkeypatch):
+    """Eq. 6 negated: loss = -InfoNCE - ln p(r) + kl_scale max(KL, free nats). Below the free nats
+    the KL term is constant (no gradient reaches the prior head, which only the KL trains); the
+    loss falls when the positive pairs' scores rise and rises with the negatives'."""
+    agent, batch = agent_and_batch()
+    wm, args = agent.wm, agent.args
+
+    def celbo(**overrides):
+        torch.manual_seed(0)  # the same posterior and prior samples in every call
+        return cvrl.celbo_loss(wm, batch, cvrl.preset_args("tiny", **overrides))
+
+    loss, _, m = celbo(free_nats=0.0)
+    kl = m["kl"]
+    assert kl > 0
+    torch.testing.assert_close(loss.detach(), m["observation_loss"] + m["reward_loss"] + args.kl_scale * kl)
+    prior_head = list(wm.rssm.img_out.parameters())
+    assert any(g.abs().sum() > 0 for g in torch.autograd.grad(loss, prior_head))
+    above, _, m_above = celbo(free_nats=kl.item() + 5.0)  # the KL below its free nats
+    torch.testing.assert_close(m_above["kl"], kl)
+    torch.testing.assert_close(above.detach(), loss.detach() + args.kl_scale * 5.0)
+    assert all(g.abs().sum() == 0 for g in torch.autograd.grad(above, prior_head))
+    below, _, _ = celbo(free_nats=kl.item() / 2)  # above its free nats: the KL itself counts
+    torch.testing.assert_close(below.detach(), loss.detach())
+
+    score = wm.contrastive.forward
+    for shift, compare in ((1.0, "lower"), (-1.0, "higher")):
+        def shifted(feat, embed, shift=shift):
+            scores = score(feat, embed)
+            return scores + shift * torch.eye(scores.shape[0])  # the positive pairs only
+        monkeypatch.setattr(wm.contrastive, "forward", shifted)
+        moved, _, m_moved = celbo(free_nats=0.0)
+        assert (moved < loss) if compare == "lower" else (moved > loss)
+        # only the observation term moved: -InfoNCE is the observation loss
+        torch.testing.assert_close(moved - m_moved["observation_loss"], loss - m["observation_loss"])
+    monkeypatch.setattr(wm.contrastive, "forward", lambda f, e: score(f, e) + 1.0 - torch.eye(f.shape[0] * f.shape[1]))
+    negatives, _, _ = celbo(free_nats=0.0)
+    assert negatives > loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +195,7 @@ def test_observe_imagine_and_update_have_the_documented_time_major_shapes():
     start = {k: v.flatten(0, 1) for k, v in post.items()}
     feats, actions = cvrl.imagine(agent.wm, agent.actor, start, args.horizon)
     assert feats.shape == (args.horizon + 1, T * B, args.deter + args.stoch)
-    assert actions.shape == (args.horizon, T * B, 2) and actions.abs().max() <= 1
+    assert actions.shape == (args.horizon, T * B, 2)
     metrics = agent.update(batch)
     assert agent.nonfinite.shape == (len(cvrl.LOSS_NAMES),) and not agent.nonfinite.any()
     for key in ("model_loss", "observation_loss", "reward_loss", "kl", "actor_loss", "value_loss",
@@ -201,7 +271,7 @@ def test_mpc_plan_has_at_least_the_imagined_value_of_the_actors_initial_plan():
     with torch.no_grad():
         initial = cvrl.actor_plan(agent.wm, agent.actor, start, noise, explore=False)
     planned = agent.optimise_plan(start, initial, noise)
-    assert planned.shape == initial.shape and planned.abs().max() <= 1
+    assert planned.shape == initial.shape
     value = lambda actions: cvrl.plan_value(agent.wm, agent.value, start, actions, noise,  # noqa: E731
                                             agent.args.gamma, agent.args.return_lambda)
     with torch.no_grad():
@@ -214,19 +284,66 @@ def test_mpc_plan_has_at_least_the_imagined_value_of_the_actors_initial_plan():
     assert torch.equal(first_only[1:], initial[1:]) and not torch.equal(first_only[0], initial[0])
 
 
-def test_acting_returns_box_actions_with_and_without_mpc():
+def test_acting_takes_the_actors_mode_without_mpc_and_the_planned_first_action_with_it():
     agent, _ = agent_and_batch()
     obs = np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8)
     for mpc in (True, False):
         for explore in (True, False):
             action, state = agent.act(obs, None, explore=explore, mpc=mpc)
             action, state = agent.act(obs, state, explore=explore, mpc=mpc)
-            assert action.shape == (2,) and np.all(np.abs(action) <= 1)
+            assert action.shape == (2,) and action.dtype == np.float32
+    action, (latent, _) = agent.act(obs, state, explore=False, mpc=False)
+    with torch.no_grad():
+        mode = agent.actor(cvrl.RSSM.feat(latent)).mode()[0]
+    assert np.array_equal(action, mode.numpy())
+    torch.manual_seed(1)
+    planned, _ = agent.act(obs, state, explore=False, mpc=True)
+    torch.manual_seed(1)  # the same filtering step and plan noise, by hand (Sec. 3.4)
+    with torch.no_grad():
+        latent, _ = agent.wm.rssm.obs_step(*state, agent.wm.encoder(torch.as_tensor(obs)[None]))
+        noise = torch.randn(agent.args.horizon, *latent["stoch"].shape)
+        initial = cvrl.actor_plan(agent.wm, agent.actor, latent, noise, explore=False)
+    expected = agent.optimise_plan(latent, initial, noise)[0, 0]
+    torch.testing.assert_close(torch.as_tensor(planned), expected)
+    assert not torch.allclose(expected, initial[0, 0])  # the plan moved the actor's first action
+
+
+def test_planning_leaves_every_parameter_gradient_untouched():
+    """The MPC differentiates V_lambda with respect to the actions only: acting with it neither
+    accumulates into nor clears any parameter's .grad, and leaves every parameter trainable."""
+    agent, batch = agent_and_batch()
+    agent.update(batch)  # every trained parameter holds this update's gradient
+    modules = (agent.wm, agent.actor, agent.value, agent.q)
+    params = [p for m in modules for p in m.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in params]
+    trainable = [p.requires_grad for p in params]
+    assert sum(g is not None for g in grads) > len(grads) // 2
+    obs = np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8)
+    state = None
+    for explore in (True, False, True):
+        _, state = agent.act(obs, state, explore=explore, mpc=True)
+    for g, p in zip(grads, params):
+        assert (g is None and p.grad is None) or torch.equal(g, p.grad)
+    assert [p.requires_grad for p in params] == trainable
+    for p in params:
+        p.grad = None
+    agent.act(obs, state, explore=False, mpc=True)
+    assert all(p.grad is None for p in params)
 
 
 # ---------------------------------------------------------------------------------------------
 # Fast update pattern: non-finite guard, bf16, compile, CUDA syncs
 # ---------------------------------------------------------------------------------------------
+
+
+def test_dreamer_actor_loss_leaves_the_world_model_out_and_the_actor_gradient_through_the_latents():
+    """Issue 22 item 9: with --compile, `backward(inputs=...)` does not prune a compiled backward, so
+    the actor loss (Eq. 7, -V_lambda: the actor reaches it only through the imagined latents) runs
+    with the world model frozen; the loss and the actor's gradient are unchanged. All losses are
+    computed before any backward here, so the world model's .grad is not compared."""
+    agent, batch = agent_and_batch()
+    check_behaviour_step_freezes_world_model(agent, "_dreamer_actor_loss", lambda: agent.update(batch),
+                                             agent.wm, agent.actor, cvrl.frozen, grads_kept=False)
 
 
 def test_a_nan_reward_skips_the_whole_update_and_names_the_loss():
@@ -263,6 +380,14 @@ def test_bf16_keeps_kl_log_probs_values_and_scores_in_fp32():
     metrics = agent.update(batch)
     assert all(v.dtype == torch.float32 for v in metrics.values())
     assert not agent.nonfinite.any()
+    # reward, value and Q are computed in fp32 (the output layer), not rounded to bf16 and cast
+    F = wm.rssm.feat_dim
+    feat = 3 * torch.randn(16, F)
+    for net in (wm.reward, agent.value):
+        check_output_layer_in_fp32(net, net, feat)
+    fa = torch.cat([feat, torch.rand(16, 2) * 2 - 1], -1)
+    for i, (q, net) in enumerate([(agent.q, agent.q.q1), (agent.q, agent.q.q2), (agent.target_q, agent.target_q.q1)]):
+        check_output_layer_in_fp32(lambda x: q(x[:, :F], x[:, F:])[i % 2], net, fa)
 
 
 def test_compiled_losses_equal_eager_ones_on_cpu(monkeypatch, compile_backend):

@@ -8,7 +8,7 @@ import torch
 
 import dreamerv2 as dv2
 import benchmark
-from conftest import collect_episodes, check_beats_random, smoke_args, without_host_sync, sync_test_device, check_bad_cli_input, check_dreamerv2_weight_decay
+from conftest import collect_episodes, check_beats_random, smoke_args, without_host_sync, sync_test_device, check_bad_cli_input, check_dreamerv2_weight_decay, check_output_layer_in_fp32, check_behaviour_step_freezes_world_model
 
 
 def tiny_args(**kw):
@@ -320,6 +320,32 @@ def test_bf16_keeps_values_returns_log_probs_kl_and_losses_in_fp32(cartpole_repl
     metrics.update(agent._behaviour_losses(post)[2])
     for name, x in metrics.items():
         assert x.dtype == torch.float32, name
+    # reward and values are computed in fp32 (the output layer), not rounded to bf16 and cast
+    feat = 3 * torch.randn(16, agent.wm.rssm.feat_dim)
+    for net in (agent.wm.reward, agent.ac.critic, agent.ac.target_critic):
+        check_output_layer_in_fp32(net, net, feat)
+
+
+def test_behaviour_step_leaves_the_world_model_out_and_the_actor_gradient_through_the_latents(cartpole_replay):
+    """Issue 22 item 9: with --compile, `backward(inputs=...)` does not prune a compiled backward, so
+    the behaviour losses run with the world model frozen; the loss and the actor's gradient are
+    unchanged. With no entropy bonus and dynamics gradients, the actor reaches its loss only
+    through the imagined latents, so its non-zero gradient has come through them."""
+    args = tiny_args(actor_entropy=0.0, actor_grad="dynamics")
+    agent = dv2.Agent(args, 1, False, torch.device("cpu"))
+    batch = batch_from(cartpole_replay, args)
+    check_behaviour_step_freezes_world_model(agent, "behaviour_losses", lambda: agent.update(batch),
+                                             agent.wm, agent.ac.actor, dv2.frozen)
+
+
+def test_compiled_behaviour_backward_has_no_world_model_weight_in_its_graph(cartpole_replay, compile_backend):
+    """The same with --compile (per `compile_backend`), where the fault was: the compiled actor
+    loss's backward node accumulates into the actor's weights and none of the world model's."""
+    args = tiny_args(actor_entropy=0.0, actor_grad="dynamics", compile=True)
+    agent = dv2.Agent(args, 1, False, torch.device("cpu"))
+    batch = batch_from(cartpole_replay, args)
+    check_behaviour_step_freezes_world_model(agent, "behaviour_losses", lambda: agent.update(batch),
+                                             agent.wm, agent.ac.actor, dv2.frozen)
 
 
 def test_an_update_with_a_nan_in_the_batch_changes_no_parameter_and_is_flagged(cartpole_replay):
@@ -364,11 +390,16 @@ def test_a_non_finite_loss_stops_the_run_with_a_checkpoint_from_before_it(tmp_pa
     assert_same_state(before, saved)
 
 
-def test_replay_memory_is_allocated_as_it_fills():
-    replay = dv2.Replay(2_000_000, (3, 64, 64), 1, seed=0)  # 24.6 GB at full capacity
-    assert replay.nbytes > 24e9 and len(replay.data["obs"]) == 0
+def test_replay_is_allocated_once_at_the_capacity_the_run_can_fill():
+    """Issue 22 item 7: a 2e6 capacity for a 10K-env-step run at action repeat 2 holds 5001 agent
+    steps (plus the first observation of an episode), allocated at once, not by doubling."""
+    slots = dv2.replay_slots(2_000_000, 10_000, 2, 50)
+    assert slots == 5_001
+    replay = dv2.Replay(slots, (3, 64, 64), 1, seed=0)
+    assert len(replay.data["obs"]) == replay.capacity == 5_001
+    storage = replay.data["obs"].data_ptr()
     replay.add_episode(np.zeros((501, 3, 64, 64), np.uint8), np.zeros((501, 1)), np.zeros(501), np.ones(501))
-    assert len(replay.data["obs"]) == 1024
+    assert replay.data["obs"].data_ptr() == storage and len(replay.data["obs"]) == 5_001
     assert replay.sample(2, 50)["is_first"][0].tolist() in ([0, 0], [1, 0], [0, 1], [1, 1])
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import benchmark
 import dreamingv2 as dv
-from conftest import check_beats_random, collect_episodes, smoke_args, without_host_sync, sync_test_device, check_bad_cli_input, check_dreamerv2_weight_decay
+from conftest import check_beats_random, collect_episodes, smoke_args, without_host_sync, sync_test_device, check_bad_cli_input, check_dreamerv2_weight_decay, check_output_layer_in_fp32, check_behaviour_step_freezes_world_model
 
 CPU = torch.device("cpu")
 
@@ -292,6 +292,20 @@ def test_random_shift_gives_two_different_views_each_a_crop_of_the_replicate_pad
 # --- update: NaN guard, precision, compile, CUDA ------------------------------------------------
 
 
+def test_behaviour_step_leaves_the_world_model_out_and_the_actor_gradient_through_the_latents():
+    """Issue 22 item 9: with --compile, `backward(inputs=...)` does not prune a compiled backward, so
+    the behaviour losses run with the world model frozen; the loss and the actor's gradient are
+    unchanged. With no entropy bonus and dynamics gradients, the actor reaches its loss only
+    through the imagined latents, so its non-zero gradient has come through them."""
+    torch.manual_seed(0)
+    args = tiny_args(actor_entropy=0.0, actor_grad="dynamics")
+    agent = dv.Agent(args, 2, False, CPU)
+    batch = random_batch(args)
+    check_behaviour_step_freezes_world_model(agent, "_ac_loss", lambda: agent.update(batch),
+                                             agent.wm, agent.ac.actor,
+                                             dv.frozen)
+
+
 def test_a_nan_reward_skips_the_whole_update_and_is_flagged():
     torch.manual_seed(0)
     args = tiny_args()
@@ -335,6 +349,10 @@ def test_bf16_keeps_kl_log_probs_values_and_score_matrices_in_fp32():
     assert all(v.dtype == torch.float32 for v in (actor_loss, critic_loss, *ac_metrics.values()))
     _, nonfinite = agent.update(batch)
     assert not nonfinite.any()
+    # reward and values are computed in fp32 (the output layer), not rounded to bf16 and cast
+    feat = 3 * torch.randn(16, agent.wm.rssm.feat_dim)
+    for net in (agent.wm.reward, agent.ac.critic, agent.ac.target_critic):
+        check_output_layer_in_fp32(net, net, feat)
 
 
 def test_compiled_losses_equal_eager_on_cpu(compile_backend):
