@@ -1,7 +1,8 @@
 """What every algorithm script promises a user, tested the same way for each script present:
 progress from the first seconds, Ctrl-C/SIGTERM write a checkpoint and print the resume command,
-the replay written beside the checkpoint only when it is due, resume continues the run (flags that change the algorithm refused, metrics not duplicated),
-episode seeds never shared between seeds, `--preset tiny` is a short run."""
+the replay written beside the checkpoint only when it is due, resume continues the run (flags
+that change the algorithm refused, metrics not duplicated), episode seeds never shared between
+seeds, `--preset tiny` is a short run."""
 
 import importlib
 import json
