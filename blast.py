@@ -117,9 +117,18 @@ class Args:
     log_every: int = 1_000
     """environment steps between metric logs and progress lines (also every 30 s)"""
     save_model: bool = False
-    """write checkpoints (model, optimisers, counters, replay) every eval and at the end"""
+    """write checkpoint.pt (networks, optimisers, counters, RNG states) at every evaluation, and
+    replay.pt beside it at the end and every --replay-checkpoint-every evaluations (an interrupt
+    or a non-finite loss always writes both)"""
     checkpoint_replay: bool = True
-    """include the replay buffer in checkpoints so that --resume keeps the same data"""
+    """write the replay to replay.pt (see save_checkpoint), so that --resume keeps the same data;
+    --no-checkpoint-replay: never, a resumed run starts with an empty replay"""
+    replay_checkpoint_every: int = 10
+    """evaluations between the periodic replay.pt writes (0: only at the end, on an interrupt or a
+    non-finite stop). ours: the replay is gigabytes on a GPU run and writing it pauses training
+    (checkpoint.pt is megabytes); at every 10th evaluation (100K env steps at --eval-every 10000)
+    the pause is a small fraction of the time between writes, and a hard kill (SIGKILL, a lost
+    node) costs at most 10 evaluations' worth of replay, never the networks"""
     resume: Optional[str] = None
     """path of a checkpoint to continue from (its args are the defaults; same schedule)"""
     measure_updates: int = 0
@@ -287,7 +296,8 @@ PRESETS = {
 # Flags that may differ from the checkpoint's on --resume: schedule, logging and where/how fast
 # the same computation runs (compile_mode, replay_device do not change the algorithm).
 SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "log_every", "save_model",
-                  "checkpoint_replay", "resume", "capture_video", "device", "compile", "precision",
+                  "checkpoint_replay", "replay_checkpoint_every", "resume", "capture_video", "device",
+                  "compile", "precision",
                   "measure_updates", "exp_name", "compile_mode", "replay_device"}
 
 STREAMS = {"train": 0, "eval": 1}
@@ -1385,19 +1395,58 @@ def save_video(frames: list, path: Path, fps: int = 30):
         out.mux(stream.encode())
 
 
-def save_checkpoint(path: Path, agent: Agent, replay: Optional[Replay], counters: dict, args: Args):
-    """Atomic: write to a temporary file, fsync, then rename over the old checkpoint."""
+def save_checkpoint(path: Path, agent: Agent, replay: Replay | None, counters: dict, args: Args):
+    """checkpoint.pt at `path`: networks, optimisers, counters, RNG states (megabytes: written at
+    every evaluation). Given a replay, and unless --no-checkpoint-replay, replay.pt beside it too:
+    the filled replay and the env step it was written at (gigabytes on a GPU run, copied to the
+    host: written only at the end, on an interrupt or a non-finite stop and every
+    --replay-checkpoint-every evaluations). The checkpoint goes first, so that a kill between the
+    two leaves an older replay (which --resume reports), never one newer than the checkpoint."""
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = dict(agent=agent.state_dict(), counters=dict(counters), args=vars(args),
-                 replay=replay.state_dict() if replay is not None else None, rng=rng)
+    atomic_save(dict(agent=agent.state_dict(), counters=dict(counters), args=vars(args), rng=rng), path)
+    if replay is not None and args.checkpoint_replay:
+        atomic_save(dict(replay=replay.state_dict(), env_steps=counters["env_steps"]),
+                    path.with_name("replay.pt"))
+
+
+def atomic_save(state: dict, path: Path):
+    """Write to a temporary file, flush it to disk, then rename it over the old file: a kill leaves
+    the old file or the new one, never part of one."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def replay_due(args: Args, evals: int, counters: dict) -> bool:
+    """Whether the checkpoint after evaluation number `evals` (counted from 1) writes replay.pt
+    too: the run's last one and every --replay-checkpoint-every-th."""
+    every = args.replay_checkpoint_every
+    return counters["env_steps"] >= args.total_steps or (every > 0 and evals % every == 0)
+
+
+def load_replay(path: str, checkpoint: dict, replay: Replay, counters: dict):
+    """--resume: fill `replay` from replay.pt beside the checkpoint at `path` (or from the
+    checkpoint itself if it was written before replay.pt existed); without one it stays empty.
+    `counters` are the checkpoint's. Prints one line on what the replay holds."""
+    replay_path = Path(path).with_name("replay.pt")
+    if checkpoint.get("replay") is not None:
+        saved = dict(replay=checkpoint["replay"], env_steps=counters["env_steps"])
+    elif replay_path.is_file():  # mmap: frames are read from disk as they are copied into the replay
+        saved = torch.load(replay_path, map_location="cpu", weights_only=False, mmap=True)
+    else:
+        print(f"no {replay_path}: the replay starts empty (updates resume once it holds a "
+              "training sequence)", flush=True)
+        return
+    replay.load_state_dict(saved["replay"])
+    note = "" if saved["env_steps"] == counters["env_steps"] else (
+        f", written at env step {saved['env_steps']}, older than the checkpoint (env step "
+        f"{counters['env_steps']}): the episodes in between are not in it")
+    print(f"replay: {replay.size} agent steps from {replay_path}{note}", flush=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -1543,9 +1592,8 @@ def main(args: Args):
                     last_eval=-1, eval_rounds=0, pretrain_updates=0)
     if checkpoint is not None:
         agent.load_state_dict(checkpoint["agent"])
-        if checkpoint["replay"] is not None:
-            replay.load_state_dict(checkpoint["replay"])
         counters.update(checkpoint["counters"])
+        load_replay(args.resume, checkpoint, replay, counters)
         random.setstate(checkpoint["rng"]["python"])
         np.random.set_state(checkpoint["rng"]["numpy"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -1574,8 +1622,9 @@ def main(args: Args):
     progress.print("prefill" if counters["agent_steps"] < args.prefill else "train", agent.updates)
     ckpt_path = run_dir / "checkpoint.pt"
 
-    def checkpoint_now():
-        save_checkpoint(ckpt_path, agent, replay if args.checkpoint_replay else None, counters, args)
+    def write_checkpoint(with_replay: bool):
+        """checkpoint.pt, and replay.pt if `with_replay` (see save_checkpoint)."""
+        save_checkpoint(ckpt_path, agent, replay if with_replay else None, counters, args)
 
     def new_episode():
         obs, _ = env.reset(seed=episode_seed(args.seed, "train", counters["episodes"]))
@@ -1592,7 +1641,7 @@ def main(args: Args):
         """Contract A.2: store the episode so far as truncated, checkpoint, exit 130 / 143."""
         if len(ep["reward"]) >= 2:
             replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
-        checkpoint_now()
+        write_checkpoint(with_replay=True)
         code = 130 if stop["signal"] == signal.SIGINT else 143
         finish(code, f"interrupted at step {counters['env_steps']}; resume with: python "
                      f"{Path(__file__).name} --resume {ckpt_path}")
@@ -1608,7 +1657,8 @@ def main(args: Args):
             event.synchronize()
         if flags.any():
             name = NONFINITE_NAMES[int(np.flatnonzero(flags.numpy())[0])]
-            checkpoint_now()  # parameters from before the bad update: its steps were skipped
+            # parameters from before the bad update: its steps were skipped
+            write_checkpoint(with_replay=True)
             finish(1, f"error: non-finite {name} at update {update} (env step "
                       f"{counters['env_steps']}); checkpoint from before it: {ckpt_path}")
 
@@ -1701,14 +1751,14 @@ def main(args: Args):
                 interrupt()
             counters["next_eval"] += args.eval_every
             if args.save_model:
-                checkpoint_now()
+                write_checkpoint(with_replay=replay_due(args, counters["eval_rounds"], counters))
 
     check_finite()
     if counters["last_eval"] != counters["env_steps"]:
         if not run_eval():
             interrupt()
-    if args.save_model:
-        checkpoint_now()
+        if args.save_model:
+            write_checkpoint(with_replay=replay_due(args, counters["eval_rounds"], counters))
     env.close()
     eval_env.close()
     logger.close()

@@ -122,10 +122,18 @@ class Args:
     """environment steps between progress lines and training-metric logs (a progress line also
     comes at least every 30 s)"""
     save_model: bool = False
-    """write checkpoints (model, optimisers, counters, replay) every eval and at the end; an
-    interrupted run (Ctrl-C, SIGTERM) always writes one"""
+    """write checkpoint.pt (networks, optimisers, counters, RNG states) at every evaluation, and
+    replay.pt beside it at the end and every --replay-checkpoint-every evaluations (an interrupt
+    or a non-finite loss always writes both)"""
     checkpoint_replay: bool = True
-    """include the replay buffer in checkpoints so that --resume keeps the same data"""
+    """write the replay to replay.pt (see save_checkpoint), so that --resume keeps the same data;
+    --no-checkpoint-replay: never, a resumed run starts with an empty replay"""
+    replay_checkpoint_every: int = 10
+    """evaluations between the periodic replay.pt writes (0: only at the end, on an interrupt or a
+    non-finite stop). ours: the replay is gigabytes on a GPU run and writing it pauses training
+    (checkpoint.pt is megabytes); at every 10th evaluation (100K env steps at --eval-every 10000)
+    the pause is a small fraction of the time between writes, and a hard kill (SIGKILL, a lost
+    node) costs at most 10 evaluations' worth of replay, never the networks"""
     resume: Optional[str] = None
     """path of a checkpoint to continue from: its flags become the defaults; schedule flags
     (SCHEDULE_FLAGS) may be changed, others must match"""
@@ -276,7 +284,8 @@ PRESETS = {
 # how fast the same computation runs, not the algorithm. Script-specific additions:
 # replay_device, compile_mode, torch_deterministic (placement, compilation and kernel choice).
 SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "log_every", "save_model",
-                  "checkpoint_replay", "resume", "capture_video", "device", "compile", "precision",
+                  "checkpoint_replay", "replay_checkpoint_every", "resume", "capture_video", "device",
+                  "compile", "precision",
                   "measure_updates", "exp_name", "replay_device", "compile_mode",
                   "torch_deterministic"}
 
@@ -1249,12 +1258,24 @@ def save_video(frames: list, path: Path, fps: int = 30):
 
 
 def save_checkpoint(path: Path, agent: Agent, replay: Replay | None, counters: dict, args: Args):
-    """Atomic: write to a temporary file, flush it to disk, then rename over the old one."""
+    """checkpoint.pt at `path`: networks, optimisers, counters, RNG states (megabytes: written at
+    every evaluation). Given a replay, and unless --no-checkpoint-replay, replay.pt beside it too:
+    the filled replay and the env step it was written at (gigabytes on a GPU run, copied to the
+    host: written only at the end, on an interrupt or a non-finite stop and every
+    --replay-checkpoint-every evaluations). The checkpoint goes first, so that a kill between the
+    two leaves an older replay (which --resume reports), never one newer than the checkpoint."""
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = dict(agent=agent.state_dict(), counters=dict(counters), args=vars(args),
-                 replay=replay.state_dict() if replay is not None else None, rng=rng)
+    atomic_save(dict(agent=agent.state_dict(), counters=dict(counters), args=vars(args), rng=rng), path)
+    if replay is not None and args.checkpoint_replay:
+        atomic_save(dict(replay=replay.state_dict(), env_steps=counters["env_steps"]),
+                    path.with_name("replay.pt"))
+
+
+def atomic_save(state: dict, path: Path):
+    """Write to a temporary file, flush it to disk, then rename it over the old file: a kill leaves
+    the old file or the new one, never part of one."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -1263,8 +1284,36 @@ def save_checkpoint(path: Path, agent: Agent, replay: Replay | None, counters: d
     os.replace(tmp, path)
 
 
+def replay_due(args: Args, evals: int, counters: dict) -> bool:
+    """Whether the checkpoint after evaluation number `evals` (counted from 1) writes replay.pt
+    too: the run's last one and every --replay-checkpoint-every-th."""
+    every = args.replay_checkpoint_every
+    return counters["env_steps"] >= args.total_steps or (every > 0 and evals % every == 0)
+
+
+def load_replay(path: str, checkpoint: dict, replay: Replay, counters: dict):
+    """--resume: fill `replay` from replay.pt beside the checkpoint at `path` (or from the
+    checkpoint itself if it was written before replay.pt existed); without one it stays empty.
+    `counters` are the checkpoint's. Prints one line on what the replay holds."""
+    replay_path = Path(path).with_name("replay.pt")
+    if checkpoint.get("replay") is not None:
+        saved = dict(replay=checkpoint["replay"], env_steps=counters["env_steps"])
+    elif replay_path.is_file():  # mmap: frames are read from disk as they are copied into the replay
+        saved = torch.load(replay_path, map_location="cpu", weights_only=False, mmap=True)
+    else:
+        print(f"no {replay_path}: the replay starts empty (updates resume once it holds a "
+              "training sequence)", flush=True)
+        return
+    replay.load_state_dict(saved["replay"])
+    note = "" if saved["env_steps"] == counters["env_steps"] else (
+        f", written at env step {saved['env_steps']}, older than the checkpoint (env step "
+        f"{counters['env_steps']}): the episodes in between are not in it")
+    print(f"replay: {replay.size} agent steps from {replay_path}{note}", flush=True)
+
+
 def load_checkpoint(path) -> dict:
-    # mmap: the replay's frames are read from disk only when copied into the replay
+    # mmap: tensors are read from disk as they are used (a checkpoint written before replay.pt
+    # existed holds the replay too)
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
@@ -1415,9 +1464,8 @@ def main(args: Args):
                     last_eval=-1, last_log=0, updates_due=0)
     if checkpoint is not None:
         agent.load_state_dict(checkpoint["agent"])
-        if checkpoint["replay"] is not None:
-            replay.load_state_dict(checkpoint["replay"])
         counters.update(checkpoint["counters"])
+        load_replay(args.resume, checkpoint, replay, counters)
         random.setstate(checkpoint["rng"]["python"])
         np.random.set_state(checkpoint["rng"]["numpy"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -1440,13 +1488,17 @@ def main(args: Args):
     progress, watch = Progress(args, counters), NonFiniteWatch()
     run = dict(last_return=0.0, metrics={}, log_time=time.time(), log_updates=agent.updates)
 
+    def write_checkpoint(with_replay: bool):
+        """checkpoint.pt, and replay.pt if `with_replay` (see save_checkpoint)."""
+        save_checkpoint(ckpt_path, agent, replay if with_replay else None, counters, args)
+
     def close():
         logger.close()
         env.close()
         eval_env.close()
 
     def interrupted():
-        save_checkpoint(ckpt_path, agent, replay if args.checkpoint_replay else None, counters, args)
+        write_checkpoint(with_replay=True)
         print(f"interrupted at step {counters['env_steps']}; resume with: python "
               f"{os.path.basename(__file__)} --resume {ckpt_path}", flush=True)
         close()
@@ -1456,7 +1508,7 @@ def main(args: Args):
         bad = watch.first_bad(keep)
         if bad is not None:
             name, update, step = bad
-            save_checkpoint(ckpt_path, agent, replay if args.checkpoint_replay else None, counters, args)
+            write_checkpoint(with_replay=True)
             print(f"error: non-finite {name} at update {update} (env step {step}); checkpoint from "
                   f"before it: {ckpt_path}", file=sys.stderr, flush=True)
             close()
@@ -1508,7 +1560,7 @@ def main(args: Args):
         while args.eval_every and counters["next_eval"] <= step:
             counters["next_eval"] += args.eval_every
         if args.save_model:
-            save_checkpoint(ckpt_path, agent, replay if args.checkpoint_replay else None, counters, args)
+            write_checkpoint(with_replay=replay_due(args, counters["evals"], counters))
 
     def collect_episode():
         """One whole episode; the first `prefill` agent steps' episodes act uniformly at random

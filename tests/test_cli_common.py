@@ -1,7 +1,8 @@
 """What every algorithm script promises a user, tested the same way for each script present:
 progress from the first seconds, Ctrl-C/SIGTERM write a checkpoint and print the resume command,
-resume continues the run (flags that change the algorithm refused, metrics not duplicated),
-episode seeds never shared between seeds, `--preset tiny` is a short run."""
+the replay written beside the checkpoint only when it is due, resume continues the run (flags
+that change the algorithm refused, metrics not duplicated), episode seeds never shared between
+seeds, `--preset tiny` is a short run."""
 
 import importlib
 import json
@@ -89,6 +90,10 @@ def test_progress_appears_during_prefill_and_ctrl_c_checkpoints_then_resume_cont
     ckpt = torch.load(path, weights_only=False)
     assert ckpt["counters"]["env_steps"] == step and ckpt["agent"]["updates"] > 0
     run_dir = path.parent
+    # the interrupt writes the replay too, beside the checkpoint and from the same step
+    assert "replay" not in ckpt
+    saved = torch.load(run_dir / "replay.pt", weights_only=False)
+    assert saved["env_steps"] == step and saved["replay"]["size"] > 0
 
     # Flags that change the algorithm are refused, with their names, before anything runs.
     bad = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), "--resume", str(path),
@@ -106,6 +111,9 @@ def test_progress_appears_during_prefill_and_ctrl_c_checkpoints_then_resume_cont
                   tmp_path)
     assert resumed.finish() == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
+    # the replay is restored from replay.pt: the same size, and at the end the episodes since
+    # the resume come on top of it
+    assert f"replay: {saved['replay']['size']} agent steps from " in resumed.stdout, resumed.stdout
     records = read_metrics(run_dir)
     assert not any(r.get("charts/SPS") == -1.0 for r in records)
     pairs = [(r["step"], k) for r in records for k in r if k not in ("step", "time")]
@@ -120,11 +128,16 @@ def test_progress_appears_during_prefill_and_ctrl_c_checkpoints_then_resume_cont
     final = torch.load(path, weights_only=False)
     assert final["counters"]["env_steps"] == step + 200
     assert final["agent"]["updates"] > ckpt["agent"]["updates"]
+    final_replay = torch.load(run_dir / "replay.pt", weights_only=False)  # written at the end
+    assert final_replay["env_steps"] == step + 200
+    assert (final_replay["replay"]["episodes"] - saved["replay"]["episodes"]
+            == final["counters"]["episodes"] - ckpt["counters"]["episodes"])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_sigterm_during_prefill_writes_a_checkpoint_and_exits_143(script, tmp_path):
-    run = Run(script, [*TINY, "--total-steps", "100000", "--prefill", "100000"], tmp_path)
+    run = Run(script, [*TINY, "--total-steps", "100000", "--prefill", "100000", "--no-checkpoint-replay"],
+              tmp_path)
     run.wait_for(r"step +\d+/100000 \| prefill", timeout=120)
     time.sleep(1.0)
     run.proc.send_signal(signal.SIGTERM)
@@ -132,6 +145,87 @@ def test_sigterm_during_prefill_writes_a_checkpoint_and_exits_143(script, tmp_pa
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
     match = re.search(r"interrupted at step (\d+); resume with: .* --resume (\S+)", run.stdout)
     assert match and (tmp_path / match.group(2)).is_file(), run.stdout[-2000:]
+    assert not (tmp_path / match.group(2)).with_name("replay.pt").exists()  # --no-checkpoint-replay
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_evaluation_checkpoint_leaves_the_replay_out_and_a_resume_without_it_starts_empty(script, tmp_path):
+    """Issue 22 item 7: with --save-model, an evaluation writes checkpoint.pt without the replay
+    (replay.pt only every 10th evaluation by default); an interrupt writes both; resumed without
+    replay.pt, the run says so, continues with an empty replay and writes replay.pt at its end."""
+    run = Run(script, [*TINY, "--total-steps", "100000", "--eval-every", "200", "--save-model"], tmp_path)
+    run.wait_for(r"eval at \d+", timeout=300)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    ckpt_path, replay_path = run_dir / "checkpoint.pt", run_dir / "replay.pt"
+    end = time.time() + 60
+    while not ckpt_path.is_file() and time.time() < end:  # written just after the eval line
+        time.sleep(0.1)
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    assert ckpt["counters"]["env_steps"] >= 200 and "replay" not in ckpt
+    assert not replay_path.exists()
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 130, run.stderr[-3000:]
+    step = int(re.search(r"interrupted at step (\d+)", run.stdout).group(1))
+    assert torch.load(replay_path, weights_only=False)["env_steps"] == step
+
+    replay_path.unlink()  # e.g. a hard kill before the first replay.pt
+    resumed = Run(script, ["--resume", str(ckpt_path), "--total-steps", str(step + 200)], tmp_path)
+    assert resumed.finish() == 0, resumed.stderr[-3000:]
+    assert re.search(r"no \S*replay\.pt: the replay starts empty", resumed.stdout), resumed.stdout
+    assert torch.load(ckpt_path, weights_only=False)["counters"]["env_steps"] == step + 200
+    final_replay = torch.load(replay_path, weights_only=False)
+    assert final_replay["env_steps"] == step + 200
+    assert max(r["step"] for r in read_metrics(run_dir)) == step + 200
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_replay_is_written_every_nth_evaluation_and_at_the_end(script):
+    m = module(script)
+    assert m.parse_args([]).replay_checkpoint_every == 10
+    args = m.parse_args(["--preset", "tiny", "--replay-checkpoint-every", "3"])  # 2000 env steps
+    assert [e for e in range(1, 10) if m.replay_due(args, e, dict(env_steps=100))] == [3, 6, 9]
+    assert m.replay_due(args, 1, dict(env_steps=2000))  # the run's last evaluation
+    never = m.parse_args(["--preset", "tiny", "--replay-checkpoint-every", "0"])
+    assert not any(m.replay_due(never, e, dict(env_steps=100)) for e in range(1, 30))
+    assert m.replay_due(never, 7, dict(env_steps=2000))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_restores_replay_pt_and_says_when_it_is_older_than_the_checkpoint(script, tmp_path, capsys):
+    import inspect
+
+    m, cpu = module(script), torch.device("cpu")
+    args = m.parse_args(["--preset", "tiny"])
+    discrete = ("discrete",) if "discrete" in inspect.signature(m.Agent).parameters else ()
+    agent = m.Agent(args, 2, *(False for _ in discrete), cpu)
+
+    def episode(n, value):
+        return (np.full((n, 3, 64, 64), value, np.uint8), np.zeros((n, 2), np.float32),
+                np.zeros(n, np.float32), np.ones(n, np.float32))
+
+    replay = m.Replay(1000, (3, 64, 64), 2, seed=0, device=cpu)
+    replay.add_episode(*episode(60, 7))
+    path = tmp_path / "checkpoint.pt"
+    m.save_checkpoint(path, agent, replay, dict(env_steps=100), args)  # an interrupt: both files
+    replay.add_episode(*episode(40, 9))
+    m.save_checkpoint(path, agent, None, dict(env_steps=200), args)  # an evaluation: the networks
+    checkpoint = torch.load(path, weights_only=False)
+    assert "replay" not in checkpoint and checkpoint["counters"]["env_steps"] == 200
+
+    fresh = m.Replay(1000, (3, 64, 64), 2, seed=0, device=cpu)
+    capsys.readouterr()
+    m.load_replay(str(path), checkpoint, fresh, checkpoint["counters"])
+    out = capsys.readouterr().out
+    assert fresh.size == 60 and torch.as_tensor(fresh.state_dict()["obs"]).eq(7).all()
+    assert "replay: 60 agent steps" in out and "written at env step 100" in out, out
+
+    args.checkpoint_replay = False  # --no-checkpoint-replay: replay.pt never written
+    (tmp_path / "other").mkdir()
+    m.save_checkpoint(tmp_path / "other" / "checkpoint.pt", agent, replay, dict(env_steps=100), args)
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["checkpoint.pt"]
+    empty = m.Replay(1000, (3, 64, 64), 2, seed=0, device=cpu)
+    m.load_replay(str(tmp_path / "other" / "checkpoint.pt"), checkpoint, empty, checkpoint["counters"])
+    assert empty.size == 0 and "the replay starts empty" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

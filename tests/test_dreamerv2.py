@@ -385,9 +385,13 @@ def test_a_non_finite_loss_stops_the_run_with_a_checkpoint_from_before_it(tmp_pa
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert message.startswith("error: non-finite model_loss at update 4 (env step ")
     assert message.endswith(f"checkpoint from before it: {run_dir.relative_to(tmp_path) / 'checkpoint.pt'}")
-    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["agent"]
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    saved = checkpoint["agent"]
     before.pop("updates"), saved.pop("updates")
     assert_same_state(before, saved)
+    # the replay too, beside it (issue 22 item 7: otherwise only at the end or every 10th evaluation)
+    replay = torch.load(run_dir / "replay.pt", weights_only=False)
+    assert replay["env_steps"] == checkpoint["counters"]["env_steps"] and replay["replay"]["size"] > 0
 
 
 def test_replay_is_allocated_once_at_the_capacity_the_run_can_fill():
