@@ -820,7 +820,7 @@ def report_tables(suite: str, budget: float, results: Path, runs: dict) -> dict:
     return summary
 
 
-CPU_RANDOM_EPISODES = 5  # a control-suite episode costs seconds: a few give the random level
+CPU_RANDOM_EPISODES = 10  # an episode costs seconds; random returns vary from ~70 to ~250 at repeat 8
 
 
 def cpu_report(runs: dict, results: Path, budget: float | None = None) -> dict:

@@ -360,7 +360,7 @@ def test_cpu_report_gives_return_and_minutes_per_task_beside_the_reference_rows(
     assert "| core | 275 ± 25 (2) | 150 |" in lines
     assert "| dreamerv2 | 125 (1) * | 67 |" in lines
     random = benchmark.policy_return("dmc-cartpole-swingup", episodes=benchmark.CPU_RANDOM_EPISODES)
-    assert f"| random policy (5 episodes) | {random:.0f} | |" in lines
+    assert f"| random policy (10 episodes) | {random:.0f} | |" in lines
     assert "| Dreamer at DMC-100K (CURL Table 1) | 326 | |" in lines
     official = benchmark.reference_mean("dmc-cartpole-swingup", 100_000)
     assert f"| DreamerV2 official (clean, action repeat 2, full size) | {official:.0f} | |" in lines
