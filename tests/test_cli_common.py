@@ -318,6 +318,7 @@ def test_the_small_preset_is_the_same_algorithm_with_smaller_sizes(script):
     assert small["total_steps"] == 100_000
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_a_cuda_device_becomes_the_current_device_once(script, monkeypatch):
     """--device cuda:1: the script makes cuda:1 the current device, so that CUDA events,
     synchronize() and tensors made on plain "cuda" use it (torch's own calls faked: no GPU here)."""
