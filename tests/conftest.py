@@ -348,3 +348,25 @@ def cuda_graph_steps(monkeypatch):
     torch._dynamo.reset()
     yield sim
     torch._dynamo.reset()
+
+
+def check_decoder_stem_equals_the_transposed_conv(decoder_cls):
+    """A decoder whose first transposed conv on a 1x1 input is written as a matmul (`linear`, then
+    `net` from the first conv on) computes what the conv computes: output and every gradient."""
+    import torch
+
+    torch.manual_seed(0)
+    decoder = decoder_cls(10, 2)
+    feat = torch.randn(3, 2, 10, requires_grad=True)
+    out = decoder(feat)
+    conv_input = decoder.linear(feat).reshape(-1, 32 * decoder.depth, 1, 1)
+    reference = decoder.net(conv_input).reshape(3, 2, 3, 64, 64)
+    assert out.shape == (3, 2, 3, 64, 64)
+    torch.testing.assert_close(out, reference)
+    weight = torch.randn_like(out)
+    params = [feat, *decoder.parameters()]
+    got = torch.autograd.grad((out * weight).sum(), params)
+    want = torch.autograd.grad((reference * weight).sum(), params)
+    assert got[1].abs().sum() > 0  # the first layer's weight is trained through the matmul
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

@@ -9,7 +9,7 @@ import torch
 
 import benchmark
 import blast
-from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device, check_dreamerv2_weight_decay, check_output_layer_in_fp32, check_behaviour_step_freezes_world_model
+from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device, check_dreamerv2_weight_decay, check_output_layer_in_fp32, check_behaviour_step_freezes_world_model, check_decoder_stem_equals_the_transposed_conv
 
 CPU = torch.device("cpu")
 
@@ -124,21 +124,7 @@ def test_only_the_dreamerv2_rung_has_a_pixel_term_in_the_loss(toy_batch):
 def test_probe_decoder_first_layer_is_the_transposed_conv_it_replaces():
     """Issue 22 item 5: the decoder's first transposed conv on a 1x1 input is written as a matmul;
     with the same weights it computes what the conv computes (output and every gradient)."""
-    torch.manual_seed(0)
-    decoder = blast.Decoder(10, 2)
-    feat = torch.randn(3, 2, 10, requires_grad=True)
-    out = decoder(feat)
-    conv_input = decoder.linear(feat).reshape(-1, 32 * decoder.depth, 1, 1)
-    reference = decoder.net(conv_input).reshape(3, 2, 3, 64, 64)
-    assert out.shape == (3, 2, 3, 64, 64)
-    torch.testing.assert_close(out, reference)
-    weight = torch.randn_like(out)
-    params = [feat, *decoder.parameters()]
-    got = torch.autograd.grad((out * weight).sum(), params)
-    want = torch.autograd.grad((reference * weight).sum(), params)
-    assert got[1].abs().sum() > 0  # the first layer's weight is trained through the matmul
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
+    check_decoder_stem_equals_the_transposed_conv(blast.Decoder)
 
 
 def test_probe_decoder_learns_from_stop_gradient_features_only(toy_batch):
