@@ -7,7 +7,7 @@ to 1 once the agent sits on the target. Episodes last 50 steps (time limit, `tru
 
 `toy-reach-center` keeps the target at the centre: the policy then only has to find the agent's
 dot. The small DreamerV2 and CoRe configs of the learning checks get there in about 1500 updates
-(README, "Learning checks"). With a random target they must also relate the two dots; in runs of
+(docs/benchmark.md, "Learning checks"). With a random target they must also relate the two dots; in runs of
 ~2000 updates neither beat the random policy on `toy-reach`.
 """
 
