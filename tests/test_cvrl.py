@@ -104,7 +104,7 @@ def test_kl_reward_and_infonce_gradients_reach_exactly_the_parameters_they_shoul
     assert not reaches(nce, wm.reward) and not reaches(nce, rssm.img_out)
     assert wm.contrastive.W.requires_grad
     # the world-model optimiser holds exactly the world model's parameters
-    opt_params = {id(p) for g in agent.model_opt.param_groups for p in g["params"]}
+    opt_params = {id(p) for g in agent.model_opt.opt.param_groups for p in g["params"]}
     assert opt_params == {id(p) for p in wm.parameters()}
 
 
