@@ -78,8 +78,8 @@ td.Distribution.set_default_validate_args(False)
 
 # Args: the defaults are CVRL's setting for its main benchmark, Natural Mujoco (Table 1), as far as
 # the paper and the authors' code give it; each docstring names its source. Where the defaults are
-# NOT that setting (issue 24: "the 'paper' preset is not the paper's setup"), the defaults are kept,
-# because changing them would change every run made so far and the results measured with them:
+# NOT that setting, the defaults are kept, because changing them would change every run made so
+# far and the results measured with them (docs/cvrl.md, "Deviations"):
 #   - batch_size 50: the authors' code samples 60 sequences (config.batch_size = 60; the paper's
 #     App. B.1 names only "B"); 50 is Dreamer-v1's.
 #   - train_every 5 / updates_per_step 1: the authors' code (Dreamer-v1's loop) makes 100 updates
@@ -88,13 +88,13 @@ td.Distribution.set_default_validate_args(False)
 #   - precision fp32: the authors' code trains in mixed fp16 (config.precision = 16).
 #   - replay_capacity 1e6 env steps: the authors' code (Dreamer-v1's) keeps every episode of the
 #     5e6-step run; ours caps the replay (memory), so a 5e6-step run forgets its oldest 4e6 steps.
-#   - the natural-* backgrounds: the paper's are ILSVRC videos (Sec. 4.1); envs' are its built-in
-#     pool unless --video-dir is given (no dataset download in this repository).
+#   - the natural-* backgrounds: the paper's are ILSVRC videos (Sec. 4.1); envs' come from its
+#     built-in offline pool unless --video-dir names a folder of videos.
 #   - eval_episodes 10: ours (the paper averages 3 seeds and does not say how many episodes).
-# And where the defaults follow the paper against the authors' code (each switchable by a flag):
-# the bilinear f(s, o) = exp(z^T W s') of App. B.5 (ContrastiveHead), SAC's actor loss applied to
-# the actor (Sec. 3.3, --no-sac-updates-actor for the authors' code), MPC updating the whole plan
-# (App. A.3, --mpc-first-action-only), consecutive-time SAC transitions. docs/cvrl.md lists them.
+# And where the defaults follow the paper rather than the authors' code: the bilinear
+# f(s, o) = exp(z^T W s') of App. B.5 (ContrastiveHead), SAC's actor loss applied to the actor
+# (Sec. 3.3; --no-sac-updates-actor gives the authors'), MPC updating the whole plan (App. A.3;
+# --mpc-first-action-only gives the authors'), SAC transitions of consecutive time steps.
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -343,6 +343,7 @@ def parse_args(argv=None) -> Args:
         raise SystemExit("error: --resume: these flags differ from the checkpoint's and change the "
                          f"algorithm: {', '.join(changed)}; drop them or start a new run")
     return args
+
 
 # ---------------------------------------------------------------------------------------------
 # Networks
@@ -839,6 +840,7 @@ def actor_plan(wm: WorldModel, actor: Actor, start: dict, noise: torch.Tensor, e
 # Agent: one update, acting
 # ---------------------------------------------------------------------------------------------
 
+# The per-update non-finite flags (`Agent.nonfinite`), one per loss, in the order of the optimisers.
 LOSS_NAMES = ("model_loss", "actor_loss", "value_loss", "q_loss", "temperature_loss")
 
 
