@@ -1,6 +1,7 @@
 """CVRL (cvrl.py): the CELBO's InfoNCE term, the hybrid actor-critic, the latent-guided MPC, the
 fast update pattern (batched observe, compile, bf16, non-finite guard) and the command line."""
 
+import dataclasses
 import math
 import numpy as np
 import pytest
@@ -104,7 +105,7 @@ def test_kl_reward_and_infonce_gradients_reach_exactly_the_parameters_they_shoul
     assert not reaches(nce, wm.reward) and not reaches(nce, rssm.img_out)
     assert wm.contrastive.W.requires_grad
     # the world-model optimiser holds exactly the world model's parameters
-    opt_params = {id(p) for g in agent.model_opt.param_groups for p in g["params"]}
+    opt_params = {id(p) for g in agent.model_opt.opt.param_groups for p in g["params"]}
     assert opt_params == {id(p) for p in wm.parameters()}
 
 
@@ -495,7 +496,7 @@ def test_reward_only_objective_has_no_observation_model_or_term():
 
 
 def test_cvrl_defaults_match_paper():
-    """Each value's source: cvrl.txt (Table 1, App. A-B), the authors' Yusufma03/CVRL code where
+    """Each value's source: the CVRL paper (Table 1, App. A-B), the authors' Yusufma03/CVRL code where
     the paper is silent, or ours."""
     a = cvrl.parse_args([])
     assert a.total_steps == 5_000_000 and a.action_repeat == 2  # Table 1 (authors' steps=5e6)
@@ -509,6 +510,16 @@ def test_cvrl_defaults_match_paper():
     assert a.init_temperature == 1.0 and not a.learn_temperature
     # ours: alpha = 1 (the paper gives none), exploration noise 0.3 (Dreamer-v1), Polyak 0.005 (SAC)
     assert (a.sac_weight, a.expl_noise, a.tau) == (1.0, 0.3, 0.005)
+
+
+def test_the_run_header_names_the_preset_and_the_overrides_it_applied():
+    """One place for the numbers: Args defaults are the paper preset, PRESETS the overrides; the
+    header names those a flag did not replace, with their values."""
+    text = cvrl.preset_overrides(cvrl.parse_args(["--preset", "tiny", "--horizon", "3"]))
+    assert text.startswith("preset tiny: ") and "cnn_depth=4" in text and "horizon" not in text
+    assert cvrl.preset_overrides(cvrl.parse_args([])) == "preset paper: the Args defaults"
+    assert set(cvrl.PRESETS) == {"small", "tiny"}
+    assert all(set(p) <= {f.name for f in dataclasses.fields(cvrl.Args)} for p in cvrl.PRESETS.values())
 
 
 def test_cuda_graph_modes_keep_the_losses_and_survive_overwritten_outputs(cuda_graph_steps):
