@@ -38,7 +38,6 @@ losses skip the fused optimiser step on the device); the replay's images live on
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import math
@@ -259,6 +258,17 @@ def preset_args(preset: str = "paper", **overrides) -> Args:
     return Args(**{**PRESETS.get(preset, {}), **overrides, "preset": preset})
 
 
+def preset_overrides(args: Args) -> str:
+    """The run header's account of the preset: each value it set that this run uses, and each one
+    a flag (or the resumed checkpoint) replaced."""
+    preset = PRESETS.get(args.preset, {})
+    if not preset:
+        return "no overrides (every default is the paper's setting, see Args)"
+    used = [f"{k}={v}" for k, v in preset.items() if getattr(args, k) == v]
+    replaced = [f"{k}={getattr(args, k)} (preset {v})" for k, v in preset.items() if getattr(args, k) != v]
+    return ", ".join(used) + (f"; flags replaced {', '.join(replaced)}" if replaced else "")
+
+
 def _flag_value(argv: list, flag: str) -> Optional[str]:
     """The value of `--name v` or `--name=v` in argv (the last one, as the parser takes it)."""
     value = None
@@ -276,9 +286,7 @@ def parse_args(argv=None) -> Args:
     argv = list(sys.argv[1:] if argv is None else argv)
     resume = _flag_value(argv, "--resume")
     if resume is not None:
-        if not Path(resume).is_file():
-            raise SystemExit(f"error: --resume {resume}: no such checkpoint file")
-        saved = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["args"]
+        saved = load_checkpoint(resume)["args"]
         known = {f.name for f in fields(Args)}
         args = tyro.cli(Args, args=argv, default=Args(**{k: v for k, v in saved.items() if k in known}))
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint {saved.get(k)})"
@@ -301,14 +309,6 @@ def action_repeat(args: Args) -> int:
         return 2
     return envs.default_action_repeat(args.env)
 
-
-STREAMS = {"train": 0, "eval": 1}
-
-
-def episode_seed(seed: int, stream: str, index: int) -> int:
-    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
-    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
-    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,16 +616,6 @@ class ActorCritic(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
-    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
-    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
 class Replay:
     """Whole episodes in a flat ring of uint8 images; sampling of in-episode sequences, uniform or
     with episode ends preferred (`prioritize_ends`).
@@ -737,13 +727,6 @@ class Replay:
         self.pos, self.size, self.episodes = state["pos"], n, state["episodes"]
         self.rng.bit_generator.state = state["rng"]
         self._starts_length = None
-
-
-def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
-    """The replay's size in agent steps, allocated once (issue 22 item 7): `capacity` (agent steps)
-    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
-    of an episode, and at least one training sequence of `length`."""
-    return max(min(capacity, -(-total_steps // repeat) + 1), length)
 
 
 def to_torch(batch: dict, device: torch.device) -> dict:
@@ -868,73 +851,22 @@ def behaviour_losses(wm: WorldModel, ac: ActorCritic, post: dict, args: Args, di
 # ---------------------------------------------------------------------------------------------
 
 
-def lerp_(targets: list, sources: list, weight: torch.Tensor):
-    """targets <- targets + weight * (sources - targets), in place, for a 0-dim device tensor
-    `weight`. The weight goes in as a list of tensors: the overload that takes one number would
-    read the tensor to the host (a GPU sync every update)."""
-    torch._foreach_lerp_(targets, sources, [weight] * len(targets))
-
-
-def nonfinite(*values: torch.Tensor) -> torch.Tensor:
-    """1.0 if any value is NaN/inf, else 0.0: a 0-dim fp32 device tensor (no host sync)."""
-    return (~torch.isfinite(torch.stack([v.detach().float() for v in values]))).any().float()
-
-
-def cudagraph_step(enabled: bool):
-    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
-    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
-    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
-    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
-    with no backward pending, freeing outputs that are still in use."""
-    if enabled:
-        torch.compiler.cudagraph_mark_step_begin()
-
-
-def outlive_step(value, enabled: bool):
-    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
-    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
-    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
-    if not enabled:
-        return value
-    if isinstance(value, dict):
-        return {k: outlive_step(v, True) for k, v in value.items()}
-    return value.detach().clone()
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
-    on again after). A loss computed inside still backpropagates through `module` into its
-    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
-    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
-    eager mode, but a compiled graph's backward computes a gradient for every input that
-    requires one, here the whole world model's, for nothing (issue 22 item 9)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+# The names of the per-update non-finite flags (`metrics["nonfinite"]`, read by NonFiniteWatch).
+LOSS_NAMES = ("model_loss", "actor_loss", "critic_loss")
 
 
 class Agent:
-    LOSSES = ("model_loss", "actor_loss", "critic_loss")  # the names of the `nonfinite` flags
+    """The world model, the actor and the critic, their optimisers, one training step, acting."""
 
     def __init__(self, args: Args, action_dim: int, discrete: bool, device: torch.device):
         self.args, self.device, self.discrete, self.action_dim = args, device, discrete, action_dim
         self.wm = WorldModel(args, action_dim).to(device)
         self.ac = ActorCritic(args, self.wm.rssm.feat_dim, action_dim, discrete).to(device)
-        # The official optimiser multiplies every variable by (1 - wd) each step (common/other.py,
-        # Optimizer._apply_weight_decay, before the Adam step); AdamW multiplies by (1 - lr * wd'),
-        # so wd' = wd / lr gives exactly the official decay. fused=True: one kernel per step, and it
-        # honours `found_inf` (skips the step on the device, see `update`).
-        adam = lambda params, lr: torch.optim.AdamW(  # noqa: E731
-            params, lr=lr, eps=args.adam_eps, weight_decay=args.weight_decay / lr, fused=True)
-        self.model_opt = adam(self.wm.parameters(), args.model_lr)
-        self.actor_opt = adam(self.ac.actor.parameters(), args.actor_lr)
-        self.critic_opt = adam(self.ac.critic.parameters(), args.critic_lr)
+        # One Adam per network, with DreamerV2's clip and weight decay (configs.yaml *_opt).
+        opt = dict(eps=args.adam_eps, clip=args.grad_clip, weight_decay=args.weight_decay)
+        self.model_opt = Optimizer("model", self.wm.parameters(), args.model_lr, **opt)
+        self.actor_opt = Optimizer("actor", self.ac.actor.parameters(), args.actor_lr, **opt)
+        self.critic_opt = Optimizer("critic", self.ac.critic.parameters(), args.critic_lr, **opt)
         self.updates = 0
         # Once an update has a non-finite loss, every later one is skipped too (a device flag):
         # the main loop reads the flags one update late on a GPU, without waiting for the GPU.
@@ -959,54 +891,37 @@ class Agent:
             return behaviour_losses(self.wm, self.ac, post, self.args, self.discrete)
 
     def update(self, batch: dict) -> dict:
-        """One world-model update, then one actor and one critic update on imagined rollouts.
-        Returns device tensors: the metrics and `nonfinite`, one flag per name in LOSSES. A step
-        whose loss or gradient is not finite is skipped on the device (fused Adam's `found_inf`,
-        GradScaler's mechanism): parameters and moments stay as they were, with no host sync."""
-        clip = nn.utils.clip_grad_norm_
+        """One training step of the paper's Algorithm 1: world-model learning on a replayed batch
+        (Eq. 2), then behaviour learning in imagination from its posterior states (Eqs. 5, 6).
+        Returns device tensors: the metrics and `nonfinite`, one flag per name in LOSS_NAMES. A
+        non-finite world-model step skips the whole update, and every later one (`halted`)."""
         cudagraph_step(self.cudagraphs)
         model_loss, post, metrics = self.model_loss(batch)
-        self.model_opt.zero_grad(set_to_none=True)
-        model_loss.backward()
-        metrics["model_grad_norm"] = clip(self.wm.parameters(), self.args.grad_clip)
-        model_flag = nonfinite(model_loss, metrics["model_grad_norm"])
-        model_bad = torch.maximum(self.halted, model_flag)
-        self.model_opt.found_inf = model_bad
-        self.model_opt.step()
+        metrics |= self.model_opt(model_loss, skip=self.halted)
         post, metrics = outlive_step(post, self.cudagraphs), outlive_step(metrics, self.cudagraphs)
 
         cudagraph_step(self.cudagraphs)
-        with frozen(self.wm):  # the behaviour losses do not train the world model
-            actor_loss, critic_loss, ac_metrics = self.behaviour_losses(post)
-        self.actor_opt.zero_grad(set_to_none=True)
-        self.critic_opt.zero_grad(set_to_none=True)
-        # Each loss updates only its own network: the actor's gradient flows through the world
-        # model into the actions, but the world model is not updated by it.
-        # One backward pass for both: a compiled graph can be backpropagated only once, and the
-        # sum's gradient with respect to each network is its own loss's (the actor loss uses only
-        # the slow critic; the critic loss sees detached features and targets).
-        (actor_loss + critic_loss).backward(
-            inputs=[*self.ac.actor.parameters(), *self.ac.critic.parameters()])
-        metrics["actor_grad_norm"] = clip(self.ac.actor.parameters(), self.args.grad_clip)
-        metrics["critic_grad_norm"] = clip(self.ac.critic.parameters(), self.args.grad_clip)
-        # A bad world-model step skips the whole update, so that all parameters stay as before it.
-        actor_flag = nonfinite(actor_loss, metrics["actor_grad_norm"])
-        critic_flag = nonfinite(critic_loss, metrics["critic_grad_norm"])
-        actor_bad, critic_bad = torch.maximum(model_bad, actor_flag), torch.maximum(model_bad, critic_flag)
-        self.actor_opt.found_inf, self.critic_opt.found_inf = actor_bad, critic_bad
-        self.actor_opt.step()
-        self.critic_opt.step()
-        metrics.update(outlive_step(ac_metrics, self.cudagraphs))
+        with frozen(self.wm):  # the actor's gradient flows through the model; no model weight learns
+            actor_loss, critic_loss, behaviour_metrics = self.behaviour_losses(post)
+        # One backward pass of the sum (a compiled graph is backpropagated once): each network's
+        # gradient is its own loss's (the critic loss sees detached features and targets).
+        backward(actor_loss + critic_loss, self.actor_opt, self.critic_opt)
+        metrics |= self.actor_opt.step(actor_loss, self.model_opt.skipped)
+        metrics |= self.critic_opt.step(critic_loss, self.model_opt.skipped)
+        metrics |= outlive_step(behaviour_metrics, self.cudagraphs)
         if self.updates % self.args.target_update_every == 0:
-            # Copy the critic into the slow critic (lerp weight 1 copies exactly; 0 after a skip),
-            # in place and outside autograd: the slow critic must carry no history of the critic.
-            with torch.no_grad():
-                lerp_(list(self.ac.target_critic.parameters()), list(self.ac.critic.parameters()),
-                      1 - critic_bad)
+            self.update_slow_critic(copied=1 - self.critic_opt.skipped)
         self.updates += 1
-        metrics["nonfinite"] = torch.stack([model_flag, actor_flag, critic_flag])
+        flags = [self.model_opt.flag, self.actor_opt.flag, self.critic_opt.flag]
+        metrics["nonfinite"] = torch.stack(flags)  # in the order of LOSS_NAMES
         self.halted = torch.maximum(self.halted, metrics["nonfinite"].max())
         return metrics
+
+    @torch.no_grad()  # in place and outside autograd: the slow critic carries no history
+    def update_slow_critic(self, copied: torch.Tensor):
+        """Copy the critic into the slow critic (Sec. 2.3): lerp weight `copied` = 1 copies exactly,
+        0 (after a skipped critic step) leaves it as it was; a device tensor, no host sync."""
+        lerp_(list(self.ac.target_critic.parameters()), list(self.ac.critic.parameters()), copied)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, state, explore: bool):
@@ -1067,16 +982,417 @@ def evaluate(agent: Agent, env, seeds: list, discrete: bool, record: bool = Fals
     return float(np.mean(returns)), frames
 
 
+
+def synthetic_batch(args: Args, action_dim: int, device: torch.device) -> dict:
+    T, B = args.batch_length, args.batch_size
+    return dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
+                action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
+                reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device),
+                is_first=torch.zeros(T, B, device=device))
+
+
+def measure_speed(args: Args, device: torch.device) -> dict:
+    """Speed benchmark. Updates: median seconds per update over `args.measure_updates` updates
+    (after 2 warm-ups) on a random batch of the configured size (model and optimisers only, no
+    env, no replay). Acting: env steps per second of the acting loop (policy step + env step,
+    exploration actions) over 50 agent steps on `args.env`."""
+    configure_torch(args, device)
+    env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=args.seed,
+                    image_size=64, action_repeat=action_repeat(args), video_dir=args.video_dir)
+    discrete = hasattr(env.action_space, "n")
+    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
+    agent = Agent(args, action_dim, discrete, device)
+    batch = synthetic_batch(args, action_dim, device)
+    times = []
+    for i in range(args.measure_updates + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        agent.update(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    obs, _ = env.reset(seed=args.seed)
+    state, env_steps, policy_time = None, 0, 0.0
+    for i in range(52):
+        if i == 2:  # the first two steps are warm-up: the clock starts here
+            start, env_steps, policy_time = time.perf_counter(), 0, 0.0
+        t = time.perf_counter()
+        action, state = agent.act(obs, state, explore=True)
+        policy_time += time.perf_counter() - t
+        obs, _, terminated, truncated, info = env.step(env_action(action, discrete))
+        env_steps += info["env_steps"]
+        if terminated or truncated:
+            (obs, _), state = env.reset(), None
+    acting_time = time.perf_counter() - start
+    env.close()
+    result = dict(seconds_per_update=float(np.median(times[2:])), updates=len(times) - 2,
+                  parameters=agent.num_parameters(), env=args.env,
+                  env_steps_per_second=env_steps / acting_time, policy_ms=1000 * policy_time / 50,
+                  device=str(device), precision=args.precision, compile=args.compile)
+    if args.compile:
+        result["compile_seconds"] = times[0]  # the first update compiles both loss functions
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    # peak resident memory of the process (Linux reports KiB): weights, optimisers, activations, env
+    result["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(result))
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
-# Logging, progress, checkpoints
+# Main loop
 # ---------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    if args.measure_updates > 0:
+        return measure_speed(args, resolve_device(args.device))
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    device = resolve_device(args.device)
+    replay_on = replay_device(args, device)
+    configure_torch(args, device)
+    seed_everything(args.seed)
+
+    repeat = action_repeat(args)
+    make = lambda split: envs.make(args.env, distraction=args.distraction,  # noqa: E731
+                                   dynamic=args.dynamic, seed=args.seed, image_size=64,
+                                   action_repeat=repeat, split=split, video_dir=args.video_dir)
+    try:  # bad input (env id, distraction, video folder) ends here with a message, not a traceback
+        env, eval_env = make("train"), make(args.eval_split)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    discrete = hasattr(env.action_space, "n")
+    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
+
+    agent = Agent(args, action_dim, discrete, device)
+    replay = Replay(replay_slots(args.replay_capacity, args.total_steps, repeat, args.batch_length),
+                    env.observation_space.shape,
+                    action_dim, args.seed, replay_on, args.prioritize_ends)
+    counters = dict(env_steps=0, agent_steps=0, episodes=0, next_eval=args.eval_every,
+                    last_eval=-1, eval_rounds=0, pretrain_updates=0)
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        counters.update(checkpoint["counters"])
+        load_replay(args.resume, checkpoint, replay, counters)
+        seed_everything(args.seed, checkpoint["rng"])  # after the networks are built: as saved
+    logger = Logger(run_dir, args, counters["env_steps"] if checkpoint is not None else None)
+    interrupt = StopFlag()
+
+    params = agent.num_parameters()
+    ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
+    print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | action repeat {repeat} | "
+          f"replay {replay.capacity:,} agent steps on {replay_on}, up to "
+          f"{replay.nbytes / 2**30:.2f} GiB (allocated once) | replay ratio {ratio:.0f} "
+          f"replayed steps per agent step | videos: {envs.video_source(args.env, args.distraction, args.video_dir)}", flush=True)
+    print(f"preset {args.preset}: {preset_overrides(args)}", flush=True)
+    if checkpoint is not None:
+        print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "
+              "episode was stored as truncated; a new episode starts)", flush=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+    progress = Progress(args, counters, args.updates_per_step / args.train_every)
+    last_return, metrics = float("nan"), {}
+    # Each update's non-finite flags, read late: on a GPU the newest update stays unread, so that
+    # the next one is queued while the GPU still runs it (the agent's `halted` flag makes it a no-op
+    # if needed).
+    watch = NonFiniteWatch(LOSS_NAMES)
+
+    def finish():
+        interrupt.restore()
+        env.close()
+        eval_env.close()
+        logger.close()
+
+    def write_checkpoint(with_replay: bool):
+        """checkpoint.pt, and replay.pt if `with_replay` (see save_checkpoint)."""
+        save_checkpoint(ckpt_path, agent, replay if with_replay else None, counters, args)
+
+    def check_finite(keep: int = 0):
+        """Read the flags of all but the newest `keep` updates; stop on a non-finite loss."""
+        bad = watch.first_bad(keep)
+        if bad is None:
+            return
+        names, update, step = bad
+        # that update (and any after it) was skipped: parameters from before it
+        write_checkpoint(with_replay=True)
+        finish()
+        raise SystemExit(f"error: non-finite {', '.join(names)} at update {update} (env step "
+                         f"{step}); checkpoint from before it: {ckpt_path}")
+
+    compiled = [not args.compile]
+
+    def train_once():
+        nonlocal metrics
+        check_finite(keep=1 if device.type == "cuda" else 0)
+        batch = to_torch(replay.sample(args.batch_size, args.batch_length), device)
+        start = time.perf_counter()
+        metrics = agent.update(batch)
+        watch.push(metrics["nonfinite"], agent.updates, counters["env_steps"])
+        if not compiled[0]:  # the first update of this process compiles (also after a resume)
+            compiled[0] = True
+            check_finite()  # waits for the first update: its wall time is the compile time
+            print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
+        else:
+            progress.update_time += time.perf_counter() - start
+            progress.updates += 1
+
+    def stop(episode: dict):
+        """Interrupted: store the episode so far as truncated, checkpoint, exit 130/143."""
+        check_finite()
+        if len(episode["reward"]) >= 2:
+            replay.add_episode(*(np.asarray(episode[k]) for k in ("obs", "action", "reward", "cont")))
+            counters["episodes"] += 1
+        write_checkpoint(with_replay=True)
+        print(f"interrupted at step {counters['env_steps']}; resume with: python "
+              f"{os.path.basename(__file__)} --resume {ckpt_path}", flush=True)
+        finish()
+        sys.exit(128 + interrupt.signum)
+
+    def run_eval():
+        """Evaluation round e: episode j is reset with episode_seed(seed, 'eval', e * 10000 + j), so
+        it is reproducible after a resume without storing the eval env's RNG. None if interrupted."""
+        check_finite()
+        seeds = [episode_seed(args.seed, "eval", counters["eval_rounds"] * 10_000 + j)
+                 for j in range(args.eval_episodes)]
+        ret, frames = evaluate(agent, eval_env, seeds, discrete, args.capture_video,
+                               stop=lambda: interrupt.signum is not None)
+        if ret is None:
+            return None
+        logger.log(counters["env_steps"], {"eval/episodic_return": ret})
+        if frames:
+            save_video(frames, run_dir / "videos" / f"eval_{counters['env_steps']}.mp4")
+            strip = np.concatenate(frames[:: max(1, len(frames) // 8)][:8], axis=1)
+            logger.writer.add_image("eval/frames", strip, counters["env_steps"], dataformats="HWC")
+        print(f"eval at {counters['env_steps']}: return {ret:.1f}", flush=True)
+        counters["last_eval"], counters["eval_rounds"] = counters["env_steps"], counters["eval_rounds"] + 1
+        while args.eval_every and counters["next_eval"] <= counters["env_steps"]:
+            counters["next_eval"] += args.eval_every
+        if args.save_model:
+            write_checkpoint(with_replay=replay_due(args, counters["eval_rounds"], counters))
+        return ret
+
+    def new_episode():
+        obs, _ = env.reset(seed=episode_seed(args.seed, "train", counters["episodes"]))
+        return obs, dict(obs=[obs], action=[np.zeros(action_dim, np.float32)], reward=[0.0], cont=[1.0])
+
+    obs, ep = new_episode()
+    state, episode_return = None, 0.0
+    phase = lambda: "prefill" if counters["agent_steps"] < args.prefill else "train"  # noqa: E731
+    pretrain_left = lambda: max(args.pretrain - counters["pretrain_updates"], 0)  # noqa: E731
+    progress.maybe_print(counters, phase(), last_return, agent.updates)
+    while counters["env_steps"] < args.total_steps:
+        start = time.perf_counter()
+        if counters["agent_steps"] < args.prefill:
+            action = (np.eye(action_dim, dtype=np.float32)[np.random.randint(action_dim)] if discrete
+                      else np.random.uniform(-1, 1, action_dim).astype(np.float32))
+        else:
+            action, state = agent.act(obs, state, explore=True)
+        obs, reward, terminated, truncated, info = env.step(env_action(action, discrete))
+        progress.acting_time += time.perf_counter() - start
+        counters["agent_steps"] += 1
+        counters["env_steps"] += info["env_steps"]
+        episode_return += reward
+        for key, value in zip(("obs", "action", "reward", "cont"), (obs, action, reward, 1.0 - terminated)):
+            ep[key].append(value)
+        if terminated or truncated:
+            replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
+            counters["episodes"] += 1
+            last_return = episode_return
+            logger.log(counters["env_steps"], {"charts/episodic_return": episode_return,
+                                               "charts/episodic_length": len(ep["reward"]) - 1})
+            (obs, ep), state, episode_return = new_episode(), None, 0.0
+        if interrupt.signum:
+            stop(ep)
+
+        # Train: once `prefill` steps are in, `pretrain` updates, then every `train_every` steps.
+        if counters["agent_steps"] >= args.prefill and replay.can_sample(args.batch_length):
+            if counters["pretrain_updates"] < args.pretrain:
+                while counters["pretrain_updates"] < args.pretrain:
+                    train_once()
+                    counters["pretrain_updates"] += 1
+                    progress.maybe_print(counters, "pretrain", last_return, agent.updates,
+                                         pending_updates=pretrain_left())
+                    if interrupt.signum:
+                        stop(ep)
+            elif counters["agent_steps"] % args.train_every == 0:
+                for _ in range(args.updates_per_step):
+                    train_once()
+
+        crossed = counters["env_steps"] // args.log_every != (counters["env_steps"] - info["env_steps"]) // args.log_every
+        if crossed:
+            logs = {f"losses/{k}": v for k, v in metrics.items() if k != "nonfinite"}
+            logs.update({"charts/SPS": progress.sps(counters), "charts/updates": agent.updates})
+            logger.log(counters["env_steps"], logs)
+        progress.maybe_print(counters, phase(), last_return, agent.updates, force=crossed,
+                             pending_updates=pretrain_left())
+        if args.eval_every and counters["env_steps"] >= counters["next_eval"]:
+            if run_eval() is None:
+                stop(ep)
+
+    if counters["last_eval"] != counters["env_steps"] and run_eval() is None:
+        stop(ep)
+    check_finite()
+    finish()
+    return run_dir
+
+
+# =============================================================================================
+# Plumbing: identical in every script (tests/test_plumbing.py compares the five copies byte for
+# byte, so a fix made here is made in all of them). Nothing below is part of the method: replay
+# seeding, device copies, the optimiser helper, logging, progress, signals, checkpoints, devices.
+# =============================================================================================
+
+STREAMS = {"train": 0, "eval": 1}
+
+
+def episode_seed(seed: int, stream: str, index: int) -> int:
+    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
+    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
+
+
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
+    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
+    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
+    """The replay's size in agent steps, allocated once: `capacity` (agent steps)
+    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
+    of an episode, and at least one training sequence of `length`."""
+    return max(min(capacity, -(-total_steps // repeat) + 1), length)
+
+
+def lerp_(targets: list, sources: list, weight: torch.Tensor):
+    """targets <- targets + weight * (sources - targets), in place, for a 0-dim device tensor
+    `weight`. The weight goes in as a list of tensors: the overload that takes one number would
+    read the tensor to the host (a GPU sync every update)."""
+    torch._foreach_lerp_(targets, sources, [weight] * len(targets))
+
+
+def nonfinite(*values: torch.Tensor) -> torch.Tensor:
+    """1.0 if any value is NaN/inf, else 0.0: a 0-dim fp32 device tensor (no host sync)."""
+    return (~torch.isfinite(torch.stack([v.detach().float() for v in values]))).any().float()
+
+
+def cudagraph_step(enabled: bool):
+    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
+    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
+    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
+    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
+    with no backward pending, freeing outputs that are still in use."""
+    if enabled:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def outlive_step(value, enabled: bool):
+    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
+    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
+    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
+    if not enabled:
+        return value
+    if isinstance(value, dict):
+        return {k: outlive_step(v, True) for k, v in value.items()}
+    return value.detach().clone()
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
+    on again after). A loss computed inside still backpropagates through `module` into its
+    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
+    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
+    eager mode, but a compiled graph's backward computes a gradient for every input that
+    requires one, here the whole world model's, for nothing."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class Optimizer:
+    """One network's optimiser, called with its loss, as danijar/dreamerv2's `common.Optimizer`:
+    `metrics |= opt(loss, skip)` zeroes the gradients, backpropagates, clips the gradient norm and
+    takes a fused Adam step. The step is skipped on the device, with no host sync, when the loss
+    or the gradient norm is not finite or when `skip` (a 0-dim device tensor, e.g. an earlier
+    optimiser's `skipped`) is 1: fused Adam honours `found_inf` as GradScaler sets it, leaving
+    parameters and moments as they were. After a step, `flag` is 1.0 if this loss or norm was not
+    finite and `skipped` is 1.0 if the step was skipped. Returns {"<name>_grad_norm": norm}.
+
+    weight_decay > 0: every parameter is multiplied by (1 - weight_decay) once per step, as the
+    official DreamerV2 optimiser does (common/other.py); AdamW multiplies by (1 - lr * wd'), so
+    wd' = weight_decay / lr. clip <= 0: no clipping (the norm is still measured and checked).
+    Losses that share one backward pass: `backward(loss, opt_a, opt_b)`, then `opt_a.step(...)`."""
+
+    def __init__(self, name: str, params, lr: float, eps: float = 1e-8, clip: float = 0.0,
+                 weight_decay: float = 0.0, clip_params=None):
+        self.name, self.params, self.clip = name, list(params), clip
+        # the parameters whose gradient norm is clipped and checked (default: all of them)
+        self.clip_params = self.params if clip_params is None else list(clip_params)
+        if weight_decay > 0:
+            self.opt = torch.optim.AdamW(self.params, lr=lr, eps=eps, weight_decay=weight_decay / lr,
+                                         fused=True)
+        else:
+            self.opt = torch.optim.Adam(self.params, lr=lr, eps=eps, fused=True)
+        self.flag = self.skipped = None
+
+    def __call__(self, loss: torch.Tensor, skip: torch.Tensor | None = None) -> dict:
+        backward(loss, self)
+        return self.step(loss, skip)
+
+    def step(self, loss: torch.Tensor, skip: torch.Tensor | None = None, *checked: torch.Tensor) -> dict:
+        """Clip, check `loss`, the norm and any `checked` values, and step (gradients in place)."""
+        return self.apply(skip, self.check(loss, *checked))
+
+    def check(self, loss: torch.Tensor, *checked: torch.Tensor) -> dict:
+        """Clip and measure: sets `flag`; returns the metrics. `apply` steps."""
+        if self.clip > 0:
+            norm = nn.utils.clip_grad_norm_(self.clip_params, self.clip)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in self.clip_params if p.grad is not None])
+        self.flag = nonfinite(loss, norm, *checked)
+        return {f"{self.name}_grad_norm": norm}
+
+    def apply(self, skip: torch.Tensor | None, metrics: dict | None = None) -> dict:
+        """The fused step, skipped on the device if `flag` or `skip` is set; returns `metrics`."""
+        self.skipped = self.flag if skip is None else torch.maximum(skip, self.flag)
+        self.opt.found_inf = self.skipped
+        self.opt.step()
+        return metrics or {}
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.opt.load_state_dict(state)
+
+
+def backward(loss: torch.Tensor, *opts: Optimizer):
+    """Zero the gradients of `opts` and backpropagate `loss` into their parameters only (a
+    compiled graph can be backpropagated once: losses of different networks that come out of one
+    compiled call share one backward pass of their sum)."""
+    for opt in opts:
+        opt.opt.zero_grad(set_to_none=True)
+    loss.backward(inputs=[p for opt in opts for p in opt.params])
 
 
 class Logger:
-    """TensorBoard plus metrics.jsonl (one json object per log event). On resume, records after
+    """TensorBoard plus metrics.jsonl (one json object per log event). On resume, the records after
     the checkpoint's step are dropped from both."""
 
-    def __init__(self, run_dir: Path, args: Args, resume_step: Optional[int] = None):
+    def __init__(self, run_dir: Path, args: Args, resume_step: int | None = None):
         path = run_dir / "metrics.jsonl"
         if resume_step is not None and path.exists():
             keep = [line for line in path.read_text().splitlines()
@@ -1088,16 +1404,18 @@ class Logger:
             f"|{k}|{v}|" for k, v in vars(args).items()))
         self.jsonl = open(path, "a")
 
-    def log(self, step: int, scalars: dict):
+    def log(self, step: int, scalars: dict, **text):
+        """Scalars (numbers or device tensors, copied to the host in one transfer) to both;
+        `text` fields only to metrics.jsonl."""
+        record = {"step": step, "time": time.time()}
         tensors = {k: v for k, v in scalars.items() if torch.is_tensor(v)}
-        if tensors:  # device metrics: one stack, one copy to the host
+        if tensors:
             values = torch.stack([v.detach().float() for v in tensors.values()]).cpu().tolist()
             scalars = {**scalars, **dict(zip(tensors, values))}
-        record = {"step": step, "time": time.time()}
         for key, value in scalars.items():
             self.writer.add_scalar(key, float(value), step)
             record[key] = float(value)
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps({**record, **text}) + "\n")
         self.jsonl.flush()
 
     def close(self):
@@ -1105,7 +1423,7 @@ class Logger:
         self.jsonl.close()
 
 
-def format_eta(seconds: Optional[float]) -> str:
+def format_eta(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "?"
     seconds = int(seconds)
@@ -1130,35 +1448,95 @@ preset_hint.shown = False
 
 
 class Progress:
-    """The progress line: at step 0, then every `log_every` env steps or 30 s of wall time."""
+    """The progress line: at the first call, then every `log_every` env steps or 30 s (also between
+    the updates of a burst). s/update is this process's measured mean (the main loop adds to
+    `acting_time`, `update_time` and `updates`); the ETA counts `updates_per_agent_step` updates
+    per remaining agent step plus `pending_updates` (e.g. pretraining) once updates have started."""
 
-    def __init__(self, args: Args, repeat: int, env_steps: int):
-        self.args, self.repeat = args, repeat
-        self.start, self.start_steps, self.last = time.time(), env_steps, 0.0
-        self.act_time, self.act_steps = 0.0, 0  # acting: policy + env step, per agent step
-        self.update_time, self.update_count = 0.0, 0
+    def __init__(self, args: Args, counters: dict, updates_per_agent_step: float):
+        self.args, self.ratio = args, updates_per_agent_step
+        self.start, self.start_steps = time.time(), counters["env_steps"]
+        self.start_agent_steps = counters["agent_steps"]
+        self.last_time, self.last_step = 0.0, None
+        self.acting_time = self.update_time = 0.0
+        self.updates = 0
 
-    def print(self, counters: dict, phase: str, updates: int, last_return: float):
-        args, now = self.args, time.time()
-        env_steps = counters["env_steps"]
-        sps = (env_steps - self.start_steps) / max(now - self.start, 1e-9)
-        spu = self.update_time / self.update_count if self.update_count else None
-        remaining = args.total_steps - env_steps
-        if spu is not None and self.act_steps:
-            pretrain_left = max(args.pretrain - counters["pretrain_updates"], 0)
-            eta = (remaining / self.repeat * (self.act_time / self.act_steps
-                                              + args.updates_per_step / args.train_every * spu)
-                   + pretrain_left * spu)
-        else:
-            eta = remaining / sps if sps > 0 else None
-        preset_hint(args, eta)
-        print(f"step {env_steps}/{args.total_steps} | {phase} | return {last_return:.1f} | "
-              f"SPS {sps:.1f} | updates {updates} ({'-' if spu is None else f'{spu:.2f}'} s/update) | "
+    def sps(self, counters: dict) -> float:
+        return (counters["env_steps"] - self.start_steps) / max(time.time() - self.start, 1e-9)
+
+    def eta(self, counters: dict, pending_updates: int = 0) -> float | None:
+        remaining = self.args.total_steps - counters["env_steps"]
+        acted = counters["agent_steps"] - self.start_agent_steps
+        if acted == 0:
+            return None
+        if self.updates == 0:
+            sps = self.sps(counters)
+            return remaining / sps if sps > 0 else None
+        repeat = max(counters["env_steps"] - self.start_steps, 1) / acted  # env steps per agent step
+        spu = self.update_time / self.updates
+        return remaining / repeat * (self.acting_time / acted + self.ratio * spu) + pending_updates * spu
+
+    def maybe_print(self, counters: dict, phase: str, episode_return: float, updates: int,
+                    force: bool = False, pending_updates: int = 0):
+        step, now = counters["env_steps"], time.time()
+        due = (self.last_step is None or step - self.last_step >= self.args.log_every
+               or now - self.last_time >= 30)
+        if not (due or force):
+            return
+        self.last_step, self.last_time = step, now
+        spu = f"{self.update_time / self.updates:.2f}" if self.updates else "-"
+        eta = self.eta(counters, pending_updates)
+        preset_hint(self.args, eta)
+        print(f"step {step}/{self.args.total_steps} | {phase} | return {episode_return:.1f} | "
+              f"SPS {self.sps(counters):.1f} | updates {updates} ({spu} s/update) | "
               f"ETA {format_eta(eta)}", flush=True)
-        self.last = now
 
-    def due(self) -> bool:
-        return time.time() - self.last >= 30
+
+class StopFlag:
+    """SIGINT/SIGTERM handler that only records the first signal; the loops check `signum` after
+    each step or update (exit code 128 + signum). A second signal, e.g. while the checkpoint is
+    written, is recorded and ignored. `restore()` puts the previous handlers back."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __call__(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFiniteWatch:
+    """Reads each update's non-finite flags (one per name in `names`) late: copied non-blocking,
+    with a CUDA event, so the host never waits for the device it feeds. Once an update is
+    non-finite the agent skips every later step on the device (its `halted` flag), so what is
+    saved when the host notices is the state from before the bad update."""
+
+    def __init__(self, names: tuple):
+        self.names, self.pending = names, []
+
+    def push(self, flags: torch.Tensor, update: int, step: int):
+        host = flags.to("cpu", non_blocking=True)
+        event = None
+        if flags.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((host, event, update, step))
+
+    def first_bad(self, keep: int = 0):
+        """(names of the non-finite losses, update, env step) of the first non-finite update among
+        the pending ones but the newest `keep`; None if they are all finite."""
+        while len(self.pending) > keep:
+            host, event, update, step = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()  # normally long done: the copy was queued an update ago
+            if host.any():
+                return [n for n, flag in zip(self.names, host.tolist()) if flag], update, step
+        return None
 
 
 def save_video(frames: list, path: Path, fps: int = 30):
@@ -1228,6 +1606,26 @@ def load_replay(path: str, checkpoint: dict, replay: Replay, counters: dict):
     print(f"replay: {replay.size} agent steps from {replay_path}{note}", flush=True)
 
 
+def load_checkpoint(path: str) -> dict:
+    """--resume: the checkpoint at `path`, its tensors read from disk as they are used (mmap)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: --resume {path}: no such checkpoint file")
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def seed_everything(seed: int, rng: dict | None = None):
+    """Seed Python, NumPy and torch, or restore their states from a checkpoint's `rng`."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if rng is not None:
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1239,12 +1637,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_replay_device(name: str, device: torch.device) -> torch.device:
-    if name == "auto":
+def replay_device(args: Args, device: torch.device) -> torch.device:
+    """Where the replay's arrays live: --replay-device auto keeps them on the training GPU (no
+    host-to-device copy of the batch), on the host otherwise."""
+    if args.replay_device == "auto":
         return device if device.type == "cuda" else torch.device("cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise SystemExit(f"error: --replay-device {name}: expected auto, cpu or cuda")
-    return resolve_device(name)
+    if args.replay_device == "cuda" and device.type != "cuda":
+        raise SystemExit("error: --replay-device cuda needs training on CUDA (--device cuda or auto on a GPU)")
+    return device if args.replay_device == "cuda" else torch.device("cpu")
 
 
 def configure_torch(args: Args, device: torch.device):
@@ -1258,294 +1658,6 @@ def configure_torch(args: Args, device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = not args.torch_deterministic
-
-
-def synthetic_batch(args: Args, action_dim: int, device: torch.device) -> dict:
-    T, B = args.batch_length, args.batch_size
-    return dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
-                action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
-                reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device),
-                is_first=torch.zeros(T, B, device=device))
-
-
-def measure_speed(args: Args, device: torch.device) -> dict:
-    """Speed benchmark. Updates: median seconds per update over `args.measure_updates` updates
-    (after 2 warm-ups) on a random batch of the configured size (model and optimisers only, no
-    env, no replay). Acting: env steps per second of the acting loop (policy step + env step,
-    exploration actions) over 50 agent steps on `args.env`."""
-    configure_torch(args, device)
-    env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=args.seed,
-                    image_size=64, action_repeat=action_repeat(args), video_dir=args.video_dir)
-    discrete = hasattr(env.action_space, "n")
-    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
-    agent = Agent(args, action_dim, discrete, device)
-    batch = synthetic_batch(args, action_dim, device)
-    times = []
-    for i in range(args.measure_updates + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        agent.update(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    obs, _ = env.reset(seed=args.seed)
-    state, env_steps, policy_time = None, 0, 0.0
-    for i in range(52):
-        if i == 2:  # the first two steps are warm-up: the clock starts here
-            start, env_steps, policy_time = time.perf_counter(), 0, 0.0
-        t = time.perf_counter()
-        action, state = agent.act(obs, state, explore=True)
-        policy_time += time.perf_counter() - t
-        obs, _, terminated, truncated, info = env.step(env_action(action, discrete))
-        env_steps += info["env_steps"]
-        if terminated or truncated:
-            (obs, _), state = env.reset(), None
-    acting_time = time.perf_counter() - start
-    env.close()
-    result = dict(seconds_per_update=float(np.median(times[2:])), updates=len(times) - 2,
-                  parameters=agent.num_parameters(), env=args.env,
-                  env_steps_per_second=env_steps / acting_time, policy_ms=1000 * policy_time / 50,
-                  device=str(device), precision=args.precision, compile=args.compile)
-    if args.compile:
-        result["compile_seconds"] = times[0]  # the first update compiles both loss functions
-    if device.type == "cuda":
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    # peak resident memory of the process (Linux reports KiB): weights, optimisers, activations, env
-    result["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps(result))
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Main loop
-# ---------------------------------------------------------------------------------------------
-
-
-class Interrupt:
-    """Signal handler that only records SIGINT/SIGTERM; the loops check `signum` after each
-    step/update. A second signal (e.g. while the checkpoint is written) is recorded and ignored."""
-
-    def __init__(self):
-        self.signum = None
-
-    def __call__(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-
-
-def main(args: Args):
-    if args.measure_updates > 0:
-        return measure_speed(args, resolve_device(args.device))
-    checkpoint = None
-    if args.resume:
-        if not Path(args.resume).is_file():
-            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint file")
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
-    device = resolve_device(args.device)
-    replay_device = resolve_replay_device(args.replay_device, device)
-    configure_torch(args, device)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
-    repeat = action_repeat(args)
-    make = lambda split: envs.make(args.env, distraction=args.distraction,  # noqa: E731
-                                   dynamic=args.dynamic, seed=args.seed, image_size=64,
-                                   action_repeat=repeat, split=split, video_dir=args.video_dir)
-    try:  # bad input (env id, distraction, video folder) ends here with a message, not a traceback
-        env, eval_env = make("train"), make(args.eval_split)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
-    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    discrete = hasattr(env.action_space, "n")
-    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
-
-    agent = Agent(args, action_dim, discrete, device)
-    replay = Replay(replay_slots(args.replay_capacity, args.total_steps, repeat, args.batch_length),
-                    env.observation_space.shape,
-                    action_dim, args.seed, replay_device, args.prioritize_ends)
-    counters = dict(env_steps=0, agent_steps=0, episodes=0, next_eval=args.eval_every,
-                    last_eval=-1, eval_rounds=0, pretrain_updates=0)
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint["agent"])
-        counters.update(checkpoint["counters"])
-        load_replay(args.resume, checkpoint, replay, counters)
-        random.setstate(checkpoint["rng"]["python"])
-        np.random.set_state(checkpoint["rng"]["numpy"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    logger = Logger(run_dir, args, counters["env_steps"] if checkpoint is not None else None)
-    interrupt = Interrupt()
-    previous_handlers = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    params = agent.num_parameters()
-    ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
-    print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | action repeat {repeat} | "
-          f"replay {replay.capacity:,} agent steps on {replay_device}, up to "
-          f"{replay.nbytes / 2**30:.2f} GiB (allocated once) | replay ratio {ratio:.0f} "
-          f"replayed steps per agent step | videos: {envs.video_source(args.env, args.distraction, args.video_dir)}", flush=True)
-    if checkpoint is not None:
-        print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "
-              "episode was stored as truncated; a new episode starts)", flush=True)
-    ckpt_path = run_dir / "checkpoint.pt"
-    progress = Progress(args, repeat, counters["env_steps"])
-    last_return, metrics = float("nan"), {}
-    # Updates whose `nonfinite` flags are still to be read: (host copy, CUDA event or None, update
-    # number, env step). On a GPU the newest one stays pending, so that the next update is queued
-    # while the GPU still runs the last one; the agent's `halted` flag makes it a no-op if needed.
-    pending = collections.deque()
-
-    def finish():
-        signal.signal(signal.SIGINT, previous_handlers[signal.SIGINT])
-        signal.signal(signal.SIGTERM, previous_handlers[signal.SIGTERM])
-        env.close()
-        eval_env.close()
-        logger.close()
-
-    def write_checkpoint(with_replay: bool):
-        """checkpoint.pt, and replay.pt if `with_replay` (see save_checkpoint)."""
-        save_checkpoint(ckpt_path, agent, replay if with_replay else None, counters, args)
-
-    def check_finite(keep: int = 0):
-        """Read the flags of all but the newest `keep` updates; stop on a non-finite loss."""
-        while len(pending) > keep:
-            flags, event, update, step = pending.popleft()
-            if event is not None:
-                event.synchronize()  # normally long done: the copy was queued an update ago
-            bad = [name for name, flag in zip(Agent.LOSSES, flags.tolist()) if flag]
-            if not bad:
-                continue
-            # that update (and any after it) was skipped: parameters from before it
-            write_checkpoint(with_replay=True)
-            finish()
-            raise SystemExit(f"error: non-finite {', '.join(bad)} at update {update} (env step "
-                             f"{step}); checkpoint from before it: {ckpt_path}")
-
-    compiled = [not args.compile]
-
-    def train_once():
-        nonlocal metrics
-        check_finite(keep=1 if device.type == "cuda" else 0)
-        batch = to_torch(replay.sample(args.batch_size, args.batch_length), device)
-        start = time.perf_counter()
-        metrics = agent.update(batch)
-        event = torch.cuda.Event() if device.type == "cuda" else None
-        pending.append((metrics["nonfinite"].to("cpu", non_blocking=True), event, agent.updates,
-                        counters["env_steps"]))
-        if event is not None:
-            event.record()
-        if not compiled[0]:  # the first update of this process compiles (also after a resume)
-            compiled[0] = True
-            check_finite()  # waits for the first update: its wall time is the compile time
-            print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
-        else:
-            progress.update_time += time.perf_counter() - start
-            progress.update_count += 1
-
-    def stop(episode: dict):
-        """Interrupted: store the episode so far as truncated, checkpoint, exit 130/143."""
-        check_finite()
-        if len(episode["reward"]) >= 2:
-            replay.add_episode(*(np.asarray(episode[k]) for k in ("obs", "action", "reward", "cont")))
-            counters["episodes"] += 1
-        write_checkpoint(with_replay=True)
-        print(f"interrupted at step {counters['env_steps']}; resume with: python "
-              f"{os.path.basename(__file__)} --resume {ckpt_path}", flush=True)
-        finish()
-        sys.exit(128 + interrupt.signum)
-
-    def run_eval():
-        """Evaluation round e: episode j is reset with episode_seed(seed, 'eval', e * 10000 + j), so
-        it is reproducible after a resume without storing the eval env's RNG. None if interrupted."""
-        check_finite()
-        seeds = [episode_seed(args.seed, "eval", counters["eval_rounds"] * 10_000 + j)
-                 for j in range(args.eval_episodes)]
-        ret, frames = evaluate(agent, eval_env, seeds, discrete, args.capture_video,
-                               stop=lambda: interrupt.signum is not None)
-        if ret is None:
-            return None
-        logger.log(counters["env_steps"], {"eval/episodic_return": ret})
-        if frames:
-            save_video(frames, run_dir / "videos" / f"eval_{counters['env_steps']}.mp4")
-            strip = np.concatenate(frames[:: max(1, len(frames) // 8)][:8], axis=1)
-            logger.writer.add_image("eval/frames", strip, counters["env_steps"], dataformats="HWC")
-        print(f"eval at {counters['env_steps']}: return {ret:.1f}", flush=True)
-        counters["last_eval"], counters["eval_rounds"] = counters["env_steps"], counters["eval_rounds"] + 1
-        while args.eval_every and counters["next_eval"] <= counters["env_steps"]:
-            counters["next_eval"] += args.eval_every
-        if args.save_model:
-            write_checkpoint(with_replay=replay_due(args, counters["eval_rounds"], counters))
-        return ret
-
-    def new_episode():
-        obs, _ = env.reset(seed=episode_seed(args.seed, "train", counters["episodes"]))
-        return obs, dict(obs=[obs], action=[np.zeros(action_dim, np.float32)], reward=[0.0], cont=[1.0])
-
-    obs, ep = new_episode()
-    state, episode_return = None, 0.0
-    phase = lambda: "prefill" if counters["agent_steps"] < args.prefill else "train"  # noqa: E731
-    progress.print(counters, phase(), agent.updates, last_return)
-    while counters["env_steps"] < args.total_steps:
-        start = time.perf_counter()
-        if counters["agent_steps"] < args.prefill:
-            action = (np.eye(action_dim, dtype=np.float32)[np.random.randint(action_dim)] if discrete
-                      else np.random.uniform(-1, 1, action_dim).astype(np.float32))
-        else:
-            action, state = agent.act(obs, state, explore=True)
-        obs, reward, terminated, truncated, info = env.step(env_action(action, discrete))
-        progress.act_time += time.perf_counter() - start
-        progress.act_steps += 1
-        counters["agent_steps"] += 1
-        counters["env_steps"] += info["env_steps"]
-        episode_return += reward
-        for key, value in zip(("obs", "action", "reward", "cont"), (obs, action, reward, 1.0 - terminated)):
-            ep[key].append(value)
-        if terminated or truncated:
-            replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
-            counters["episodes"] += 1
-            last_return = episode_return
-            logger.log(counters["env_steps"], {"charts/episodic_return": episode_return,
-                                               "charts/episodic_length": len(ep["reward"]) - 1})
-            (obs, ep), state, episode_return = new_episode(), None, 0.0
-        if interrupt.signum:
-            stop(ep)
-
-        # Train: once `prefill` steps are in, `pretrain` updates, then every `train_every` steps.
-        if counters["agent_steps"] >= args.prefill and replay.can_sample(args.batch_length):
-            if counters["pretrain_updates"] < args.pretrain:
-                while counters["pretrain_updates"] < args.pretrain:
-                    train_once()
-                    counters["pretrain_updates"] += 1
-                    if progress.due():
-                        progress.print(counters, "pretrain", agent.updates, last_return)
-                    if interrupt.signum:
-                        stop(ep)
-            elif counters["agent_steps"] % args.train_every == 0:
-                for _ in range(args.updates_per_step):
-                    train_once()
-
-        crossed = counters["env_steps"] // args.log_every != (counters["env_steps"] - info["env_steps"]) // args.log_every
-        if crossed:
-            logs = {f"losses/{k}": v for k, v in metrics.items() if k != "nonfinite"}
-            logs.update({"charts/SPS": (counters["env_steps"] - progress.start_steps)
-                         / max(time.time() - progress.start, 1e-9), "charts/updates": agent.updates})
-            logger.log(counters["env_steps"], logs)
-        if crossed or progress.due():
-            progress.print(counters, phase(), agent.updates, last_return)
-        if args.eval_every and counters["env_steps"] >= counters["next_eval"]:
-            if run_eval() is None:
-                stop(ep)
-
-    if counters["last_eval"] != counters["env_steps"] and run_eval() is None:
-        stop(ep)
-    check_finite()
-    finish()
-    return run_dir
 
 
 if __name__ == "__main__":
