@@ -1,39 +1,50 @@
-"""DreamerV2: Mastering Atari with Discrete World Models (Hafner et al., 2021).
+"""DreamerV2: a world model with discrete latents, and behaviour learned inside it.
 
-The reconstruction baseline of this project. A recurrent state-space model (RSSM) with a
-deterministic GRU state h_t and a stochastic state z_t of 32 categorical variables with 32 classes
-is trained on replayed sequences to reconstruct images and predict rewards; an actor and a critic
-are trained purely in imagination, on 15-step latent rollouts of that model. BLAST and DreamingV2
-are modifications of exactly this file's world model (blast.txt Sec. 2.3, dreamingv2.txt Sec. II-B).
+Paper: D. Hafner, T. Lillicrap, M. Norouzi, J. Ba, "Mastering Atari with Discrete World Models",
+ICLR 2021, arXiv:2010.02193. Authors' code: github.com/danijar/dreamerv2 (the defaults here are
+its DMC-from-pixels setting, `configs.yaml` dmc_vision). The reconstruction baseline of this
+project: BLAST (`blast.py`) and DreamingV2 (`dreamingv2.py`) modify exactly this world model.
 
-Equations implemented (numbers of the DreamerV2 paper; DMC-from-pixels defaults of the official
-implementation, danijar/dreamerv2 `configs.yaml` dmc_vision):
-- RSSM (Sec. 2.1): h_t = f(h_{t-1}, z_{t-1}, a_{t-1}) (LayerNorm GRU), prior p(z_t | h_t),
-  posterior q(z_t | h_t, e_t) with e_t = enc(x_t); straight-through gradients for samples. `RSSM`.
-- World-model loss (Eq. 2): -ln p(x_t | h_t, z_t) - ln p(r_t | h_t, z_t) + beta KL[q || p],
-  with KL balancing (Sec. 2.2, Algorithm 2): 0.8 KL(sg(q) || p) + 0.2 KL(q || sg(p)), free nats
-  1.0 applied to the batch mean. `world_model_loss`, `kl_balance`.
+The idea. A recurrent state-space model (RSSM) with a deterministic GRU state h_t and a stochastic
+state z_t of 32 categorical variables with 32 classes is trained on replayed sequences to
+reconstruct the images and predict the rewards. An actor and a critic never see real data: they
+learn on 15-step rollouts imagined by the model from every replayed posterior state, the actor by
+backpropagating lambda-returns through the model's dynamics (continuous actions) or by
+REINFORCE (discrete ones), the critic by regressing the lambda-returns of a slow target critic.
+
+Paper map (equation -> where it is implemented), in the order of this file:
+- RSSM: h_t = f(h_{t-1}, z_{t-1}, a_{t-1}) (LayerNorm GRU), prior p(z_t | h_t), posterior
+  q(z_t | h_t, e_t) with e_t = enc(x_t); straight-through gradients for samples.
+  `RSSM` (`img_step`, `obs_step`, `observe`), `Encoder`, `Decoder`, `sample_one_hot`.
+- World-model loss (Eq. 2): -ln p(x_t | h_t, z_t) - ln p(r_t | h_t, z_t) + beta KL[q || p].
+  `world_model_loss`.
+- KL balancing (Algorithm 2): alpha KL(sg(q) || p) + (1 - alpha) KL(q || sg(p)), alpha = 0.8,
+  free nats 1.0 on the batch mean. `kl_balance`.
+- Imagination: z_{t+1} ~ p(z_{t+1} | h_{t+1}), a_t ~ pi(a_t | z_t), t = 0..H-1. `imagine`.
 - Lambda-return (Eq. 4): V_t = r_t + gamma_t ((1 - lambda) v(z_{t+1}) + lambda V_{t+1}),
   V_H = v(z_H), with the slow target critic v. `lambda_return`.
-- Actor loss (Eq. 6): -sum_t [ rho V_{t+1} + (1-rho) ln pi(a_t|z_t) sg(V_{t+1} - v(z_t)) + eta H[pi] ],
-  indexed as the official agent.py (the action taken at z_t is credited with V_{t+1}), rho = 1
-  (dynamics backpropagation) for continuous actions and 0 (REINFORCE) for discrete ones,
-  eta = 1e-4. Critic loss (Eq. 5): (v(z_t) - sg(V_t))^2 / 2 against the slow target critic
-  copied every 100 updates. `behaviour_losses`.
+- Critic loss (Eq. 5): (v(z_t) - sg(V_t))^2 / 2; the slow critic is copied from the critic every
+  100 updates. `behaviour_losses`, `Agent.update_slow_critic`.
+- Actor loss (Eq. 6): -sum_t [ rho V_{t+1} + (1 - rho) ln pi(a_t | z_t) sg(V_{t+1} - v(z_t))
+  + eta H[pi(a_t | z_t)] ], indexed as the official agent.py (the action taken at z_t is credited
+  with V_{t+1}); rho = 1 (dynamics backpropagation) for continuous actions, 0 (REINFORCE) for
+  discrete ones; eta = 1e-4. `behaviour_losses`.
+- The training step (world model, then actor and critic, one optimiser each): `Agent.update`.
 
-Shapes are time-major throughout: replay sequences are (T, B, ...), imagined rollouts (H + 1, N, ...)
-with N = T * B start states. Images are uint8 (3, 64, 64) until the encoder, which maps them to
-[-0.5, 0.5].
+Shapes are time-major throughout: replay sequences are (T, B, ...), imagined rollouts
+(H + 1, N, ...) with N = T * B start states. Images are uint8 (3, 64, 64) until the encoder, which
+maps them to [-0.5, 0.5]. Index conventions: beside `Replay`.
 
 Speed (what makes an update fast on a GPU, each in one named place): nothing non-recurrent runs
-inside a time loop (`RSSM.observe` computes the posterior's embedding branch and the priors over all
-T*B steps at once); `--compile` compiles the two loss functions as wholes (`Agent.__init__`); no host
-synchronisation inside `Agent.update` (metrics stay on the device until log time, non-finite
-losses skip the fused optimiser step on the device); the replay's images live on the GPU
-(`Replay`); TF32 on CUDA (`configure_torch`).
+inside a time loop (`RSSM.observe` computes the posterior's embedding branch and the priors over
+all T*B steps at once); `--compile` compiles the two loss functions as wholes (`Agent.__init__`);
+no host synchronisation inside `Agent.update` (metrics stay on the device until log time,
+non-finite losses skip the fused optimiser step on the device: `Optimizer`); the replay's images
+live on the GPU (`Replay`); TF32 on CUDA (`configure_torch`). Everything after `main` is the
+plumbing block, the same text in all five scripts of this repository.
 
     python dreamerv2.py --env dmc-walker-walk
-    python dreamerv2.py --env dcs-walker-walk --distraction medium --preset tiny
+    python dreamerv2.py --env dcs-walker-walk --distraction medium --preset small
 """
 
 from __future__ import annotations
@@ -67,65 +78,74 @@ td.Distribution.set_default_validate_args(False)
 
 @dataclass
 class Args:
+    """Every default is the DreamerV2 setting for DMC from pixels (the official configuration,
+    danijar/dreamerv2 `configs.yaml`, section dmc_vision over its defaults), or says why not.
+    Other settings (`--preset small`, `--preset tiny`) are the overrides in PRESETS below."""
+
+    # Experiment, environment, hardware.
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of this experiment (part of the run name)"""
+    """name of this experiment (part of the run name; ours: CleanRL's convention)"""
     env: str = "dmc-walker-walk"
-    """env id: dmc-<domain>-<task>, dcs-<domain>-<task>, natural-<domain>-<task>,
-    manipulation-<task>, robosuite-<task>-<robot>, pybullet-boxpush, minigrid-<name> (discrete
-    actions), toy-reach, toy-reach-center (README, "Environments")"""
+    """env id (official configs.yaml task dmc_walker_walk): dmc-<domain>-<task>,
+    dcs-<domain>-<task>, natural-<domain>-<task>, manipulation-<task>, robosuite-<task>-<robot>,
+    pybullet-boxpush, minigrid-<name> (discrete actions), toy-reach, toy-reach-center (docs/envs.md)"""
     distraction: str = "none"
-    """dcs-*: none | easy | medium | hard | background; robosuite-*: none | color-lighting |
-    color-lighting-camera; minigrid-*: none | color_direction | smaller_agent | random_frames |
-    video"""
+    """ours (none: the clean benchmark). dcs-*: none | easy | medium | hard | background;
+    robosuite-*: none | color-lighting | color-lighting-camera; minigrid-*: none | color_direction |
+    smaller_agent | random_frames | video"""
     dynamic: bool = True
-    """distractions move within an episode (False: static per episode)"""
+    """distractions move within an episode (False: static per episode); ours: the Distracting
+    Control Suite's dynamic setting"""
     video_dir: Optional[str] = None
-    """DAVIS 2017 or video folder for backgrounds (default: built-in offline pool)"""
+    """DAVIS 2017 or video folder for backgrounds (default, ours: the built-in offline pool)"""
     eval_split: Literal["train", "val"] = "val"
-    """background videos used for evaluation"""
+    """background videos used for evaluation (ours: held-out videos, the DCS protocol)"""
     seed: int = 1
-    """seed of the experiment"""
+    """seed of the experiment (ours: CleanRL's default)"""
     torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic` (and leaves cudnn.benchmark off)"""
+    """sets `torch.backends.cudnn.deterministic` (and leaves cudnn.benchmark off); ours: CleanRL's"""
     device: str = "auto"
-    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."""
+    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ... (ours)"""
     compile: bool = False
     """torch.compile the world-model loss and the behaviour losses as wholes (CPU and CUDA; the
-    first update compiles them and prints how long it took)"""
+    first update compiles them and prints how long it took). ours: off, compiling takes minutes"""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     """torch.compile mode (CUDA: 'reduce-overhead' uses CUDA graphs; 'max-autotune' means
-    max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it)"""
+    max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it); ours"""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocast for the networks; values, returns, log-probs, KL and losses stay fp32
-    (fp16 is known to diverge in Dreamer)"""
+    """bf16 autocast for the networks; values, returns, log-probs, KL and losses stay fp32. ours:
+    fp32 (official configs.yaml precision 16 is mixed fp16, which is known to diverge in Dreamer)"""
     preset: Literal["paper", "small", "tiny"] = "paper"
-    """'small': the same algorithm sized for a 2-core CPU (100K steps of dmc-cartpole-swingup in
-    under an hour); 'tiny': narrow nets, short sequences, 2000 steps, for smoke tests; flags you
-    set explicitly win over the preset (see PRESETS)"""
+    """'paper': these defaults; 'small': the same algorithm sized for a 2-core CPU (100K steps of
+    dmc-cartpole-swingup in under an hour); 'tiny': narrow nets, short sequences, 2000 steps, for
+    smoke tests. Flags you set explicitly win over the preset (ours, see PRESETS)"""
+
+    # Schedule, evaluation, logging, checkpoints.
     total_steps: int = 1_000_000
-    """environment steps to train for, counted after action repeat (simulator steps)"""
+    """environment steps to train for, counted after action repeat (simulator steps); ours: the
+    1M steps of the official DMC curves (reference/dreamerv2-dmc-vision-scores.json)"""
     action_repeat: Optional[int] = None
     """simulator steps per action; None: 2 for every dmc/dcs/natural task (official DreamerV2
-    configs.yaml, dmc: action_repeat 2), the env's own default otherwise; 0: the env's own
+    configs.yaml dmc_vision: action_repeat 2), the env's own default otherwise; 0: the env's own
     per-task default (PlaNet's: cartpole 8, walker 2, ...; `--preset small`)"""
     eval_every: int = 10_000
     """environment steps between evaluations (0: never, except at the end). The official
     implementation evaluates 1 episode every 1e4 agent steps (configs.yaml eval_every 1e4,
-    eval_eps 1); here 10 episodes every 1e4 environment steps, and `benchmark.sh dmc` 20 episodes
+    eval_eps 1); ours: 10 episodes every 1e4 environment steps, and `benchmark.sh dmc` 20 episodes
     every 10K environment steps: one episode's return is too noisy to compare curves with the
     published ones from a few seeds"""
     eval_episodes: int = 10
-    """episodes per evaluation, deterministic (mode) actions"""
+    """episodes per evaluation, deterministic (mode) actions (ours: see eval_every)"""
     log_every: int = 1_000
     """environment steps between training-metric logs and progress lines (a progress line is also
-    printed at least every 30 s)"""
+    printed at least every 30 s); ours: 10x the official log_every 1e4, for short CPU runs"""
     save_model: bool = False
     """write checkpoint.pt (networks, optimisers, counters, RNG states) at every evaluation, and
     replay.pt beside it at the end and every --replay-checkpoint-every evaluations (an interrupt
-    or a non-finite loss always writes both)"""
+    or a non-finite loss always writes both); ours: CleanRL's default"""
     checkpoint_replay: bool = True
     """write the replay to replay.pt (see save_checkpoint), so that --resume keeps the same data;
-    --no-checkpoint-replay: never, a resumed run starts with an empty replay"""
+    --no-checkpoint-replay: never, a resumed run starts with an empty replay (ours)"""
     replay_checkpoint_every: int = 10
     """evaluations between the periodic replay.pt writes (0: only at the end, on an interrupt or a
     non-finite stop). ours: the replay is gigabytes on a GPU run and writing it pauses training
@@ -133,94 +153,106 @@ class Args:
     the pause is a small fraction of the time between writes, and a hard kill (SIGKILL, a lost
     node) costs at most 10 evaluations' worth of replay, never the networks"""
     resume: Optional[str] = None
-    """path of a checkpoint to continue from: its flags are the defaults, schedule flags may change"""
+    """path of a checkpoint to continue from: its flags are the defaults, schedule flags may change
+    (ours)"""
     measure_updates: int = 0
     """if > 0: time this many updates on a synthetic batch at the configured sizes and 50 steps of
-    the acting loop on --env, print one JSON line and exit (benchmark.sh speed)"""
+    the acting loop on --env, print one JSON line and exit (benchmark.sh speed; ours)"""
     capture_video: bool = False
-    """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard"""
+    """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard
+    (ours: off, encoding costs time)"""
 
-    # Replay and schedule.
+    # Replay and training schedule.
     replay_capacity: int = 2_000_000
     """replay capacity in agent steps (official configs.yaml replay capacity 2e6), capped at what
     the run can fill (total_steps / action repeat) and allocated once"""
-    replay_device: str = "auto"
+    replay_device: Literal["auto", "cpu", "cuda"] = "auto"
     """where the replay's arrays live: 'auto' (the training device when it is CUDA, else cpu),
-    'cpu', 'cuda'"""
+    'cpu', 'cuda' (ours: on the GPU a batch needs no host-to-device copy)"""
     prioritize_ends: bool = True
-    """sample the last window of each episode more often (official configs.yaml
-    replay.prioritize_ends True; see `Replay.draw_starts`)"""
+    """sample the last window of each episode more often (official configs.yaml defaults:
+    replay.prioritize_ends True; see `Replay.draw_starts` and docs/dreamerv2.md, deviations)"""
     batch_size: int = 16
-    """sequences per mini-batch"""
+    """sequences per mini-batch (official configs.yaml dataset.batch 16)"""
     batch_length: int = 50
-    """steps per sequence"""
+    """steps per sequence (official configs.yaml dataset.length 50)"""
     prefill: int = 1000
-    """agent steps with uniform random actions before training starts"""
+    """agent steps with uniform random actions before training starts (official configs.yaml
+    dmc_vision prefill 1000)"""
     pretrain: int = 100
-    """updates made once, right after the prefill"""
+    """updates made once, right after the prefill (official configs.yaml dmc_vision pretrain 100)"""
     train_every: int = 5
-    """agent steps between training rounds"""
+    """agent steps between training rounds (official configs.yaml train_every 5)"""
     updates_per_step: int = 1
-    """updates per training round"""
+    """updates per training round (official configs.yaml train_steps 1)"""
 
     # World model.
     cnn_depth: int = 48
-    """encoder/decoder channels of the first layer (doubling: 48/96/192/384)"""
+    """encoder/decoder channels of the first layer (doubling: 48/96/192/384; official configs.yaml
+    encoder.cnn_depth 48)"""
     deter: int = 200
-    """GRU (deterministic) state size"""
+    """GRU (deterministic) state size (official configs.yaml dmc_vision rssm.deter 200)"""
     hidden: int = 200
-    """hidden units of the RSSM's input and output layers"""
+    """hidden units of the RSSM's input and output layers (official configs.yaml dmc_vision
+    rssm.hidden 200)"""
     stoch: int = 32
-    """categorical latent variables"""
+    """categorical latent variables (paper Sec. 2.1; official configs.yaml rssm.stoch 32)"""
     classes: int = 32
-    """classes per categorical variable"""
+    """classes per categorical variable (paper Sec. 2.1; official configs.yaml rssm.discrete 32)"""
     mlp_units: int = 400
-    """units of the reward, discount, actor and critic MLPs"""
+    """units of the reward, discount, actor and critic MLPs (official configs.yaml *_head.units 400)"""
     mlp_layers: int = 4
-    """hidden layers of those MLPs"""
+    """hidden layers of those MLPs (official configs.yaml *_head.layers 4)"""
     init: Literal["glorot", "torch"] = "glorot"
     """weight init: 'glorot' = Glorot-uniform weights, zero biases (Keras defaults, the official
     implementation); 'torch' = PyTorch's layer defaults"""
     kl_balance: float = 0.8
-    """KL balancing alpha: weight of the prior's side"""
+    """KL balancing alpha, the weight of the prior's side (paper Algorithm 2; official configs.yaml
+    kl.balance 0.8)"""
     free_nats: float = 1.0
-    """free nats, applied to the batch-mean KL"""
+    """free nats, applied to the batch-mean KL (official configs.yaml dmc_vision kl.free 1.0,
+    kl.free_avg True)"""
     kl_scale: float = 1.0
-    """beta, the KL weight"""
+    """beta, the KL weight of Eq. 2 (official configs.yaml loss_scales.kl 1.0)"""
     pred_discount: bool = False
-    """learn a discount (episode continuation) head; off for DMC, which never terminates"""
+    """learn a discount (episode continuation) head; off for DMC, which never terminates (official
+    configs.yaml dmc_vision pred_discount False)"""
     model_lr: float = 3e-4
-    """world-model learning rate"""
+    """world-model learning rate (official configs.yaml dmc_vision model_opt.lr 3e-4)"""
 
     # Behaviour.
     horizon: int = 15
-    """imagination horizon"""
+    """imagination horizon H (paper; official configs.yaml imag_horizon 15)"""
     gamma: float = 0.99
-    """discount"""
+    """discount (official configs.yaml discount 0.99)"""
     return_lambda: float = 0.95
-    """lambda of the lambda-return"""
+    """lambda of the lambda-return, Eq. 4 (official configs.yaml discount_lambda 0.95)"""
     actor_lr: float = 8e-5
-    """actor learning rate"""
+    """actor learning rate (official configs.yaml dmc_vision actor_opt.lr 8e-5)"""
     critic_lr: float = 8e-5
-    """critic learning rate"""
+    """critic learning rate (official configs.yaml dmc_vision critic_opt.lr 8e-5)"""
     actor_entropy: float = 1e-4
-    """entropy regulariser eta"""
+    """entropy regulariser eta of Eq. 6 (official configs.yaml dmc_vision actor_ent 1e-4)"""
     actor_grad: Literal["auto", "dynamics", "reinforce"] = "auto"
-    """'auto': dynamics backpropagation for continuous actions, REINFORCE for discrete"""
+    """'auto': dynamics backpropagation for continuous actions, REINFORCE for discrete (official
+    configs.yaml actor_grad auto, agent.py)"""
     target_update_every: int = 100
-    """updates between copies of the critic into the slow target critic"""
+    """updates between copies of the critic into the slow target critic (official configs.yaml
+    slow_target_update 100, slow_target_fraction 1)"""
     adam_eps: float = 1e-5
-    """Adam epsilon"""
+    """Adam epsilon (official configs.yaml *_opt.eps 1e-5)"""
     grad_clip: float = 100.0
-    """gradient-norm clip of every optimiser"""
+    """gradient-norm clip of every optimiser (official configs.yaml *_opt.clip 100)"""
     weight_decay: float = 1e-6
     """weight decay of every optimiser as the official one applies it: every parameter is multiplied
-    by (1 - weight_decay) once per step, independent of the learning rate (common/other.py)"""
+    by (1 - weight_decay) once per step, independent of the learning rate (official configs.yaml
+    *_opt.wd 1e-6; common/other.py)"""
 
 
-# Presets: values that replace the paper's defaults (flags you set still win).
+# Every setting other than the paper's, in one place: values that replace Args defaults (flags
+# you set still win; the run header prints what was applied).
 # 'small': the same algorithm, sized for a 2-core CPU: 100K env steps of dmc-cartpole-swingup in
-#   under an hour (README, "Learning on a CPU"). Chosen by measuring seconds per update on one CPU
+#   under an hour (docs/dreamerv2.md, "Presets"). Chosen by measuring seconds per update on one CPU
 #   thread; what each value trades:
 #   - action_repeat 0: the env's per-task repeat (PlaNet's, 8 for cartpole), the DMC-100K setting
 #     of the CURL/PlaNet benchmarks; rendering a frame costs ~30 ms here, so 4x fewer frames than
@@ -378,7 +410,7 @@ class Decoder(nn.Module):
         # The first transposed conv sees a 1x1 input, where it is exactly a matmul:
         # out[n, o, i, j] = sum_c x[n, c] W[c, o, i, j] + b[o]. Written as one (same parameters),
         # it is one GEMM instead of a convolution, and torch.compile's inductor no longer crashes
-        # in this conv's backward (a stride assertion, ../shared/measurements/h100-2026-11-23.md).
+        # in this conv's backward (a stride assertion, results/speed/h100-2026-11-23.md).
         first = self.net[0]
         x = (x @ first.weight.flatten(1)).view(-1, *first.weight.shape[1:]) + first.bias[:, None, None]
         return self.net[1:](x).reshape(*feat.shape[:-1], 3, 64, 64)
@@ -615,6 +647,20 @@ class ActorCritic(nn.Module):
 # Replay buffer
 # ---------------------------------------------------------------------------------------------
 
+# Index conventions, in the paper's notation (stated once; every slicing site names what it picks).
+# Replay: slot t of an episode, and step t of a sampled sequence (T, B), holds
+#     x_t (obs), a_{t-1} (action: the one that led to x_t; zeros at t = 0), r_t (reward: received
+#     on arriving at x_t; 0 at t = 0), cont_t (0 if the episode terminated at x_t), is_first_t.
+#   so the RSSM's step t reads (h_{t-1}, z_{t-1}, action[t] = a_{t-1}, x_t) and the reward head at
+#   the model state (h_t, z_t), written z_t below, is trained on reward[t] = r_t.
+# Imagination from a start state z_0 (each posterior state of the batch, N = T * B of them):
+#     feats[t] = z_t for t = 0..H (H + 1 of them); actions[t] = a_t ~ pi(a | z_t) for t = 0..H-1,
+#     which leads to z_{t+1}; reward[t] = r_t = E p(r | z_t); value[t] = v(z_t), the slow critic.
+# Lambda-return: lambda_return(reward[:-1], value[:-1], discount[:-1], bootstrap=value[-1]) is
+#     target[t] = V_t for t = 0..H-1: V_t = r_t + gamma ((1 - lambda) v(z_{t+1}) + lambda V_{t+1}),
+#     V_H = v(z_H). The actor is credited for a_t (t = 0..H-2) with V_{t+1}, the return of the
+#     state its action leads to (official agent.py); the critic regresses v(z_t) on V_t.
+
 
 class Replay:
     """Whole episodes in a flat ring of uint8 images; sampling of in-episode sequences, uniform or
@@ -623,7 +669,7 @@ class Replay:
     Slot t of an episode holds obs_t, the action a_{t-1} that led to it (zeros at t = 0), the
     reward r_t received on arriving there (0 at t = 0), cont_t = 0 if the episode terminated
     there and is_first_t = 1 at t = 0. A sequence never crosses an episode boundary, so the RSSM
-    starts each one from zeros.
+    starts each one from zeros. (Index conventions: the comment above.)
 
     Speed: the arrays are torch tensors on `device`; on a GPU the images never cross the bus
     again after they are stored, and sampling is one gather on the device (start indices are drawn
@@ -761,14 +807,14 @@ def world_model_loss(wm: WorldModel, batch: dict, args: Args):
     embed = wm.encoder(batch["obs"])  # (T, B, E)
     # The action into the first step of an episode is zero (official RSSM.obs_step with is_first;
     # the replay already stores zeros there, this keeps it so for any batch).
-    action = batch["action"]
+    action = batch["action"]  # action[t] = a_{t-1}, zeros at an episode start
     if "is_first" in batch:
         action = action * (1 - batch["is_first"])[..., None]
     post, prior = wm.rssm.observe(embed, action)
     feat = wm.rssm.feat(post)  # (T, B, F)
     target = batch["obs"].float() / 255.0 - 0.5
     image_nll = gaussian_nll(wm.decoder(feat), target).sum((-3, -2, -1)).mean()
-    reward_nll = gaussian_nll(wm.reward(feat).squeeze(-1), batch["reward"]).mean()
+    reward_nll = gaussian_nll(wm.reward(feat).squeeze(-1), batch["reward"]).mean()  # p(r_t | s_t)
     kl_loss, kl_value = kl_balance(post["logits"], prior["logits"], args.kl_balance, args.free_nats)
     loss = image_nll + reward_nll + args.kl_scale * kl_loss
     metrics = dict(image_loss=image_nll, reward_loss=reward_nll, kl_loss=kl_loss,
@@ -791,8 +837,9 @@ def world_model_loss(wm: WorldModel, batch: dict, args: Args):
 
 
 def lambda_return(reward, value, discount, bootstrap, lam: float):
-    """Eq. 4, time-major (H, N): V_t = r_t + gamma_t ((1 - lam) v_{t+1} + lam V_{t+1}), V_H = bootstrap."""
-    next_values = torch.cat([value[1:], bootstrap[None]], 0)
+    """Eq. 4, time-major (H, N): V_t = r_t + gamma_t ((1 - lam) v_{t+1} + lam V_{t+1}), V_H = bootstrap.
+    reward[t] = r_t, value[t] = v(s_t), discount[t] = gamma_t for t = 0..H-1; returns V_0..V_{H-1}."""
+    next_values = torch.cat([value[1:], bootstrap[None]], 0)  # v(s_{t+1}), t = 0..H-1
     inputs = reward + discount * next_values * (1 - lam)
     returns, last = [], bootstrap
     for t in reversed(range(reward.shape[0])):
@@ -819,28 +866,31 @@ def behaviour_losses(wm: WorldModel, ac: ActorCritic, post: dict, args: Args, di
     start = {k: post[k].detach().flatten(0, 1) for k in ("deter", "stoch")}  # (T*B, ...)
     feats, actions = imagine(wm, ac.actor, start, args.horizon)
     # Paper Eq. 4 uses r_t = E[p(r_t | z_t)] of the state the action is taken in.
-    reward = wm.reward(feats).squeeze(-1)  # (H+1, N), fp32 like every value below
+    reward = wm.reward(feats).squeeze(-1)  # r_t, t = 0..H: (H+1, N), fp32 like every value below
     if wm.discount is not None:
         discount = args.gamma * torch.sigmoid(wm.discount(feats).squeeze(-1))
     else:
         discount = torch.full_like(reward, args.gamma)
     value = ac.target_critic(feats).squeeze(-1)  # slow critic v(z_t), (H+1, N)
+    # r_t, v(z_t), gamma_t for t = 0..H-1 and the bootstrap v(z_H): target[t] = V_t, (H, N)
     target = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], args.return_lambda)
-    # Imagined steps after a predicted episode end count less: weight_t = prod_{k<t} gamma_k, (H+1, N).
+    # Imagined steps after a predicted episode end count less: weight_t = prod_{k<t} gamma_k for
+    # t = 0..H, (H+1, N).
     weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]], 0), 0).detach()
     # Actor, indexed as the official agent.py actor_loss: the action taken at z_t (t = 0..H-2) is
     # credited with V_{t+1}; z_0 comes from the replay, so V_0 trains nothing, and z_{H-1}'s action
     # leads to the bootstrap state only.
-    policy = ac.actor(feats[:-2].detach())
+    policy = ac.actor(feats[:-2].detach())  # pi(a_t | z_t), t = 0..H-2
     grad = args.actor_grad if args.actor_grad != "auto" else ("reinforce" if discrete else "dynamics")
     if grad == "dynamics":
-        objective = target[1:]  # rho = 1: backpropagate V_{t+1} through the model into a_t
+        objective = target[1:]  # V_{t+1}, t = 0..H-2; rho = 1: backpropagated through the model into a_t
     else:  # rho = 0: REINFORCE, baseline the slow critic, advantage V_{t+1} - v(z_t) (official)
+        # a_t, V_{t+1} and v(z_t) for t = 0..H-2
         objective = policy.log_prob(actions[:-1].detach()) * (target[1:] - value[:-2]).detach()
     entropy = policy.entropy()
-    actor_loss = -(weight[:-2] * (objective + args.actor_entropy * entropy)).mean()
-    critic = ac.critic(feats[:-1].detach()).squeeze(-1)  # v(z_t), (H, N), fp32
-    critic_loss = (gaussian_nll(critic, target.detach()) * weight[:-1]).mean()
+    actor_loss = -(weight[:-2] * (objective + args.actor_entropy * entropy)).mean()  # weight_t, t = 0..H-2
+    critic = ac.critic(feats[:-1].detach()).squeeze(-1)  # v(z_t), t = 0..H-1: (H, N), fp32
+    critic_loss = (gaussian_nll(critic, target.detach()) * weight[:-1]).mean()  # against V_t, weight_t
     metrics = dict(actor_loss=actor_loss, critic_loss=critic_loss, actor_entropy=entropy.mean(),
                    imagined_reward=reward.mean(), value=critic.mean(), lambda_return=target.mean())
     return actor_loss, critic_loss, metrics
@@ -919,7 +969,7 @@ class Agent:
 
     @torch.no_grad()  # in place and outside autograd: the slow critic carries no history
     def update_slow_critic(self, copied: torch.Tensor):
-        """Copy the critic into the slow critic (Sec. 2.3): lerp weight `copied` = 1 copies exactly,
+        """Copy the critic into the slow critic of Eq. 5: lerp weight `copied` = 1 copies exactly,
         0 (after a skipped critic step) leaves it as it was; a device tensor, no host sync."""
         lerp_(list(self.ac.target_critic.parameters()), list(self.ac.critic.parameters()), copied)
 
