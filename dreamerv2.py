@@ -1,44 +1,54 @@
-"""DreamerV2: Mastering Atari with Discrete World Models (Hafner et al., 2021).
+"""DreamerV2: a world model with discrete latents, and behaviour learned inside it.
 
-The reconstruction baseline of this project. A recurrent state-space model (RSSM) with a
-deterministic GRU state h_t and a stochastic state z_t of 32 categorical variables with 32 classes
-is trained on replayed sequences to reconstruct images and predict rewards; an actor and a critic
-are trained purely in imagination, on 15-step latent rollouts of that model. BLAST and DreamingV2
-are modifications of exactly this file's world model (blast.txt Sec. 2.3, dreamingv2.txt Sec. II-B).
+Paper: D. Hafner, T. Lillicrap, M. Norouzi, J. Ba, "Mastering Atari with Discrete World Models",
+ICLR 2021, arXiv:2010.02193. Authors' code: github.com/danijar/dreamerv2 (the defaults here are
+its DMC-from-pixels setting, `configs.yaml` dmc_vision). The reconstruction baseline of this
+project: BLAST (`blast.py`) and DreamingV2 (`dreamingv2.py`) modify exactly this world model.
 
-Equations implemented (numbers of the DreamerV2 paper; DMC-from-pixels defaults of the official
-implementation, danijar/dreamerv2 `configs.yaml` dmc_vision):
-- RSSM (Sec. 2.1): h_t = f(h_{t-1}, z_{t-1}, a_{t-1}) (LayerNorm GRU), prior p(z_t | h_t),
-  posterior q(z_t | h_t, e_t) with e_t = enc(x_t); straight-through gradients for samples. `RSSM`.
-- World-model loss (Eq. 2): -ln p(x_t | h_t, z_t) - ln p(r_t | h_t, z_t) + beta KL[q || p],
-  with KL balancing (Sec. 2.2, Algorithm 2): 0.8 KL(sg(q) || p) + 0.2 KL(q || sg(p)), free nats
-  1.0 applied to the batch mean. `world_model_loss`, `kl_balance`.
+The idea. A recurrent state-space model (RSSM) with a deterministic GRU state h_t and a stochastic
+state z_t of 32 categorical variables with 32 classes is trained on replayed sequences to
+reconstruct the images and predict the rewards. An actor and a critic never see real data: they
+learn on 15-step rollouts imagined by the model from every replayed posterior state, the actor by
+backpropagating lambda-returns through the model's dynamics (continuous actions) or by
+REINFORCE (discrete ones), the critic by regressing the lambda-returns of a slow target critic.
+
+Paper map (equation -> where it is implemented), in the order of this file:
+- RSSM: h_t = f(h_{t-1}, z_{t-1}, a_{t-1}) (LayerNorm GRU), prior p(z_t | h_t), posterior
+  q(z_t | h_t, e_t) with e_t = enc(x_t); straight-through gradients for samples.
+  `RSSM` (`img_step`, `obs_step`, `observe`), `Encoder`, `Decoder`, `sample_one_hot`.
+- World-model loss (Eq. 2): -ln p(x_t | h_t, z_t) - ln p(r_t | h_t, z_t) + beta KL[q || p].
+  `world_model_loss`.
+- KL balancing (Algorithm 2): alpha KL(sg(q) || p) + (1 - alpha) KL(q || sg(p)), alpha = 0.8,
+  free nats 1.0 on the batch mean. `kl_balance`.
+- Imagination: z_{t+1} ~ p(z_{t+1} | h_{t+1}), a_t ~ pi(a_t | z_t), t = 0..H-1. `imagine`.
 - Lambda-return (Eq. 4): V_t = r_t + gamma_t ((1 - lambda) v(z_{t+1}) + lambda V_{t+1}),
   V_H = v(z_H), with the slow target critic v. `lambda_return`.
-- Actor loss (Eq. 6): -sum_t [ rho V_{t+1} + (1-rho) ln pi(a_t|z_t) sg(V_{t+1} - v(z_t)) + eta H[pi] ],
-  indexed as the official agent.py (the action taken at z_t is credited with V_{t+1}), rho = 1
-  (dynamics backpropagation) for continuous actions and 0 (REINFORCE) for discrete ones,
-  eta = 1e-4. Critic loss (Eq. 5): (v(z_t) - sg(V_t))^2 / 2 against the slow target critic
-  copied every 100 updates. `behaviour_losses`.
+- Critic loss (Eq. 5): (v(z_t) - sg(V_t))^2 / 2; the slow critic is copied from the critic every
+  100 updates. `behaviour_losses`, `Agent.update_slow_critic`.
+- Actor loss (Eq. 6): -sum_t [ rho V_{t+1} + (1 - rho) ln pi(a_t | z_t) sg(V_{t+1} - v(z_t))
+  + eta H[pi(a_t | z_t)] ], indexed as the official agent.py (the action taken at z_t is credited
+  with V_{t+1}); rho = 1 (dynamics backpropagation) for continuous actions, 0 (REINFORCE) for
+  discrete ones; eta = 1e-4. `behaviour_losses`.
+- The training step (world model, then actor and critic, one optimiser each): `Agent.update`.
 
-Shapes are time-major throughout: replay sequences are (T, B, ...), imagined rollouts (H + 1, N, ...)
-with N = T * B start states. Images are uint8 (3, 64, 64) until the encoder, which maps them to
-[-0.5, 0.5].
+Shapes are time-major throughout: replay sequences are (T, B, ...), imagined rollouts
+(H + 1, N, ...) with N = T * B start states. Images are uint8 (3, 64, 64) until the encoder, which
+maps them to [-0.5, 0.5]. Index conventions: beside `Replay`.
 
 Speed (what makes an update fast on a GPU, each in one named place): nothing non-recurrent runs
-inside a time loop (`RSSM.observe` computes the posterior's embedding branch and the priors over all
-T*B steps at once); `--compile` compiles the two loss functions as wholes (`Agent.__init__`); no host
-synchronisation inside `Agent.update` (metrics stay on the device until log time, non-finite
-losses skip the fused optimiser step on the device); the replay's images live on the GPU
-(`Replay`); TF32 on CUDA (`configure_torch`).
+inside a time loop (`RSSM.observe` computes the posterior's embedding branch and the priors over
+all T*B steps at once); `--compile` compiles the two loss functions as wholes (`Agent.__init__`);
+no host synchronisation inside `Agent.update` (metrics stay on the device until log time,
+non-finite losses skip the fused optimiser step on the device: `Optimizer`); the replay's images
+live on the GPU (`Replay`); TF32 on CUDA (`configure_torch`). Everything after `main` is the
+plumbing block, the same text in all five scripts of this repository.
 
     python dreamerv2.py --env dmc-walker-walk
-    python dreamerv2.py --env dcs-walker-walk --distraction medium --preset tiny
+    python dreamerv2.py --env dcs-walker-walk --distraction medium --preset small
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import math
@@ -68,65 +78,74 @@ td.Distribution.set_default_validate_args(False)
 
 @dataclass
 class Args:
+    """Every default is the DreamerV2 setting for DMC from pixels (the official configuration,
+    danijar/dreamerv2 `configs.yaml`, section dmc_vision over its defaults), or says why not.
+    Other settings (`--preset small`, `--preset tiny`) are the overrides in PRESETS below."""
+
+    # Experiment, environment, hardware.
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of this experiment (part of the run name)"""
+    """name of this experiment (part of the run name; ours: CleanRL's convention)"""
     env: str = "dmc-walker-walk"
-    """env id: dmc-<domain>-<task>, dcs-<domain>-<task>, natural-<domain>-<task>,
-    manipulation-<task>, robosuite-<task>-<robot>, pybullet-boxpush, minigrid-<name> (discrete
-    actions), toy-reach, toy-reach-center (README, "Environments")"""
+    """env id (official configs.yaml task dmc_walker_walk): dmc-<domain>-<task>,
+    dcs-<domain>-<task>, natural-<domain>-<task>, manipulation-<task>, robosuite-<task>-<robot>,
+    pybullet-boxpush, minigrid-<name> (discrete actions), toy-reach, toy-reach-center (docs/envs.md)"""
     distraction: str = "none"
-    """dcs-*: none | easy | medium | hard | background; robosuite-*: none | color-lighting |
-    color-lighting-camera; minigrid-*: none | color_direction | smaller_agent | random_frames |
-    video"""
+    """ours (none: the clean benchmark). dcs-*: none | easy | medium | hard | background;
+    robosuite-*: none | color-lighting | color-lighting-camera; minigrid-*: none | color_direction |
+    smaller_agent | random_frames | video"""
     dynamic: bool = True
-    """distractions move within an episode (False: static per episode)"""
+    """distractions move within an episode (False: static per episode); ours: the Distracting
+    Control Suite's dynamic setting"""
     video_dir: Optional[str] = None
-    """DAVIS 2017 or video folder for backgrounds (default: built-in offline pool)"""
+    """DAVIS 2017 or video folder for backgrounds (default, ours: the built-in offline pool)"""
     eval_split: Literal["train", "val"] = "val"
-    """background videos used for evaluation"""
+    """background videos used for evaluation (ours: held-out videos, the DCS protocol)"""
     seed: int = 1
-    """seed of the experiment"""
+    """seed of the experiment (ours: CleanRL's default)"""
     torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic` (and leaves cudnn.benchmark off)"""
+    """sets `torch.backends.cudnn.deterministic` (and leaves cudnn.benchmark off); ours: CleanRL's"""
     device: str = "auto"
-    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."""
+    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ... (ours)"""
     compile: bool = False
     """torch.compile the world-model loss and the behaviour losses as wholes (CPU and CUDA; the
-    first update compiles them and prints how long it took)"""
+    first update compiles them and prints how long it took). ours: off, compiling takes minutes"""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     """torch.compile mode (CUDA: 'reduce-overhead' uses CUDA graphs; 'max-autotune' means
-    max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it)"""
+    max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it); ours"""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocast for the networks; values, returns, log-probs, KL and losses stay fp32
-    (fp16 is known to diverge in Dreamer)"""
+    """bf16 autocast for the networks; values, returns, log-probs, KL and losses stay fp32. ours:
+    fp32 (official configs.yaml precision 16 is mixed fp16, which is known to diverge in Dreamer)"""
     preset: Literal["paper", "small", "tiny"] = "paper"
-    """'small': the same algorithm sized for a 2-core CPU (100K steps of dmc-cartpole-swingup in
-    under an hour); 'tiny': narrow nets, short sequences, 2000 steps, for smoke tests; flags you
-    set explicitly win over the preset (see PRESETS)"""
+    """'paper': these defaults; 'small': the same algorithm sized for a 2-core CPU (100K steps of
+    dmc-cartpole-swingup in under an hour); 'tiny': narrow nets, short sequences, 2000 steps, for
+    smoke tests. Flags you set explicitly win over the preset (ours, see PRESETS)"""
+
+    # Schedule, evaluation, logging, checkpoints.
     total_steps: int = 1_000_000
-    """environment steps to train for, counted after action repeat (simulator steps)"""
+    """environment steps to train for, counted after action repeat (simulator steps); ours: the
+    1M steps of the official DMC curves (reference/dreamerv2-dmc-vision-scores.json)"""
     action_repeat: Optional[int] = None
     """simulator steps per action; None: 2 for every dmc/dcs/natural task (official DreamerV2
-    configs.yaml, dmc: action_repeat 2), the env's own default otherwise; 0: the env's own
+    configs.yaml dmc_vision: action_repeat 2), the env's own default otherwise; 0: the env's own
     per-task default (PlaNet's: cartpole 8, walker 2, ...; `--preset small`)"""
     eval_every: int = 10_000
     """environment steps between evaluations (0: never, except at the end). The official
     implementation evaluates 1 episode every 1e4 agent steps (configs.yaml eval_every 1e4,
-    eval_eps 1); here 10 episodes every 1e4 environment steps, and `benchmark.sh dmc` 20 episodes
+    eval_eps 1); ours: 10 episodes every 1e4 environment steps, and `benchmark.sh dmc` 20 episodes
     every 10K environment steps: one episode's return is too noisy to compare curves with the
     published ones from a few seeds"""
     eval_episodes: int = 10
-    """episodes per evaluation, deterministic (mode) actions"""
+    """episodes per evaluation, deterministic (mode) actions (ours: see eval_every)"""
     log_every: int = 1_000
     """environment steps between training-metric logs and progress lines (a progress line is also
-    printed at least every 30 s)"""
+    printed at least every 30 s); ours: 10x the official log_every 1e4, for short CPU runs"""
     save_model: bool = False
     """write checkpoint.pt (networks, optimisers, counters, RNG states) at every evaluation, and
     replay.pt beside it at the end and every --replay-checkpoint-every evaluations (an interrupt
-    or a non-finite loss always writes both)"""
+    or a non-finite loss always writes both); ours: CleanRL's default"""
     checkpoint_replay: bool = True
     """write the replay to replay.pt (see save_checkpoint), so that --resume keeps the same data;
-    --no-checkpoint-replay: never, a resumed run starts with an empty replay"""
+    --no-checkpoint-replay: never, a resumed run starts with an empty replay (ours)"""
     replay_checkpoint_every: int = 10
     """evaluations between the periodic replay.pt writes (0: only at the end, on an interrupt or a
     non-finite stop). ours: the replay is gigabytes on a GPU run and writing it pauses training
@@ -134,94 +153,106 @@ class Args:
     the pause is a small fraction of the time between writes, and a hard kill (SIGKILL, a lost
     node) costs at most 10 evaluations' worth of replay, never the networks"""
     resume: Optional[str] = None
-    """path of a checkpoint to continue from: its flags are the defaults, schedule flags may change"""
+    """path of a checkpoint to continue from: its flags are the defaults, schedule flags may change
+    (ours)"""
     measure_updates: int = 0
     """if > 0: time this many updates on a synthetic batch at the configured sizes and 50 steps of
-    the acting loop on --env, print one JSON line and exit (benchmark.sh speed)"""
+    the acting loop on --env, print one JSON line and exit (benchmark.sh speed; ours)"""
     capture_video: bool = False
-    """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard"""
+    """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard
+    (ours: off, encoding costs time)"""
 
-    # Replay and schedule.
+    # Replay and training schedule.
     replay_capacity: int = 2_000_000
     """replay capacity in agent steps (official configs.yaml replay capacity 2e6), capped at what
     the run can fill (total_steps / action repeat) and allocated once"""
-    replay_device: str = "auto"
+    replay_device: Literal["auto", "cpu", "cuda"] = "auto"
     """where the replay's arrays live: 'auto' (the training device when it is CUDA, else cpu),
-    'cpu', 'cuda'"""
+    'cpu', 'cuda' (ours: on the GPU a batch needs no host-to-device copy)"""
     prioritize_ends: bool = True
-    """sample the last window of each episode more often (official configs.yaml
-    replay.prioritize_ends True; see `Replay.draw_starts`)"""
+    """sample the last window of each episode more often (official configs.yaml defaults:
+    replay.prioritize_ends True; see `Replay.draw_starts` and docs/dreamerv2.md, deviations)"""
     batch_size: int = 16
-    """sequences per mini-batch"""
+    """sequences per mini-batch (official configs.yaml dataset.batch 16)"""
     batch_length: int = 50
-    """steps per sequence"""
+    """steps per sequence (official configs.yaml dataset.length 50)"""
     prefill: int = 1000
-    """agent steps with uniform random actions before training starts"""
+    """agent steps with uniform random actions before training starts (official configs.yaml
+    dmc_vision prefill 1000)"""
     pretrain: int = 100
-    """updates made once, right after the prefill"""
+    """updates made once, right after the prefill (official configs.yaml dmc_vision pretrain 100)"""
     train_every: int = 5
-    """agent steps between training rounds"""
+    """agent steps between training rounds (official configs.yaml train_every 5)"""
     updates_per_step: int = 1
-    """updates per training round"""
+    """updates per training round (official configs.yaml train_steps 1)"""
 
     # World model.
     cnn_depth: int = 48
-    """encoder/decoder channels of the first layer (doubling: 48/96/192/384)"""
+    """encoder/decoder channels of the first layer (doubling: 48/96/192/384; official configs.yaml
+    encoder.cnn_depth 48)"""
     deter: int = 200
-    """GRU (deterministic) state size"""
+    """GRU (deterministic) state size (official configs.yaml dmc_vision rssm.deter 200)"""
     hidden: int = 200
-    """hidden units of the RSSM's input and output layers"""
+    """hidden units of the RSSM's input and output layers (official configs.yaml dmc_vision
+    rssm.hidden 200)"""
     stoch: int = 32
-    """categorical latent variables"""
+    """categorical latent variables (paper Sec. 2.1; official configs.yaml rssm.stoch 32)"""
     classes: int = 32
-    """classes per categorical variable"""
+    """classes per categorical variable (paper Sec. 2.1; official configs.yaml rssm.discrete 32)"""
     mlp_units: int = 400
-    """units of the reward, discount, actor and critic MLPs"""
+    """units of the reward, discount, actor and critic MLPs (official configs.yaml *_head.units 400)"""
     mlp_layers: int = 4
-    """hidden layers of those MLPs"""
+    """hidden layers of those MLPs (official configs.yaml *_head.layers 4)"""
     init: Literal["glorot", "torch"] = "glorot"
     """weight init: 'glorot' = Glorot-uniform weights, zero biases (Keras defaults, the official
     implementation); 'torch' = PyTorch's layer defaults"""
     kl_balance: float = 0.8
-    """KL balancing alpha: weight of the prior's side"""
+    """KL balancing alpha, the weight of the prior's side (paper Algorithm 2; official configs.yaml
+    kl.balance 0.8)"""
     free_nats: float = 1.0
-    """free nats, applied to the batch-mean KL"""
+    """free nats, applied to the batch-mean KL (official configs.yaml dmc_vision kl.free 1.0,
+    kl.free_avg True)"""
     kl_scale: float = 1.0
-    """beta, the KL weight"""
+    """beta, the KL weight of Eq. 2 (official configs.yaml loss_scales.kl 1.0)"""
     pred_discount: bool = False
-    """learn a discount (episode continuation) head; off for DMC, which never terminates"""
+    """learn a discount (episode continuation) head; off for DMC, which never terminates (official
+    configs.yaml dmc_vision pred_discount False)"""
     model_lr: float = 3e-4
-    """world-model learning rate"""
+    """world-model learning rate (official configs.yaml dmc_vision model_opt.lr 3e-4)"""
 
     # Behaviour.
     horizon: int = 15
-    """imagination horizon"""
+    """imagination horizon H (paper; official configs.yaml imag_horizon 15)"""
     gamma: float = 0.99
-    """discount"""
+    """discount (official configs.yaml discount 0.99)"""
     return_lambda: float = 0.95
-    """lambda of the lambda-return"""
+    """lambda of the lambda-return, Eq. 4 (official configs.yaml discount_lambda 0.95)"""
     actor_lr: float = 8e-5
-    """actor learning rate"""
+    """actor learning rate (official configs.yaml dmc_vision actor_opt.lr 8e-5)"""
     critic_lr: float = 8e-5
-    """critic learning rate"""
+    """critic learning rate (official configs.yaml dmc_vision critic_opt.lr 8e-5)"""
     actor_entropy: float = 1e-4
-    """entropy regulariser eta"""
+    """entropy regulariser eta of Eq. 6 (official configs.yaml dmc_vision actor_ent 1e-4)"""
     actor_grad: Literal["auto", "dynamics", "reinforce"] = "auto"
-    """'auto': dynamics backpropagation for continuous actions, REINFORCE for discrete"""
+    """'auto': dynamics backpropagation for continuous actions, REINFORCE for discrete (official
+    configs.yaml actor_grad auto, agent.py)"""
     target_update_every: int = 100
-    """updates between copies of the critic into the slow target critic"""
+    """updates between copies of the critic into the slow target critic (official configs.yaml
+    slow_target_update 100, slow_target_fraction 1)"""
     adam_eps: float = 1e-5
-    """Adam epsilon"""
+    """Adam epsilon (official configs.yaml *_opt.eps 1e-5)"""
     grad_clip: float = 100.0
-    """gradient-norm clip of every optimiser"""
+    """gradient-norm clip of every optimiser (official configs.yaml *_opt.clip 100)"""
     weight_decay: float = 1e-6
     """weight decay of every optimiser as the official one applies it: every parameter is multiplied
-    by (1 - weight_decay) once per step, independent of the learning rate (common/other.py)"""
+    by (1 - weight_decay) once per step, independent of the learning rate (official configs.yaml
+    *_opt.wd 1e-6; common/other.py)"""
 
 
-# Presets: values that replace the paper's defaults (flags you set still win).
+# Every setting other than the paper's, in one place: values that replace Args defaults (flags
+# you set still win; the run header prints what was applied).
 # 'small': the same algorithm, sized for a 2-core CPU: 100K env steps of dmc-cartpole-swingup in
-#   under an hour (README, "Learning on a CPU"). Chosen by measuring seconds per update on one CPU
+#   under an hour (docs/dreamerv2.md, "Presets"). Chosen by measuring seconds per update on one CPU
 #   thread; what each value trades:
 #   - action_repeat 0: the env's per-task repeat (PlaNet's, 8 for cartpole), the DMC-100K setting
 #     of the CURL/PlaNet benchmarks; rendering a frame costs ~30 ms here, so 4x fewer frames than
@@ -259,6 +290,17 @@ def preset_args(preset: str = "paper", **overrides) -> Args:
     return Args(**{**PRESETS.get(preset, {}), **overrides, "preset": preset})
 
 
+def preset_overrides(args: Args) -> str:
+    """The run header's account of the preset: each value it set that this run uses, and each one
+    a flag (or the resumed checkpoint) replaced."""
+    preset = PRESETS.get(args.preset, {})
+    if not preset:
+        return "no overrides (every default is the paper's setting, see Args)"
+    used = [f"{k}={v}" for k, v in preset.items() if getattr(args, k) == v]
+    replaced = [f"{k}={getattr(args, k)} (preset {v})" for k, v in preset.items() if getattr(args, k) != v]
+    return ", ".join(used) + (f"; flags replaced {', '.join(replaced)}" if replaced else "")
+
+
 def _flag_value(argv: list, flag: str) -> Optional[str]:
     """The value of `--name v` or `--name=v` in argv (the last one, as the parser takes it)."""
     value = None
@@ -276,9 +318,7 @@ def parse_args(argv=None) -> Args:
     argv = list(sys.argv[1:] if argv is None else argv)
     resume = _flag_value(argv, "--resume")
     if resume is not None:
-        if not Path(resume).is_file():
-            raise SystemExit(f"error: --resume {resume}: no such checkpoint file")
-        saved = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["args"]
+        saved = load_checkpoint(resume)["args"]
         known = {f.name for f in fields(Args)}
         args = tyro.cli(Args, args=argv, default=Args(**{k: v for k, v in saved.items() if k in known}))
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint {saved.get(k)})"
@@ -301,14 +341,6 @@ def action_repeat(args: Args) -> int:
         return 2
     return envs.default_action_repeat(args.env)
 
-
-STREAMS = {"train": 0, "eval": 1}
-
-
-def episode_seed(seed: int, stream: str, index: int) -> int:
-    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
-    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
-    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +410,7 @@ class Decoder(nn.Module):
         # The first transposed conv sees a 1x1 input, where it is exactly a matmul:
         # out[n, o, i, j] = sum_c x[n, c] W[c, o, i, j] + b[o]. Written as one (same parameters),
         # it is one GEMM instead of a convolution, and torch.compile's inductor no longer crashes
-        # in this conv's backward (a stride assertion, ../shared/measurements/h100-2026-11-23.md).
+        # in this conv's backward (a stride assertion, results/speed/h100-2026-11-23.md).
         first = self.net[0]
         x = (x @ first.weight.flatten(1)).view(-1, *first.weight.shape[1:]) + first.bias[:, None, None]
         return self.net[1:](x).reshape(*feat.shape[:-1], 3, 64, 64)
@@ -615,15 +647,19 @@ class ActorCritic(nn.Module):
 # Replay buffer
 # ---------------------------------------------------------------------------------------------
 
-
-def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
-    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
-    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+# Index conventions, in the paper's notation (stated once; every slicing site names what it picks).
+# Replay: slot t of an episode, and step t of a sampled sequence (T, B), holds
+#     x_t (obs), a_{t-1} (action: the one that led to x_t; zeros at t = 0), r_t (reward: received
+#     on arriving at x_t; 0 at t = 0), cont_t (0 if the episode terminated at x_t), is_first_t.
+#   so the RSSM's step t reads (h_{t-1}, z_{t-1}, action[t] = a_{t-1}, x_t) and the reward head at
+#   the model state (h_t, z_t), written z_t below, is trained on reward[t] = r_t.
+# Imagination from a start state z_0 (each posterior state of the batch, N = T * B of them):
+#     feats[t] = z_t for t = 0..H (H + 1 of them); actions[t] = a_t ~ pi(a | z_t) for t = 0..H-1,
+#     which leads to z_{t+1}; reward[t] = r_t = E p(r | z_t); value[t] = v(z_t), the slow critic.
+# Lambda-return: lambda_return(reward[:-1], value[:-1], discount[:-1], bootstrap=value[-1]) is
+#     target[t] = V_t for t = 0..H-1: V_t = r_t + gamma ((1 - lambda) v(z_{t+1}) + lambda V_{t+1}),
+#     V_H = v(z_H). The actor is credited for a_t (t = 0..H-2) with V_{t+1}, the return of the
+#     state its action leads to (official agent.py); the critic regresses v(z_t) on V_t.
 
 
 class Replay:
@@ -633,7 +669,7 @@ class Replay:
     Slot t of an episode holds obs_t, the action a_{t-1} that led to it (zeros at t = 0), the
     reward r_t received on arriving there (0 at t = 0), cont_t = 0 if the episode terminated
     there and is_first_t = 1 at t = 0. A sequence never crosses an episode boundary, so the RSSM
-    starts each one from zeros.
+    starts each one from zeros. (Index conventions: the comment above.)
 
     Speed: the arrays are torch tensors on `device`; on a GPU the images never cross the bus
     again after they are stored, and sampling is one gather on the device (start indices are drawn
@@ -739,13 +775,6 @@ class Replay:
         self._starts_length = None
 
 
-def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
-    """The replay's size in agent steps, allocated once (issue 22 item 7): `capacity` (agent steps)
-    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
-    of an episode, and at least one training sequence of `length`."""
-    return max(min(capacity, -(-total_steps // repeat) + 1), length)
-
-
 def to_torch(batch: dict, device: torch.device) -> dict:
     """Batch (tensors or numpy arrays) -> tensors on `device`; images stay uint8 (4x less to copy)."""
     return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
@@ -778,14 +807,14 @@ def world_model_loss(wm: WorldModel, batch: dict, args: Args):
     embed = wm.encoder(batch["obs"])  # (T, B, E)
     # The action into the first step of an episode is zero (official RSSM.obs_step with is_first;
     # the replay already stores zeros there, this keeps it so for any batch).
-    action = batch["action"]
+    action = batch["action"]  # action[t] = a_{t-1}, zeros at an episode start
     if "is_first" in batch:
         action = action * (1 - batch["is_first"])[..., None]
     post, prior = wm.rssm.observe(embed, action)
     feat = wm.rssm.feat(post)  # (T, B, F)
     target = batch["obs"].float() / 255.0 - 0.5
     image_nll = gaussian_nll(wm.decoder(feat), target).sum((-3, -2, -1)).mean()
-    reward_nll = gaussian_nll(wm.reward(feat).squeeze(-1), batch["reward"]).mean()
+    reward_nll = gaussian_nll(wm.reward(feat).squeeze(-1), batch["reward"]).mean()  # p(r_t | s_t)
     kl_loss, kl_value = kl_balance(post["logits"], prior["logits"], args.kl_balance, args.free_nats)
     loss = image_nll + reward_nll + args.kl_scale * kl_loss
     metrics = dict(image_loss=image_nll, reward_loss=reward_nll, kl_loss=kl_loss,
@@ -808,8 +837,9 @@ def world_model_loss(wm: WorldModel, batch: dict, args: Args):
 
 
 def lambda_return(reward, value, discount, bootstrap, lam: float):
-    """Eq. 4, time-major (H, N): V_t = r_t + gamma_t ((1 - lam) v_{t+1} + lam V_{t+1}), V_H = bootstrap."""
-    next_values = torch.cat([value[1:], bootstrap[None]], 0)
+    """Eq. 4, time-major (H, N): V_t = r_t + gamma_t ((1 - lam) v_{t+1} + lam V_{t+1}), V_H = bootstrap.
+    reward[t] = r_t, value[t] = v(s_t), discount[t] = gamma_t for t = 0..H-1; returns V_0..V_{H-1}."""
+    next_values = torch.cat([value[1:], bootstrap[None]], 0)  # v(s_{t+1}), t = 0..H-1
     inputs = reward + discount * next_values * (1 - lam)
     returns, last = [], bootstrap
     for t in reversed(range(reward.shape[0])):
@@ -836,28 +866,31 @@ def behaviour_losses(wm: WorldModel, ac: ActorCritic, post: dict, args: Args, di
     start = {k: post[k].detach().flatten(0, 1) for k in ("deter", "stoch")}  # (T*B, ...)
     feats, actions = imagine(wm, ac.actor, start, args.horizon)
     # Paper Eq. 4 uses r_t = E[p(r_t | z_t)] of the state the action is taken in.
-    reward = wm.reward(feats).squeeze(-1)  # (H+1, N), fp32 like every value below
+    reward = wm.reward(feats).squeeze(-1)  # r_t, t = 0..H: (H+1, N), fp32 like every value below
     if wm.discount is not None:
         discount = args.gamma * torch.sigmoid(wm.discount(feats).squeeze(-1))
     else:
         discount = torch.full_like(reward, args.gamma)
     value = ac.target_critic(feats).squeeze(-1)  # slow critic v(z_t), (H+1, N)
+    # r_t, v(z_t), gamma_t for t = 0..H-1 and the bootstrap v(z_H): target[t] = V_t, (H, N)
     target = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], args.return_lambda)
-    # Imagined steps after a predicted episode end count less: weight_t = prod_{k<t} gamma_k, (H+1, N).
+    # Imagined steps after a predicted episode end count less: weight_t = prod_{k<t} gamma_k for
+    # t = 0..H, (H+1, N).
     weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]], 0), 0).detach()
     # Actor, indexed as the official agent.py actor_loss: the action taken at z_t (t = 0..H-2) is
     # credited with V_{t+1}; z_0 comes from the replay, so V_0 trains nothing, and z_{H-1}'s action
     # leads to the bootstrap state only.
-    policy = ac.actor(feats[:-2].detach())
+    policy = ac.actor(feats[:-2].detach())  # pi(a_t | z_t), t = 0..H-2
     grad = args.actor_grad if args.actor_grad != "auto" else ("reinforce" if discrete else "dynamics")
     if grad == "dynamics":
-        objective = target[1:]  # rho = 1: backpropagate V_{t+1} through the model into a_t
+        objective = target[1:]  # V_{t+1}, t = 0..H-2; rho = 1: backpropagated through the model into a_t
     else:  # rho = 0: REINFORCE, baseline the slow critic, advantage V_{t+1} - v(z_t) (official)
+        # a_t, V_{t+1} and v(z_t) for t = 0..H-2
         objective = policy.log_prob(actions[:-1].detach()) * (target[1:] - value[:-2]).detach()
     entropy = policy.entropy()
-    actor_loss = -(weight[:-2] * (objective + args.actor_entropy * entropy)).mean()
-    critic = ac.critic(feats[:-1].detach()).squeeze(-1)  # v(z_t), (H, N), fp32
-    critic_loss = (gaussian_nll(critic, target.detach()) * weight[:-1]).mean()
+    actor_loss = -(weight[:-2] * (objective + args.actor_entropy * entropy)).mean()  # weight_t, t = 0..H-2
+    critic = ac.critic(feats[:-1].detach()).squeeze(-1)  # v(z_t), t = 0..H-1: (H, N), fp32
+    critic_loss = (gaussian_nll(critic, target.detach()) * weight[:-1]).mean()  # against V_t, weight_t
     metrics = dict(actor_loss=actor_loss, critic_loss=critic_loss, actor_entropy=entropy.mean(),
                    imagined_reward=reward.mean(), value=critic.mean(), lambda_return=target.mean())
     return actor_loss, critic_loss, metrics
@@ -868,73 +901,22 @@ def behaviour_losses(wm: WorldModel, ac: ActorCritic, post: dict, args: Args, di
 # ---------------------------------------------------------------------------------------------
 
 
-def lerp_(targets: list, sources: list, weight: torch.Tensor):
-    """targets <- targets + weight * (sources - targets), in place, for a 0-dim device tensor
-    `weight`. The weight goes in as a list of tensors: the overload that takes one number would
-    read the tensor to the host (a GPU sync every update)."""
-    torch._foreach_lerp_(targets, sources, [weight] * len(targets))
-
-
-def nonfinite(*values: torch.Tensor) -> torch.Tensor:
-    """1.0 if any value is NaN/inf, else 0.0: a 0-dim fp32 device tensor (no host sync)."""
-    return (~torch.isfinite(torch.stack([v.detach().float() for v in values]))).any().float()
-
-
-def cudagraph_step(enabled: bool):
-    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
-    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
-    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
-    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
-    with no backward pending, freeing outputs that are still in use."""
-    if enabled:
-        torch.compiler.cudagraph_mark_step_begin()
-
-
-def outlive_step(value, enabled: bool):
-    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
-    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
-    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
-    if not enabled:
-        return value
-    if isinstance(value, dict):
-        return {k: outlive_step(v, True) for k, v in value.items()}
-    return value.detach().clone()
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
-    on again after). A loss computed inside still backpropagates through `module` into its
-    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
-    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
-    eager mode, but a compiled graph's backward computes a gradient for every input that
-    requires one, here the whole world model's, for nothing (issue 22 item 9)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+# The names of the per-update non-finite flags (`metrics["nonfinite"]`, read by NonFiniteWatch).
+LOSS_NAMES = ("model_loss", "actor_loss", "critic_loss")
 
 
 class Agent:
-    LOSSES = ("model_loss", "actor_loss", "critic_loss")  # the names of the `nonfinite` flags
+    """The world model, the actor and the critic, their optimisers, one training step, acting."""
 
     def __init__(self, args: Args, action_dim: int, discrete: bool, device: torch.device):
         self.args, self.device, self.discrete, self.action_dim = args, device, discrete, action_dim
         self.wm = WorldModel(args, action_dim).to(device)
         self.ac = ActorCritic(args, self.wm.rssm.feat_dim, action_dim, discrete).to(device)
-        # The official optimiser multiplies every variable by (1 - wd) each step (common/other.py,
-        # Optimizer._apply_weight_decay, before the Adam step); AdamW multiplies by (1 - lr * wd'),
-        # so wd' = wd / lr gives exactly the official decay. fused=True: one kernel per step, and it
-        # honours `found_inf` (skips the step on the device, see `update`).
-        adam = lambda params, lr: torch.optim.AdamW(  # noqa: E731
-            params, lr=lr, eps=args.adam_eps, weight_decay=args.weight_decay / lr, fused=True)
-        self.model_opt = adam(self.wm.parameters(), args.model_lr)
-        self.actor_opt = adam(self.ac.actor.parameters(), args.actor_lr)
-        self.critic_opt = adam(self.ac.critic.parameters(), args.critic_lr)
+        # One Adam per network, with DreamerV2's clip and weight decay (configs.yaml *_opt).
+        opt = dict(eps=args.adam_eps, clip=args.grad_clip, weight_decay=args.weight_decay)
+        self.model_opt = Optimizer("model", self.wm.parameters(), args.model_lr, **opt)
+        self.actor_opt = Optimizer("actor", self.ac.actor.parameters(), args.actor_lr, **opt)
+        self.critic_opt = Optimizer("critic", self.ac.critic.parameters(), args.critic_lr, **opt)
         self.updates = 0
         # Once an update has a non-finite loss, every later one is skipped too (a device flag):
         # the main loop reads the flags one update late on a GPU, without waiting for the GPU.
@@ -959,54 +941,37 @@ class Agent:
             return behaviour_losses(self.wm, self.ac, post, self.args, self.discrete)
 
     def update(self, batch: dict) -> dict:
-        """One world-model update, then one actor and one critic update on imagined rollouts.
-        Returns device tensors: the metrics and `nonfinite`, one flag per name in LOSSES. A step
-        whose loss or gradient is not finite is skipped on the device (fused Adam's `found_inf`,
-        GradScaler's mechanism): parameters and moments stay as they were, with no host sync."""
-        clip = nn.utils.clip_grad_norm_
+        """One training step of the paper's Algorithm 1: world-model learning on a replayed batch
+        (Eq. 2), then behaviour learning in imagination from its posterior states (Eqs. 5, 6).
+        Returns device tensors: the metrics and `nonfinite`, one flag per name in LOSS_NAMES. A
+        non-finite world-model step skips the whole update, and every later one (`halted`)."""
         cudagraph_step(self.cudagraphs)
         model_loss, post, metrics = self.model_loss(batch)
-        self.model_opt.zero_grad(set_to_none=True)
-        model_loss.backward()
-        metrics["model_grad_norm"] = clip(self.wm.parameters(), self.args.grad_clip)
-        model_flag = nonfinite(model_loss, metrics["model_grad_norm"])
-        model_bad = torch.maximum(self.halted, model_flag)
-        self.model_opt.found_inf = model_bad
-        self.model_opt.step()
+        metrics |= self.model_opt(model_loss, skip=self.halted)
         post, metrics = outlive_step(post, self.cudagraphs), outlive_step(metrics, self.cudagraphs)
 
         cudagraph_step(self.cudagraphs)
-        with frozen(self.wm):  # the behaviour losses do not train the world model
-            actor_loss, critic_loss, ac_metrics = self.behaviour_losses(post)
-        self.actor_opt.zero_grad(set_to_none=True)
-        self.critic_opt.zero_grad(set_to_none=True)
-        # Each loss updates only its own network: the actor's gradient flows through the world
-        # model into the actions, but the world model is not updated by it.
-        # One backward pass for both: a compiled graph can be backpropagated only once, and the
-        # sum's gradient with respect to each network is its own loss's (the actor loss uses only
-        # the slow critic; the critic loss sees detached features and targets).
-        (actor_loss + critic_loss).backward(
-            inputs=[*self.ac.actor.parameters(), *self.ac.critic.parameters()])
-        metrics["actor_grad_norm"] = clip(self.ac.actor.parameters(), self.args.grad_clip)
-        metrics["critic_grad_norm"] = clip(self.ac.critic.parameters(), self.args.grad_clip)
-        # A bad world-model step skips the whole update, so that all parameters stay as before it.
-        actor_flag = nonfinite(actor_loss, metrics["actor_grad_norm"])
-        critic_flag = nonfinite(critic_loss, metrics["critic_grad_norm"])
-        actor_bad, critic_bad = torch.maximum(model_bad, actor_flag), torch.maximum(model_bad, critic_flag)
-        self.actor_opt.found_inf, self.critic_opt.found_inf = actor_bad, critic_bad
-        self.actor_opt.step()
-        self.critic_opt.step()
-        metrics.update(outlive_step(ac_metrics, self.cudagraphs))
+        with frozen(self.wm):  # the actor's gradient flows through the model; no model weight learns
+            actor_loss, critic_loss, behaviour_metrics = self.behaviour_losses(post)
+        # One backward pass of the sum (a compiled graph is backpropagated once): each network's
+        # gradient is its own loss's (the critic loss sees detached features and targets).
+        backward(actor_loss + critic_loss, self.actor_opt, self.critic_opt)
+        metrics |= self.actor_opt.step(actor_loss, self.model_opt.skipped)
+        metrics |= self.critic_opt.step(critic_loss, self.model_opt.skipped)
+        metrics |= outlive_step(behaviour_metrics, self.cudagraphs)
         if self.updates % self.args.target_update_every == 0:
-            # Copy the critic into the slow critic (lerp weight 1 copies exactly; 0 after a skip),
-            # in place and outside autograd: the slow critic must carry no history of the critic.
-            with torch.no_grad():
-                lerp_(list(self.ac.target_critic.parameters()), list(self.ac.critic.parameters()),
-                      1 - critic_bad)
+            self.update_slow_critic(copied=1 - self.critic_opt.skipped)
         self.updates += 1
-        metrics["nonfinite"] = torch.stack([model_flag, actor_flag, critic_flag])
+        flags = [self.model_opt.flag, self.actor_opt.flag, self.critic_opt.flag]
+        metrics["nonfinite"] = torch.stack(flags)  # in the order of LOSS_NAMES
         self.halted = torch.maximum(self.halted, metrics["nonfinite"].max())
         return metrics
+
+    @torch.no_grad()  # in place and outside autograd: the slow critic carries no history
+    def update_slow_critic(self, copied: torch.Tensor):
+        """Copy the critic into the slow critic of Eq. 5: lerp weight `copied` = 1 copies exactly,
+        0 (after a skipped critic step) leaves it as it was; a device tensor, no host sync."""
+        lerp_(list(self.ac.target_critic.parameters()), list(self.ac.critic.parameters()), copied)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, state, explore: bool):
@@ -1067,16 +1032,417 @@ def evaluate(agent: Agent, env, seeds: list, discrete: bool, record: bool = Fals
     return float(np.mean(returns)), frames
 
 
+
+def synthetic_batch(args: Args, action_dim: int, device: torch.device) -> dict:
+    T, B = args.batch_length, args.batch_size
+    return dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
+                action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
+                reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device),
+                is_first=torch.zeros(T, B, device=device))
+
+
+def measure_speed(args: Args, device: torch.device) -> dict:
+    """Speed benchmark. Updates: median seconds per update over `args.measure_updates` updates
+    (after 2 warm-ups) on a random batch of the configured size (model and optimisers only, no
+    env, no replay). Acting: env steps per second of the acting loop (policy step + env step,
+    exploration actions) over 50 agent steps on `args.env`."""
+    configure_torch(args, device)
+    env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=args.seed,
+                    image_size=64, action_repeat=action_repeat(args), video_dir=args.video_dir)
+    discrete = hasattr(env.action_space, "n")
+    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
+    agent = Agent(args, action_dim, discrete, device)
+    batch = synthetic_batch(args, action_dim, device)
+    times = []
+    for i in range(args.measure_updates + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        agent.update(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    obs, _ = env.reset(seed=args.seed)
+    state, env_steps, policy_time = None, 0, 0.0
+    for i in range(52):
+        if i == 2:  # the first two steps are warm-up: the clock starts here
+            start, env_steps, policy_time = time.perf_counter(), 0, 0.0
+        t = time.perf_counter()
+        action, state = agent.act(obs, state, explore=True)
+        policy_time += time.perf_counter() - t
+        obs, _, terminated, truncated, info = env.step(env_action(action, discrete))
+        env_steps += info["env_steps"]
+        if terminated or truncated:
+            (obs, _), state = env.reset(), None
+    acting_time = time.perf_counter() - start
+    env.close()
+    result = dict(seconds_per_update=float(np.median(times[2:])), updates=len(times) - 2,
+                  parameters=agent.num_parameters(), env=args.env,
+                  env_steps_per_second=env_steps / acting_time, policy_ms=1000 * policy_time / 50,
+                  device=str(device), precision=args.precision, compile=args.compile)
+    if args.compile:
+        result["compile_seconds"] = times[0]  # the first update compiles both loss functions
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    # peak resident memory of the process (Linux reports KiB): weights, optimisers, activations, env
+    result["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(result))
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
-# Logging, progress, checkpoints
+# Main loop
 # ---------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    if args.measure_updates > 0:
+        return measure_speed(args, resolve_device(args.device))
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    device = resolve_device(args.device)
+    replay_on = replay_device(args, device)
+    configure_torch(args, device)
+    seed_everything(args.seed)
+
+    repeat = action_repeat(args)
+    make = lambda split: envs.make(args.env, distraction=args.distraction,  # noqa: E731
+                                   dynamic=args.dynamic, seed=args.seed, image_size=64,
+                                   action_repeat=repeat, split=split, video_dir=args.video_dir)
+    try:  # bad input (env id, distraction, video folder) ends here with a message, not a traceback
+        env, eval_env = make("train"), make(args.eval_split)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    discrete = hasattr(env.action_space, "n")
+    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
+
+    agent = Agent(args, action_dim, discrete, device)
+    replay = Replay(replay_slots(args.replay_capacity, args.total_steps, repeat, args.batch_length),
+                    env.observation_space.shape,
+                    action_dim, args.seed, replay_on, args.prioritize_ends)
+    counters = dict(env_steps=0, agent_steps=0, episodes=0, next_eval=args.eval_every,
+                    last_eval=-1, eval_rounds=0, pretrain_updates=0)
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        counters.update(checkpoint["counters"])
+        load_replay(args.resume, checkpoint, replay, counters)
+        seed_everything(args.seed, checkpoint["rng"])  # after the networks are built: as saved
+    logger = Logger(run_dir, args, counters["env_steps"] if checkpoint is not None else None)
+    interrupt = StopFlag()
+
+    params = agent.num_parameters()
+    ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
+    print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | action repeat {repeat} | "
+          f"replay {replay.capacity:,} agent steps on {replay_on}, up to "
+          f"{replay.nbytes / 2**30:.2f} GiB (allocated once) | replay ratio {ratio:.0f} "
+          f"replayed steps per agent step | videos: {envs.video_source(args.env, args.distraction, args.video_dir)}", flush=True)
+    print(f"preset {args.preset}: {preset_overrides(args)}", flush=True)
+    if checkpoint is not None:
+        print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "
+              "episode was stored as truncated; a new episode starts)", flush=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+    progress = Progress(args, counters, args.updates_per_step / args.train_every)
+    last_return, metrics = float("nan"), {}
+    # Each update's non-finite flags, read late: on a GPU the newest update stays unread, so that
+    # the next one is queued while the GPU still runs it (the agent's `halted` flag makes it a no-op
+    # if needed).
+    watch = NonFiniteWatch(LOSS_NAMES)
+
+    def finish():
+        interrupt.restore()
+        env.close()
+        eval_env.close()
+        logger.close()
+
+    def write_checkpoint(with_replay: bool):
+        """checkpoint.pt, and replay.pt if `with_replay` (see save_checkpoint)."""
+        save_checkpoint(ckpt_path, agent, replay if with_replay else None, counters, args)
+
+    def check_finite(keep: int = 0):
+        """Read the flags of all but the newest `keep` updates; stop on a non-finite loss."""
+        bad = watch.first_bad(keep)
+        if bad is None:
+            return
+        names, update, step = bad
+        # that update (and any after it) was skipped: parameters from before it
+        write_checkpoint(with_replay=True)
+        finish()
+        raise SystemExit(f"error: non-finite {', '.join(names)} at update {update} (env step "
+                         f"{step}); checkpoint from before it: {ckpt_path}")
+
+    compiled = [not args.compile]
+
+    def train_once():
+        nonlocal metrics
+        check_finite(keep=1 if device.type == "cuda" else 0)
+        batch = to_torch(replay.sample(args.batch_size, args.batch_length), device)
+        start = time.perf_counter()
+        metrics = agent.update(batch)
+        watch.push(metrics["nonfinite"], agent.updates, counters["env_steps"])
+        if not compiled[0]:  # the first update of this process compiles (also after a resume)
+            compiled[0] = True
+            check_finite()  # waits for the first update: its wall time is the compile time
+            print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
+        else:
+            progress.update_time += time.perf_counter() - start
+            progress.updates += 1
+
+    def stop(episode: dict):
+        """Interrupted: store the episode so far as truncated, checkpoint, exit 130/143."""
+        check_finite()
+        if len(episode["reward"]) >= 2:
+            replay.add_episode(*(np.asarray(episode[k]) for k in ("obs", "action", "reward", "cont")))
+            counters["episodes"] += 1
+        write_checkpoint(with_replay=True)
+        print(f"interrupted at step {counters['env_steps']}; resume with: python "
+              f"{os.path.basename(__file__)} --resume {ckpt_path}", flush=True)
+        finish()
+        sys.exit(128 + interrupt.signum)
+
+    def run_eval():
+        """Evaluation round e: episode j is reset with episode_seed(seed, 'eval', e * 10000 + j), so
+        it is reproducible after a resume without storing the eval env's RNG. None if interrupted."""
+        check_finite()
+        seeds = [episode_seed(args.seed, "eval", counters["eval_rounds"] * 10_000 + j)
+                 for j in range(args.eval_episodes)]
+        ret, frames = evaluate(agent, eval_env, seeds, discrete, args.capture_video,
+                               stop=lambda: interrupt.signum is not None)
+        if ret is None:
+            return None
+        logger.log(counters["env_steps"], {"eval/episodic_return": ret})
+        if frames:
+            save_video(frames, run_dir / "videos" / f"eval_{counters['env_steps']}.mp4")
+            strip = np.concatenate(frames[:: max(1, len(frames) // 8)][:8], axis=1)
+            logger.writer.add_image("eval/frames", strip, counters["env_steps"], dataformats="HWC")
+        print(f"eval at {counters['env_steps']}: return {ret:.1f}", flush=True)
+        counters["last_eval"], counters["eval_rounds"] = counters["env_steps"], counters["eval_rounds"] + 1
+        while args.eval_every and counters["next_eval"] <= counters["env_steps"]:
+            counters["next_eval"] += args.eval_every
+        if args.save_model:
+            write_checkpoint(with_replay=replay_due(args, counters["eval_rounds"], counters))
+        return ret
+
+    def new_episode():
+        obs, _ = env.reset(seed=episode_seed(args.seed, "train", counters["episodes"]))
+        return obs, dict(obs=[obs], action=[np.zeros(action_dim, np.float32)], reward=[0.0], cont=[1.0])
+
+    obs, ep = new_episode()
+    state, episode_return = None, 0.0
+    phase = lambda: "prefill" if counters["agent_steps"] < args.prefill else "train"  # noqa: E731
+    pretrain_left = lambda: max(args.pretrain - counters["pretrain_updates"], 0)  # noqa: E731
+    progress.maybe_print(counters, phase(), last_return, agent.updates)
+    while counters["env_steps"] < args.total_steps:
+        start = time.perf_counter()
+        if counters["agent_steps"] < args.prefill:
+            action = (np.eye(action_dim, dtype=np.float32)[np.random.randint(action_dim)] if discrete
+                      else np.random.uniform(-1, 1, action_dim).astype(np.float32))
+        else:
+            action, state = agent.act(obs, state, explore=True)
+        obs, reward, terminated, truncated, info = env.step(env_action(action, discrete))
+        progress.acting_time += time.perf_counter() - start
+        counters["agent_steps"] += 1
+        counters["env_steps"] += info["env_steps"]
+        episode_return += reward
+        for key, value in zip(("obs", "action", "reward", "cont"), (obs, action, reward, 1.0 - terminated)):
+            ep[key].append(value)
+        if terminated or truncated:
+            replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
+            counters["episodes"] += 1
+            last_return = episode_return
+            logger.log(counters["env_steps"], {"charts/episodic_return": episode_return,
+                                               "charts/episodic_length": len(ep["reward"]) - 1})
+            (obs, ep), state, episode_return = new_episode(), None, 0.0
+        if interrupt.signum:
+            stop(ep)
+
+        # Train: once `prefill` steps are in, `pretrain` updates, then every `train_every` steps.
+        if counters["agent_steps"] >= args.prefill and replay.can_sample(args.batch_length):
+            if counters["pretrain_updates"] < args.pretrain:
+                while counters["pretrain_updates"] < args.pretrain:
+                    train_once()
+                    counters["pretrain_updates"] += 1
+                    progress.maybe_print(counters, "pretrain", last_return, agent.updates,
+                                         pending_updates=pretrain_left())
+                    if interrupt.signum:
+                        stop(ep)
+            elif counters["agent_steps"] % args.train_every == 0:
+                for _ in range(args.updates_per_step):
+                    train_once()
+
+        crossed = counters["env_steps"] // args.log_every != (counters["env_steps"] - info["env_steps"]) // args.log_every
+        if crossed:
+            logs = {f"losses/{k}": v for k, v in metrics.items() if k != "nonfinite"}
+            logs.update({"charts/SPS": progress.sps(counters), "charts/updates": agent.updates})
+            logger.log(counters["env_steps"], logs)
+        progress.maybe_print(counters, phase(), last_return, agent.updates, force=crossed,
+                             pending_updates=pretrain_left())
+        if args.eval_every and counters["env_steps"] >= counters["next_eval"]:
+            if run_eval() is None:
+                stop(ep)
+
+    if counters["last_eval"] != counters["env_steps"] and run_eval() is None:
+        stop(ep)
+    check_finite()
+    finish()
+    return run_dir
+
+
+# =============================================================================================
+# Plumbing: identical in every script (tests/test_plumbing.py compares the five copies byte for
+# byte, so a fix made here is made in all of them). Nothing below is part of the method: replay
+# seeding, device copies, the optimiser helper, logging, progress, signals, checkpoints, devices.
+# =============================================================================================
+
+STREAMS = {"train": 0, "eval": 1}
+
+
+def episode_seed(seed: int, stream: str, index: int) -> int:
+    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
+    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
+
+
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
+    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
+    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
+    """The replay's size in agent steps, allocated once: `capacity` (agent steps)
+    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
+    of an episode, and at least one training sequence of `length`."""
+    return max(min(capacity, -(-total_steps // repeat) + 1), length)
+
+
+def lerp_(targets: list, sources: list, weight: torch.Tensor):
+    """targets <- targets + weight * (sources - targets), in place, for a 0-dim device tensor
+    `weight`. The weight goes in as a list of tensors: the overload that takes one number would
+    read the tensor to the host (a GPU sync every update)."""
+    torch._foreach_lerp_(targets, sources, [weight] * len(targets))
+
+
+def nonfinite(*values: torch.Tensor) -> torch.Tensor:
+    """1.0 if any value is NaN/inf, else 0.0: a 0-dim fp32 device tensor (no host sync)."""
+    return (~torch.isfinite(torch.stack([v.detach().float() for v in values]))).any().float()
+
+
+def cudagraph_step(enabled: bool):
+    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
+    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
+    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
+    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
+    with no backward pending, freeing outputs that are still in use."""
+    if enabled:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def outlive_step(value, enabled: bool):
+    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
+    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
+    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
+    if not enabled:
+        return value
+    if isinstance(value, dict):
+        return {k: outlive_step(v, True) for k, v in value.items()}
+    return value.detach().clone()
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
+    on again after). A loss computed inside still backpropagates through `module` into its
+    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
+    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
+    eager mode, but a compiled graph's backward computes a gradient for every input that
+    requires one, here the whole world model's, for nothing."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class Optimizer:
+    """One network's optimiser, called with its loss, as danijar/dreamerv2's `common.Optimizer`:
+    `metrics |= opt(loss, skip)` zeroes the gradients, backpropagates, clips the gradient norm and
+    takes a fused Adam step. The step is skipped on the device, with no host sync, when the loss
+    or the gradient norm is not finite or when `skip` (a 0-dim device tensor, e.g. an earlier
+    optimiser's `skipped`) is 1: fused Adam honours `found_inf` as GradScaler sets it, leaving
+    parameters and moments as they were. After a step, `flag` is 1.0 if this loss or norm was not
+    finite and `skipped` is 1.0 if the step was skipped. Returns {"<name>_grad_norm": norm}.
+
+    weight_decay > 0: every parameter is multiplied by (1 - weight_decay) once per step, as the
+    official DreamerV2 optimiser does (common/other.py); AdamW multiplies by (1 - lr * wd'), so
+    wd' = weight_decay / lr. clip <= 0: no clipping (the norm is still measured and checked).
+    Losses that share one backward pass: `backward(loss, opt_a, opt_b)`, then `opt_a.step(...)`."""
+
+    def __init__(self, name: str, params, lr: float, eps: float = 1e-8, clip: float = 0.0,
+                 weight_decay: float = 0.0, clip_params=None):
+        self.name, self.params, self.clip = name, list(params), clip
+        # the parameters whose gradient norm is clipped and checked (default: all of them)
+        self.clip_params = self.params if clip_params is None else list(clip_params)
+        if weight_decay > 0:
+            self.opt = torch.optim.AdamW(self.params, lr=lr, eps=eps, weight_decay=weight_decay / lr,
+                                         fused=True)
+        else:
+            self.opt = torch.optim.Adam(self.params, lr=lr, eps=eps, fused=True)
+        self.flag = self.skipped = None
+
+    def __call__(self, loss: torch.Tensor, skip: torch.Tensor | None = None) -> dict:
+        backward(loss, self)
+        return self.step(loss, skip)
+
+    def step(self, loss: torch.Tensor, skip: torch.Tensor | None = None, *checked: torch.Tensor) -> dict:
+        """Clip, check `loss`, the norm and any `checked` values, and step (gradients in place)."""
+        return self.apply(skip, self.check(loss, *checked))
+
+    def check(self, loss: torch.Tensor, *checked: torch.Tensor) -> dict:
+        """Clip and measure: sets `flag`; returns the metrics. `apply` steps."""
+        if self.clip > 0:
+            norm = nn.utils.clip_grad_norm_(self.clip_params, self.clip)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in self.clip_params if p.grad is not None])
+        self.flag = nonfinite(loss, norm, *checked)
+        return {f"{self.name}_grad_norm": norm}
+
+    def apply(self, skip: torch.Tensor | None, metrics: dict | None = None) -> dict:
+        """The fused step, skipped on the device if `flag` or `skip` is set; returns `metrics`."""
+        self.skipped = self.flag if skip is None else torch.maximum(skip, self.flag)
+        self.opt.found_inf = self.skipped
+        self.opt.step()
+        return metrics or {}
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.opt.load_state_dict(state)
+
+
+def backward(loss: torch.Tensor, *opts: Optimizer):
+    """Zero the gradients of `opts` and backpropagate `loss` into their parameters only (a
+    compiled graph can be backpropagated once: losses of different networks that come out of one
+    compiled call share one backward pass of their sum)."""
+    for opt in opts:
+        opt.opt.zero_grad(set_to_none=True)
+    loss.backward(inputs=[p for opt in opts for p in opt.params])
 
 
 class Logger:
-    """TensorBoard plus metrics.jsonl (one json object per log event). On resume, records after
+    """TensorBoard plus metrics.jsonl (one json object per log event). On resume, the records after
     the checkpoint's step are dropped from both."""
 
-    def __init__(self, run_dir: Path, args: Args, resume_step: Optional[int] = None):
+    def __init__(self, run_dir: Path, args: Args, resume_step: int | None = None):
         path = run_dir / "metrics.jsonl"
         if resume_step is not None and path.exists():
             keep = [line for line in path.read_text().splitlines()
@@ -1088,16 +1454,18 @@ class Logger:
             f"|{k}|{v}|" for k, v in vars(args).items()))
         self.jsonl = open(path, "a")
 
-    def log(self, step: int, scalars: dict):
+    def log(self, step: int, scalars: dict, **text):
+        """Scalars (numbers or device tensors, copied to the host in one transfer) to both;
+        `text` fields only to metrics.jsonl."""
+        record = {"step": step, "time": time.time()}
         tensors = {k: v for k, v in scalars.items() if torch.is_tensor(v)}
-        if tensors:  # device metrics: one stack, one copy to the host
+        if tensors:
             values = torch.stack([v.detach().float() for v in tensors.values()]).cpu().tolist()
             scalars = {**scalars, **dict(zip(tensors, values))}
-        record = {"step": step, "time": time.time()}
         for key, value in scalars.items():
             self.writer.add_scalar(key, float(value), step)
             record[key] = float(value)
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps({**record, **text}) + "\n")
         self.jsonl.flush()
 
     def close(self):
@@ -1105,7 +1473,7 @@ class Logger:
         self.jsonl.close()
 
 
-def format_eta(seconds: Optional[float]) -> str:
+def format_eta(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "?"
     seconds = int(seconds)
@@ -1130,35 +1498,95 @@ preset_hint.shown = False
 
 
 class Progress:
-    """The progress line: at step 0, then every `log_every` env steps or 30 s of wall time."""
+    """The progress line: at the first call, then every `log_every` env steps or 30 s (also between
+    the updates of a burst). s/update is this process's measured mean (the main loop adds to
+    `acting_time`, `update_time` and `updates`); the ETA counts `updates_per_agent_step` updates
+    per remaining agent step plus `pending_updates` (e.g. pretraining) once updates have started."""
 
-    def __init__(self, args: Args, repeat: int, env_steps: int):
-        self.args, self.repeat = args, repeat
-        self.start, self.start_steps, self.last = time.time(), env_steps, 0.0
-        self.act_time, self.act_steps = 0.0, 0  # acting: policy + env step, per agent step
-        self.update_time, self.update_count = 0.0, 0
+    def __init__(self, args: Args, counters: dict, updates_per_agent_step: float):
+        self.args, self.ratio = args, updates_per_agent_step
+        self.start, self.start_steps = time.time(), counters["env_steps"]
+        self.start_agent_steps = counters["agent_steps"]
+        self.last_time, self.last_step = 0.0, None
+        self.acting_time = self.update_time = 0.0
+        self.updates = 0
 
-    def print(self, counters: dict, phase: str, updates: int, last_return: float):
-        args, now = self.args, time.time()
-        env_steps = counters["env_steps"]
-        sps = (env_steps - self.start_steps) / max(now - self.start, 1e-9)
-        spu = self.update_time / self.update_count if self.update_count else None
-        remaining = args.total_steps - env_steps
-        if spu is not None and self.act_steps:
-            pretrain_left = max(args.pretrain - counters["pretrain_updates"], 0)
-            eta = (remaining / self.repeat * (self.act_time / self.act_steps
-                                              + args.updates_per_step / args.train_every * spu)
-                   + pretrain_left * spu)
-        else:
-            eta = remaining / sps if sps > 0 else None
-        preset_hint(args, eta)
-        print(f"step {env_steps}/{args.total_steps} | {phase} | return {last_return:.1f} | "
-              f"SPS {sps:.1f} | updates {updates} ({'-' if spu is None else f'{spu:.2f}'} s/update) | "
+    def sps(self, counters: dict) -> float:
+        return (counters["env_steps"] - self.start_steps) / max(time.time() - self.start, 1e-9)
+
+    def eta(self, counters: dict, pending_updates: int = 0) -> float | None:
+        remaining = self.args.total_steps - counters["env_steps"]
+        acted = counters["agent_steps"] - self.start_agent_steps
+        if acted == 0:
+            return None
+        if self.updates == 0:
+            sps = self.sps(counters)
+            return remaining / sps if sps > 0 else None
+        repeat = max(counters["env_steps"] - self.start_steps, 1) / acted  # env steps per agent step
+        spu = self.update_time / self.updates
+        return remaining / repeat * (self.acting_time / acted + self.ratio * spu) + pending_updates * spu
+
+    def maybe_print(self, counters: dict, phase: str, episode_return: float, updates: int,
+                    force: bool = False, pending_updates: int = 0):
+        step, now = counters["env_steps"], time.time()
+        due = (self.last_step is None or step - self.last_step >= self.args.log_every
+               or now - self.last_time >= 30)
+        if not (due or force):
+            return
+        self.last_step, self.last_time = step, now
+        spu = f"{self.update_time / self.updates:.2f}" if self.updates else "-"
+        eta = self.eta(counters, pending_updates)
+        preset_hint(self.args, eta)
+        print(f"step {step}/{self.args.total_steps} | {phase} | return {episode_return:.1f} | "
+              f"SPS {self.sps(counters):.1f} | updates {updates} ({spu} s/update) | "
               f"ETA {format_eta(eta)}", flush=True)
-        self.last = now
 
-    def due(self) -> bool:
-        return time.time() - self.last >= 30
+
+class StopFlag:
+    """SIGINT/SIGTERM handler that only records the first signal; the loops check `signum` after
+    each step or update (exit code 128 + signum). A second signal, e.g. while the checkpoint is
+    written, is recorded and ignored. `restore()` puts the previous handlers back."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __call__(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFiniteWatch:
+    """Reads each update's non-finite flags (one per name in `names`) late: copied non-blocking,
+    with a CUDA event, so the host never waits for the device it feeds. Once an update is
+    non-finite the agent skips every later step on the device (its `halted` flag), so what is
+    saved when the host notices is the state from before the bad update."""
+
+    def __init__(self, names: tuple):
+        self.names, self.pending = names, []
+
+    def push(self, flags: torch.Tensor, update: int, step: int):
+        host = flags.to("cpu", non_blocking=True)
+        event = None
+        if flags.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((host, event, update, step))
+
+    def first_bad(self, keep: int = 0):
+        """(names of the non-finite losses, update, env step) of the first non-finite update among
+        the pending ones but the newest `keep`; None if they are all finite."""
+        while len(self.pending) > keep:
+            host, event, update, step = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()  # normally long done: the copy was queued an update ago
+            if host.any():
+                return [n for n, flag in zip(self.names, host.tolist()) if flag], update, step
+        return None
 
 
 def save_video(frames: list, path: Path, fps: int = 30):
@@ -1228,6 +1656,26 @@ def load_replay(path: str, checkpoint: dict, replay: Replay, counters: dict):
     print(f"replay: {replay.size} agent steps from {replay_path}{note}", flush=True)
 
 
+def load_checkpoint(path: str) -> dict:
+    """--resume: the checkpoint at `path`, its tensors read from disk as they are used (mmap)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: --resume {path}: no such checkpoint file")
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def seed_everything(seed: int, rng: dict | None = None):
+    """Seed Python, NumPy and torch, or restore their states from a checkpoint's `rng`."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if rng is not None:
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1239,12 +1687,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_replay_device(name: str, device: torch.device) -> torch.device:
-    if name == "auto":
+def replay_device(args: Args, device: torch.device) -> torch.device:
+    """Where the replay's arrays live: --replay-device auto keeps them on the training GPU (no
+    host-to-device copy of the batch), on the host otherwise."""
+    if args.replay_device == "auto":
         return device if device.type == "cuda" else torch.device("cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise SystemExit(f"error: --replay-device {name}: expected auto, cpu or cuda")
-    return resolve_device(name)
+    if args.replay_device == "cuda" and device.type != "cuda":
+        raise SystemExit("error: --replay-device cuda needs training on CUDA (--device cuda or auto on a GPU)")
+    return device if args.replay_device == "cuda" else torch.device("cpu")
 
 
 def configure_torch(args: Args, device: torch.device):
@@ -1258,294 +1708,6 @@ def configure_torch(args: Args, device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = not args.torch_deterministic
-
-
-def synthetic_batch(args: Args, action_dim: int, device: torch.device) -> dict:
-    T, B = args.batch_length, args.batch_size
-    return dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
-                action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
-                reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device),
-                is_first=torch.zeros(T, B, device=device))
-
-
-def measure_speed(args: Args, device: torch.device) -> dict:
-    """Speed benchmark. Updates: median seconds per update over `args.measure_updates` updates
-    (after 2 warm-ups) on a random batch of the configured size (model and optimisers only, no
-    env, no replay). Acting: env steps per second of the acting loop (policy step + env step,
-    exploration actions) over 50 agent steps on `args.env`."""
-    configure_torch(args, device)
-    env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=args.seed,
-                    image_size=64, action_repeat=action_repeat(args), video_dir=args.video_dir)
-    discrete = hasattr(env.action_space, "n")
-    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
-    agent = Agent(args, action_dim, discrete, device)
-    batch = synthetic_batch(args, action_dim, device)
-    times = []
-    for i in range(args.measure_updates + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        agent.update(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    obs, _ = env.reset(seed=args.seed)
-    state, env_steps, policy_time = None, 0, 0.0
-    for i in range(52):
-        if i == 2:  # the first two steps are warm-up: the clock starts here
-            start, env_steps, policy_time = time.perf_counter(), 0, 0.0
-        t = time.perf_counter()
-        action, state = agent.act(obs, state, explore=True)
-        policy_time += time.perf_counter() - t
-        obs, _, terminated, truncated, info = env.step(env_action(action, discrete))
-        env_steps += info["env_steps"]
-        if terminated or truncated:
-            (obs, _), state = env.reset(), None
-    acting_time = time.perf_counter() - start
-    env.close()
-    result = dict(seconds_per_update=float(np.median(times[2:])), updates=len(times) - 2,
-                  parameters=agent.num_parameters(), env=args.env,
-                  env_steps_per_second=env_steps / acting_time, policy_ms=1000 * policy_time / 50,
-                  device=str(device), precision=args.precision, compile=args.compile)
-    if args.compile:
-        result["compile_seconds"] = times[0]  # the first update compiles both loss functions
-    if device.type == "cuda":
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    # peak resident memory of the process (Linux reports KiB): weights, optimisers, activations, env
-    result["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps(result))
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Main loop
-# ---------------------------------------------------------------------------------------------
-
-
-class Interrupt:
-    """Signal handler that only records SIGINT/SIGTERM; the loops check `signum` after each
-    step/update. A second signal (e.g. while the checkpoint is written) is recorded and ignored."""
-
-    def __init__(self):
-        self.signum = None
-
-    def __call__(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-
-
-def main(args: Args):
-    if args.measure_updates > 0:
-        return measure_speed(args, resolve_device(args.device))
-    checkpoint = None
-    if args.resume:
-        if not Path(args.resume).is_file():
-            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint file")
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
-    device = resolve_device(args.device)
-    replay_device = resolve_replay_device(args.replay_device, device)
-    configure_torch(args, device)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
-    repeat = action_repeat(args)
-    make = lambda split: envs.make(args.env, distraction=args.distraction,  # noqa: E731
-                                   dynamic=args.dynamic, seed=args.seed, image_size=64,
-                                   action_repeat=repeat, split=split, video_dir=args.video_dir)
-    try:  # bad input (env id, distraction, video folder) ends here with a message, not a traceback
-        env, eval_env = make("train"), make(args.eval_split)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
-    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    discrete = hasattr(env.action_space, "n")
-    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
-
-    agent = Agent(args, action_dim, discrete, device)
-    replay = Replay(replay_slots(args.replay_capacity, args.total_steps, repeat, args.batch_length),
-                    env.observation_space.shape,
-                    action_dim, args.seed, replay_device, args.prioritize_ends)
-    counters = dict(env_steps=0, agent_steps=0, episodes=0, next_eval=args.eval_every,
-                    last_eval=-1, eval_rounds=0, pretrain_updates=0)
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint["agent"])
-        counters.update(checkpoint["counters"])
-        load_replay(args.resume, checkpoint, replay, counters)
-        random.setstate(checkpoint["rng"]["python"])
-        np.random.set_state(checkpoint["rng"]["numpy"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    logger = Logger(run_dir, args, counters["env_steps"] if checkpoint is not None else None)
-    interrupt = Interrupt()
-    previous_handlers = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    params = agent.num_parameters()
-    ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
-    print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | action repeat {repeat} | "
-          f"replay {replay.capacity:,} agent steps on {replay_device}, up to "
-          f"{replay.nbytes / 2**30:.2f} GiB (allocated once) | replay ratio {ratio:.0f} "
-          f"replayed steps per agent step | videos: {envs.video_source(args.env, args.distraction, args.video_dir)}", flush=True)
-    if checkpoint is not None:
-        print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "
-              "episode was stored as truncated; a new episode starts)", flush=True)
-    ckpt_path = run_dir / "checkpoint.pt"
-    progress = Progress(args, repeat, counters["env_steps"])
-    last_return, metrics = float("nan"), {}
-    # Updates whose `nonfinite` flags are still to be read: (host copy, CUDA event or None, update
-    # number, env step). On a GPU the newest one stays pending, so that the next update is queued
-    # while the GPU still runs the last one; the agent's `halted` flag makes it a no-op if needed.
-    pending = collections.deque()
-
-    def finish():
-        signal.signal(signal.SIGINT, previous_handlers[signal.SIGINT])
-        signal.signal(signal.SIGTERM, previous_handlers[signal.SIGTERM])
-        env.close()
-        eval_env.close()
-        logger.close()
-
-    def write_checkpoint(with_replay: bool):
-        """checkpoint.pt, and replay.pt if `with_replay` (see save_checkpoint)."""
-        save_checkpoint(ckpt_path, agent, replay if with_replay else None, counters, args)
-
-    def check_finite(keep: int = 0):
-        """Read the flags of all but the newest `keep` updates; stop on a non-finite loss."""
-        while len(pending) > keep:
-            flags, event, update, step = pending.popleft()
-            if event is not None:
-                event.synchronize()  # normally long done: the copy was queued an update ago
-            bad = [name for name, flag in zip(Agent.LOSSES, flags.tolist()) if flag]
-            if not bad:
-                continue
-            # that update (and any after it) was skipped: parameters from before it
-            write_checkpoint(with_replay=True)
-            finish()
-            raise SystemExit(f"error: non-finite {', '.join(bad)} at update {update} (env step "
-                             f"{step}); checkpoint from before it: {ckpt_path}")
-
-    compiled = [not args.compile]
-
-    def train_once():
-        nonlocal metrics
-        check_finite(keep=1 if device.type == "cuda" else 0)
-        batch = to_torch(replay.sample(args.batch_size, args.batch_length), device)
-        start = time.perf_counter()
-        metrics = agent.update(batch)
-        event = torch.cuda.Event() if device.type == "cuda" else None
-        pending.append((metrics["nonfinite"].to("cpu", non_blocking=True), event, agent.updates,
-                        counters["env_steps"]))
-        if event is not None:
-            event.record()
-        if not compiled[0]:  # the first update of this process compiles (also after a resume)
-            compiled[0] = True
-            check_finite()  # waits for the first update: its wall time is the compile time
-            print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
-        else:
-            progress.update_time += time.perf_counter() - start
-            progress.update_count += 1
-
-    def stop(episode: dict):
-        """Interrupted: store the episode so far as truncated, checkpoint, exit 130/143."""
-        check_finite()
-        if len(episode["reward"]) >= 2:
-            replay.add_episode(*(np.asarray(episode[k]) for k in ("obs", "action", "reward", "cont")))
-            counters["episodes"] += 1
-        write_checkpoint(with_replay=True)
-        print(f"interrupted at step {counters['env_steps']}; resume with: python "
-              f"{os.path.basename(__file__)} --resume {ckpt_path}", flush=True)
-        finish()
-        sys.exit(128 + interrupt.signum)
-
-    def run_eval():
-        """Evaluation round e: episode j is reset with episode_seed(seed, 'eval', e * 10000 + j), so
-        it is reproducible after a resume without storing the eval env's RNG. None if interrupted."""
-        check_finite()
-        seeds = [episode_seed(args.seed, "eval", counters["eval_rounds"] * 10_000 + j)
-                 for j in range(args.eval_episodes)]
-        ret, frames = evaluate(agent, eval_env, seeds, discrete, args.capture_video,
-                               stop=lambda: interrupt.signum is not None)
-        if ret is None:
-            return None
-        logger.log(counters["env_steps"], {"eval/episodic_return": ret})
-        if frames:
-            save_video(frames, run_dir / "videos" / f"eval_{counters['env_steps']}.mp4")
-            strip = np.concatenate(frames[:: max(1, len(frames) // 8)][:8], axis=1)
-            logger.writer.add_image("eval/frames", strip, counters["env_steps"], dataformats="HWC")
-        print(f"eval at {counters['env_steps']}: return {ret:.1f}", flush=True)
-        counters["last_eval"], counters["eval_rounds"] = counters["env_steps"], counters["eval_rounds"] + 1
-        while args.eval_every and counters["next_eval"] <= counters["env_steps"]:
-            counters["next_eval"] += args.eval_every
-        if args.save_model:
-            write_checkpoint(with_replay=replay_due(args, counters["eval_rounds"], counters))
-        return ret
-
-    def new_episode():
-        obs, _ = env.reset(seed=episode_seed(args.seed, "train", counters["episodes"]))
-        return obs, dict(obs=[obs], action=[np.zeros(action_dim, np.float32)], reward=[0.0], cont=[1.0])
-
-    obs, ep = new_episode()
-    state, episode_return = None, 0.0
-    phase = lambda: "prefill" if counters["agent_steps"] < args.prefill else "train"  # noqa: E731
-    progress.print(counters, phase(), agent.updates, last_return)
-    while counters["env_steps"] < args.total_steps:
-        start = time.perf_counter()
-        if counters["agent_steps"] < args.prefill:
-            action = (np.eye(action_dim, dtype=np.float32)[np.random.randint(action_dim)] if discrete
-                      else np.random.uniform(-1, 1, action_dim).astype(np.float32))
-        else:
-            action, state = agent.act(obs, state, explore=True)
-        obs, reward, terminated, truncated, info = env.step(env_action(action, discrete))
-        progress.act_time += time.perf_counter() - start
-        progress.act_steps += 1
-        counters["agent_steps"] += 1
-        counters["env_steps"] += info["env_steps"]
-        episode_return += reward
-        for key, value in zip(("obs", "action", "reward", "cont"), (obs, action, reward, 1.0 - terminated)):
-            ep[key].append(value)
-        if terminated or truncated:
-            replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
-            counters["episodes"] += 1
-            last_return = episode_return
-            logger.log(counters["env_steps"], {"charts/episodic_return": episode_return,
-                                               "charts/episodic_length": len(ep["reward"]) - 1})
-            (obs, ep), state, episode_return = new_episode(), None, 0.0
-        if interrupt.signum:
-            stop(ep)
-
-        # Train: once `prefill` steps are in, `pretrain` updates, then every `train_every` steps.
-        if counters["agent_steps"] >= args.prefill and replay.can_sample(args.batch_length):
-            if counters["pretrain_updates"] < args.pretrain:
-                while counters["pretrain_updates"] < args.pretrain:
-                    train_once()
-                    counters["pretrain_updates"] += 1
-                    if progress.due():
-                        progress.print(counters, "pretrain", agent.updates, last_return)
-                    if interrupt.signum:
-                        stop(ep)
-            elif counters["agent_steps"] % args.train_every == 0:
-                for _ in range(args.updates_per_step):
-                    train_once()
-
-        crossed = counters["env_steps"] // args.log_every != (counters["env_steps"] - info["env_steps"]) // args.log_every
-        if crossed:
-            logs = {f"losses/{k}": v for k, v in metrics.items() if k != "nonfinite"}
-            logs.update({"charts/SPS": (counters["env_steps"] - progress.start_steps)
-                         / max(time.time() - progress.start, 1e-9), "charts/updates": agent.updates})
-            logger.log(counters["env_steps"], logs)
-        if crossed or progress.due():
-            progress.print(counters, phase(), agent.updates, last_return)
-        if args.eval_every and counters["env_steps"] >= counters["next_eval"]:
-            if run_eval() is None:
-                stop(ep)
-
-    if counters["last_eval"] != counters["env_steps"] and run_eval() is None:
-        stop(ep)
-    check_finite()
-    finish()
-    return run_dir
 
 
 if __name__ == "__main__":
