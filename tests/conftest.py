@@ -138,7 +138,7 @@ def check_dreamerv2_weight_decay(agent, wd: float = 1e-6):
     before = [p.detach().clone() for p in agent.ac.critic.parameters()]
     for p in agent.ac.critic.parameters():
         p.grad = torch.zeros_like(p)  # no gradient: the Adam step is zero, only the decay acts
-    agent.critic_opt.step()
+    getattr(agent.critic_opt, "opt", agent.critic_opt).step()  # the torch optimiser inside the Optimizer helper
     for b, p in zip(before, agent.ac.critic.parameters()):
         torch.testing.assert_close(p.detach(), b * (1 - wd), rtol=1e-7, atol=0)
 

@@ -313,7 +313,7 @@ def test_the_small_preset_is_the_same_algorithm_with_smaller_sizes(script):
                "deter", "hidden", "stoch", "classes", "mlp_units", "mlp_layers", "contrast_units",
                "obs_mlp", "gru_mlp", "prior_mlp", "posterior_mlp", "decoder_mlp", "reward_mlp",
                "inverse_mlp", "ac_hidden", "render_size", "render_height", "render_width",
-               "crop_size"}
+               "crop_size", "prioritize_ends"}
     assert changed and changed <= allowed, changed - allowed
     assert small["total_steps"] == 100_000
 
