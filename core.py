@@ -573,8 +573,8 @@ class RSSM(nn.Module):
         embed = self.posterior_embed(x)  # (T, B, posterior_mlp)
         state, posts = self.initial(B, x.device), []
         for t in range(T):  # the recurrence: fixed shapes, no data-dependent control flow
-            deter = self.deter_step(state["stoch"], action[t], state["deter"])
-            state = self.posterior(deter, embed[t], noise[t, 1])
+            deter = self.deter_step(state["stoch"], action[t], state["deter"])  # h_t from a_{t-1}
+            state = self.posterior(deter, embed[t], noise[t, 1])  # z_t, having seen x_t
             posts.append(state)
         post = {k: torch.stack([s[k] for s in posts]) for k in posts[0]}
         return post, self.prior(post["deter"], noise[:, 0]) if priors else None
@@ -815,11 +815,12 @@ def model_loss(wm: WorldModel, batch: dict, args: Args):
         # t = 0 the prior has seen nothing of the sequence, so that step is left out of L_c (the
         # authors' code does the same); every other (i, t) pair enters Eq. 1.
         source = RSSM.latent(prior) if args.predict_from == "prior" else z
-        y = wm.decoder(source[1:])
+        y = wm.decoder(source[1:])  # y_t = g(z^_t), t = 1 .. T-1: (T-1, B, embed)
         same = None
         if args.negatives == "same-sequence":
             seq = torch.arange(B, device=x.device).repeat(T - 1)
             same = seq[:, None] == seq[None, :]
+        # x_t, t = 1 .. T-1, the positives of y_t; N = (T-1) x B pairs, (t, b) flattened t-major
         l_c, accuracy = contrastive_loss(x[1:].flatten(0, 1), y.flatten(0, 1), wm.inverse_temperature, same)
         metrics.update(contrastive_loss=l_c, contrastive_accuracy=accuracy,
                        inverse_temperature=wm.inverse_temperature.detach())
@@ -834,17 +835,18 @@ def model_loss(wm: WorldModel, batch: dict, args: Args):
     # would only teach q to ignore o_0. ml-core leaves t = 0 out ("prior is uninformative").
     first = 0 if args.kl_first_step else 1
     l_kl = kl_loss({k: v[first:] for k, v in post.items()}, {k: v[first:] for k, v in prior.items()},
-                   args.free_nats)
+                   args.free_nats)  # q(z_t) against p(z^_t), t = first .. T-1
     loss = l_c + args.beta * l_kl
     metrics["kl_loss"] = l_kl
     if not args.no_reward_loss:
+        # r_t (slot t, received with o_t) against r^_t = r(z_t), every t (posterior, as ml-core)
         reward_loss = ((batch["reward"] - fp32_output(wm.reward, z).squeeze(-1)) ** 2).mean()
         loss = loss + args.alpha_r * reward_loss
         metrics["reward_loss"] = reward_loss
     if not args.no_inverse_dynamics:
         # a^_{t-1} = a(z_t, z_{t-1}); slot t of the batch holds a_{t-1}. tanh: actions in [-1, 1].
-        predicted = torch.tanh(wm.inverse(torch.cat([z[1:], z[:-1]], -1)).float())
-        inverse_loss = ((batch["action"][1:] - predicted) ** 2).sum(-1).mean()
+        predicted = torch.tanh(wm.inverse(torch.cat([z[1:], z[:-1]], -1)).float())  # (z_t, z_{t-1}), t >= 1
+        inverse_loss = ((batch["action"][1:] - predicted) ** 2).sum(-1).mean()  # a_{t-1}, t >= 1
         loss = loss + args.alpha_a * inverse_loss
         metrics["inverse_dynamics_loss"] = inverse_loss
     metrics["model_loss"] = loss
@@ -869,15 +871,16 @@ def sac_states(wm: WorldModel, batch: dict, args: Args, grad_to_model: bool) -> 
 def critic_loss(critics: Critics, target_critics: Critics, actor: Actor, log_alpha, z, batch, args):
     """Eq. 3-4 on the transitions (z_t, a_t, r_{t+1}, z_{t+1}) of the sequences; slot t+1 of the
     batch holds a_t and r_{t+1}. Q values and targets in fp32."""
+    # slots 1 .. T-1: a_t, r_{t+1}, cont_{t+1} for t = 0 .. T-2 (the paper's a_t, r_t)
     action, reward, cont = batch["action"][1:], batch["reward"][1:], batch["cont"][1:]
     with torch.no_grad():
-        next_z = z[1:].detach()
+        next_z = z[1:].detach()  # z_{t+1}
         dist = actor(next_z)
         next_action = dist.rsample()
         target_q = torch.min(*target_critics(next_z, next_action))
         v_target = target_q - log_alpha.exp() * dist.log_prob(next_action)  # Eq. 4
         y = reward + args.gamma * cont * v_target
-    q1, q2 = critics(z[:-1], action)
+    q1, q2 = critics(z[:-1], action)  # Q_i(z_t, a_t), t = 0 .. T-2
     loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
     return loss, dict(critic_loss=loss, q=q1.mean().detach(), target_q=y.mean())
 
@@ -894,7 +897,6 @@ def actor_loss(critics: Critics, actor: Actor, log_alpha, z):
 def alpha_loss(log_alpha, log_prob, target_entropy: float):
     """Automatic entropy temperature: push the policy entropy towards -|A|."""
     return -(log_alpha * (log_prob + target_entropy)).mean()
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -972,6 +974,7 @@ class Agent:
 
     def _actor_losses(self, z: torch.Tensor):
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.args.precision == "bf16"):
+            # z_t, t = 0 .. T-2: the states of J_Q's transitions
             pi_loss, log_prob = actor_loss(self.critics, self.actor, self.log_alpha, z[:-1])
         return pi_loss, alpha_loss(self.log_alpha, log_prob, self.target_entropy), log_prob
 
@@ -982,8 +985,10 @@ class Agent:
         if self.args.no_critic_grad_to_model:
             return {}
         if self.args.critic_model_clip > 0:
-            return {"critic_model_grad_norm": nn.utils.clip_grad_norm_(self.theta, self.args.critic_model_clip)}
-        return {"critic_model_grad_norm": nn.utils.get_total_norm([p.grad for p in self.theta if p.grad is not None])}
+            norm = nn.utils.clip_grad_norm_(self.theta, self.args.critic_model_clip)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in self.theta if p.grad is not None])
+        return {"critic_model_grad_norm": norm}
 
     def note_compile_time(self, start: float):
         """--compile: the first update's wall time, compilation included (printed by main)."""
