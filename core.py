@@ -906,7 +906,6 @@ def alpha_loss(log_alpha, log_prob, target_entropy: float):
 LOSS_NAMES = ("model_loss", "critic_loss", "actor_loss", "alpha_loss")  # one non-finite flag each
 
 
-
 def add_param_group(opt: Optimizer, params: list, lr: float):
     """A second parameter group, with a learning rate of its own, in `opt`'s Adam: stepped, skipped
     and backpropagated into with the first, with moments of its own (not clipped: `clip_params`
@@ -916,6 +915,10 @@ def add_param_group(opt: Optimizer, params: list, lr: float):
 
 
 class Agent:
+    """The networks (world model Theta, actor phi, critics theta_1, theta_2 and their targets, the
+    temperature alpha), one `Optimizer` per loss, `update` (one gradient step of Algorithm 1) and
+    `act` (filtering and acting). `state_dict` is the checkpoint's `agent` entry."""
+
     def __init__(self, args: Args, action_dim: int, device: torch.device):
         self.args, self.device, self.action_dim = args, device, action_dim
         self.wm = WorldModel(args, action_dim).to(device)
