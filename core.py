@@ -1,49 +1,62 @@
-"""CoRe: Robust Robotic Control from Pixels using Contrastive Recurrent State-Space Models
-(Srivastava, Saran, Jaitly, Sohl-Dickstein et al., 2021; ../shared/papers/core.txt).
+"""CoRe: contrastive recurrent state-space model + SAC, one file.
 
-A recurrent state-space model is trained without reconstructing pixels: the *prior* latent state
-(the model's prediction before it sees the observation) is decoded to a 50-d vector y_t that must
-pick out the encoding x_t of the real observation among all other observations of the mini-batch
-(InfoNCE). Distractions that the dynamics cannot predict (video backgrounds, camera shake, colour
-drift) are of no use for that, so the representation learns to ignore them. SAC is trained on
-the posterior latent state, and its critic loss also trains the encoder and the RSSM.
+Paper: Nitish Srivastava, Walter Talbott, Martin Bertran Lopez, Shuangfei Zhai and Joshua M.
+Susskind, "Robust Robotic Control from Pixels using Contrastive Recurrent State-Space Models",
+NeurIPS Deep Reinforcement Learning Workshop 2021, arXiv:2112.01163. Authors' code: apple/ml-core
+(`train.py`, `world_model.py`, `configs/dcs/core.yaml`). Tables 1-3 are the appendix's
+architecture, hyper-parameter and action-repeat tables (in the full text: Tables 4-6).
 
-Equations implemented, in the paper's order:
-- RSSM (appendix A.1): h_t = GRUCell(h_{t-1}, GRU_MLP(s_{t-1}, a_{t-1})); prior
+The idea: a recurrent state-space model is trained without reconstructing pixels. The *prior*
+latent state (the model's prediction before it sees the observation) is decoded to a 50-d vector
+y_t that must pick out the encoding x_t of the real observation among all other observations of
+the mini-batch (InfoNCE). Distractions that the dynamics cannot predict (video backgrounds, camera
+shake, colour drift) are of no use for that, so the representation learns to ignore them. SAC is
+trained on the posterior latent state, and its critic loss also trains the encoder and the RSSM.
+
+The paper, in its order, and where each part is implemented:
+- RSSM (App. A.1): h_t = GRUCell(h_{t-1}, GRU_MLP(s_{t-1}, a_{t-1})); prior
   (mu^, sigma^) = PriorMLP(h_t); posterior (mu, sigma) = PosteriorMLP(h_t, ObsMLP(x_t)); prior
   state z^_t = [h_t, s^_t], posterior state z_t = [h_t, s_t]; h_t propagated without sampling.
-  `RSSM`.
+  `RSSM` (`observe` for a sequence, `obs_step` while acting); encoder x_t = f(o_t): `Encoder`.
 - Eq. 1, contrastive loss: L_c = -sum log softmax over observations - sum log softmax over
   predictions of lambda x_{i,t}^T y_{i,t}, with y_t = g(z^_t) and lambda a learned inverse
-  temperature. `contrastive_loss`.
+  temperature. `contrastive_loss` (scores: `contrastive_scores`).
 - Eq. 2, L_KL = KL(q(z_t | z^_t, x_t) || p(z^_t | z_{t-1}, a_{t-1})). `kl_loss`.
-- J_M = L_c + beta L_KL + alpha_r (r_t - r^_t)^2 + alpha_a ||a_t - a^_t||^2 (Sec. 2.2), with the
+- Sec. 2.2, J_M = L_c + beta L_KL + alpha_r (r_t - r^_t)^2 + alpha_a ||a_t - a^_t||^2, with the
   inverse dynamics a^_{t-1} = a(z_t, z_{t-1}). `model_loss`.
 - Eq. 3-4, critic: J_Q(theta_i, Theta) = (Q_i(z_t, a_t) - sg(r + gamma V_target(z_{t+1})))^2,
   V_target = min_i Qbar_i(z_{t+1}, a') - alpha log pi(a' | z_{t+1}); trains the critics *and*
-  the encoder/RSSM parameters Theta (Sec. 2.3, C.2). `critic_loss`.
+  the encoder/RSSM parameters Theta (Sec. 2.3, C.2). `critic_loss` on `sac_states`.
 - Eq. 5, actor: J_pi = alpha log pi(a_t | z_t) - min_i Q_i(z_t, a_t), on detached states;
-  automatic entropy temperature with target entropy -|A|. `actor_loss`, `alpha_loss`.
-- Algorithm 1 / A.3: collect one episode, then 0.5 x (episode length) gradient steps, each
-  mini-batch used for J_M, J_Q and J_pi in turn. `main`.
+  automatic entropy temperature with target entropy -|A| (Table 2). `actor_loss`, `alpha_loss`.
+- Algorithm 1 / App. A.3: collect one episode, then 0.5 x (episode length) gradient steps, each
+  mini-batch used for J_M, J_Q and J_pi in turn. `Agent.update` (one gradient step), `main`.
 
-Shapes are time-major: replay sequences (T, B, ...), states (T, B, D). Control-suite frames are
+Shapes are time-major: replay sequences (T, B, ...), states (T, B, D). The index conventions
+(what slot t of a sequence holds) are stated once, above `Replay`. Control-suite frames are
 rendered at 320x240 and resized to 100x100 uint8 (A.3), then randomly cropped to 84x84 with the
 same crop for a whole sequence; acting uses the centre crop.
 
 Where the speed comes from (each is a named place below): `RSSM.observe` keeps only the recurrence
 in its time loop (ObsMLP, the observation half of PosteriorMLP's first layer and PriorMLP run once
 over all T x B); `Agent.__init__` optionally compiles the three loss computations as wholes
-(`--compile`); `Agent.update` never waits for the GPU (fused Adam steps that skip themselves on a
-non-finite loss, `_foreach_lerp_` targets, metrics kept on the device); `Replay` keeps the frames
-on the GPU when training there and crops there; `configure_torch` turns on TF32/cudnn autotuning.
+(`--compile`); `Agent.update` never waits for the GPU (the plumbing's `Optimizer`: fused Adam
+steps that skip themselves on a non-finite loss; `lerp_` targets; metrics kept on the device);
+`Replay` keeps the frames on the GPU when training there and crops there; `configure_torch` turns
+on TF32/cudnn autotuning. Measured seconds per update: results/speed/h100-2026-11-23.md (one
+H100), results/speed/cpu-2cores.md (CPU).
+
+Everything after `main` is plumbing (logging, progress, signals, checkpoints, devices, the
+optimiser helper), the same text in every script of this repository.
 
     python core.py --env dcs-walker-walk --distraction medium
-    python core.py --env dcs-walker-walk --distraction medium --preset tiny
+    python core.py --env dcs-walker-walk --distraction medium --preset small   # a 2-core CPU
+    python core.py --env dcs-walker-walk --distraction medium --preset tiny    # smoke test
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -70,64 +83,80 @@ import envs
 td.Distribution.set_default_validate_args(False)
 
 
+# ---------------------------------------------------------------------------------------------
+# Hyperparameters: the defaults are the paper's setting for its main benchmark (Distracting
+# Control Suite, dynamic medium distractions, 500K env steps); every other setting is a dict of
+# overrides in PRESETS below. Each field's docstring names the source of its default.
+# ---------------------------------------------------------------------------------------------
+
+
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of this experiment (part of the run name)"""
+    """name of this experiment (part of the run name; ours: CleanRL's naming)"""
     env: str = "dcs-walker-walk"
     """env id: dcs-<domain>-<task>, dmc-<domain>-<task>, natural-<domain>-<task>,
     manipulation-<task>, robosuite-<task>-<robot>, pybullet-boxpush, toy-reach, toy-reach-center
-    (README, "Environments")"""
+    (README, "Environments"; paper Sec. 3: walker-walk is one of DCS's six tasks)"""
     distraction: Optional[str] = None
     """dcs-*: none | easy | medium | hard | background; robosuite-*: none | color-lighting |
     color-lighting-camera; None: medium for dcs-* (the paper's setting), none otherwise"""
     dynamic: bool = True
-    """distractions move within an episode (False: static per episode)"""
+    """distractions move within an episode (False: static per episode)
+    (paper Sec. 3.1: the dynamic setting)"""
     video_dir: Optional[str] = None
     """DAVIS 2017 or video folder for backgrounds (default: the built-in offline pool, which is
-    not DAVIS: runs name their video source in the header and in every evaluation record)"""
+    not DAVIS: runs name their video source in the header and in every evaluation record;
+    paper: DAVIS 2017 train videos; ours: a pool that needs no download)"""
     seed: int = 1
-    """seed of the experiment"""
+    """seed of the experiment (ours: CleanRL's default)"""
     torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic` (and turns cudnn autotuning off)"""
+    """sets `torch.backends.cudnn.deterministic` (and turns cudnn autotuning off)
+    (ours: CleanRL's default)"""
     device: str = "auto"
-    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."""
+    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ... (ours)"""
     replay_device: Literal["auto", "cpu", "cuda"] = "auto"
     """where the replay's frames live; auto: the training device if it is CUDA (sampling and
-    cropping then run on the GPU), else host memory"""
+    cropping then run on the GPU), else host memory
+    (ours: no host-to-device copy of the batch on a GPU)"""
     compile: bool = False
     """torch.compile the three loss computations (J_M incl. the observe loop, J_Q incl. the
-    re-filtering, J_pi); the first update compiles (its time is printed)"""
+    re-filtering, J_pi); the first update compiles (its time is printed)
+    (ours: off, compiled was no faster on one H100, results/speed/h100-2026-11-23.md)"""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     """torch.compile mode (CUDA: 'reduce-overhead' uses CUDA graphs; 'max-autotune' means
-    max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it)"""
+    max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it) (ours)"""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast for the networks (critic and reward outputs, the plain GRU's state, targets,
-    log-probs, KL, contrastive scores and loss reductions stay fp32)"""
+    log-probs, KL, contrastive scores and loss reductions stay fp32)
+    (ours: fp32 as the paper; bf16 was slower on one H100, results/speed/h100-2026-11-23.md)"""
     preset: Literal["paper", "small", "tiny"] = "paper"
     """'small': the same algorithm sized for a 2-core CPU (100K steps of dmc-cartpole-swingup in
     under an hour); 'tiny': narrow nets, short sequences and episodes, 2000 steps, for smoke tests; flags you
-    set explicitly win over the preset (see PRESETS)"""
+    set explicitly win over the preset (see PRESETS) (ours)"""
     total_steps: int = 500_000
-    """environment steps to train for, counted after action repeat (simulator steps)"""
+    """environment steps to train for, counted after action repeat (simulator steps)
+    (paper Sec. 3: results at 500K steps)"""
     action_repeat: Optional[int] = None
     """simulator steps per action (default: the per-task value of Table 3, see envs)"""
     time_limit: Optional[int] = None
-    """episode length in simulator steps (default: the env's, 1000 for the control suite)"""
+    """episode length in simulator steps (default: the env's, 1000 for the control suite)
+    (paper App. A.3: 1000 simulator steps)"""
     eval_every: int = 10_000
-    """environment steps between evaluations (0: only at the end)"""
+    """environment steps between evaluations (0: only at the end) (ours: 10K env steps)"""
     eval_episodes: int = 10
-    """episodes per evaluation, deterministic policy, on the validation videos"""
+    """episodes per evaluation, deterministic policy, on the validation videos (ours)"""
     log_every: int = 1_000
     """environment steps between progress lines and training-metric logs (a progress line also
-    comes at least every 30 s)"""
+    comes at least every 30 s) (ours)"""
     save_model: bool = False
     """write checkpoint.pt (networks, optimisers, counters, RNG states) at every evaluation, and
     replay.pt beside it at the end and every --replay-checkpoint-every evaluations (an interrupt
-    or a non-finite loss always writes both)"""
+    or a non-finite loss always writes both) (ours)"""
     checkpoint_replay: bool = True
     """write the replay to replay.pt (see save_checkpoint), so that --resume keeps the same data;
-    --no-checkpoint-replay: never, a resumed run starts with an empty replay"""
+    --no-checkpoint-replay: never, a resumed run starts with an empty replay
+    (ours: a resumed run trains on the same data)"""
     replay_checkpoint_every: int = 10
     """evaluations between the periodic replay.pt writes (0: only at the end, on an interrupt or a
     non-finite stop). ours: the replay is gigabytes on a GPU run and writing it pauses training
@@ -136,106 +165,110 @@ class Args:
     node) costs at most 10 evaluations' worth of replay, never the networks"""
     resume: Optional[str] = None
     """path of a checkpoint to continue from: its flags become the defaults; schedule flags
-    (SCHEDULE_FLAGS) may be changed, others must match"""
+    (SCHEDULE_FLAGS) may be changed, others must match (ours)"""
     measure_updates: int = 0
     """if > 0: time this many updates on a synthetic batch at the configured sizes and 50 steps of
-    the acting loop on --env, print one JSON line and exit (benchmark.sh speed)"""
+    the acting loop on --env, print one JSON line and exit (benchmark.sh speed) (ours)"""
     capture_video: bool = False
-    """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard"""
+    """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard
+    (ours)"""
 
     # Observations (A.3).
     render_size: int = 100
-    """side of the square observation (A.3: 100x100)"""
+    """side of the square observation (App. A.3: 100x100)"""
     render_height: Optional[int] = 240
     """height the control suite renders at before the frame is resized to render_size square
-    (A.3: 320x240 renders); None or 0: render the square directly (narrower field of view)"""
+    (App. A.3: 320x240 renders); None or 0: render the square directly (narrower field of view)"""
     render_width: Optional[int] = 320
-    """width of the render before the resize (A.3: 320)"""
+    """width of the render before the resize (App. A.3: 320)"""
     crop_size: int = 84
-    """side of the random crop fed to the encoder (same crop for the whole sequence)"""
+    """side of the random crop fed to the encoder (same crop for the whole sequence)
+    (App. A.3: 84x84)"""
 
     # Replay and schedule (A.3, Table 2).
     replay_capacity: int = 100_000
-    """replay capacity in agent steps"""
+    """replay capacity in agent steps (Table 2: 100,000)"""
     batch_size: int = 32
-    """sequences per mini-batch (N)"""
+    """sequences per mini-batch (N) (App. A.3: N = 32)"""
     seq_len: int = 32
-    """steps per sequence (T)"""
+    """steps per sequence (T) (App. A.3: T = 32)"""
     prefill: int = 1000
     """agent steps (after action repeat) of uniform random actions, in whole episodes, with no
-    updates (A.3 "first 1000 steps"; ml-core counts initial_data_steps in agent steps and starts
+    updates (App. A.3 "first 1000 steps"; ml-core counts initial_data_steps in agent steps and starts
     updating after the first actor episode)"""
     updates_per_step: float = 0.5
-    """gradient steps per agent step of each collected episode"""
+    """gradient steps per agent step of each collected episode
+    (App. A.3: 0.5 x the steps of an episode)"""
 
     # World model (Table 1).
     cnn_filters: int = 32
-    """filters of the 4 encoder conv layers"""
+    """filters of the 4 encoder conv layers (Table 1)"""
     embed: int = 50
-    """encoder output x_t (the contrastive target), LayerNorm'd"""
+    """encoder output x_t (the contrastive target), LayerNorm'd (Table 1)"""
     obs_mlp: int = 256
-    """ObsMLP units ([256, 256] + LayerNorm)"""
+    """ObsMLP units ([256, 256] + LayerNorm) (Table 1)"""
     gru_mlp: int = 400
-    """GRU_MLP units ([400, 400])"""
+    """GRU_MLP units ([400, 400]) (Table 1)"""
     deter: int = 200
-    """GRUCell hidden units h_t"""
+    """GRUCell hidden units h_t (Table 1)"""
     gru: Literal["layernorm", "plain"] = "layernorm"
     """GRU cell: LayerNorm GRU (authors' code) or torch.nn.GRUCell"""
     prior_mlp: int = 400
-    """PriorMLP units ([400, 400, 400])"""
+    """PriorMLP units ([400, 400, 400]) (Table 1)"""
     posterior_mlp: int = 400
-    """PosteriorMLP units ([400, 400])"""
+    """PosteriorMLP units ([400, 400]) (Table 1)"""
     stoch: int = 64
     """stochastic state size (not given in the paper; the authors' code uses 64)"""
     decoder_mlp: int = 256
-    """observation-representation decoder g units ([256, 256, embed] + LayerNorm)"""
+    """observation-representation decoder g units ([256, 256, embed] + LayerNorm) (Table 1)"""
     reward_mlp: int = 128
-    """reward predictor units ([128, 128, 1])"""
+    """reward predictor units ([128, 128, 1]) (Table 1)"""
     inverse_mlp: int = 128
-    """inverse dynamics units ([128, 128, |A|])"""
+    """inverse dynamics units ([128, 128, |A|]) (Table 1)"""
     min_std: float = 0.1
-    """minimum std of the prior and posterior (softplus(x) + min_std)"""
+    """minimum std of the prior and posterior (softplus(x) + min_std)
+    (ours: Dreamer's softplus + min std; the authors' code clamps a log-std)"""
 
     # Objective (Table 2) and ablations.
     beta: float = 0.01
-    """KL weight"""
+    """KL weight (Table 2)"""
     alpha_r: float = 1.0
-    """reward prediction weight"""
+    """reward prediction weight (Table 2)"""
     alpha_a: float = 1.0
-    """inverse dynamics weight"""
+    """inverse dynamics weight (Table 2)"""
     free_nats: float = 0.0
     """clamp of the per-step KL from below (paper: none; the authors' code: 1.0)"""
     kl_first_step: bool = False
     """include t = 0 in L_KL (earlier versions of this script; ml-core and the default leave it
-    out, see `model_loss`)"""
+    out, see `model_loss`; authors' code: world_model.py)"""
     objective: Literal["contrastive", "reconstruction"] = "contrastive"
     """'reconstruction': the "Recon" baseline of Table 3, pixels decoded from the posterior"""
     negatives: Literal["batch", "same-sequence"] = "batch"
     """contrastive negatives from the whole batch, or only from the same sequence (Fig. 3)"""
     predict_from: Literal["prior", "posterior"] = "prior"
-    """state that y_t is decoded from (C.3)"""
+    """state that y_t is decoded from (C.3; paper Sec. 2.2: the prior)"""
     no_inverse_dynamics: bool = False
-    """drop the inverse dynamics loss (C.1)"""
+    """drop the inverse dynamics loss (C.1; paper Sec. 2.2 keeps it)"""
     no_reward_loss: bool = False
-    """drop the reward prediction loss (C.1)"""
+    """drop the reward prediction loss (C.1; paper Sec. 2.2 keeps it)"""
     no_critic_grad_to_model: bool = False
-    """keep the critic loss out of the encoder and RSSM (C.2)"""
+    """keep the critic loss out of the encoder and RSSM (C.2; paper Sec. 2.3 keeps it)"""
     gating: bool = False
     """pixel-level gating CNN in front of the encoder (Sec. 3.5); masks are logged as images"""
 
     # Behaviour: SAC (Table 2).
     ac_hidden: int = 1024
-    """units of the actor and critic MLPs (3 layers)"""
+    """units of the actor and critic MLPs (3 layers) (Table 1)"""
     sac_state: Literal["sample", "mean"] = "sample"
     """posterior state fed to SAC: a sample z_t ~ q (paper Eq. 3) or its mean (authors' code)"""
     gamma: float = 0.99
-    """discount"""
+    """discount (authors' code: configs/dcs/core.yaml)"""
     tau: float = 0.005
-    """target critic soft-update rate"""
+    """target critic soft-update rate (Table 2)"""
     init_alpha: float = 0.1
     """initial entropy temperature (authors' code: log alpha = -2.3)"""
     model_lr: float = 3e-4
-    """learning rate of J_M (encoder, RSSM, heads)"""
+    """learning rate of J_M (encoder, RSSM, heads) (Table 2)"""
     inverse_temperature_lr: float = 3e-4
     """learning rate of lambda (paper: part of Theta; authors' code: 2e-3)"""
     critic_model_lr: float = 1e-3
@@ -243,25 +276,25 @@ class Args:
     Theta into the critic's Adam (lr 1e-3). Earlier versions of this script: 3e-4"""
     critic_model_clip: float = 0.0
     """gradient-norm clip of J_Q's gradient on Theta; 0: none (ml-core clips only the critics).
-    Earlier versions of this script: 10"""
+    Earlier versions of this script: 10 (authors' code: max_grad_norm_critic, configs/dcs/core.yaml)"""
     critic_lr: float = 1e-3
-    """critic learning rate"""
+    """critic learning rate (Table 2)"""
     actor_lr: float = 1e-3
-    """actor learning rate"""
+    """actor learning rate (Table 2)"""
     alpha_lr: float = 1e-3
-    """entropy temperature learning rate"""
+    """entropy temperature learning rate (authors' code: configs/dcs/core.yaml)"""
     model_clip: float = 10.0
-    """gradient-norm clip of the model"""
+    """gradient-norm clip of the model (Table 2)"""
     critic_clip: float = 100.0
-    """gradient-norm clip of the critic"""
+    """gradient-norm clip of the critic (Table 2)"""
     actor_clip: float = 10.0
-    """gradient-norm clip of the actor"""
+    """gradient-norm clip of the actor (Table 2)"""
 
 
 # Presets: values that replace the paper's (flags you set still win).
 # 'small': the same algorithm sized for a 2-core CPU, 100K env steps of dmc-cartpole-swingup in
-#   under an hour (README, "Learning on a CPU"); values measured on one CPU thread:
-#   - renders 96x72 -> 72x72 -> 64 crops (A.3's 320x240 -> 100 -> 84, scaled down: a 320x240
+#   under an hour (docs/core.md, results/cpu/summary.md); values measured on one CPU thread:
+#   - renders 96x72 -> 72x72 -> 64 crops (App. A.3's 320x240 -> 100 -> 84, scaled down: a 320x240
 #     frame costs ~40 ms to render here).
 #   - 16-filter CNN, 128-unit model MLPs and GRU, 32 latents, 256-unit actor/critic: 1.4M
 #     parameters instead of 10.9M.
@@ -299,6 +332,12 @@ def preset_args(preset: str = "paper", **overrides) -> Args:
     return Args(**{**PRESETS.get(preset, {}), **overrides, "preset": preset})
 
 
+def preset_overrides(args: Args) -> dict:
+    """The preset's values that this run uses in place of the paper's (the run header prints them;
+    flags given explicitly win over the preset and are not listed)."""
+    return {k: v for k, v in PRESETS.get(args.preset, {}).items() if getattr(args, k) == v}
+
+
 def _flag_value(argv: list[str], flag: str) -> str | None:
     value = None
     for i, arg in enumerate(argv):
@@ -317,8 +356,6 @@ def parse_args(argv=None) -> Args:
     resume = _flag_value(argv, "--resume")
     saved = None
     if resume:
-        if not Path(resume).is_file():
-            raise SystemExit(f"error: --resume {resume}: no such checkpoint file")
         known = {f.name for f in fields(Args)}
         saved = {k: v for k, v in load_checkpoint(resume)["args"].items() if k in known}
         default = Args(**saved)
@@ -333,15 +370,6 @@ def parse_args(argv=None) -> Args:
             raise SystemExit(f"error: --resume: these flags differ from the checkpoint's and change the "
                              f"algorithm: {', '.join(changed)}; drop them or start a new run")
     return args
-
-
-STREAMS = {"train": 0, "eval": 1}
-
-
-def episode_seed(seed: int, stream: str, index: int) -> int:
-    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
-    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
-    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,8 +573,8 @@ class RSSM(nn.Module):
         embed = self.posterior_embed(x)  # (T, B, posterior_mlp)
         state, posts = self.initial(B, x.device), []
         for t in range(T):  # the recurrence: fixed shapes, no data-dependent control flow
-            deter = self.deter_step(state["stoch"], action[t], state["deter"])
-            state = self.posterior(deter, embed[t], noise[t, 1])
+            deter = self.deter_step(state["stoch"], action[t], state["deter"])  # h_t from a_{t-1}
+            state = self.posterior(deter, embed[t], noise[t, 1])  # z_t, having seen x_t
             posts.append(state)
         post = {k: torch.stack([s[k] for s in posts]) for k in posts[0]}
         return post, self.prior(post["deter"], noise[:, 0]) if priors else None
@@ -614,26 +642,27 @@ class Critics(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Replay buffer
+# Replay buffer, and the index conventions of the whole file
 # ---------------------------------------------------------------------------------------------
-
-
-def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
-    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
-    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+#
+# Time-major sequences of T steps (T = seq_len), t = 0 .. T-1. Slot t of a sampled sequence holds
+#   o_t       the observation (uint8 pixels, cropped),
+#   a_{t-1}   the action that led to o_t (zeros at an episode's first slot),
+#   r_t       the reward received with o_t, i.e. for a_{t-1} (0 at an episode's first slot),
+#   cont_t    0 if the episode terminated at o_t, else 1.
+# We write r_{t+1} for the reward that follows a_t (Sutton and Barto); the paper writes it r_t
+# (Eq. 3, J_M). So for a transition (z_t, a_t, r_{t+1}, z_{t+1}) SAC reads a_t and r_{t+1} from
+# slot t+1 and the states from slots t and t+1 ([:-1] and [1:]). States from `RSSM.observe` are
+# indexed like the slots: post[t] = z_t = [h_t, s_t] (has seen o_0 .. o_t), prior[t] = z^_t (has
+# seen o_0 .. o_{t-1} and a_{t-1}); y_t = g(z^_t) predicts x_t = f(o_t). There is no imagination:
+# CoRe's behaviour learning is SAC on replayed posterior states, with one-step targets (Eq. 3-4).
 
 
 class Replay:
     """Whole episodes in a flat ring of uint8 images; uniform sampling of in-episode sequences.
 
-    Slot t of an episode holds obs_t, the action a_{t-1} that led to it (zeros at t = 0), the
-    reward r_t received on arriving there (0 at t = 0) and cont_t = 0 if the episode terminated
-    there. A sequence never crosses an episode boundary.
+    Slot t of an episode holds o_t, a_{t-1}, r_t and cont_t (the conventions above). A sequence
+    never crosses an episode boundary.
 
     Speed: the arrays are torch tensors on `device`. On CUDA the frames live on the GPU (paper
     sizes: 3 GB) and a mini-batch is gathered and cropped there in one indexing op, so only the
@@ -725,16 +754,11 @@ def centre_crop(obs: np.ndarray, crop: int) -> np.ndarray:
     return obs[..., off:off + crop, off:off + crop]
 
 
-def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
-    """The replay's size in agent steps, allocated once (issue 22 item 7): `capacity` (agent steps)
-    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
-    of an episode, and at least one training sequence of `length`."""
-    return max(min(capacity, -(-total_steps // repeat) + 1), length)
-
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """A sampled batch on the training device (a no-op when the replay lives there)."""
     return {key: value.to(device) for key, value in batch.items()}
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -791,11 +815,12 @@ def model_loss(wm: WorldModel, batch: dict, args: Args):
         # t = 0 the prior has seen nothing of the sequence, so that step is left out of L_c (the
         # authors' code does the same); every other (i, t) pair enters Eq. 1.
         source = RSSM.latent(prior) if args.predict_from == "prior" else z
-        y = wm.decoder(source[1:])
+        y = wm.decoder(source[1:])  # y_t = g(z^_t), t = 1 .. T-1: (T-1, B, embed)
         same = None
         if args.negatives == "same-sequence":
             seq = torch.arange(B, device=x.device).repeat(T - 1)
             same = seq[:, None] == seq[None, :]
+        # x_t, t = 1 .. T-1, the positives of y_t; N = (T-1) x B pairs, (t, b) flattened t-major
         l_c, accuracy = contrastive_loss(x[1:].flatten(0, 1), y.flatten(0, 1), wm.inverse_temperature, same)
         metrics.update(contrastive_loss=l_c, contrastive_accuracy=accuracy,
                        inverse_temperature=wm.inverse_temperature.detach())
@@ -810,17 +835,18 @@ def model_loss(wm: WorldModel, batch: dict, args: Args):
     # would only teach q to ignore o_0. ml-core leaves t = 0 out ("prior is uninformative").
     first = 0 if args.kl_first_step else 1
     l_kl = kl_loss({k: v[first:] for k, v in post.items()}, {k: v[first:] for k, v in prior.items()},
-                   args.free_nats)
+                   args.free_nats)  # q(z_t) against p(z^_t), t = first .. T-1
     loss = l_c + args.beta * l_kl
     metrics["kl_loss"] = l_kl
     if not args.no_reward_loss:
+        # r_t (slot t, received with o_t) against r^_t = r(z_t), every t (posterior, as ml-core)
         reward_loss = ((batch["reward"] - fp32_output(wm.reward, z).squeeze(-1)) ** 2).mean()
         loss = loss + args.alpha_r * reward_loss
         metrics["reward_loss"] = reward_loss
     if not args.no_inverse_dynamics:
         # a^_{t-1} = a(z_t, z_{t-1}); slot t of the batch holds a_{t-1}. tanh: actions in [-1, 1].
-        predicted = torch.tanh(wm.inverse(torch.cat([z[1:], z[:-1]], -1)).float())
-        inverse_loss = ((batch["action"][1:] - predicted) ** 2).sum(-1).mean()
+        predicted = torch.tanh(wm.inverse(torch.cat([z[1:], z[:-1]], -1)).float())  # (z_t, z_{t-1}), t >= 1
+        inverse_loss = ((batch["action"][1:] - predicted) ** 2).sum(-1).mean()  # a_{t-1}, t >= 1
         loss = loss + args.alpha_a * inverse_loss
         metrics["inverse_dynamics_loss"] = inverse_loss
     metrics["model_loss"] = loss
@@ -845,15 +871,16 @@ def sac_states(wm: WorldModel, batch: dict, args: Args, grad_to_model: bool) -> 
 def critic_loss(critics: Critics, target_critics: Critics, actor: Actor, log_alpha, z, batch, args):
     """Eq. 3-4 on the transitions (z_t, a_t, r_{t+1}, z_{t+1}) of the sequences; slot t+1 of the
     batch holds a_t and r_{t+1}. Q values and targets in fp32."""
+    # slots 1 .. T-1: a_t, r_{t+1}, cont_{t+1} for t = 0 .. T-2 (the paper's a_t, r_t)
     action, reward, cont = batch["action"][1:], batch["reward"][1:], batch["cont"][1:]
     with torch.no_grad():
-        next_z = z[1:].detach()
+        next_z = z[1:].detach()  # z_{t+1}
         dist = actor(next_z)
         next_action = dist.rsample()
         target_q = torch.min(*target_critics(next_z, next_action))
         v_target = target_q - log_alpha.exp() * dist.log_prob(next_action)  # Eq. 4
         y = reward + args.gamma * cont * v_target
-    q1, q2 = critics(z[:-1], action)
+    q1, q2 = critics(z[:-1], action)  # Q_i(z_t, a_t), t = 0 .. T-2
     loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
     return loss, dict(critic_loss=loss, q=q1.mean().detach(), target_q=y.mean())
 
@@ -879,35 +906,19 @@ def alpha_loss(log_alpha, log_prob, target_entropy: float):
 LOSS_NAMES = ("model_loss", "critic_loss", "actor_loss", "alpha_loss")  # one non-finite flag each
 
 
-def lerp_(targets: list, sources: list, weight: torch.Tensor):
-    """targets <- targets + weight * (sources - targets), in place, for a 0-dim device tensor
-    `weight`. The weight goes in as a list of tensors: the overload that takes one number would
-    read the tensor to the host (a GPU sync every update)."""
-    torch._foreach_lerp_(targets, sources, [weight] * len(targets))
-
-
-def cudagraph_step(enabled: bool):
-    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
-    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
-    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
-    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
-    with no backward pending, freeing outputs that are still in use."""
-    if enabled:
-        torch.compiler.cudagraph_mark_step_begin()
-
-
-def outlive_step(value, enabled: bool):
-    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
-    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
-    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
-    if not enabled:
-        return value
-    if isinstance(value, dict):
-        return {k: outlive_step(v, True) for k, v in value.items()}
-    return value.detach().clone()
+def add_param_group(opt: Optimizer, params: list, lr: float):
+    """A second parameter group, with a learning rate of its own, in `opt`'s Adam: stepped, skipped
+    and backpropagated into with the first, with moments of its own (not clipped: `clip_params`
+    stays as it was). torch's param groups, as the authors' code uses them."""
+    opt.opt.add_param_group({"params": params, "lr": lr})
+    opt.params = opt.params + params
 
 
 class Agent:
+    """The networks (world model Theta, actor phi, critics theta_1, theta_2 and their targets, the
+    temperature alpha), one `Optimizer` per loss, `update` (one gradient step of Algorithm 1) and
+    `act` (filtering and acting). `state_dict` is the checkpoint's `agent` entry."""
+
     def __init__(self, args: Args, action_dim: int, device: torch.device):
         self.args, self.device, self.action_dim = args, device, action_dim
         self.wm = WorldModel(args, action_dim).to(device)
@@ -919,21 +930,22 @@ class Agent:
         self.target_critics.requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(args.init_alpha), device=device, requires_grad=True)
         self.target_entropy = -float(action_dim)
-        temperature = [self.wm.inverse_temperature_raw]
+        # Theta: encoder, RSSM and heads; lambda (the inverse temperature) has a rate of its own.
         self.theta = [p for p in self.wm.parameters() if p is not self.wm.inverse_temperature_raw]
-        # fused=True: one kernel per optimiser step, and a step that skips itself on the device
-        # when `found_inf` is set (see `_skip_if_nonfinite`).
-        adam = lambda params, lr, **kw: torch.optim.Adam(params, lr=lr, fused=True, **kw)  # noqa: E731
-        self.model_opt = adam([{"params": self.theta},
-                               {"params": temperature, "lr": args.inverse_temperature_lr}], args.model_lr)
+        # One optimiser per loss (the plumbing's `Optimizer`: fused Adam, clipping, non-finite skip).
+        # J_M: Theta and lambda, the gradient norm clipped over the whole world model (Table 2).
+        self.model_opt = Optimizer("model", self.theta, args.model_lr, clip=args.model_clip,
+                                   clip_params=self.wm.parameters())
+        add_param_group(self.model_opt, [self.wm.inverse_temperature_raw], args.inverse_temperature_lr)
         # J_Q trains the critics and Theta (Sec. 2.3). As in ml-core, Theta is a parameter group
-        # of the critic's Adam (moments of its own, apart from J_M's) at the critic's rate.
-        critic_groups = [{"params": list(self.critics.parameters())}]
+        # of the critic's Adam (moments of its own, apart from J_M's) at its own rate; the clip
+        # (Table 2: 100) is the critics' only, Theta's share is clipped by `clip_theta_share`.
+        self.critic_opt = Optimizer("critic", self.critics.parameters(), args.critic_lr, clip=args.critic_clip)
         if not args.no_critic_grad_to_model:
-            critic_groups.append({"params": self.theta, "lr": args.critic_model_lr})
-        self.critic_opt = adam(critic_groups, args.critic_lr)
-        self.actor_opt = adam(self.actor.parameters(), args.actor_lr)
-        self.alpha_opt = adam([self.log_alpha], args.alpha_lr, betas=(0.5, 0.999))
+            add_param_group(self.critic_opt, self.theta, args.critic_model_lr)
+        self.actor_opt = Optimizer("actor", self.actor.parameters(), args.actor_lr, clip=args.actor_clip)
+        self.alpha_opt = Optimizer("alpha", [self.log_alpha], args.alpha_lr)
+        self.alpha_opt.opt.param_groups[0]["betas"] = (0.5, 0.999)  # authors' code: momentum_alpha 0.5
         self.updates = 0
         # 1.0 once a term of some update was non-finite: every later step is skipped as well
         self.halted = torch.zeros((), device=device)
@@ -965,77 +977,64 @@ class Agent:
 
     def _actor_losses(self, z: torch.Tensor):
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.args.precision == "bf16"):
+            # z_t, t = 0 .. T-2: the states of J_Q's transitions
             pi_loss, log_prob = actor_loss(self.critics, self.actor, self.log_alpha, z[:-1])
         return pi_loss, alpha_loss(self.log_alpha, log_prob, self.target_entropy), log_prob
 
-    def _skip_if_nonfinite(self, opt: torch.optim.Optimizer, *values: torch.Tensor) -> torch.Tensor:
-        """Never train through a NaN/inf, never wait for the GPU to find out: the fused Adam step
-        is skipped on the device when `opt.found_inf` is 1 (parameters and moments untouched;
-        GradScaler's mechanism). Returns this step's own flag (0-dim)."""
-        bad = (~torch.isfinite(torch.stack([v.detach().float() for v in values]))).any().float()
-        self.halted = torch.maximum(self.halted, bad)
-        opt.found_inf = self.halted
-        return bad
+    def clip_theta_share(self) -> dict:
+        """J_Q's gradient on Theta (Sec. 2.3, C.2): clipped at --critic-model-clip (0: measured
+        only; ml-core clips only the critics) and checked with the critic's step. {} with
+        --no-critic-grad-to-model."""
+        if self.args.no_critic_grad_to_model:
+            return {}
+        if self.args.critic_model_clip > 0:
+            norm = nn.utils.clip_grad_norm_(self.theta, self.args.critic_model_clip)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in self.theta if p.grad is not None])
+        return {"critic_model_grad_norm": norm}
 
-    def update(self, batch: dict):
-        """The three updates of Algorithm 1 on one mini-batch: J_M, J_Q, J_pi (and alpha).
-        Returns (metrics, nonfinite): device tensors, no host synchronisation; nonfinite holds one
-        flag per LOSS_NAMES entry."""
-        args = self.args
-        start = time.perf_counter()
-        cudagraph_step(self.cudagraphs)
-        loss, metrics = self.model_losses(batch)
-        self.model_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        metrics["model_grad_norm"] = nn.utils.clip_grad_norm_(self.wm.parameters(), args.model_clip)
-        bad_model = self._skip_if_nonfinite(self.model_opt, loss, metrics["model_grad_norm"])
-        self.model_opt.step()
-        metrics = outlive_step(metrics, self.cudagraphs)
-
-        cudagraph_step(self.cudagraphs)
-        q_loss, q_metrics, z = self.critic_losses(batch)
-        self.critic_opt.zero_grad(set_to_none=True)
-        q_loss.backward()
-        metrics["critic_grad_norm"] = nn.utils.clip_grad_norm_(self.critics.parameters(), args.critic_clip)
-        checked = [q_loss, metrics["critic_grad_norm"]]
-        if not args.no_critic_grad_to_model:  # Theta's share of J_Q (ml-core: not clipped)
-            grads = [p.grad for p in self.theta if p.grad is not None]
-            theta_norm = (nn.utils.clip_grad_norm_(self.theta, args.critic_model_clip) if args.critic_model_clip > 0
-                          else nn.utils.get_total_norm(grads))
-            metrics["critic_model_grad_norm"] = theta_norm
-            checked.append(theta_norm)
-        bad_critic = self._skip_if_nonfinite(self.critic_opt, *checked)
-        self.critic_opt.step()
-        # z goes into J_pi, which trains only the actor and alpha: a detached copy is the same input
-        q_metrics, z = outlive_step(q_metrics, self.cudagraphs), outlive_step(z, self.cudagraphs)
-
-        # J_pi and the temperature loss in one backward: neither reaches the other's parameter
-        # (alpha is detached in J_pi, log pi in the alpha loss); `inputs` keeps the critics out.
-        cudagraph_step(self.cudagraphs)
-        pi_loss, a_loss, log_prob = self.actor_losses(z)
-        self.actor_opt.zero_grad(set_to_none=True)
-        self.alpha_opt.zero_grad(set_to_none=True)
-        (pi_loss + a_loss).backward(inputs=[*self.actor.parameters(), self.log_alpha])
-        metrics["actor_grad_norm"] = nn.utils.clip_grad_norm_(self.actor.parameters(), args.actor_clip)
-        bad_actor = self._skip_if_nonfinite(self.actor_opt, pi_loss, metrics["actor_grad_norm"])
-        self.actor_opt.step()
-        bad_alpha = self._skip_if_nonfinite(self.alpha_opt, a_loss, self.log_alpha.grad)
-        self.alpha_opt.step()
-
-        # Polyak averaging of the target critics (tau = 0.005, every update), one fused op;
-        # no averaging once an update was non-finite.
-        with torch.no_grad():  # in place on the targets, outside autograd (no history between updates)
-            lerp_(list(self.target_critics.parameters()), list(self.critics.parameters()),
-                  args.tau * (1 - self.halted))
-        self.updates += 1
-        metrics.update(q_metrics, actor_loss=pi_loss.detach(), alpha=self.log_alpha.exp().detach(),
-                       alpha_loss=a_loss.detach(), entropy=-log_prob.mean())
-        metrics = {k: v.detach() for k, v in outlive_step(metrics, self.cudagraphs).items()}
+    def note_compile_time(self, start: float):
+        """--compile: the first update's wall time, compilation included (printed by main)."""
         if self.compile_seconds is None and self.args.compile:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.compile_seconds = time.perf_counter() - start
-        return metrics, torch.stack([bad_model, bad_critic, bad_actor, bad_alpha])
+
+    def update(self, batch: dict):
+        """One gradient step of Algorithm 1 on one mini-batch: J_M, then J_Q on the updated Theta,
+        then J_pi and the temperature, then the target critics. Each step is skipped on the device
+        if its loss or gradient norm is not finite, and so is every later one (`halted`). Returns
+        (metrics, one non-finite flag per LOSS_NAMES entry): device tensors, no host sync."""
+        start, graphs = time.perf_counter(), self.cudagraphs
+        cudagraph_step(graphs)
+        loss, metrics = self.model_losses(batch)  # J_M (Sec. 2.2)
+        metrics |= self.model_opt(loss, self.halted)
+        metrics = outlive_step(metrics, graphs)
+
+        cudagraph_step(graphs)
+        q_loss, q_metrics, z = self.critic_losses(batch)  # J_Q (Eq. 3-4), trains critics and Theta
+        backward(q_loss, self.critic_opt)
+        theta = self.clip_theta_share()
+        metrics |= theta | self.critic_opt.step(q_loss, self.model_opt.skipped, *theta.values())
+        # z goes into J_pi, which trains only the actor and alpha: a detached copy is the same input
+        q_metrics, z = outlive_step(q_metrics, graphs), outlive_step(z, graphs)
+
+        cudagraph_step(graphs)
+        pi_loss, a_loss, log_prob = self.actor_losses(z)  # J_pi (Eq. 5) and the temperature loss
+        # one backward: neither loss reaches the other's parameter (alpha is detached in J_pi)
+        backward(pi_loss + a_loss, self.actor_opt, self.alpha_opt)
+        metrics |= self.actor_opt.step(pi_loss, self.critic_opt.skipped)
+        self.alpha_opt.step(a_loss, self.actor_opt.skipped)  # (its gradient norm is not logged)
+        self.halted = self.alpha_opt.skipped
+        with torch.no_grad():  # Polyak averaging (Table 2: tau every update), none once halted
+            lerp_(list(self.target_critics.parameters()), list(self.critics.parameters()),
+                  self.args.tau * (1 - self.halted))
+        self.updates += 1
+        metrics.update(q_metrics, actor_loss=pi_loss.detach(), alpha=self.log_alpha.exp().detach(),
+                       alpha_loss=a_loss.detach(), entropy=-log_prob.mean())
+        self.note_compile_time(start)
+        flags = [opt.flag for opt in (self.model_opt, self.critic_opt, self.actor_opt, self.alpha_opt)]
+        return {k: v.detach() for k, v in outlive_step(metrics, graphs).items()}, torch.stack(flags)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, state, explore: bool):
@@ -1095,260 +1094,10 @@ def evaluate(agent: Agent, env, episodes: int, seeds: list[int], record: bool = 
     return float(np.mean(returns)), frames
 
 
+
 # ---------------------------------------------------------------------------------------------
-# Logging, progress, interruptions and checkpoints
+# Environments and the speed benchmark
 # ---------------------------------------------------------------------------------------------
-
-
-class Logger:
-    """TensorBoard plus metrics.jsonl (one json object per log event). On resume the records
-    after the checkpoint's step are dropped from both."""
-
-    def __init__(self, run_dir: Path, args: Args, resume_step: int | None = None):
-        path = run_dir / "metrics.jsonl"
-        if resume_step is not None and path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in keep))
-        purge = None if resume_step is None else resume_step + 1
-        self.writer = SummaryWriter(str(run_dir), purge_step=purge)
-        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{k}|{v}|" for k, v in vars(args).items()))
-        self.jsonl = open(path, "a")
-
-    def log(self, step: int, scalars: dict, **text):
-        """Scalars (numbers or device tensors, copied to the host in one transfer) to both;
-        `text` fields only to metrics.jsonl."""
-        record = {"step": step, "time": time.time()}
-        tensors = {k: v for k, v in scalars.items() if torch.is_tensor(v)}
-        if tensors:
-            values = torch.stack([v.float() for v in tensors.values()]).cpu().tolist()
-            scalars = {**scalars, **dict(zip(tensors, values))}
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, float(value), step)
-            record[key] = float(value)
-        self.jsonl.write(json.dumps({**record, **text}) + "\n")
-        self.jsonl.flush()
-
-    def close(self):
-        self.writer.close()
-        self.jsonl.close()
-
-
-def format_eta(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def preset_hint(args, eta: float | None):
-    """Once per process, when a CPU run at the paper's sizes would take many hours: say which
-    preset finishes in about an hour, and what it trades."""
-    if (eta is not None and eta > 6 * 3600 and args.preset == "paper" and not preset_hint.shown
-            and not torch.cuda.is_available()):
-        preset_hint.shown = True
-        print(f"note: at the paper's sizes this CPU needs about {format_eta(eta)}; --preset small "
-              "(the same algorithm with smaller networks and batches, fewer updates per step and "
-              "PlaNet's action repeat) trains 100K steps of dmc-cartpole-swingup in under an hour "
-              "on 2 cores", flush=True)
-
-
-preset_hint.shown = False
-
-
-class Progress:
-    """The progress line: at the first step, then every `log_every` env steps or 30 s, also
-    between the updates of a burst. s/update is this process's measured mean; the ETA adds the
-    update cost once updates have started."""
-
-    def __init__(self, args: Args, counters: dict):
-        self.args, self.start, self.start_steps = args, time.time(), counters["env_steps"]
-        self.start_agent_steps = counters["agent_steps"]
-        self.last_time, self.last_step = 0.0, None
-        self.acting_time = self.update_time = 0.0
-        self.updates = 0
-
-    def sps(self, counters: dict) -> float:
-        return (counters["env_steps"] - self.start_steps) / max(time.time() - self.start, 1e-9)
-
-    def eta(self, counters: dict) -> float | None:
-        remaining = self.args.total_steps - counters["env_steps"]
-        acted = counters["agent_steps"] - self.start_agent_steps
-        if acted == 0:
-            return None
-        if self.updates == 0:
-            sps = self.sps(counters)
-            return remaining / sps if sps > 0 else None
-        repeat = (counters["env_steps"] - self.start_steps) / acted  # env steps per agent step
-        per_agent_step = self.acting_time / acted + self.args.updates_per_step * self.update_time / self.updates
-        return remaining / repeat * per_agent_step
-
-    def maybe_print(self, counters: dict, phase: str, episode_return: float, updates: int, force=False):
-        step, now = counters["env_steps"], time.time()
-        due = (self.last_step is None or step - self.last_step >= self.args.log_every
-               or now - self.last_time >= 30)
-        if not (due or force):
-            return
-        self.last_step, self.last_time = step, now
-        spu = f"{self.update_time / self.updates:.2f}" if self.updates else "-"
-        eta = self.eta(counters)
-        preset_hint(self.args, eta)
-        print(f"step {step}/{self.args.total_steps} | {phase} | return {episode_return:.1f} | "
-              f"SPS {self.sps(counters):.1f} | updates {updates} ({spu} s/update) | "
-              f"ETA {format_eta(eta)}", flush=True)
-
-
-class StopFlag:
-    """SIGINT/SIGTERM handler: only records the first signal. The loops check it after each
-    step or update; a second signal while the checkpoint is written is recorded and ignored."""
-
-    def __init__(self):
-        self.signum = None
-
-    def __call__(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-
-    def install(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self)
-
-
-class NonFiniteWatch:
-    """Reads each update's non-finite flags one update late (copied with non_blocking), so the
-    host never waits for the device it is feeding. Once an update is non-finite the agent skips
-    every later step on the device (`Agent.halted`), so what is saved when the host notices is
-    the state from before the bad update."""
-
-    def __init__(self):
-        self.pending = []
-
-    def push(self, flags: torch.Tensor, update: int, step: int):
-        event = None
-        host = flags.to("cpu", non_blocking=True)
-        if flags.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        self.pending.append((host, event, update, step))
-
-    def first_bad(self, keep: int = 1):
-        """(loss name, update, env step) of the first non-finite update among the pending ones
-        but the newest `keep`; None if all are finite."""
-        while len(self.pending) > keep:
-            host, event, update, step = self.pending.pop(0)
-            if event is not None:
-                event.synchronize()
-            if host.any():
-                return LOSS_NAMES[int(host.nonzero()[0])], update, step
-        return None
-
-
-def save_video(frames: list, path: Path, fps: int = 30):
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=fps)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        out.mux(stream.encode())
-
-
-def save_checkpoint(path: Path, agent: Agent, replay: Replay | None, counters: dict, args: Args):
-    """checkpoint.pt at `path`: networks, optimisers, counters, RNG states (megabytes: written at
-    every evaluation). Given a replay, and unless --no-checkpoint-replay, replay.pt beside it too:
-    the filled replay and the env step it was written at (gigabytes on a GPU run, copied to the
-    host: written only at the end, on an interrupt or a non-finite stop and every
-    --replay-checkpoint-every evaluations). The checkpoint goes first, so that a kill between the
-    two leaves an older replay (which --resume reports), never one newer than the checkpoint."""
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    atomic_save(dict(agent=agent.state_dict(), counters=dict(counters), args=vars(args), rng=rng), path)
-    if replay is not None and args.checkpoint_replay:
-        atomic_save(dict(replay=replay.state_dict(), env_steps=counters["env_steps"]),
-                    path.with_name("replay.pt"))
-
-
-def atomic_save(state: dict, path: Path):
-    """Write to a temporary file, flush it to disk, then rename it over the old file: a kill leaves
-    the old file or the new one, never part of one."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def replay_due(args: Args, evals: int, counters: dict) -> bool:
-    """Whether the checkpoint after evaluation number `evals` (counted from 1) writes replay.pt
-    too: the run's last one and every --replay-checkpoint-every-th."""
-    every = args.replay_checkpoint_every
-    return counters["env_steps"] >= args.total_steps or (every > 0 and evals % every == 0)
-
-
-def load_replay(path: str, checkpoint: dict, replay: Replay, counters: dict):
-    """--resume: fill `replay` from replay.pt beside the checkpoint at `path` (or from the
-    checkpoint itself if it was written before replay.pt existed); without one it stays empty.
-    `counters` are the checkpoint's. Prints one line on what the replay holds."""
-    replay_path = Path(path).with_name("replay.pt")
-    if checkpoint.get("replay") is not None:
-        saved = dict(replay=checkpoint["replay"], env_steps=counters["env_steps"])
-    elif replay_path.is_file():  # mmap: frames are read from disk as they are copied into the replay
-        saved = torch.load(replay_path, map_location="cpu", weights_only=False, mmap=True)
-    else:
-        print(f"no {replay_path}: the replay starts empty (updates resume once it holds a "
-              "training sequence)", flush=True)
-        return
-    replay.load_state_dict(saved["replay"])
-    note = "" if saved["env_steps"] == counters["env_steps"] else (
-        f", written at env step {saved['env_steps']}, older than the checkpoint (env step "
-        f"{counters['env_steps']}): the episodes in between are not in it")
-    print(f"replay: {replay.size} agent steps from {replay_path}{note}", flush=True)
-
-
-def load_checkpoint(path) -> dict:
-    # mmap: tensors are read from disk as they are used (a checkpoint written before replay.pt
-    # existed holds the replay too)
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name}: CUDA is not available here; use --device cpu or auto")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA devices here")
-    return device
-
-
-def replay_device(args: Args, device: torch.device) -> torch.device:
-    if args.replay_device == "auto":
-        return device if device.type == "cuda" else torch.device("cpu")
-    if args.replay_device == "cuda" and device.type != "cuda":
-        raise SystemExit("error: --replay-device cuda needs training on CUDA (--device cuda or auto on a GPU)")
-    return device if args.replay_device == "cuda" else torch.device("cpu")
-
-
-def configure_torch(args: Args, device: torch.device):
-    """Speed on CUDA: TF32 matmuls and convolutions (10-bit mantissa inputs, fp32 accumulation),
-    and cudnn autotuning unless --torch-deterministic."""
-    if device.type == "cuda":  # once: CUDA events, synchronize() and tensors made on "cuda" then
-        torch.cuda.set_device(device)  # all mean --device's GPU (cuda:1 too), not cuda:0
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = not args.torch_deterministic
 
 
 def make_env(args: Args, split: str, seed: int):
@@ -1419,6 +1168,7 @@ def measure_speed(args: Args, device: torch.device) -> dict:
     return result
 
 
+
 # ---------------------------------------------------------------------------------------------
 # Main loop (Algorithm 1)
 # ---------------------------------------------------------------------------------------------
@@ -1427,18 +1177,12 @@ def measure_speed(args: Args, device: torch.device) -> dict:
 def main(args: Args):
     if args.measure_updates > 0:
         return measure_speed(args, resolve_device(args.device))
-    checkpoint = None
-    if args.resume:
-        if not Path(args.resume).is_file():
-            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint file")
-        checkpoint = load_checkpoint(args.resume)
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
     if args.crop_size > args.render_size:
         raise SystemExit(f"error: --crop-size {args.crop_size} must not exceed --render-size {args.render_size}")
     device = resolve_device(args.device)
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     configure_torch(args, device)
 
     # Evaluation on the validation videos, as the paper does. Every episode is reset with its own
@@ -1468,26 +1212,24 @@ def main(args: Args):
         agent.load_state_dict(checkpoint["agent"])
         counters.update(checkpoint["counters"])
         load_replay(args.resume, checkpoint, replay, counters)
-        random.setstate(checkpoint["rng"]["python"])
-        np.random.set_state(checkpoint["rng"]["numpy"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        seed_everything(args.seed, checkpoint["rng"])  # the RNG states where the checkpoint left them
         del checkpoint
     logger = Logger(run_dir, args, resume_step=counters["env_steps"] if args.resume else None)
     stop = StopFlag()
-    stop.install()
 
     params = agent.num_parameters()
     print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | replay "
           f"{replay.capacity:,} agent steps on {replay.device.type}, up to {replay.nbytes / 2**30:.2f} GiB | "
           f"{args.updates_per_step} updates per agent step, batch {args.batch_size}x{args.seq_len} | "
           f"videos: {video_source(args)}", flush=True)
+    overrides = preset_overrides(args)
+    print(f"preset {args.preset}: " + (", ".join(f"{k}={v}" for k, v in overrides.items()) or
+                                       "the paper's settings (Args defaults)"), flush=True)
     if args.resume:
         print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted episode "
               f"was stored as truncated; a new episode starts)", flush=True)
 
-    progress, watch = Progress(args, counters), NonFiniteWatch()
+    progress, watch = Progress(args, counters, args.updates_per_step), NonFiniteWatch(LOSS_NAMES)
     run = dict(last_return=0.0, metrics={}, log_time=time.time(), log_updates=agent.updates)
 
     def write_checkpoint(with_replay: bool):
@@ -1495,6 +1237,7 @@ def main(args: Args):
         save_checkpoint(ckpt_path, agent, replay if with_replay else None, counters, args)
 
     def close():
+        stop.restore()
         logger.close()
         env.close()
         eval_env.close()
@@ -1509,7 +1252,8 @@ def main(args: Args):
     def check_finite(keep: int):
         bad = watch.first_bad(keep)
         if bad is not None:
-            name, update, step = bad
+            names, update, step = bad
+            name = names[0]  # the first of the update's non-finite losses, in the order of LOSS_NAMES
             write_checkpoint(with_replay=True)
             print(f"error: non-finite {name} at update {update} (env step {step}); checkpoint from "
                   f"before it: {ckpt_path}", file=sys.stderr, flush=True)
@@ -1626,6 +1370,429 @@ def main(args: Args):
     progress.maybe_print(counters, "train", run["last_return"], agent.updates, force=True)
     close()
     return run_dir
+
+
+
+
+# =============================================================================================
+# Plumbing: identical in every script (tests/test_plumbing.py compares the five copies byte for
+# byte, so a fix made here is made in all of them). Nothing below is part of the method: replay
+# seeding, device copies, the optimiser helper, logging, progress, signals, checkpoints, devices.
+# =============================================================================================
+
+STREAMS = {"train": 0, "eval": 1}
+
+
+def episode_seed(seed: int, stream: str, index: int) -> int:
+    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
+    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
+
+
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
+    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
+    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
+    """The replay's size in agent steps, allocated once: `capacity` (agent steps)
+    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
+    of an episode, and at least one training sequence of `length`."""
+    return max(min(capacity, -(-total_steps // repeat) + 1), length)
+
+
+def lerp_(targets: list, sources: list, weight: torch.Tensor):
+    """targets <- targets + weight * (sources - targets), in place, for a 0-dim device tensor
+    `weight`. The weight goes in as a list of tensors: the overload that takes one number would
+    read the tensor to the host (a GPU sync every update)."""
+    torch._foreach_lerp_(targets, sources, [weight] * len(targets))
+
+
+def nonfinite(*values: torch.Tensor) -> torch.Tensor:
+    """1.0 if any value is NaN/inf, else 0.0: a 0-dim fp32 device tensor (no host sync)."""
+    return (~torch.isfinite(torch.stack([v.detach().float() for v in values]))).any().float()
+
+
+def cudagraph_step(enabled: bool):
+    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
+    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
+    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
+    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
+    with no backward pending, freeing outputs that are still in use."""
+    if enabled:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def outlive_step(value, enabled: bool):
+    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
+    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
+    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
+    if not enabled:
+        return value
+    if isinstance(value, dict):
+        return {k: outlive_step(v, True) for k, v in value.items()}
+    return value.detach().clone()
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
+    on again after). A loss computed inside still backpropagates through `module` into its
+    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
+    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
+    eager mode, but a compiled graph's backward computes a gradient for every input that
+    requires one, here the whole world model's, for nothing."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class Optimizer:
+    """One network's optimiser, called with its loss, as danijar/dreamerv2's `common.Optimizer`:
+    `metrics |= opt(loss, skip)` zeroes the gradients, backpropagates, clips the gradient norm and
+    takes a fused Adam step. The step is skipped on the device, with no host sync, when the loss
+    or the gradient norm is not finite or when `skip` (a 0-dim device tensor, e.g. an earlier
+    optimiser's `skipped`) is 1: fused Adam honours `found_inf` as GradScaler sets it, leaving
+    parameters and moments as they were. After a step, `flag` is 1.0 if this loss or norm was not
+    finite and `skipped` is 1.0 if the step was skipped. Returns {"<name>_grad_norm": norm}.
+
+    weight_decay > 0: every parameter is multiplied by (1 - weight_decay) once per step, as the
+    official DreamerV2 optimiser does (common/other.py); AdamW multiplies by (1 - lr * wd'), so
+    wd' = weight_decay / lr. clip <= 0: no clipping (the norm is still measured and checked).
+    Losses that share one backward pass: `backward(loss, opt_a, opt_b)`, then `opt_a.step(...)`."""
+
+    def __init__(self, name: str, params, lr: float, eps: float = 1e-8, clip: float = 0.0,
+                 weight_decay: float = 0.0, clip_params=None):
+        self.name, self.params, self.clip = name, list(params), clip
+        # the parameters whose gradient norm is clipped and checked (default: all of them)
+        self.clip_params = self.params if clip_params is None else list(clip_params)
+        if weight_decay > 0:
+            self.opt = torch.optim.AdamW(self.params, lr=lr, eps=eps, weight_decay=weight_decay / lr,
+                                         fused=True)
+        else:
+            self.opt = torch.optim.Adam(self.params, lr=lr, eps=eps, fused=True)
+        self.flag = self.skipped = None
+
+    def __call__(self, loss: torch.Tensor, skip: torch.Tensor | None = None) -> dict:
+        backward(loss, self)
+        return self.step(loss, skip)
+
+    def step(self, loss: torch.Tensor, skip: torch.Tensor | None = None, *checked: torch.Tensor) -> dict:
+        """Clip, check `loss`, the norm and any `checked` values, and step (gradients in place)."""
+        return self.apply(skip, self.check(loss, *checked))
+
+    def check(self, loss: torch.Tensor, *checked: torch.Tensor) -> dict:
+        """Clip and measure: sets `flag`; returns the metrics. `apply` steps."""
+        if self.clip > 0:
+            norm = nn.utils.clip_grad_norm_(self.clip_params, self.clip)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in self.clip_params if p.grad is not None])
+        self.flag = nonfinite(loss, norm, *checked)
+        return {f"{self.name}_grad_norm": norm}
+
+    def apply(self, skip: torch.Tensor | None, metrics: dict | None = None) -> dict:
+        """The fused step, skipped on the device if `flag` or `skip` is set; returns `metrics`."""
+        self.skipped = self.flag if skip is None else torch.maximum(skip, self.flag)
+        self.opt.found_inf = self.skipped
+        self.opt.step()
+        return metrics or {}
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.opt.load_state_dict(state)
+
+
+def backward(loss: torch.Tensor, *opts: Optimizer):
+    """Zero the gradients of `opts` and backpropagate `loss` into their parameters only (a
+    compiled graph can be backpropagated once: losses of different networks that come out of one
+    compiled call share one backward pass of their sum)."""
+    for opt in opts:
+        opt.opt.zero_grad(set_to_none=True)
+    loss.backward(inputs=[p for opt in opts for p in opt.params])
+
+
+class Logger:
+    """TensorBoard plus metrics.jsonl (one json object per log event). On resume, the records after
+    the checkpoint's step are dropped from both."""
+
+    def __init__(self, run_dir: Path, args: Args, resume_step: int | None = None):
+        path = run_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in keep))
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(str(run_dir), purge_step=purge)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+            f"|{k}|{v}|" for k, v in vars(args).items()))
+        self.jsonl = open(path, "a")
+
+    def log(self, step: int, scalars: dict, **text):
+        """Scalars (numbers or device tensors, copied to the host in one transfer) to both;
+        `text` fields only to metrics.jsonl."""
+        record = {"step": step, "time": time.time()}
+        tensors = {k: v for k, v in scalars.items() if torch.is_tensor(v)}
+        if tensors:
+            values = torch.stack([v.detach().float() for v in tensors.values()]).cpu().tolist()
+            scalars = {**scalars, **dict(zip(tensors, values))}
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, float(value), step)
+            record[key] = float(value)
+        self.jsonl.write(json.dumps({**record, **text}) + "\n")
+        self.jsonl.flush()
+
+    def close(self):
+        self.writer.close()
+        self.jsonl.close()
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def preset_hint(args, eta: float | None):
+    """Once per process, when a CPU run at the paper's sizes would take many hours: say which
+    preset finishes in about an hour, and what it trades."""
+    if (eta is not None and eta > 6 * 3600 and args.preset == "paper" and not preset_hint.shown
+            and not torch.cuda.is_available()):
+        preset_hint.shown = True
+        print(f"note: at the paper's sizes this CPU needs about {format_eta(eta)}; --preset small "
+              "(the same algorithm with smaller networks and batches, fewer updates per step and "
+              "PlaNet's action repeat) trains 100K steps of dmc-cartpole-swingup in under an hour "
+              "on 2 cores", flush=True)
+
+
+preset_hint.shown = False
+
+
+class Progress:
+    """The progress line: at the first call, then every `log_every` env steps or 30 s (also between
+    the updates of a burst). s/update is this process's measured mean (the main loop adds to
+    `acting_time`, `update_time` and `updates`); the ETA counts `updates_per_agent_step` updates
+    per remaining agent step plus `pending_updates` (e.g. pretraining) once updates have started."""
+
+    def __init__(self, args: Args, counters: dict, updates_per_agent_step: float):
+        self.args, self.ratio = args, updates_per_agent_step
+        self.start, self.start_steps = time.time(), counters["env_steps"]
+        self.start_agent_steps = counters["agent_steps"]
+        self.last_time, self.last_step = 0.0, None
+        self.acting_time = self.update_time = 0.0
+        self.updates = 0
+
+    def sps(self, counters: dict) -> float:
+        return (counters["env_steps"] - self.start_steps) / max(time.time() - self.start, 1e-9)
+
+    def eta(self, counters: dict, pending_updates: int = 0) -> float | None:
+        remaining = self.args.total_steps - counters["env_steps"]
+        acted = counters["agent_steps"] - self.start_agent_steps
+        if acted == 0:
+            return None
+        if self.updates == 0:
+            sps = self.sps(counters)
+            return remaining / sps if sps > 0 else None
+        repeat = max(counters["env_steps"] - self.start_steps, 1) / acted  # env steps per agent step
+        spu = self.update_time / self.updates
+        return remaining / repeat * (self.acting_time / acted + self.ratio * spu) + pending_updates * spu
+
+    def maybe_print(self, counters: dict, phase: str, episode_return: float, updates: int,
+                    force: bool = False, pending_updates: int = 0):
+        step, now = counters["env_steps"], time.time()
+        due = (self.last_step is None or step - self.last_step >= self.args.log_every
+               or now - self.last_time >= 30)
+        if not (due or force):
+            return
+        self.last_step, self.last_time = step, now
+        spu = f"{self.update_time / self.updates:.2f}" if self.updates else "-"
+        eta = self.eta(counters, pending_updates)
+        preset_hint(self.args, eta)
+        print(f"step {step}/{self.args.total_steps} | {phase} | return {episode_return:.1f} | "
+              f"SPS {self.sps(counters):.1f} | updates {updates} ({spu} s/update) | "
+              f"ETA {format_eta(eta)}", flush=True)
+
+
+class StopFlag:
+    """SIGINT/SIGTERM handler that only records the first signal; the loops check `signum` after
+    each step or update (exit code 128 + signum). A second signal, e.g. while the checkpoint is
+    written, is recorded and ignored. `restore()` puts the previous handlers back."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __call__(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFiniteWatch:
+    """Reads each update's non-finite flags (one per name in `names`) late: copied non-blocking,
+    with a CUDA event, so the host never waits for the device it feeds. Once an update is
+    non-finite the agent skips every later step on the device (its `halted` flag), so what is
+    saved when the host notices is the state from before the bad update."""
+
+    def __init__(self, names: tuple):
+        self.names, self.pending = names, []
+
+    def push(self, flags: torch.Tensor, update: int, step: int):
+        host = flags.to("cpu", non_blocking=True)
+        event = None
+        if flags.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((host, event, update, step))
+
+    def first_bad(self, keep: int = 0):
+        """(names of the non-finite losses, update, env step) of the first non-finite update among
+        the pending ones but the newest `keep`; None if they are all finite."""
+        while len(self.pending) > keep:
+            host, event, update, step = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()  # normally long done: the copy was queued an update ago
+            if host.any():
+                return [n for n, flag in zip(self.names, host.tolist()) if flag], update, step
+        return None
+
+
+def save_video(frames: list, path: Path, fps: int = 30):
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        out.mux(stream.encode())
+
+
+def save_checkpoint(path: Path, agent: Agent, replay: Replay | None, counters: dict, args: Args):
+    """checkpoint.pt at `path`: networks, optimisers, counters, RNG states (megabytes: written at
+    every evaluation). Given a replay, and unless --no-checkpoint-replay, replay.pt beside it too:
+    the filled replay and the env step it was written at (gigabytes on a GPU run, copied to the
+    host: written only at the end, on an interrupt or a non-finite stop and every
+    --replay-checkpoint-every evaluations). The checkpoint goes first, so that a kill between the
+    two leaves an older replay (which --resume reports), never one newer than the checkpoint."""
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    atomic_save(dict(agent=agent.state_dict(), counters=dict(counters), args=vars(args), rng=rng), path)
+    if replay is not None and args.checkpoint_replay:
+        atomic_save(dict(replay=replay.state_dict(), env_steps=counters["env_steps"]),
+                    path.with_name("replay.pt"))
+
+
+def atomic_save(state: dict, path: Path):
+    """Write to a temporary file, flush it to disk, then rename it over the old file: a kill leaves
+    the old file or the new one, never part of one."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def replay_due(args: Args, evals: int, counters: dict) -> bool:
+    """Whether the checkpoint after evaluation number `evals` (counted from 1) writes replay.pt
+    too: the run's last one and every --replay-checkpoint-every-th."""
+    every = args.replay_checkpoint_every
+    return counters["env_steps"] >= args.total_steps or (every > 0 and evals % every == 0)
+
+
+def load_replay(path: str, checkpoint: dict, replay: Replay, counters: dict):
+    """--resume: fill `replay` from replay.pt beside the checkpoint at `path` (or from the
+    checkpoint itself if it was written before replay.pt existed); without one it stays empty.
+    `counters` are the checkpoint's. Prints one line on what the replay holds."""
+    replay_path = Path(path).with_name("replay.pt")
+    if checkpoint.get("replay") is not None:
+        saved = dict(replay=checkpoint["replay"], env_steps=counters["env_steps"])
+    elif replay_path.is_file():  # mmap: frames are read from disk as they are copied into the replay
+        saved = torch.load(replay_path, map_location="cpu", weights_only=False, mmap=True)
+    else:
+        print(f"no {replay_path}: the replay starts empty (updates resume once it holds a "
+              "training sequence)", flush=True)
+        return
+    replay.load_state_dict(saved["replay"])
+    note = "" if saved["env_steps"] == counters["env_steps"] else (
+        f", written at env step {saved['env_steps']}, older than the checkpoint (env step "
+        f"{counters['env_steps']}): the episodes in between are not in it")
+    print(f"replay: {replay.size} agent steps from {replay_path}{note}", flush=True)
+
+
+def load_checkpoint(path: str) -> dict:
+    """--resume: the checkpoint at `path`, its tensors read from disk as they are used (mmap)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: --resume {path}: no such checkpoint file")
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def seed_everything(seed: int, rng: dict | None = None):
+    """Seed Python, NumPy and torch, or restore their states from a checkpoint's `rng`."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if rng is not None:
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}: CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA devices here")
+    return device
+
+
+def replay_device(args: Args, device: torch.device) -> torch.device:
+    """Where the replay's arrays live: --replay-device auto keeps them on the training GPU (no
+    host-to-device copy of the batch), on the host otherwise."""
+    if args.replay_device == "auto":
+        return device if device.type == "cuda" else torch.device("cpu")
+    if args.replay_device == "cuda" and device.type != "cuda":
+        raise SystemExit("error: --replay-device cuda needs training on CUDA (--device cuda or auto on a GPU)")
+    return device if args.replay_device == "cuda" else torch.device("cpu")
+
+
+def configure_torch(args: Args, device: torch.device):
+    """Determinism and, on CUDA, TF32: fp32 matmuls and convolutions on tensor cores (several
+    times faster on Ampere and later, ~1e-3 relative precision, which the losses tolerate)."""
+    if device.type == "cuda":  # once: CUDA events, synchronize() and tensors made on "cuda" then
+        torch.cuda.set_device(device)  # all mean --device's GPU (cuda:1 too), not cuda:0
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not args.torch_deterministic
 
 
 if __name__ == "__main__":

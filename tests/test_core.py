@@ -116,9 +116,7 @@ def test_actor_update_leaves_model_and_critic_parameters_untouched(dcs_replay):
     others = [p.detach().clone() for m in (agent.wm, agent.critics) for p in m.parameters()]
     actor_before = [p.detach().clone() for p in agent.actor.parameters()]
     loss, _ = core.actor_loss(agent.critics, agent.actor, agent.log_alpha, z[:-1])
-    agent.actor_opt.zero_grad()
-    loss.backward(inputs=list(agent.actor.parameters()))
-    agent.actor_opt.step()
+    agent.actor_opt(loss)  # backpropagates into the actor's parameters only
     after = [p for m in (agent.wm, agent.critics) for p in m.parameters()]
     assert all(p.grad is None for p in after)
     assert all(torch.equal(a, b) for a, b in zip(others, after))
@@ -152,9 +150,7 @@ def test_fifty_model_updates_raise_contrastive_accuracy_well_above_chance(dcs_re
     before = accuracy()
     for _ in range(50):
         loss, _ = core.model_loss(agent.wm, batch, args)
-        agent.model_opt.zero_grad()
-        loss.backward()
-        agent.model_opt.step()
+        agent.model_opt(loss)
     after = accuracy()
     assert after > 2.5 * chance and after > 2 * before, (before, after, chance)
 
