@@ -906,14 +906,6 @@ def alpha_loss(log_alpha, log_prob, target_entropy: float):
 LOSS_NAMES = ("model_loss", "critic_loss", "actor_loss", "alpha_loss")  # one non-finite flag each
 
 
-def add_param_group(opt: Optimizer, params: list, lr: float):
-    """A second parameter group, with a learning rate of its own, in `opt`'s Adam: stepped, skipped
-    and backpropagated into with the first, with moments of its own (not clipped: `clip_params`
-    stays as it was). torch's param groups, as the authors' code uses them."""
-    opt.opt.add_param_group({"params": params, "lr": lr})
-    opt.params = opt.params + params
-
-
 class Agent:
     """The networks (world model Theta, actor phi, critics theta_1, theta_2 and their targets, the
     temperature alpha), one `Optimizer` per loss, `update` (one gradient step of Algorithm 1) and
@@ -934,18 +926,18 @@ class Agent:
         self.theta = [p for p in self.wm.parameters() if p is not self.wm.inverse_temperature_raw]
         # One optimiser per loss (the plumbing's `Optimizer`: fused Adam, clipping, non-finite skip).
         # J_M: Theta and lambda, the gradient norm clipped over the whole world model (Table 2).
-        self.model_opt = Optimizer("model", self.theta, args.model_lr, clip=args.model_clip,
-                                   clip_params=self.wm.parameters())
-        add_param_group(self.model_opt, [self.wm.inverse_temperature_raw], args.inverse_temperature_lr)
+        self.model_opt = Optimizer("model", [dict(params=self.theta), dict(
+            params=[self.wm.inverse_temperature_raw], lr=args.inverse_temperature_lr)],
+            args.model_lr, clip=args.model_clip, clip_params=self.wm.parameters())
         # J_Q trains the critics and Theta (Sec. 2.3). As in ml-core, Theta is a parameter group
         # of the critic's Adam (moments of its own, apart from J_M's) at its own rate; the clip
         # (Table 2: 100) is the critics' only, Theta's share is clipped by `clip_theta_share`.
-        self.critic_opt = Optimizer("critic", self.critics.parameters(), args.critic_lr, clip=args.critic_clip)
-        if not args.no_critic_grad_to_model:
-            add_param_group(self.critic_opt, self.theta, args.critic_model_lr)
+        theta_share = [] if args.no_critic_grad_to_model else [dict(params=self.theta, lr=args.critic_model_lr)]
+        self.critic_opt = Optimizer("critic", [dict(params=self.critics.parameters()), *theta_share],
+                                    args.critic_lr, clip=args.critic_clip, clip_params=self.critics.parameters())
         self.actor_opt = Optimizer("actor", self.actor.parameters(), args.actor_lr, clip=args.actor_clip)
-        self.alpha_opt = Optimizer("alpha", [self.log_alpha], args.alpha_lr)
-        self.alpha_opt.opt.param_groups[0]["betas"] = (0.5, 0.999)  # authors' code: momentum_alpha 0.5
+        self.alpha_opt = Optimizer("alpha", [self.log_alpha], args.alpha_lr,
+                                   betas=(0.5, 0.999))  # authors' code: momentum_alpha 0.5
         self.updates = 0
         # 1.0 once a term of some update was non-finite: every later step is skipped as well
         self.halted = torch.zeros((), device=device)
@@ -1469,18 +1461,22 @@ class Optimizer:
     weight_decay > 0: every parameter is multiplied by (1 - weight_decay) once per step, as the
     official DreamerV2 optimiser does (common/other.py); AdamW multiplies by (1 - lr * wd'), so
     wd' = weight_decay / lr. clip <= 0: no clipping (the norm is still measured and checked).
+    `params` may be torch parameter groups (dicts with their own "lr"), stepped and skipped together.
     Losses that share one backward pass: `backward(loss, opt_a, opt_b)`, then `opt_a.step(...)`."""
 
     def __init__(self, name: str, params, lr: float, eps: float = 1e-8, clip: float = 0.0,
-                 weight_decay: float = 0.0, clip_params=None):
-        self.name, self.params, self.clip = name, list(params), clip
+                 weight_decay: float = 0.0, clip_params=None, betas: tuple = (0.9, 0.999)):
+        # `params`: tensors, or torch's parameter groups (dicts with their own "lr", ...)
+        groups = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
+        self.name, self.clip = name, clip
+        self.params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
         # the parameters whose gradient norm is clipped and checked (default: all of them)
         self.clip_params = self.params if clip_params is None else list(clip_params)
         if weight_decay > 0:
-            self.opt = torch.optim.AdamW(self.params, lr=lr, eps=eps, weight_decay=weight_decay / lr,
-                                         fused=True)
+            self.opt = torch.optim.AdamW(groups, lr=lr, eps=eps, betas=betas,
+                                         weight_decay=weight_decay / lr, fused=True)
         else:
-            self.opt = torch.optim.Adam(self.params, lr=lr, eps=eps, fused=True)
+            self.opt = torch.optim.Adam(groups, lr=lr, eps=eps, betas=betas, fused=True)
         self.flag = self.skipped = None
 
     def __call__(self, loss: torch.Tensor, skip: torch.Tensor | None = None) -> dict:
