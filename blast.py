@@ -1,38 +1,53 @@
-"""BLAST: Latent Dynamics Models from Bootstrapping (Paster, McKinney, McIlraith & Ba, 2021).
+"""BLAST: Latent Dynamics Models from Bootstrapping.
 
-DreamerV2 without reconstruction. The world model learns its latent state from the reward and from
-predicting its own future latents: the prior p(z_t | h_t) is trained towards the posterior of a
-slowly moving target encoder, with no gradient into that posterior, as BYOL trains a predictor
-towards a target network (blast.txt Sec. 2.3). The script is `dreamerv2.py` with five switches,
-one per rung of the paper's cumulative ablation ladder (Fig. 3 and 4), `--ladder`:
+Keiran Paster, Lev McKinney, Sheila A. McIlraith, Jimmy Ba. Deep Reinforcement Learning Workshop
+at NeurIPS 2021. Authors' code: https://github.com/keirp/blast (built on danijar/dreamerv2).
+
+The idea: DreamerV2 without reconstruction. The world model learns its latent state from the
+reward and from predicting its own future latents: the prior p(z_t | h_t) is trained towards the
+posterior of a slowly moving (EMA) target encoder, with no gradient into that posterior, as BYOL
+trains a predictor towards a target network (Sec. 2.3). An autoregressive prior fits the joint
+distribution of the categoricals that the posterior is no longer pushed to make independent, and
+BatchNorm in the encoder, as in BYOL, makes it stable (Sec. 2.3.3). The script is
+`dreamerv2.py` with five switches, one per rung of the paper's cumulative ablation ladder (Sec. 3.3,
+Fig. 3 and 4), `--ladder`:
 
   dreamerv2  DreamerV2 (Eq. 2.3): image + reward log losses + KL balanced 0.8 / 0.2.
-  no-recon   + no image decoder in the loss (`--no-recon`; `--probe-decoder` trains one on
-             stop-gradient features only to look at what the latent holds, Fig. 8 / A.5).
+  no-recon   - the image decoder in the loss (`--no-recon`; `--probe-decoder` trains one on
+             stop-gradient features only, to look at what the latent holds, Fig. 8 / App. A.5).
   sg         + KL balance 1.0: KL(sg(q(z|h,x)) || p(z|h)), no gradient into the posterior (2.3.1).
   ema        + target encoder xi <- tau xi + (1 - tau) theta, tau = 0.99 (Sec. 3.3: "an
              exponential moving average for the encoder"); its embeddings go through the online
-             posterior layer and the target posteriors are the KL targets (Eq. 2.4); `target_input_p` of
-             the batch rolls the deterministic path on target posteriors, the rest on online ones
-             (Sec. 2.3.2, A.2).
+             posterior layer and the target posteriors are the KL targets (Eq. 2.4);
+             `target_input_p` of the batch rolls the deterministic path on target posteriors, the
+             rest on online ones (Sec. 2.3.2, A.2).
   bn         + BatchNorm in every encoder conv layer and in the posterior's observation layer (2.3.3).
   ar         + autoregressive prior: p(z_t | h_t) = prod_k p(z_t^k | h_t, z_t^{<k}) over `ar_steps`
              chunks of categoricals (2.3.2). The full method, BLAST; the default.
 
-Equations and where they are implemented:
-- RSSM (Eq. 2.2): h_t = f(h_{t-1}, z_{t-1}, a_{t-1}) `RSSM.recurrent`; q(z_t | h_t, x_t) `Posterior`;
-  p(z_t | h_t) `Prior` (independent categoricals, or autoregressive over chunks).
-- World-model loss (Eq. 2.3 for the dreamerv2 rung, Eq. 2.4 for BLAST): `world_model_loss`,
-  `kl_balance`, `bootstrapped_posteriors`; the EMA (Sec. 2.3.1) in `Agent.update`.
-- Behaviour learning is DreamerV2's (its Eq. 4-6): `lambda_return`, `imagine`, `behaviour_losses`.
-- Hyperparameters (A.2) per env family: `FAMILY_PRESETS`; the ladder: `LADDER`.
+The paper, and where this file implements it (in the file's order):
+- App. A.2 (hyperparameters): `Args` defaults are the DMC column with the BLAST block; the grid
+  world column, the ladder's rungs and our CPU sizes are the entries of `PRESETS`.
+- Eq. 2.2, the RSSM: h_t = f(h_{t-1}, z_{t-1}, a_{t-1}) `RSSM.recurrent`; q(z_t | h_t, x_t)
+  `Posterior` (`RSSM.observe` filters a sequence); p(z_t | h_t) `Prior` (Sec. 2.3.2: independent
+  categoricals, or autoregressive over chunks); reward (and discount) heads in `WorldModel`.
+- The replay and the index conventions (which slot holds o_t, a_{t-1}, r_t): `Replay`.
+- Eq. 2.3 (dreamerv2 rung) / Eq. 2.4 (BLAST), the world-model loss: `world_model_loss`, with
+  `bootstrapped_posteriors` (the KL targets q_xi, Sec. 2.3.1-2.3.2) and `kl_balance` (alpha).
+- xi <- tau xi + (1 - tau) theta (Sec. 2.3.1): in `Agent.update`, after the world-model step.
+- Behaviour learning is DreamerV2's (its Eq. 4-6; the BLAST paper's Eq. 2.1 is the objective it
+  maximises): `imagine`, `lambda_return`, `behaviour_losses`.
+- The update, in the algorithm's order: `Agent.update`; acting and evaluation: `Agent.act`,
+  `evaluate`; the loop: `main`. Everything after `main` is plumbing shared by the five scripts.
 
 Shapes are time-major throughout: replay sequences are (T, B, ...), imagined rollouts (H + 1, N, ...)
 with N = T * B start states. Images are uint8 (3, 64, 64) until the encoder maps them to [-0.5, 0.5].
+docs/blast.md has the usage, the implementation details with their sources and the deviations.
 
+    python blast.py --env dcs-walker-walk --distraction medium
     python blast.py --env minigrid-dynamic-obstacles-6x6 --distraction video
     python blast.py --env dmc-cartpole-swingup --ladder sg
-    python blast.py --env toy-reach-center --preset tiny
+    python blast.py --env dmc-cartpole-swingup --preset small
 """
 
 from __future__ import annotations
@@ -467,7 +482,7 @@ class Decoder(nn.Module):
         # The first transposed conv sees a 1x1 input, where it is exactly a matmul (as in
         # dreamerv2.py's Decoder): out[n, o, i, j] = sum_c x[n, c] W[c, o, i, j] + b[o]. Written as
         # one (same parameters), it is one GEMM, and torch.compile's inductor no longer crashes in
-        # this conv's backward (a stride assertion, ../shared/measurements/h100-2026-11-23.md).
+        # this conv's backward (a stride assertion, results/speed/h100-2026-11-23.md).
         first = self.net[0]
         x = (x @ first.weight.flatten(1)).view(-1, *first.weight.shape[1:]) + first.bias[:, None, None]
         return self.net[1:](x).reshape(*feat.shape[:-1], 3, 64, 64)
@@ -581,6 +596,7 @@ class Prior(nn.Module):
         g, logits, chunks = deter, [], []
         for k in range(self.steps):
             lk = self.chunk_logits(g, k)
+            # z_t^k: sampled, or the k-th chunk of the teacher-forcing target's categoricals
             zk = sample_onehot(lk) if target is None else target[..., k * self.chunk:(k + 1) * self.chunk, :]
             logits.append(lk)
             chunks.append(zk)
@@ -810,6 +826,24 @@ class ActorCritic(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+# Index conventions, in the paper's notation (Eq. 2.2), stated once for the whole file:
+# - Replay slot t of an episode holds o_t (the paper's x_t), a_{t-1} (the action that led to it;
+#   zeros at t = 0), r_t (the reward received on arriving at o_t; 0 at t = 0) and cont_t (0 if the
+#   episode terminated at o_t). A sequence is T consecutive slots of one episode, time-major
+#   (T, B, ...), and the RSSM starts it from zeros: row t computes h_t = f(h_{t-1}, z_{t-1}, a_{t-1})
+#   from batch["action"][t], then z_t ~ q(z_t | h_t, x_t) from batch["obs"][t], and the reward
+#   head on [z_t, h_t] predicts batch["reward"][t] = r_t (Eq. 2.3, 2.4).
+# - Imagination (`imagine`) from a start state s_0 = (h_0, z_0): feats[t] = s_t for t = 0..H,
+#   actions[t] = a_t ~ pi(a_t | s_t) for t = 0..H-1, and s_{t+1} = (h_{t+1}, z_{t+1}) with
+#   h_{t+1} = f(h_t, z_t, a_t), z_{t+1} ~ p(z | h_{t+1}). As in the replay, reward[t] = r_t is the
+#   reward predicted for arriving at s_t; discount[t] = gamma_t = gamma * P(cont | s_t);
+#   value[t] = v(s_t) of the slow critic.
+# - Lambda-returns (`lambda_return`, DreamerV2's Eq. 4), t = 0..H-1:
+#   V_t = r_t + gamma_t ((1 - lambda) v(s_{t+1}) + lambda V_{t+1}), V_H = v(s_H).
+#   V_t includes r_t, which arriving at s_t earned, so the action a_t taken at s_t is credited with
+#   V_{t+1} (t = 0..H-2, DreamerV2's official agent.py); the critic regresses v(s_t) on V_t.
+
+
 class Replay:
     """Whole episodes in a flat ring of uint8 images; sampling of in-episode sequences, uniform or
     with episode ends preferred (`prioritize_ends`).
@@ -892,6 +926,7 @@ class Replay:
         """Time-major tensors on the replay's device: obs (T, B, 3, H, W) uint8, action (T, B, A),
         reward, cont (T, B). One small index tensor crosses to the device; no loop over the batch."""
         starts = self.draw_starts(batch, length)
+        # idx[t, b] = slot starts[b] + t (time-major): o_t, a_{t-1}, r_t, cont_t of sequence b
         idx = to_device_async((starts[None, :] + np.arange(length)[:, None]) % self.capacity, self.device)
         return dict(obs=self.obs[idx], action=self.action[idx], reward=self.reward[idx], cont=self.cont[idx])
 
@@ -963,9 +998,12 @@ def bootstrapped_posteriors(wm: WorldModel, batch: dict, args: Args) -> tuple[di
     target_proj = target_posterior.project(target_embed)
     groups = [(target_posterior, target_proj, action)]
     if n > 0:  # (BatchNorm cannot normalise an empty group)
+        # batch rows 0..n-1 (all t): their online embeddings and a_{t-1}
         groups.insert(0, (wm.posterior, wm.posterior.project(embed[:, :n]), action[:, :n]))
     states = wm.rssm.observe(groups)  # (T, n + B, ...)
-    target = {k: v[:, n:] for k, v in states.items()}
+    # rows of `states`: [online rows 0..n-1 | target rows 0..B-1]
+    target = {k: v[:, n:] for k, v in states.items()}  # q_xi for all B rows: the KL targets
+    # post: online states for rows 0..n-1, target-rolled states for rows n..B-1
     post = {k: torch.cat([v[:, :n], v[:, 2 * n:]], 1) for k, v in states.items()}
     return post, target
 
@@ -1011,7 +1049,7 @@ def world_model_loss(wm: WorldModel, batch: dict, args: Args):
         metrics["probe_loss"] = probe_nll  # not in `loss`: the probe has its own optimiser
     # Imagination starts from the posteriors the prior was trained to predict and the actor acts
     # on: the target posteriors when there is a target (see Agent.act).
-    start = {k: kl_target[k].detach().flatten(0, 1) for k in ("deter", "stoch")}  # (T*B, ...)
+    start = {k: kl_target[k].detach().flatten(0, 1) for k in ("deter", "stoch")}  # every (t, b): (T*B, ...)
     return loss, start, metrics
 
 
@@ -1022,7 +1060,7 @@ def world_model_loss(wm: WorldModel, batch: dict, args: Args):
 
 def lambda_return(reward, value, discount, bootstrap, lam: float):
     """Time-major (H, N): V_t = r_t + gamma_t ((1 - lam) v_{t+1} + lam V_{t+1}), V_H = bootstrap."""
-    next_values = torch.cat([value[1:], bootstrap[None]], 0)
+    next_values = torch.cat([value[1:], bootstrap[None]], 0)  # v(s_{t+1}), t = 0..H-1
     inputs = reward + discount * next_values * (1 - lam)
     returns, last = [], bootstrap
     for t in reversed(range(reward.shape[0])):
@@ -1046,28 +1084,31 @@ def imagine(wm: WorldModel, actor: Actor, start: dict, horizon: int):
 
 def behaviour_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args, discrete: bool):
     """Actor and critic losses (DreamerV2 Eq. 5, 6) on imagined rollouts from every start state."""
-    feats, actions = imagine(wm, ac.actor, start, args.horizon)
-    reward = wm.reward(feats).squeeze(-1).float()  # (H+1, N), r_t of the state the action is taken in
+    feats, actions = imagine(wm, ac.actor, start, args.horizon)  # s_0..s_H, a_0..a_{H-1}
+    reward = wm.reward(feats).squeeze(-1).float()  # r_t, of arriving at s_t, (H+1, N)
     if wm.discount is not None:
         discount = args.gamma * torch.sigmoid(wm.discount(feats).squeeze(-1).float())
     else:
         discount = torch.full_like(reward, args.gamma)
-    value = ac.target_critic(feats).squeeze(-1).float()  # slow critic v(z_t), (H+1, N)
+    value = ac.target_critic(feats).squeeze(-1).float()  # slow critic v(s_t), (H+1, N)
+    # V_0..V_{H-1} from r_t, v(s_t), gamma_t for t = 0..H-1, bootstrapped with V_H = v(s_H)
     target = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], args.return_lambda)
     # Imagined steps after a predicted episode end count less: weight_t = prod_{k<t} gamma_k, (H+1, N).
+    # (weight_0 = 1; gamma_0..gamma_{H-1} shifted by one step)
     weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]], 0), 0).detach()
     # Actor, indexed as DreamerV2's official agent.py (which BLAST's code keeps): the action taken
     # at z_t (t = 0..H-2) is credited with V_{t+1}; z_0 is a start state, so V_0 trains nothing.
-    policy = ac.actor(feats[:-2].detach())
+    policy = ac.actor(feats[:-2].detach())  # pi(. | s_t), t = 0..H-2
     grad = args.actor_grad if args.actor_grad != "auto" else ("reinforce" if discrete else "dynamics")
     if grad == "dynamics":
-        objective = target[1:]  # rho = 1: backpropagate V_{t+1} through the model into a_t
-    else:  # rho = 0: REINFORCE, baseline the slow critic, advantage V_{t+1} - v(z_t) (official)
+        objective = target[1:]  # V_{t+1}, t = 0..H-2; rho = 1: backpropagated through the model into a_t
+    else:  # rho = 0: REINFORCE, baseline the slow critic, advantage V_{t+1} - v(s_t) (official)
+        # ln pi(a_t | s_t) (V_{t+1} - v(s_t)), t = 0..H-2
         objective = policy.log_prob(actions[:-1].detach()) * (target[1:] - value[:-2]).detach()
     entropy = policy.entropy()
-    actor_loss = -(weight[:-2] * (objective + args.actor_entropy * entropy)).mean()
-    critic = ac.critic(feats[:-1].detach()).squeeze(-1).float()  # v(z_t), (H, N)
-    critic_loss = (gaussian_nll(critic, target.detach()) * weight[:-1]).mean()
+    actor_loss = -(weight[:-2] * (objective + args.actor_entropy * entropy)).mean()  # weights of s_0..s_{H-2}
+    critic = ac.critic(feats[:-1].detach()).squeeze(-1).float()  # v(s_t), t = 0..H-1, (H, N)
+    critic_loss = (gaussian_nll(critic, target.detach()) * weight[:-1]).mean()  # against V_t
     metrics = dict(actor_loss=actor_loss, critic_loss=critic_loss, actor_entropy=entropy.mean(),
                    imagined_reward=reward.mean(), value=critic.mean(), lambda_return=target.mean())
     return actor_loss, critic_loss, metrics
