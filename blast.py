@@ -848,9 +848,8 @@ class Replay:
     """Whole episodes in a flat ring of uint8 images; sampling of in-episode sequences, uniform or
     with episode ends preferred (`prioritize_ends`).
 
-    Slot t of an episode holds obs_t, the action a_{t-1} that led to it (zeros at t = 0), the
-    reward r_t received on arriving there (0 at t = 0) and cont_t = 0 if the episode terminated
-    there. A sequence never crosses an episode boundary, so the RSSM starts each one from zeros.
+    Slot t of an episode holds o_t, a_{t-1}, r_t and cont_t (the index conventions above). A
+    sequence never crosses an episode boundary, so the RSSM starts each one from zeros.
     The arrays are torch tensors on `device` (on CUDA the images live on the GPU and a batch is
     gathered there); the episode ids stay on the host, where start indices are drawn.
     """
