@@ -1,38 +1,53 @@
-"""BLAST: Latent Dynamics Models from Bootstrapping (Paster, McKinney, McIlraith & Ba, 2021).
+"""BLAST: Latent Dynamics Models from Bootstrapping.
 
-DreamerV2 without reconstruction. The world model learns its latent state from the reward and from
-predicting its own future latents: the prior p(z_t | h_t) is trained towards the posterior of a
-slowly moving target encoder, with no gradient into that posterior, as BYOL trains a predictor
-towards a target network (blast.txt Sec. 2.3). The script is `dreamerv2.py` with five switches,
-one per rung of the paper's cumulative ablation ladder (Fig. 3 and 4), `--ladder`:
+Keiran Paster, Lev McKinney, Sheila A. McIlraith, Jimmy Ba. Deep Reinforcement Learning Workshop
+at NeurIPS 2021. Authors' code: https://github.com/keirp/blast (built on danijar/dreamerv2).
+
+The idea: DreamerV2 without reconstruction. The world model learns its latent state from the
+reward and from predicting its own future latents: the prior p(z_t | h_t) is trained towards the
+posterior of a slowly moving (EMA) target encoder, with no gradient into that posterior, as BYOL
+trains a predictor towards a target network (Sec. 2.3). An autoregressive prior fits the joint
+distribution of the categoricals that the posterior is no longer pushed to make independent, and
+BatchNorm in the encoder, as in BYOL, makes it stable (Sec. 2.3.3). The script is
+`dreamerv2.py` with five switches, one per rung of the paper's cumulative ablation ladder (Sec. 3.3,
+Fig. 3 and 4), `--ladder`:
 
   dreamerv2  DreamerV2 (Eq. 2.3): image + reward log losses + KL balanced 0.8 / 0.2.
-  no-recon   + no image decoder in the loss (`--no-recon`; `--probe-decoder` trains one on
-             stop-gradient features only to look at what the latent holds, Fig. 8 / A.5).
+  no-recon   - the image decoder in the loss (`--no-recon`; `--probe-decoder` trains one on
+             stop-gradient features only, to look at what the latent holds, Fig. 8 / App. A.5).
   sg         + KL balance 1.0: KL(sg(q(z|h,x)) || p(z|h)), no gradient into the posterior (2.3.1).
   ema        + target encoder xi <- tau xi + (1 - tau) theta, tau = 0.99 (Sec. 3.3: "an
              exponential moving average for the encoder"); its embeddings go through the online
-             posterior layer and the target posteriors are the KL targets (Eq. 2.4); `target_input_p` of
-             the batch rolls the deterministic path on target posteriors, the rest on online ones
-             (Sec. 2.3.2, A.2).
+             posterior layer and the target posteriors are the KL targets (Eq. 2.4);
+             `target_input_p` of the batch rolls the deterministic path on target posteriors, the
+             rest on online ones (Sec. 2.3.2, A.2).
   bn         + BatchNorm in every encoder conv layer and in the posterior's observation layer (2.3.3).
   ar         + autoregressive prior: p(z_t | h_t) = prod_k p(z_t^k | h_t, z_t^{<k}) over `ar_steps`
              chunks of categoricals (2.3.2). The full method, BLAST; the default.
 
-Equations and where they are implemented:
-- RSSM (Eq. 2.2): h_t = f(h_{t-1}, z_{t-1}, a_{t-1}) `RSSM.recurrent`; q(z_t | h_t, x_t) `Posterior`;
-  p(z_t | h_t) `Prior` (independent categoricals, or autoregressive over chunks).
-- World-model loss (Eq. 2.3 for the dreamerv2 rung, Eq. 2.4 for BLAST): `world_model_loss`,
-  `kl_balance`, `bootstrapped_posteriors`; the EMA (Sec. 2.3.1) in `Agent.update`.
-- Behaviour learning is DreamerV2's (its Eq. 4-6): `lambda_return`, `imagine`, `behaviour_losses`.
-- Hyperparameters (A.2) per env family: `FAMILY_PRESETS`; the ladder: `LADDER`.
+The paper, and where this file implements it (in the file's order):
+- App. A.2 (hyperparameters): `Args` defaults are the DMC column with the BLAST block; the grid
+  world column, the ladder's rungs and our CPU sizes are the entries of `PRESETS`.
+- Eq. 2.2, the RSSM: h_t = f(h_{t-1}, z_{t-1}, a_{t-1}) `RSSM.recurrent`; q(z_t | h_t, x_t)
+  `Posterior` (`RSSM.observe` filters a sequence); p(z_t | h_t) `Prior` (Sec. 2.3.2: independent
+  categoricals, or autoregressive over chunks); reward (and discount) heads in `WorldModel`.
+- The replay and the index conventions (which slot holds o_t, a_{t-1}, r_t): `Replay`.
+- Eq. 2.3 (dreamerv2 rung) / Eq. 2.4 (BLAST), the world-model loss: `world_model_loss`, with
+  `bootstrapped_posteriors` (the KL targets q_xi, Sec. 2.3.1-2.3.2) and `kl_balance` (alpha).
+- xi <- tau xi + (1 - tau) theta (Sec. 2.3.1): in `Agent.update`, after the world-model step.
+- Behaviour learning is DreamerV2's (its Eq. 4-6; the BLAST paper's Eq. 2.1 is the objective it
+  maximises): `imagine`, `lambda_return`, `behaviour_losses`.
+- The update, in the algorithm's order: `Agent.update`; acting and evaluation: `Agent.act`,
+  `evaluate`; the loop: `main`. Everything after `main` is plumbing shared by the five scripts.
 
 Shapes are time-major throughout: replay sequences are (T, B, ...), imagined rollouts (H + 1, N, ...)
 with N = T * B start states. Images are uint8 (3, 64, 64) until the encoder maps them to [-0.5, 0.5].
+docs/blast.md has the usage, the implementation details with their sources and the deviations.
 
+    python blast.py --env dcs-walker-walk --distraction medium
     python blast.py --env minigrid-dynamic-obstacles-6x6 --distraction video
     python blast.py --env dmc-cartpole-swingup --ladder sg
-    python blast.py --env toy-reach-center --preset tiny
+    python blast.py --env dmc-cartpole-swingup --preset small
 """
 
 from __future__ import annotations
@@ -64,65 +79,74 @@ import envs
 # Argument validation of torch.distributions checks every sample; it costs ~20% of an update.
 td.Distribution.set_default_validate_args(False)
 
-LADDER_RUNGS = ("dreamerv2", "no-recon", "sg", "ema", "bn", "ar")
+# ---------------------------------------------------------------------------------------------
+# Hyperparameters: Args defaults are A.2's DMC column with its BLAST block (the paper's main
+# setting); every other setting is one entry of PRESETS below, applied over the defaults.
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of this experiment (part of the run name)"""
+    """ours: name of this experiment (part of the run name, as CleanRL's)"""
     env: str = "dmc-walker-walk"
-    """env id: minigrid-<name> (discrete actions, e.g. minigrid-dynamic-obstacles-6x6), dmc-<domain>-<task>,
-    dcs-<domain>-<task>, natural-<domain>-<task>, toy-reach, toy-reach-center (README, "Environments")"""
+    """env id (ours: a DMC task, the paper's Sec. 3.5 suite): minigrid-<name> (discrete actions,
+    e.g. minigrid-dynamic-obstacles-6x6), dmc-<domain>-<task>, dcs-<domain>-<task>,
+    natural-<domain>-<task>, toy-reach, toy-reach-center (docs/envs.md). minigrid-* takes
+    PRESETS["minigrid"] (A.2's grid-world column), every other id the defaults (A.2's DMC column)"""
     distraction: str = "none"
-    """minigrid-*: none | color_direction | smaller_agent | random_frames | video (Sec. 3.1.1);
-    dcs-*: none | easy | medium | hard | background"""
+    """paper Sec. 3.1.1 (minigrid-*: none | color_direction | smaller_agent | random_frames | video);
+    ours for dcs-*: none | easy | medium | hard | background"""
     dynamic: bool = True
-    """distractions move within an episode (False: static per episode)"""
+    """ours: distractions move within an episode (False: static per episode)"""
     video_dir: Optional[str] = None
-    """video folder for backgrounds (default: built-in offline pool)"""
+    """ours: video folder for backgrounds (default: built-in offline pool)"""
     eval_split: Literal["train", "val"] = "val"
-    """background videos used for evaluation"""
+    """ours: background videos used for evaluation"""
     seed: int = 1
-    """seed of the experiment"""
+    """ours: seed of the experiment (CleanRL's default)"""
     torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic` (and cudnn.benchmark off)"""
+    """ours: sets `torch.backends.cudnn.deterministic` (and cudnn.benchmark off)"""
     device: str = "auto"
-    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."""
+    """ours: 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ..."""
     compile: bool = False
-    """torch.compile the whole world-model and behaviour loss functions"""
+    """ours: torch.compile the whole world-model and behaviour loss functions"""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
-    """torch.compile mode (CUDA: 'reduce-overhead' uses CUDA graphs; 'max-autotune' means
+    """ours: torch.compile mode (CUDA: 'reduce-overhead' uses CUDA graphs; 'max-autotune' means
     max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it)"""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocast for the networks; KL, log-probs, values and loss reductions stay fp32"""
+    """ours: bf16 autocast for the networks; KL, log-probs, values and loss reductions stay fp32"""
     preset: Literal["paper", "small", "tiny"] = "paper"
-    """'small': the same algorithm sized for a 2-core CPU (100K steps of dmc-cartpole-swingup in
-    under an hour); 'tiny': narrow nets, short sequences, 2000 env steps, for smoke tests; flags you set
-    explicitly win over the preset (see PRESETS)"""
+    """ours: 'paper' = A.2; 'small': the same algorithm sized for a 2-core CPU (100K steps of
+    dmc-cartpole-swingup in under an hour); 'tiny': narrow nets, short sequences, 2000 env steps,
+    for smoke tests. The override dicts are PRESETS["small"] / PRESETS["tiny"]; flags you set
+    explicitly win over them"""
     ladder: Literal["dreamerv2", "no-recon", "sg", "ema", "bn", "ar"] = "ar"
-    """rung of the cumulative ablation ladder (Fig. 3, 4): sets the five switches below; 'ar' is
-    BLAST. Switch flags given explicitly win over the rung"""
-    total_steps: int = 1_000_000
-    """environment steps to train for, counted after action repeat (simulator steps), as in the
-    other scripts here. A.2's `steps` is DreamerV2's config key, which counts agent steps: DMC's
-    1e6 is 2e6 simulator steps at action repeat 2 (see FAMILY_PRESETS)"""
+    """paper Fig. 3, 4: rung of the cumulative ablation ladder; 'ar' (all five changes) is BLAST, the
+    defaults; the other rungs' overrides of the five switches are PRESETS[<rung>]. Switch flags
+    given explicitly win over the rung"""
+    total_steps: int = 2_000_000
+    """App. A.2 (DMC `steps 1e6`): environment steps to train for, counted after action repeat
+    (simulator steps), as in the other scripts here. A.2's `steps` is DreamerV2's config key, which
+    counts agent steps (train.py increments its counter once per step of the action-repeat wrapper),
+    so the paper's DMC runs are 2e6 simulator steps at action repeat 2"""
     action_repeat: Optional[int] = None
-    """simulator steps per action (default: 2 for every dmc/dcs/natural task, DreamerV2's DMC
-    setting that A.2 keeps; the env's default elsewhere, e.g. 1 for MiniGrid)"""
+    """DreamerV2 configs.yaml dmc (action_repeat 2, which A.2 keeps): simulator steps per action;
+    None = 2 for every dmc/dcs/natural task, the env's default elsewhere (e.g. 1 for MiniGrid);
+    0 = the env's own default (PlaNet's per-task repeat for DMC)"""
     eval_every: int = 10_000
-    """environment steps between evaluations (0: never, except at the end)"""
+    """ours: environment steps between evaluations (0: never, except at the end)"""
     eval_episodes: int = 10
-    """episodes per evaluation, deterministic (mode) actions"""
+    """ours: episodes per evaluation, deterministic (mode) actions"""
     log_every: int = 1_000
-    """environment steps between metric logs and progress lines (also every 30 s)"""
+    """ours: environment steps between metric logs and progress lines (also every 30 s)"""
     save_model: bool = False
-    """write checkpoint.pt (networks, optimisers, counters, RNG states) at every evaluation, and
-    replay.pt beside it at the end and every --replay-checkpoint-every evaluations (an interrupt
-    or a non-finite loss always writes both)"""
+    """ours: write checkpoint.pt (networks, optimisers, counters, RNG states) at every evaluation,
+    and replay.pt beside it at the end and every --replay-checkpoint-every evaluations (an
+    interrupt or a non-finite loss always writes both)"""
     checkpoint_replay: bool = True
-    """write the replay to replay.pt (see save_checkpoint), so that --resume keeps the same data;
-    --no-checkpoint-replay: never, a resumed run starts with an empty replay"""
+    """ours: write the replay to replay.pt (see save_checkpoint), so that --resume keeps the same
+    data; --no-checkpoint-replay: never, a resumed run starts with an empty replay"""
     replay_checkpoint_every: int = 10
     """evaluations between the periodic replay.pt writes (0: only at the end, on an interrupt or a
     non-finite stop). ours: the replay is gigabytes on a GPU run and writing it pauses training
@@ -130,168 +154,182 @@ class Args:
     the pause is a small fraction of the time between writes, and a hard kill (SIGKILL, a lost
     node) costs at most 10 evaluations' worth of replay, never the networks"""
     resume: Optional[str] = None
-    """path of a checkpoint to continue from (its args are the defaults; same schedule)"""
+    """ours: path of a checkpoint to continue from (its args are the defaults; same schedule)"""
     measure_updates: int = 0
-    """if > 0: time this many updates on a synthetic batch and 50 acting steps, print one JSON
+    """ours: if > 0, time this many updates on a synthetic batch and 50 acting steps, print one JSON
     line and exit (benchmark.sh speed)"""
     capture_video: bool = False
-    """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard"""
+    """ours: save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to
+    TensorBoard"""
 
-    # Replay and schedule (A.2 per family, see FAMILY_PRESETS).
+    # Replay and schedule (A.2 DMC; see PRESETS for the grid world).
     replay_capacity: int = 1_000_000
-    """replay capacity in environment steps (stored per agent step as uint8 images). Ours: half a
+    """ours: replay capacity in environment steps (stored per agent step as uint8 images): half a
     DMC run (5e5 agent steps, 6 GB of frames); DreamerV2's configs.yaml keeps 2e6 agent steps"""
     replay_device: Literal["auto", "cpu", "cuda"] = "auto"
-    """where the replay's arrays live: auto = the training device when it is CUDA"""
+    """ours: where the replay's arrays live: auto = the training device when it is CUDA"""
     prioritize_ends: bool = True
-    """sample the last window of each episode more often (DreamerV2 configs.yaml
-    replay.prioritize_ends True, kept by the authors' configs; see `Replay.draw_starts`)"""
+    """DreamerV2 configs.yaml replay.prioritize_ends True, kept by the authors' configs: sample the
+    last window of each episode more often (see `Replay.draw_starts`)"""
     batch_size: int = 16
-    """sequences per mini-batch"""
+    """DreamerV2 configs.yaml dataset.batch: sequences per mini-batch"""
     batch_length: int = 50
-    """steps per sequence"""
+    """DreamerV2 configs.yaml dataset.length: steps per sequence"""
     prefill: int = 1000
-    """agent steps with uniform random actions before training starts"""
+    """App. A.2 (DMC prefill): agent steps with uniform random actions before training starts"""
     pretrain: int = 100
-    """updates made once, right after the prefill"""
+    """DreamerV2 configs.yaml pretrain: updates made once, right after the prefill"""
     train_every: int = 5
-    """agent steps between training rounds"""
+    """App. A.2 (DMC train_every): agent steps between training rounds"""
     updates_per_step: int = 1
-    """updates per training round"""
+    """DreamerV2 configs.yaml train_steps: updates per training round"""
 
     # World model.
     cnn_depth: int = 48
-    """encoder/decoder channels of the first layer (doubling: 48/96/192/384)"""
+    """DreamerV2 configs.yaml encoder/decoder cnn_depth: channels of the first layer (doubling:
+    48/96/192/384)"""
     deter: int = 200
-    """GRU (deterministic) state size (rssm.deter)"""
+    """App. A.2 (DMC rssm.deter): GRU (deterministic) state size"""
     hidden: int = 200
-    """hidden units of the RSSM's input and output layers (rssm.hidden)"""
+    """App. A.2 (DMC rssm.hidden): hidden units of the RSSM's input and output layers"""
     stoch: int = 8
-    """categorical latent variables (rssm.stoch)"""
+    """App. A.2 (DMC rssm.stoch): categorical latent variables"""
     classes: int = 64
-    """classes per categorical variable (rssm.discrete)"""
+    """App. A.2 (DMC rssm.discrete): classes per categorical variable"""
     mlp_units: int = 400
-    """units of the reward, discount, actor and critic MLPs"""
+    """DreamerV2 configs.yaml (reward/discount/actor/critic units): units of those MLPs"""
     mlp_layers: int = 4
-    """hidden layers of those MLPs"""
+    """DreamerV2 configs.yaml (reward/discount/actor/critic layers): hidden layers of those MLPs"""
     free_nats: float = 1.0
-    """free nats, applied to the batch-mean KL"""
+    """DreamerV2 configs.yaml kl.free: free nats, applied to the batch-mean KL"""
     kl_scale: float = 1.0
-    """beta_KL, the KL weight (loss_scales.kl)"""
+    """App. A.2 (DMC loss_scales.kl): beta_KL, the KL weight"""
     reward_scale: float = 1.0
-    """beta_r, the reward log-loss weight (loss_scales.reward)"""
+    """App. A.2 (DMC loss_scales.reward): beta_r, the reward log-loss weight"""
     reward_clamp: Literal["none", "tanh"] = "none"
-    """squash the reward target with tanh (A.2 reward_clamp; the imagined reward is the head's)"""
+    """App. A.2 (DMC reward_clamp): squash the reward target with tanh (the imagined reward is the
+    head's)"""
     pred_discount: bool = False
-    """learn a discount (episode continuation) head (A.2: False for both families)"""
+    """App. A.2 (pred_discount False for both families): learn a discount (continuation) head"""
     model_lr: float = 3e-4
-    """world-model learning rate"""
+    """DreamerV2 configs.yaml dmc model_opt.lr: world-model learning rate"""
 
-    # The five BLAST switches (set by --ladder; explicit flags win).
+    # The five BLAST switches: A.2's "BLAST" block (the ladder's lower rungs: PRESETS).
     recon: bool = False
-    """image log loss in the world-model objective (DreamerV2); off from the no-recon rung on"""
+    """paper Sec. 3.3 (-recon): image log loss in the world-model objective (DreamerV2's Eq. 2.3);
+    off from the no-recon rung on"""
     probe_decoder: bool = False
-    """train a decoder on stop-gradient features (it never shapes the latent; Fig. 8)"""
+    """paper Fig. 8 / App. A.5: train a decoder on stop-gradient features (it never shapes the
+    latent)"""
     kl_balance: float = 1.0
-    """KL balancing alpha, the prior side's weight: 0.8 DreamerV2, 1.0 = KL(sg(q) || p) (sg rung)"""
+    """App. A.2 (BLAST kl.balance 1.0; DreamerV2 0.8): KL balancing alpha, the prior side's weight;
+    1.0 = KL(sg(q) || p) (Sec. 2.3.1, sg rung)"""
     target_encoder: bool = True
-    """EMA target encoder whose posteriors are the KL targets (ema rung, use_target_encoder)"""
+    """App. A.2 (BLAST use_target_encoder true): EMA target encoder whose posteriors are the KL
+    targets (Eq. 2.4, ema rung)"""
     target_obs_out: bool = False
-    """False (Sec. 3.3 "+EMA" averages the encoder; authors' configs use_target_rssm False): target
-    embeddings go through the online posterior layer, with full gradients into it, and acting uses
-    it. True: the target also has its own EMA copy of that layer (obs_out), which then acts"""
+    """authors' code (configs use_target_rssm False; Sec. 3.3 "+EMA" averages the encoder): False =
+    target embeddings go through the online posterior layer, with full gradients into it, and
+    acting uses it. True: the target also has its own EMA copy of that layer (obs_out), which then
+    acts"""
     target_init: Literal["random", "copy"] = "random"
-    """the target's initial weights (the paper is silent): 'random' = its own random draw, as the
-    authors' code (update_targets mixes with weight 1.0 on the target at the first update);
-    'copy' = a copy of the online nets (BYOL)"""
+    """authors' code (update_targets mixes with weight 1.0 on the target at the first update; the
+    paper is silent): the target's initial weights; 'random' = its own random draw; 'copy' = a copy
+    of the online nets (BYOL)"""
     target_ema: float = 0.99
-    """tau of xi <- tau xi + (1 - tau) theta"""
+    """App. A.2 (BLAST target_ema): tau of xi <- tau xi + (1 - tau) theta (Sec. 2.3.1)"""
     target_input_p: float = 0.5
-    """fraction of the batch whose deterministic path rolls on target posteriors"""
+    """App. A.2 (BLAST target_input_p): fraction of the batch whose deterministic path rolls on
+    target posteriors (Sec. 2.3.2)"""
     encoder_norm: Literal["none", "bn"] = "bn"
-    """normalisation after every encoder conv (encoder.norm; bn rung)"""
+    """App. A.2 (BLAST encoder.norm bn; Sec. 2.3.3): normalisation after every encoder conv (bn rung)"""
     obs_out_norm: Literal["none", "bn"] = "bn"
-    """normalisation in the posterior's observation layer (rssm.obs_out_norm; bn rung)"""
+    """App. A.2 (BLAST rssm.obs_out_norm bn; Sec. 2.3.3): normalisation in the posterior's
+    observation layer (bn rung)"""
     ar_steps: Optional[int] = None
-    """chunks of the autoregressive prior (rssm.ar_steps): None = stoch (one categorical per step,
-    A.2), 1 = DreamerV2's independent prior (rungs below ar)"""
+    """App. A.2 (BLAST rssm.ar_steps "same as rssm.stoch"): chunks of the autoregressive prior
+    (Sec. 2.3.2). None is A.2's entry: equal to --stoch, one categorical per step, whatever --stoch
+    is; 1 = DreamerV2's independent prior (the rungs below ar)"""
 
-    # Behaviour.
+    # Behaviour (DreamerV2's, unchanged by BLAST).
     horizon: int = 15
-    """imagination horizon"""
+    """DreamerV2 configs.yaml imag_horizon: imagination horizon H"""
     gamma: float = 0.99
-    """discount"""
+    """App. A.2 (discount gamma 0.99, both families): discount"""
     return_lambda: float = 0.95
-    """lambda of the lambda-return"""
+    """DreamerV2 configs.yaml discount_lambda: lambda of the lambda-return"""
     actor_lr: float = 8e-5
-    """actor learning rate"""
+    """DreamerV2 configs.yaml dmc actor_opt.lr: actor learning rate"""
     critic_lr: float = 8e-5
-    """critic learning rate"""
+    """DreamerV2 configs.yaml dmc critic_opt.lr: critic learning rate"""
     actor_entropy: float = 1e-4
-    """entropy regulariser eta"""
+    """DreamerV2 configs.yaml dmc actor_ent: entropy regulariser eta"""
     actor_grad: Literal["auto", "dynamics", "reinforce"] = "dynamics"
-    """'dynamics' backpropagation (DMC, A.2) or 'reinforce' (MiniGrid, A.2); 'auto': by action space"""
+    """App. A.2 (DMC actor_grad dynamics, grid world reinforce): 'dynamics' backpropagation or
+    'reinforce'; 'auto' (ours): by action space"""
     target_update_every: int = 100
-    """updates between copies of the critic into the slow target critic"""
+    """DreamerV2 configs.yaml slow_target_update: updates between copies of the critic into the
+    slow target critic"""
     adam_eps: float = 1e-5
-    """Adam epsilon"""
+    """DreamerV2 configs.yaml *_opt.eps: Adam epsilon"""
     grad_clip: float = 100.0
-    """gradient-norm clip of every optimiser"""
+    """DreamerV2 configs.yaml *_opt.clip: gradient-norm clip of every optimiser"""
     weight_decay: float = 1e-6
-    """weight decay of every optimiser, as DreamerV2's: each variable times (1 - wd) per step"""
+    """DreamerV2 configs.yaml *_opt.wd: weight decay of every optimiser, as DreamerV2's: each
+    variable times (1 - wd) per step"""
     init: Literal["glorot", "torch"] = "glorot"
-    """weight init: 'glorot' = Glorot-uniform weights, zero biases (Keras defaults: DreamerV2's and
-    the authors' code); 'torch' = PyTorch's layer defaults"""
+    """authors' code (and DreamerV2's: Keras defaults): weight init; 'glorot' = Glorot-uniform
+    weights, zero biases; 'torch' = PyTorch's layer defaults"""
 
 
-# The ladder (Fig. 3, 4): each rung adds one change to those before it.
-LADDER = {"dreamerv2": dict(recon=True, kl_balance=0.8, target_encoder=False, encoder_norm="none",
-                            obs_out_norm="none", ar_steps=1)}
-LADDER["no-recon"] = {**LADDER["dreamerv2"], "recon": False}
-LADDER["sg"] = {**LADDER["no-recon"], "kl_balance": 1.0}
-LADDER["ema"] = {**LADDER["sg"], "target_encoder": True}
-LADDER["bn"] = {**LADDER["ema"], "encoder_norm": "bn", "obs_out_norm": "bn"}
-LADDER["ar"] = {**LADDER["bn"], "ar_steps": None}
+LADDER_RUNGS = ("dreamerv2", "no-recon", "sg", "ema", "bn", "ar")
 
-# A.2 hyperparameters per env family. Values A.2 does not list but the authors' configs.yaml sets
-# for the grid world (minigrid-repeat: learning rates, entropy, free nats 0, 1 pretrain update,
-# 5 eval episodes every 2500 steps) are marked "cfg". The DMC values are DreamerV2's dmc_vision.
-FAMILY_PRESETS = {
-    # total_steps: A.2's `steps 1e6` counts agent steps (DreamerV2's train.py increments its step
-    # counter once per env.step of the action-repeat wrapper; the logger multiplies by the repeat),
-    # so the paper's DMC runs are 2e6 simulator steps at action repeat 2, the unit used here.
-    "dmc": dict(deter=200, hidden=200, stoch=8, classes=64, kl_scale=1.0, reward_scale=1.0,
-                reward_clamp="none", train_every=5, prefill=1000, actor_grad="dynamics",
-                total_steps=2_000_000, pred_discount=False, gamma=0.99),
-    # stoch 16 is A.2's (with ar_steps = stoch, 16 AR steps); the authors' grid_exps.yaml runs
-    # stoch 8 with ar_steps 8. The paper wins.
-    "minigrid": dict(deter=600, hidden=600, stoch=16, classes=64, kl_scale=0.1, reward_scale=100.0,
-                     reward_clamp="tanh", train_every=1, prefill=10_000, actor_grad="reinforce",
-                     total_steps=50_000, pred_discount=False, gamma=0.99,
-                     model_lr=4e-4, critic_lr=1e-4, actor_entropy=0.1, free_nats=0.0,  # cfg
-                     pretrain=1, eval_every=2500, eval_episodes=5),  # cfg
-}
-
-# Size presets, over the family preset and the ladder rung (flags you set still win).
-# 'small': the same algorithm sized for a 2-core CPU, 100K env steps of dmc-cartpole-swingup in
-#   under an hour (README, "Learning on a CPU"); values measured on one CPU thread:
-#   - action_repeat 0: the env's per-task repeat (PlaNet's, 8 for cartpole), the DMC-100K setting;
-#     a frame costs ~20-30 ms to render here.
-#   - 16-channel CNN, 128-unit GRU/MLPs, 8 x 32 latents (8 autoregressive prior steps, as A.2's
-#     DMC 8 x 64): 0.77M parameters.
-#   - batch 16 x 16 every 8 agent steps (1.5 s an update on one thread: the AR prior and the
-#     target encoder make it the slowest of the DreamerV2 family here).
-#   - learning rates raised (model 1e-3, actor and critic 3e-4), as for few, small updates.
-# 'tiny': runs end to end in about a minute on 2 CPU cores (smoke tests).
+# Every setting other than the defaults, as overrides of Args, applied in this order (later wins):
+#   1. the env family: "minigrid" for minigrid-* env ids; every other id keeps the defaults (A.2 DMC);
+#   2. the ladder rung (--ladder): "ar" = BLAST keeps the defaults;
+#   3. the size (--preset): "paper" keeps the values above; "small", "tiny";
+#   4. flags given on the command line.
+# The run header prints the entries it applied (`overrides`). None of them shares a key with an
+# earlier kind, except the sizes, which resize the family's networks and schedule.
 PRESETS = {
+    # 1. App. A.2 "Gym-MiniGrid" column: where it differs from the DMC column. stoch 16 is A.2's
+    #    (with ar_steps = stoch, 16 AR steps); the authors' grid_exps.yaml runs stoch 8 with
+    #    ar_steps 8: the paper wins. The last two lines: authors' configs.yaml minigrid-repeat,
+    #    values A.2 does not list.
+    "minigrid": dict(deter=600, hidden=600, stoch=16, kl_scale=0.1, reward_scale=100.0,
+                     reward_clamp="tanh", train_every=1, prefill=10_000, actor_grad="reinforce",
+                     total_steps=50_000,  # A.2 steps 5e4 (action repeat 1)
+                     model_lr=4e-4, critic_lr=1e-4, actor_entropy=0.1, free_nats=0.0,
+                     pretrain=1, eval_every=2500, eval_episodes=5),
+    # 2. The ablation ladder (paper Sec. 3.3, Fig. 3 and 4), cumulative from DreamerV2 to BLAST:
+    #    DreamerV2 (image loss, alpha 0.8) -> -recon -> +SG (alpha 1) -> +EMA target encoder ->
+    #    +BN -> +AR prior (= BLAST, the defaults).
+    "dreamerv2": dict(recon=True, kl_balance=0.8, target_encoder=False, encoder_norm="none",
+                      obs_out_norm="none", ar_steps=1),
+    "no-recon": dict(kl_balance=0.8, target_encoder=False, encoder_norm="none", obs_out_norm="none",
+                     ar_steps=1),
+    "sg": dict(target_encoder=False, encoder_norm="none", obs_out_norm="none", ar_steps=1),
+    "ema": dict(encoder_norm="none", obs_out_norm="none", ar_steps=1),
+    "bn": dict(ar_steps=1),
+    # 3. Sizes. ours: 'small', the same algorithm sized for a 2-core CPU, 100K env steps of
+    #    dmc-cartpole-swingup in under an hour (docs/blast.md); values measured on one CPU thread:
+    #    - action_repeat 0: the env's per-task repeat (PlaNet's, 8 for cartpole), the DMC-100K
+    #      setting; a frame costs ~20-30 ms to render here.
+    #    - 16-channel CNN, 128-unit GRU/MLPs, 8 x 32 latents (8 autoregressive prior steps, as
+    #      A.2's DMC 8 x 64): 0.77M parameters.
+    #    - batch 16 x 16 every 8 agent steps (1.5 s an update on one thread: the AR prior and the
+    #      target encoder make it the slowest of the DreamerV2 family here).
+    #    - learning rates raised (model 1e-3, actor and critic 3e-4), as for few, small updates.
     "small": dict(action_repeat=0, cnn_depth=16, deter=128, hidden=128, stoch=8, classes=32,
                   mlp_units=128, mlp_layers=2, batch_size=16, batch_length=16, train_every=8,
                   model_lr=1e-3, actor_lr=3e-4, critic_lr=3e-4, total_steps=100_000,
                   eval_episodes=5, replay_capacity=100_000),
+    #    ours: 'tiny' runs end to end in about a minute on 2 CPU cores (smoke tests).
     "tiny": dict(cnn_depth=4, deter=32, hidden=32, stoch=4, classes=4, mlp_units=32, mlp_layers=2,
                  batch_size=4, batch_length=8, prefill=100, pretrain=2, horizon=5, train_every=5,
                  total_steps=2000, eval_every=1000, eval_episodes=1, replay_capacity=100_000),
 }
+SIZES = ("paper", "small", "tiny")
 
 # Flags that may differ from the checkpoint's on --resume: schedule, logging and where/how fast
 # the same computation runs (compile_mode, replay_device do not change the algorithm).
@@ -300,30 +338,44 @@ SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "log_every", "sa
                   "compile", "precision",
                   "measure_updates", "exp_name", "compile_mode", "replay_device"}
 
-STREAMS = {"train": 0, "eval": 1}
-
-
-def episode_seed(seed: int, stream: str, index: int) -> int:
-    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
-    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
-    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
-
 
 def family_preset(env_id: str) -> str:
     """A.2 names two settings: MiniGrid and DMC; every continuous-control family takes DMC's."""
     return "minigrid" if env_id.startswith("minigrid-") else "dmc"
 
 
-def preset_args(preset: str = "paper", env: str = Args.env, ladder: str = "ar", **overrides) -> Args:
-    """Args with, in increasing priority: the A.2 family preset of `env`, the ladder rung, the
-    size preset, then `overrides` (and CLI flags after them)."""
-    if preset not in ("paper", *PRESETS):
-        raise ValueError(f"unknown preset {preset!r}; known: paper, {', '.join(PRESETS)}")
-    if ladder not in LADDER:
-        raise ValueError(f"unknown ladder rung {ladder!r}; known: {', '.join(LADDER)}")
-    values = {**FAMILY_PRESETS[family_preset(env)], **LADDER[ladder], **PRESETS.get(preset, {}),
-              **overrides}
-    return Args(**{**values, "preset": preset, "env": env, "ladder": ladder})
+def overrides(preset: str = "paper", env: str = Args.env, ladder: str = "ar") -> dict:
+    """{name: overrides} of the PRESETS entries a run with this preset, env and rung applies, in
+    order (the defaults' own names, "dmc", "ar" and "paper", apply nothing)."""
+    names = (family_preset(env), ladder, preset)
+    return {name: PRESETS[name] for name in names if name in PRESETS}
+
+
+def preset_args(preset: str = "paper", env: str = Args.env, ladder: str = "ar", **flags) -> Args:
+    """Args: the defaults, then the PRESETS entries of `env`'s family, the ladder rung and the
+    size preset, then `flags` (as CLI flags after them)."""
+    if preset not in SIZES:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(SIZES)}")
+    if ladder not in LADDER_RUNGS:
+        raise ValueError(f"unknown ladder rung {ladder!r}; known: {', '.join(LADDER_RUNGS)}")
+    values = {k: v for entry in overrides(preset, env, ladder).values() for k, v in entry.items()}
+    return Args(**{**values, **flags, "preset": preset, "env": env, "ladder": ladder})
+
+
+def describe(args: Args) -> str:
+    """What the run header says about the method and where its numbers come from: the five
+    switches, the PRESETS entries applied (name and values) and the flags that differ from them."""
+    switches = (f"recon {'on' if args.recon else 'off'}, kl balance {args.kl_balance}, target "
+                f"{'ema ' + str(args.target_ema) if args.target_encoder else 'off'}, norm "
+                f"{args.encoder_norm}/{args.obs_out_norm}, ar steps {args.ar_steps or args.stoch}")
+    applied = overrides(args.preset, args.env, args.ladder)
+    text = "; ".join(f"{name} {' '.join(f'{k}={v}' for k, v in entry.items())}"
+                     for name, entry in applied.items()) or "none"
+    resolved = vars(preset_args(args.preset, args.env, args.ladder))
+    flags = " ".join(f"{k}={v}" for k, v in vars(args).items()
+                     if resolved[k] != v and k not in ("resume", "measure_updates"))
+    return (f"ladder {args.ladder} ({switches}) | A.2 family {family_preset(args.env)} | "
+            f"overrides of the Args defaults: {text} | flags: {flags or 'none'}")
 
 
 def _flag(argv: list, name: str):
@@ -345,12 +397,10 @@ def parse_args(argv=None) -> Args:
     if resume is None:
         preset, ladder = _flag(argv, "--preset") or "paper", _flag(argv, "--ladder") or "ar"
         env = _flag(argv, "--env") or Args.env
-        ok = preset in ("paper", *PRESETS) and ladder in LADDER
+        ok = preset in SIZES and ladder in LADDER_RUNGS
         default = preset_args(preset, env, ladder) if ok else Args()  # tyro reports bad values
         return tyro.cli(Args, args=argv, default=default)
-    if not Path(resume).is_file():
-        raise SystemExit(f"error: --resume {resume}: no such checkpoint file")
-    saved = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["args"]
+    saved = load_checkpoint(resume)["args"]
     known = {f.name for f in fields(Args)}
     args = tyro.cli(Args, args=argv, default=Args(**{k: v for k, v in saved.items() if k in known}))
     differ = [f"--{k.replace('_', '-')} {v} (checkpoint {saved.get(k)})" for k, v in vars(args).items()
@@ -432,7 +482,7 @@ class Decoder(nn.Module):
         # The first transposed conv sees a 1x1 input, where it is exactly a matmul (as in
         # dreamerv2.py's Decoder): out[n, o, i, j] = sum_c x[n, c] W[c, o, i, j] + b[o]. Written as
         # one (same parameters), it is one GEMM, and torch.compile's inductor no longer crashes in
-        # this conv's backward (a stride assertion, ../shared/measurements/h100-2026-11-23.md).
+        # this conv's backward (a stride assertion, results/speed/h100-2026-11-23.md).
         first = self.net[0]
         x = (x @ first.weight.flatten(1)).view(-1, *first.weight.shape[1:]) + first.bias[:, None, None]
         return self.net[1:](x).reshape(*feat.shape[:-1], 3, 64, 64)
@@ -546,6 +596,7 @@ class Prior(nn.Module):
         g, logits, chunks = deter, [], []
         for k in range(self.steps):
             lk = self.chunk_logits(g, k)
+            # z_t^k: sampled, or the k-th chunk of the teacher-forcing target's categoricals
             zk = sample_onehot(lk) if target is None else target[..., k * self.chunk:(k + 1) * self.chunk, :]
             logits.append(lk)
             chunks.append(zk)
@@ -764,29 +815,41 @@ class ActorCritic(nn.Module):
             self.apply(glorot_init)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
 
+    @torch.no_grad()
+    def update_target(self, weight: torch.Tensor):
+        """The slow critic: target <- target + weight (critic - target); weight 1 copies, 0 keeps."""
+        lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), weight)
+
 
 # ---------------------------------------------------------------------------------------------
 # Replay buffer
 # ---------------------------------------------------------------------------------------------
 
 
-def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
-    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
-    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+# Index conventions, in the paper's notation (Eq. 2.2), stated once for the whole file:
+# - Replay slot t of an episode holds o_t (the paper's x_t), a_{t-1} (the action that led to it;
+#   zeros at t = 0), r_t (the reward received on arriving at o_t; 0 at t = 0) and cont_t (0 if the
+#   episode terminated at o_t). A sequence is T consecutive slots of one episode, time-major
+#   (T, B, ...), and the RSSM starts it from zeros: row t computes h_t = f(h_{t-1}, z_{t-1}, a_{t-1})
+#   from batch["action"][t], then z_t ~ q(z_t | h_t, x_t) from batch["obs"][t], and the reward
+#   head on [z_t, h_t] predicts batch["reward"][t] = r_t (Eq. 2.3, 2.4).
+# - Imagination (`imagine`) from a start state s_0 = (h_0, z_0): feats[t] = s_t for t = 0..H,
+#   actions[t] = a_t ~ pi(a_t | s_t) for t = 0..H-1, and s_{t+1} = (h_{t+1}, z_{t+1}) with
+#   h_{t+1} = f(h_t, z_t, a_t), z_{t+1} ~ p(z | h_{t+1}). As in the replay, reward[t] = r_t is the
+#   reward predicted for arriving at s_t; discount[t] = gamma_t = gamma * P(cont | s_t);
+#   value[t] = v(s_t) of the slow critic.
+# - Lambda-returns (`lambda_return`, DreamerV2's Eq. 4), t = 0..H-1:
+#   V_t = r_t + gamma_t ((1 - lambda) v(s_{t+1}) + lambda V_{t+1}), V_H = v(s_H).
+#   V_t includes r_t, which arriving at s_t earned, so the action a_t taken at s_t is credited with
+#   V_{t+1} (t = 0..H-2, DreamerV2's official agent.py); the critic regresses v(s_t) on V_t.
 
 
 class Replay:
     """Whole episodes in a flat ring of uint8 images; sampling of in-episode sequences, uniform or
     with episode ends preferred (`prioritize_ends`).
 
-    Slot t of an episode holds obs_t, the action a_{t-1} that led to it (zeros at t = 0), the
-    reward r_t received on arriving there (0 at t = 0) and cont_t = 0 if the episode terminated
-    there. A sequence never crosses an episode boundary, so the RSSM starts each one from zeros.
+    Slot t of an episode holds o_t, a_{t-1}, r_t and cont_t (the index conventions above). A
+    sequence never crosses an episode boundary, so the RSSM starts each one from zeros.
     The arrays are torch tensors on `device` (on CUDA the images live on the GPU and a batch is
     gathered there); the episode ids stay on the host, where start indices are drawn.
     """
@@ -862,6 +925,7 @@ class Replay:
         """Time-major tensors on the replay's device: obs (T, B, 3, H, W) uint8, action (T, B, A),
         reward, cont (T, B). One small index tensor crosses to the device; no loop over the batch."""
         starts = self.draw_starts(batch, length)
+        # idx[t, b] = slot starts[b] + t (time-major): o_t, a_{t-1}, r_t, cont_t of sequence b
         idx = to_device_async((starts[None, :] + np.arange(length)[:, None]) % self.capacity, self.device)
         return dict(obs=self.obs[idx], action=self.action[idx], reward=self.reward[idx], cont=self.cont[idx])
 
@@ -880,13 +944,6 @@ class Replay:
         self.pos, self.size, self.episodes = state["pos"], n, state["episodes"]
         self.rng.bit_generator.state = state["rng"]
         self._starts_length = None
-
-
-def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
-    """The replay's size in agent steps, allocated once (issue 22 item 7): `capacity` (agent steps)
-    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
-    of an episode, and at least one training sequence of `length`."""
-    return max(min(capacity, -(-total_steps // repeat) + 1), length)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -940,9 +997,12 @@ def bootstrapped_posteriors(wm: WorldModel, batch: dict, args: Args) -> tuple[di
     target_proj = target_posterior.project(target_embed)
     groups = [(target_posterior, target_proj, action)]
     if n > 0:  # (BatchNorm cannot normalise an empty group)
+        # batch rows 0..n-1 (all t): their online embeddings and a_{t-1}
         groups.insert(0, (wm.posterior, wm.posterior.project(embed[:, :n]), action[:, :n]))
     states = wm.rssm.observe(groups)  # (T, n + B, ...)
-    target = {k: v[:, n:] for k, v in states.items()}
+    # rows of `states`: [online rows 0..n-1 | target rows 0..B-1]
+    target = {k: v[:, n:] for k, v in states.items()}  # q_xi for all B rows: the KL targets
+    # post: online states for rows 0..n-1, target-rolled states for rows n..B-1
     post = {k: torch.cat([v[:, :n], v[:, 2 * n:]], 1) for k, v in states.items()}
     return post, target
 
@@ -988,7 +1048,7 @@ def world_model_loss(wm: WorldModel, batch: dict, args: Args):
         metrics["probe_loss"] = probe_nll  # not in `loss`: the probe has its own optimiser
     # Imagination starts from the posteriors the prior was trained to predict and the actor acts
     # on: the target posteriors when there is a target (see Agent.act).
-    start = {k: kl_target[k].detach().flatten(0, 1) for k in ("deter", "stoch")}  # (T*B, ...)
+    start = {k: kl_target[k].detach().flatten(0, 1) for k in ("deter", "stoch")}  # every (t, b): (T*B, ...)
     return loss, start, metrics
 
 
@@ -999,7 +1059,7 @@ def world_model_loss(wm: WorldModel, batch: dict, args: Args):
 
 def lambda_return(reward, value, discount, bootstrap, lam: float):
     """Time-major (H, N): V_t = r_t + gamma_t ((1 - lam) v_{t+1} + lam V_{t+1}), V_H = bootstrap."""
-    next_values = torch.cat([value[1:], bootstrap[None]], 0)
+    next_values = torch.cat([value[1:], bootstrap[None]], 0)  # v(s_{t+1}), t = 0..H-1
     inputs = reward + discount * next_values * (1 - lam)
     returns, last = [], bootstrap
     for t in reversed(range(reward.shape[0])):
@@ -1023,28 +1083,31 @@ def imagine(wm: WorldModel, actor: Actor, start: dict, horizon: int):
 
 def behaviour_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args, discrete: bool):
     """Actor and critic losses (DreamerV2 Eq. 5, 6) on imagined rollouts from every start state."""
-    feats, actions = imagine(wm, ac.actor, start, args.horizon)
-    reward = wm.reward(feats).squeeze(-1).float()  # (H+1, N), r_t of the state the action is taken in
+    feats, actions = imagine(wm, ac.actor, start, args.horizon)  # s_0..s_H, a_0..a_{H-1}
+    reward = wm.reward(feats).squeeze(-1).float()  # r_t, of arriving at s_t, (H+1, N)
     if wm.discount is not None:
         discount = args.gamma * torch.sigmoid(wm.discount(feats).squeeze(-1).float())
     else:
         discount = torch.full_like(reward, args.gamma)
-    value = ac.target_critic(feats).squeeze(-1).float()  # slow critic v(z_t), (H+1, N)
+    value = ac.target_critic(feats).squeeze(-1).float()  # slow critic v(s_t), (H+1, N)
+    # V_0..V_{H-1} from r_t, v(s_t), gamma_t for t = 0..H-1, bootstrapped with V_H = v(s_H)
     target = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1], args.return_lambda)
     # Imagined steps after a predicted episode end count less: weight_t = prod_{k<t} gamma_k, (H+1, N).
+    # (weight_0 = 1; gamma_0..gamma_{H-1} shifted by one step)
     weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]], 0), 0).detach()
     # Actor, indexed as DreamerV2's official agent.py (which BLAST's code keeps): the action taken
     # at z_t (t = 0..H-2) is credited with V_{t+1}; z_0 is a start state, so V_0 trains nothing.
-    policy = ac.actor(feats[:-2].detach())
+    policy = ac.actor(feats[:-2].detach())  # pi(. | s_t), t = 0..H-2
     grad = args.actor_grad if args.actor_grad != "auto" else ("reinforce" if discrete else "dynamics")
     if grad == "dynamics":
-        objective = target[1:]  # rho = 1: backpropagate V_{t+1} through the model into a_t
-    else:  # rho = 0: REINFORCE, baseline the slow critic, advantage V_{t+1} - v(z_t) (official)
+        objective = target[1:]  # V_{t+1}, t = 0..H-2; rho = 1: backpropagated through the model into a_t
+    else:  # rho = 0: REINFORCE, baseline the slow critic, advantage V_{t+1} - v(s_t) (official)
+        # ln pi(a_t | s_t) (V_{t+1} - v(s_t)), t = 0..H-2
         objective = policy.log_prob(actions[:-1].detach()) * (target[1:] - value[:-2]).detach()
     entropy = policy.entropy()
-    actor_loss = -(weight[:-2] * (objective + args.actor_entropy * entropy)).mean()
-    critic = ac.critic(feats[:-1].detach()).squeeze(-1).float()  # v(z_t), (H, N)
-    critic_loss = (gaussian_nll(critic, target.detach()) * weight[:-1]).mean()
+    actor_loss = -(weight[:-2] * (objective + args.actor_entropy * entropy)).mean()  # weights of s_0..s_{H-2}
+    critic = ac.critic(feats[:-1].detach()).squeeze(-1).float()  # v(s_t), t = 0..H-1, (H, N)
+    critic_loss = (gaussian_nll(critic, target.detach()) * weight[:-1]).mean()  # against V_t
     metrics = dict(actor_loss=actor_loss, critic_loss=critic_loss, actor_entropy=entropy.mean(),
                    imagined_reward=reward.mean(), value=critic.mean(), lambda_return=target.mean())
     return actor_loss, critic_loss, metrics
@@ -1054,58 +1117,8 @@ def behaviour_losses(wm: WorldModel, ac: ActorCritic, start: dict, args: Args, d
 # Agent: one update, acting
 # ---------------------------------------------------------------------------------------------
 
-NONFINITE_NAMES = ("model_loss", "actor_loss", "critic_loss")
 
-
-def lerp_(targets: list, sources: list, weight: torch.Tensor):
-    """targets <- targets + weight * (sources - targets), in place, for a 0-dim device tensor
-    `weight`. The weight goes in as a list of tensors: the overload that takes one number would
-    read the tensor to the host (a GPU sync every update)."""
-    torch._foreach_lerp_(targets, sources, [weight] * len(targets))
-
-
-def nonfinite(*values: torch.Tensor) -> torch.Tensor:
-    """1.0 if any value is NaN/inf, as a 0-dim device tensor (no host sync)."""
-    return (~torch.isfinite(torch.stack([v.float() for v in values]))).any().float()
-
-
-def cudagraph_step(enabled: bool):
-    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
-    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
-    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
-    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
-    with no backward pending, freeing outputs that are still in use."""
-    if enabled:
-        torch.compiler.cudagraph_mark_step_begin()
-
-
-def outlive_step(value, enabled: bool):
-    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
-    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
-    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
-    if not enabled:
-        return value
-    if isinstance(value, dict):
-        return {k: outlive_step(v, True) for k, v in value.items()}
-    return value.detach().clone()
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
-    on again after). A loss computed inside still backpropagates through `module` into its
-    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
-    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
-    eager mode, but a compiled graph's backward computes a gradient for every input that
-    requires one, here the whole world model's, for nothing (issue 22 item 9)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+LOSS_NAMES = ("model_loss", "actor_loss", "critic_loss")  # the per-update non-finite flags
 
 
 class Agent:
@@ -1119,15 +1132,13 @@ class Agent:
         self.probe_params = list(self.wm.decoder.parameters()) if self.probe else []
         self.model_params = [p for n, p in self.wm.named_parameters()
                              if p.requires_grad and not (self.probe and n.startswith("decoder."))]
-        # DreamerV2's optimiser multiplies each variable by (1 - wd) per step; AdamW multiplies by
-        # (1 - lr * wd'), so wd' = wd / lr is that decay. fused=True: one kernel per step, and it
-        # honours `found_inf` (skips the step on the device, see `update`).
-        adam = lambda params, lr: torch.optim.AdamW(params, lr=lr, eps=args.adam_eps,  # noqa: E731
-                                                    weight_decay=args.weight_decay / lr, fused=True)
-        self.model_opt = adam(self.model_params, args.model_lr)
-        self.probe_opt = adam(self.probe_params, args.model_lr) if self.probe else None
-        self.actor_opt = adam(self.ac.actor.parameters(), args.actor_lr)
-        self.critic_opt = adam(self.ac.critic.parameters(), args.critic_lr)
+        # DreamerV2's optimiser: Adam, clip 100, each variable times (1 - wd) per step.
+        opt = lambda name, params, lr: Optimizer(name, params, lr, args.adam_eps, args.grad_clip,  # noqa: E731
+                                                 args.weight_decay)
+        self.model_opt = opt("model", self.model_params, args.model_lr)
+        self.probe_opt = opt("probe", self.probe_params, args.model_lr) if self.probe else None
+        self.actor_opt = opt("actor", self.ac.actor.parameters(), args.actor_lr)
+        self.critic_opt = opt("critic", self.ac.critic.parameters(), args.critic_lr)
         self.updates = 0
         # Once an update has a non-finite loss, every later one is skipped too (a device flag): the
         # main loop reads the flags one update late, without waiting for the GPU, and then stops.
@@ -1142,66 +1153,37 @@ class Agent:
             self.ac_loss = torch.compile(behaviour_losses, dynamic=False, mode=mode)
 
     def update(self, batch: dict) -> tuple[dict, torch.Tensor]:
-        """One world-model update (with the EMA of the target), then one actor and one critic
-        update on imagined rollouts. Returns (metrics, nonfinite flags per NONFINITE_NAMES), all
-        device tensors. A step whose loss or gradient norm is not finite is skipped on the device
-        (fused Adam's found_inf), and so are the EMA and target-critic copies that follow it; a bad
-        world-model step skips the whole update, so that all parameters stay as before it."""
-        args, clip = self.args, nn.utils.clip_grad_norm_
+        """One world-model step (Eq. 2.4) and the EMA of the target encoder (Sec. 2.3.1), then one
+        actor and one critic step on imagined rollouts (DreamerV2). Returns (metrics, non-finite
+        flags per LOSS_NAMES). A bad world-model step skips the whole update and all later ones."""
+        args, graphs = self.args, self.cudagraphs
         self.wm.train()  # BatchNorm: batch statistics (online and target), running stats update
-        cudagraph_step(self.cudagraphs)
+        cudagraph_step(graphs)
         with self.autocast:
             model_loss, start, metrics = self.wm_loss(self.wm, batch, args)
-        self.model_opt.zero_grad(set_to_none=True)
-        if self.probe:
-            self.probe_opt.zero_grad(set_to_none=True)
-            (model_loss + metrics["probe_loss"]).backward()  # separate parameters: separate gradients
+        if self.probe:  # its own parameters and clip: one backward pass, two steps
+            backward(model_loss + metrics["probe_loss"], self.model_opt, self.probe_opt)
+            metrics |= self.model_opt.step(model_loss, self.halted)
+            self.probe_opt.step(metrics["probe_loss"], self.model_opt.skipped)
         else:
-            model_loss.backward()
-        metrics["model_grad_norm"] = clip(self.model_params, args.grad_clip, foreach=True)
-        bad_model = torch.maximum(self.halted, nonfinite(model_loss, metrics["model_grad_norm"]))
-        self.model_opt.found_inf = bad_model
-        self.model_opt.step()
-        if self.probe:
-            probe_norm = clip(self.probe_params, args.grad_clip, foreach=True)
-            self.probe_opt.found_inf = torch.maximum(bad_model, nonfinite(metrics["probe_loss"], probe_norm))
-            self.probe_opt.step()
+            metrics |= self.model_opt(model_loss, self.halted)
         targets, onlines = self.wm.ema_pairs()
         if targets:  # Sec. 2.3.1: xi <- tau xi + (1 - tau) theta, not after a skipped step
             with torch.no_grad():
-                lerp_(targets, onlines, (1 - args.target_ema) * (1 - bad_model))
-
-        # Imagination in eval mode (the prior has no BatchNorm; the mode is set so that no layer
-        # could use batch statistics of imagined states or update running statistics with them).
-        self.wm.eval()
-        start, metrics = outlive_step(start, self.cudagraphs), outlive_step(metrics, self.cudagraphs)
-        cudagraph_step(self.cudagraphs)
+                lerp_(targets, onlines, (1 - args.target_ema) * (1 - self.model_opt.skipped))
+        self.wm.eval()  # imagination: no BatchNorm statistics of imagined states
+        start, metrics = outlive_step(start, graphs), outlive_step(metrics, graphs)
+        cudagraph_step(graphs)
         with self.autocast, frozen(self.wm):  # the behaviour losses do not train the world model
             actor_loss, critic_loss, ac_metrics = self.ac_loss(self.wm, self.ac, start, args, self.discrete)
-        self.actor_opt.zero_grad(set_to_none=True)
-        self.critic_opt.zero_grad(set_to_none=True)
-        # Each loss updates only its own network: the actor's gradient flows through the world
-        # model into the actions, but the world model is not updated by it.
-        # One backward pass for both: a compiled graph can be backpropagated only once, and the
-        # sum's gradient with respect to each network is its own loss's (the actor loss uses only
-        # the slow critic; the critic loss sees detached features and targets).
-        (actor_loss + critic_loss).backward(
-            inputs=[*self.ac.actor.parameters(), *self.ac.critic.parameters()])
-        metrics["actor_grad_norm"] = clip(self.ac.actor.parameters(), args.grad_clip, foreach=True)
-        metrics["critic_grad_norm"] = clip(self.ac.critic.parameters(), args.grad_clip, foreach=True)
-        bad_actor = nonfinite(actor_loss, metrics["actor_grad_norm"])
-        bad_critic = nonfinite(critic_loss, metrics["critic_grad_norm"])
-        self.actor_opt.found_inf = torch.maximum(bad_model, bad_actor)
-        self.critic_opt.found_inf = torch.maximum(bad_model, bad_critic)
-        self.actor_opt.step()
-        self.critic_opt.step()
-        metrics.update(outlive_step(ac_metrics, self.cudagraphs))
+        backward(actor_loss + critic_loss, self.actor_opt, self.critic_opt)  # each its own network
+        metrics |= self.actor_opt.step(actor_loss, self.model_opt.skipped)
+        metrics |= self.critic_opt.step(critic_loss, self.model_opt.skipped)
+        metrics |= outlive_step(ac_metrics, graphs)
         if self.updates % args.target_update_every == 0:  # copy, unless the critic step was skipped
-            critic, target = list(self.ac.critic.parameters()), list(self.ac.target_critic.parameters())
-            with torch.no_grad():
-                lerp_(target, critic, 1 - self.critic_opt.found_inf)
+            self.ac.update_target(1 - self.critic_opt.skipped)
         self.updates += 1
-        flags = torch.stack([bad_model, bad_actor, bad_critic])
+        flags = torch.stack([self.model_opt.skipped, self.actor_opt.flag, self.critic_opt.flag])
         self.halted = torch.maximum(self.halted, flags.max())
         return metrics, flags
 
@@ -1263,7 +1245,7 @@ def random_action(action_dim: int, discrete: bool) -> np.ndarray:
 
 
 def evaluate(agent: Agent, env, episodes: int, discrete: bool, seed: int, round_: int,
-             stop: dict, record: bool = False):
+             stop: StopFlag, record: bool = False):
     """Mean return of `episodes` episodes with mode actions, frames of the first if `record`;
     None if a signal arrived. Episode j of round e is reset with episode_seed(seed, "eval",
     e * 10_000 + j), so the evaluation env is reproducible after a resume without storing its RNG."""
@@ -1272,7 +1254,7 @@ def evaluate(agent: Agent, env, episodes: int, discrete: bool, seed: int, round_
         obs, _ = env.reset(seed=episode_seed(seed, "eval", round_ * 10_000 + ep))
         state, total, done = None, 0.0, False
         while not done:
-            if stop["signal"] is not None:
+            if stop.signum is not None:
                 return None
             if record and ep == 0:
                 frames.append(obs.transpose(1, 2, 0))
@@ -1289,31 +1271,447 @@ def evaluate(agent: Agent, env, episodes: int, discrete: bool, seed: int, round_
 # ---------------------------------------------------------------------------------------------
 
 
-class Logger:
-    """TensorBoard plus metrics.jsonl (one json object per log event)."""
+def action_repeat(args: Args) -> int:
+    """--action-repeat, else 2 for every DMC-family task (DreamerV2's configs.yaml dmc:
+    action_repeat 2, which BLAST's A.2 keeps; not PlaNet's per-task 4/8), else the env's default."""
+    if args.action_repeat:
+        return args.action_repeat
+    if args.action_repeat is None and args.env.partition("-")[0] in ("dmc", "dcs", "natural"):
+        return 2
+    return envs.default_action_repeat(args.env)
 
-    def __init__(self, run_dir: Path, args: Args, resume_step: Optional[int] = None):
+
+def make_env(args: Args, split: str, seed: int):
+    return envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=seed,
+                     image_size=64, action_repeat=action_repeat(args), split=split,
+                     video_dir=args.video_dir)
+
+
+def measure_speed(args: Args, device: torch.device) -> dict:
+    """Speed benchmark. Updates: median seconds per update over `args.measure_updates` updates
+    (after 2 warm-ups) on a random batch of the configured size (model and optimisers only, no
+    env, no replay). Acting: env steps per second of the acting loop over 50 agent steps."""
+    configure_torch(args, device)
+    env = make_env(args, "train", args.seed)
+    discrete = hasattr(env.action_space, "n")
+    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
+    agent = Agent(args, action_dim, discrete, device)
+    T, B = args.batch_length, args.batch_size
+    batch = dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
+                 action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
+                 reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device))
+    times, compile_seconds = [], None
+    for i in range(args.measure_updates + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        agent.update(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i == 0 and args.compile:
+            compile_seconds = time.perf_counter() - start
+            print(f"compiled in {compile_seconds:.1f} s", file=sys.stderr)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    obs, _ = env.reset(seed=episode_seed(args.seed, "train", 0))
+    state, env_steps, policy_time = None, 0, 0.0
+    for i in range(52):
+        if i == 2:  # the first two steps are warm-up: the clock starts here
+            start, env_steps, policy_time = time.perf_counter(), 0, 0.0
+        t = time.perf_counter()
+        action, state = agent.act(obs, state, explore=True)
+        policy_time += time.perf_counter() - t
+        obs, _, terminated, truncated, info = env.step(env_action(action, discrete))
+        env_steps += info["env_steps"]
+        if terminated or truncated:
+            (obs, _), state = env.reset(), None
+    acting_time = time.perf_counter() - start
+    env.close()
+    result = dict(seconds_per_update=float(np.median(times)), updates=len(times),
+                  parameters=agent.num_parameters(), env=args.env,
+                  env_steps_per_second=env_steps / acting_time, policy_ms=1000 * policy_time / 50,
+                  device=str(device), precision=args.precision, compile=args.compile,
+                  ladder=args.ladder)
+    if compile_seconds is not None:
+        result["compile_seconds"] = compile_seconds
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    result["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(result))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Main loop
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    if args.measure_updates > 0:
+        return measure_speed(args, resolve_device(args.device))
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    device = resolve_device(args.device)
+    configure_torch(args, device)
+    if not 0 <= args.target_input_p <= 1 or not 0 <= args.target_ema <= 1:
+        raise SystemExit("error: --target-input-p and --target-ema must lie in [0, 1]")
+
+    seed_everything(args.seed)
+    try:  # bad input (env id, distraction, video folder) ends here with a message, not a traceback
+        env, eval_env = make_env(args, "train", args.seed), make_env(args, args.eval_split, args.seed + 10_000)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    discrete = hasattr(env.action_space, "n")
+    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
+    repeat = action_repeat(args)
+
+    agent = Agent(args, action_dim, discrete, device)
+    replay = Replay(replay_slots(args.replay_capacity // repeat, args.total_steps, repeat, args.batch_length),
+                    env.observation_space.shape,
+                    action_dim, args.seed, replay_device(args, device), args.prioritize_ends)
+    counters = dict(env_steps=0, agent_steps=0, episodes=0, next_eval=args.eval_every,
+                    last_eval=-1, eval_rounds=0, pretrain_updates=0)
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        counters.update(checkpoint["counters"])
+        load_replay(args.resume, checkpoint, replay, counters)
+        seed_everything(args.seed, checkpoint["rng"])  # the RNG states from where the run stopped
+    logger = Logger(run_dir, args, counters["env_steps"] if checkpoint is not None else None)
+    stop = StopFlag()
+
+    if checkpoint is not None:
+        print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "
+              f"episode was stored as truncated; a new episode starts)")
+    ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
+    videos = envs.video_source(args.env, args.distraction, args.video_dir)
+    print(f"run {run_dir} | {describe(args)} | action repeat {repeat} | device {device} | "
+          f"{agent.num_parameters() / 1e6:.1f}M "
+          f"parameters | replay {replay.capacity:,} agent steps on {replay.device}, up to "
+          f"{replay.nbytes / 2**30:.2f} GiB | replay ratio {ratio:.0f} | videos: {videos}", flush=True)
+    progress = Progress(args, counters, args.updates_per_step / args.train_every)
+    watch = NonFiniteWatch(LOSS_NAMES)
+    last_return = float("nan")
+
+    def phase() -> str:
+        return "prefill" if counters["agent_steps"] < args.prefill else "train"
+
+    progress.maybe_print(counters, phase(), last_return, agent.updates, force=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+
+    def write_checkpoint(with_replay: bool):
+        """checkpoint.pt, and replay.pt if `with_replay` (see save_checkpoint)."""
+        save_checkpoint(ckpt_path, agent, replay if with_replay else None, counters, args)
+
+    def new_episode():
+        obs, _ = env.reset(seed=episode_seed(args.seed, "train", counters["episodes"]))
+        return obs, dict(obs=[obs], action=[np.zeros(action_dim, np.float32)], reward=[0.0], cont=[1.0])
+
+    def finish(code: int, message: str):
+        print(message, flush=True)
+        logger.close()
+        env.close()
+        eval_env.close()
+        stop.restore()
+        sys.exit(code)
+
+    def interrupt():
+        """Store the episode so far as truncated, checkpoint, exit 130 (SIGINT) / 143 (SIGTERM)."""
+        if len(ep["reward"]) >= 2:
+            replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
+        write_checkpoint(with_replay=True)
+        code = 130 if stop.signum == signal.SIGINT else 143
+        finish(code, f"interrupted at step {counters['env_steps']}; resume with: python "
+                     f"{Path(__file__).name} --resume {ckpt_path}")
+
+    def check_finite():
+        """Stop on a non-finite update: its flags were copied an update ago (no stall)."""
+        bad = watch.first_bad()
+        if bad is not None:
+            names, update, step = bad
+            write_checkpoint(with_replay=True)  # parameters from before the bad update: its steps were skipped
+            finish(1, f"error: non-finite {names[0]} at update {update} (env step {step}); "
+                      f"checkpoint from before it: {ckpt_path}")
+
+    compiled = [not args.compile]  # the first update of this process compiles (also after a resume)
+
+    def train_step():
+        nonlocal metrics
+        check_finite()
+        batch = to_device(replay.sample(args.batch_size, args.batch_length), device)
+        start = time.perf_counter()
+        metrics, flags = agent.update(batch)
+        if not compiled[0]:
+            compiled[0] = True
+            print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
+        else:  # the compile time would distort s/update
+            progress.update_time += time.perf_counter() - start
+            progress.updates += 1
+        watch.push(flags, agent.updates, counters["env_steps"])
+
+    def run_eval():
+        result = evaluate(agent, eval_env, args.eval_episodes, discrete, args.seed,
+                          counters["eval_rounds"], stop, args.capture_video)
+        if result is None:
+            return False  # interrupted: not logged, reruns after resume
+        ret, frames = result
+        logger.log(counters["env_steps"], {"eval/episodic_return": ret})
+        if frames:
+            save_video(frames, run_dir / "videos" / f"eval_{counters['env_steps']}.mp4")
+            strip = np.concatenate(frames[:: max(1, len(frames) // 8)][:8], axis=1)
+            logger.writer.add_image("eval/frames", strip, counters["env_steps"], dataformats="HWC")
+        print(f"eval at {counters['env_steps']}: return {ret:.1f}", flush=True)
+        counters["last_eval"] = counters["env_steps"]
+        counters["eval_rounds"] += 1
+        return True
+
+    obs, ep = new_episode()
+    state, episode_return, metrics = None, 0.0, {}
+    while counters["env_steps"] < args.total_steps:
+        if stop.signum is not None:
+            interrupt()
+        acting_start = time.perf_counter()
+        if counters["agent_steps"] < args.prefill:
+            action = random_action(action_dim, discrete)
+        else:
+            action, state = agent.act(obs, state, explore=True)
+        obs, reward, terminated, truncated, info = env.step(env_action(action, discrete))
+        counters["agent_steps"] += 1
+        counters["env_steps"] += info["env_steps"]
+        episode_return += reward
+        # slot t of the episode: o_t, a_{t-1}, r_t, cont_t (see Replay)
+        for key, value in zip(("obs", "action", "reward", "cont"), (obs, action, reward, 1.0 - terminated)):
+            ep[key].append(value)
+        if terminated or truncated:
+            replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
+            counters["episodes"] += 1
+            last_return = episode_return
+            logger.log(counters["env_steps"], {"charts/episodic_return": episode_return,
+                                               "charts/episodic_length": len(ep["reward"]) - 1})
+            obs, ep = new_episode()
+            state, episode_return = None, 0.0
+        progress.acting_time += time.perf_counter() - acting_start
+
+        # Train: once `prefill` steps are in, `pretrain` updates, then every `train_every` steps.
+        if counters["agent_steps"] >= args.prefill and replay.can_sample(args.batch_length):
+            if counters["pretrain_updates"] < args.pretrain:
+                while counters["pretrain_updates"] < args.pretrain:
+                    train_step()
+                    counters["pretrain_updates"] += 1
+                    if stop.signum is not None:
+                        check_finite()
+                        interrupt()
+                    progress.maybe_print(counters, "pretrain", last_return, agent.updates,
+                                         pending_updates=args.pretrain - counters["pretrain_updates"])
+            elif counters["agent_steps"] % args.train_every == 0:
+                for _ in range(args.updates_per_step):
+                    train_step()
+
+        crossed = counters["env_steps"] // args.log_every != (counters["env_steps"] - info["env_steps"]) // args.log_every
+        if crossed:
+            logs = {f"losses/{k}": v for k, v in metrics.items()}
+            logs.update({"charts/SPS": progress.sps(counters), "charts/updates": agent.updates})
+            logger.log(counters["env_steps"], logs)
+        progress.maybe_print(counters, phase(), last_return, agent.updates, force=crossed)
+        if args.eval_every and counters["env_steps"] >= counters["next_eval"]:
+            check_finite()
+            if not run_eval():
+                interrupt()
+            counters["next_eval"] += args.eval_every
+            if args.save_model:
+                write_checkpoint(with_replay=replay_due(args, counters["eval_rounds"], counters))
+
+    check_finite()
+    if counters["last_eval"] != counters["env_steps"]:
+        if not run_eval():
+            interrupt()
+        if args.save_model:
+            write_checkpoint(with_replay=replay_due(args, counters["eval_rounds"], counters))
+    env.close()
+    eval_env.close()
+    logger.close()
+    stop.restore()
+    return run_dir
+
+
+# =============================================================================================
+# Plumbing: identical in every script (tests/test_plumbing.py compares the five copies byte for
+# byte, so a fix made here is made in all of them). Nothing below is part of the method: replay
+# seeding, device copies, the optimiser helper, logging, progress, signals, checkpoints, devices.
+# =============================================================================================
+
+STREAMS = {"train": 0, "eval": 1}
+
+
+def episode_seed(seed: int, stream: str, index: int) -> int:
+    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
+    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
+
+
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
+    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
+    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
+    """The replay's size in agent steps, allocated once: `capacity` (agent steps)
+    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
+    of an episode, and at least one training sequence of `length`."""
+    return max(min(capacity, -(-total_steps // repeat) + 1), length)
+
+
+def lerp_(targets: list, sources: list, weight: torch.Tensor):
+    """targets <- targets + weight * (sources - targets), in place, for a 0-dim device tensor
+    `weight`. The weight goes in as a list of tensors: the overload that takes one number would
+    read the tensor to the host (a GPU sync every update)."""
+    torch._foreach_lerp_(targets, sources, [weight] * len(targets))
+
+
+def nonfinite(*values: torch.Tensor) -> torch.Tensor:
+    """1.0 if any value is NaN/inf, else 0.0: a 0-dim fp32 device tensor (no host sync)."""
+    return (~torch.isfinite(torch.stack([v.detach().float() for v in values]))).any().float()
+
+
+def cudagraph_step(enabled: bool):
+    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
+    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
+    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
+    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
+    with no backward pending, freeing outputs that are still in use."""
+    if enabled:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def outlive_step(value, enabled: bool):
+    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
+    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
+    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
+    if not enabled:
+        return value
+    if isinstance(value, dict):
+        return {k: outlive_step(v, True) for k, v in value.items()}
+    return value.detach().clone()
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
+    on again after). A loss computed inside still backpropagates through `module` into its
+    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
+    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
+    eager mode, but a compiled graph's backward computes a gradient for every input that
+    requires one, here the whole world model's, for nothing."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class Optimizer:
+    """One network's optimiser, called with its loss, as danijar/dreamerv2's `common.Optimizer`:
+    `metrics |= opt(loss, skip)` zeroes the gradients, backpropagates, clips the gradient norm and
+    takes a fused Adam step. The step is skipped on the device, with no host sync, when the loss
+    or the gradient norm is not finite or when `skip` (a 0-dim device tensor, e.g. an earlier
+    optimiser's `skipped`) is 1: fused Adam honours `found_inf` as GradScaler sets it, leaving
+    parameters and moments as they were. After a step, `flag` is 1.0 if this loss or norm was not
+    finite and `skipped` is 1.0 if the step was skipped. Returns {"<name>_grad_norm": norm}.
+
+    weight_decay > 0: every parameter is multiplied by (1 - weight_decay) once per step, as the
+    official DreamerV2 optimiser does (common/other.py); AdamW multiplies by (1 - lr * wd'), so
+    wd' = weight_decay / lr. clip <= 0: no clipping (the norm is still measured and checked).
+    Losses that share one backward pass: `backward(loss, opt_a, opt_b)`, then `opt_a.step(...)`."""
+
+    def __init__(self, name: str, params, lr: float, eps: float = 1e-8, clip: float = 0.0,
+                 weight_decay: float = 0.0, clip_params=None):
+        self.name, self.params, self.clip = name, list(params), clip
+        # the parameters whose gradient norm is clipped and checked (default: all of them)
+        self.clip_params = self.params if clip_params is None else list(clip_params)
+        if weight_decay > 0:
+            self.opt = torch.optim.AdamW(self.params, lr=lr, eps=eps, weight_decay=weight_decay / lr,
+                                         fused=True)
+        else:
+            self.opt = torch.optim.Adam(self.params, lr=lr, eps=eps, fused=True)
+        self.flag = self.skipped = None
+
+    def __call__(self, loss: torch.Tensor, skip: torch.Tensor | None = None) -> dict:
+        backward(loss, self)
+        return self.step(loss, skip)
+
+    def step(self, loss: torch.Tensor, skip: torch.Tensor | None = None, *checked: torch.Tensor) -> dict:
+        """Clip, check `loss`, the norm and any `checked` values, and step (gradients in place)."""
+        return self.apply(skip, self.check(loss, *checked))
+
+    def check(self, loss: torch.Tensor, *checked: torch.Tensor) -> dict:
+        """Clip and measure: sets `flag`; returns the metrics. `apply` steps."""
+        if self.clip > 0:
+            norm = nn.utils.clip_grad_norm_(self.clip_params, self.clip)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in self.clip_params if p.grad is not None])
+        self.flag = nonfinite(loss, norm, *checked)
+        return {f"{self.name}_grad_norm": norm}
+
+    def apply(self, skip: torch.Tensor | None, metrics: dict | None = None) -> dict:
+        """The fused step, skipped on the device if `flag` or `skip` is set; returns `metrics`."""
+        self.skipped = self.flag if skip is None else torch.maximum(skip, self.flag)
+        self.opt.found_inf = self.skipped
+        self.opt.step()
+        return metrics or {}
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.opt.load_state_dict(state)
+
+
+def backward(loss: torch.Tensor, *opts: Optimizer):
+    """Zero the gradients of `opts` and backpropagate `loss` into their parameters only (a
+    compiled graph can be backpropagated once: losses of different networks that come out of one
+    compiled call share one backward pass of their sum)."""
+    for opt in opts:
+        opt.opt.zero_grad(set_to_none=True)
+    loss.backward(inputs=[p for opt in opts for p in opt.params])
+
+
+class Logger:
+    """TensorBoard plus metrics.jsonl (one json object per log event). On resume, the records after
+    the checkpoint's step are dropped from both."""
+
+    def __init__(self, run_dir: Path, args: Args, resume_step: int | None = None):
         path = run_dir / "metrics.jsonl"
-        if resume_step is not None and path.is_file():  # drop what came after the checkpoint
+        if resume_step is not None and path.exists():
             keep = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in keep))
-        self.writer = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
-        if resume_step is None:
-            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-                f"|{k}|{v}|" for k, v in vars(args).items()))
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(str(run_dir), purge_step=purge)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+            f"|{k}|{v}|" for k, v in vars(args).items()))
         self.jsonl = open(path, "a")
 
-    def log(self, step: int, scalars: dict):
-        tensors = [k for k, v in scalars.items() if torch.is_tensor(v)]
-        if tensors:  # one copy to the host for all device metrics
-            host = torch.stack([scalars[k].detach().float() for k in tensors]).cpu().tolist()
-            scalars = {**scalars, **dict(zip(tensors, host))}
+    def log(self, step: int, scalars: dict, **text):
+        """Scalars (numbers or device tensors, copied to the host in one transfer) to both;
+        `text` fields only to metrics.jsonl."""
         record = {"step": step, "time": time.time()}
+        tensors = {k: v for k, v in scalars.items() if torch.is_tensor(v)}
+        if tensors:
+            values = torch.stack([v.detach().float() for v in tensors.values()]).cpu().tolist()
+            scalars = {**scalars, **dict(zip(tensors, values))}
         for key, value in scalars.items():
             self.writer.add_scalar(key, float(value), step)
             record[key] = float(value)
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps({**record, **text}) + "\n")
         self.jsonl.flush()
 
     def close(self):
@@ -1321,7 +1719,7 @@ class Logger:
         self.jsonl.close()
 
 
-def format_eta(seconds: Optional[float]) -> str:
+def format_eta(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "?"
     seconds = int(seconds)
@@ -1346,40 +1744,95 @@ preset_hint.shown = False
 
 
 class Progress:
-    """Progress lines (contract A.1): at the start, every `log_every` env steps and every 30 s,
-    also between the updates of the pretrain burst."""
+    """The progress line: at the first call, then every `log_every` env steps or 30 s (also between
+    the updates of a burst). s/update is this process's measured mean (the main loop adds to
+    `acting_time`, `update_time` and `updates`); the ETA counts `updates_per_agent_step` updates
+    per remaining agent step plus `pending_updates` (e.g. pretraining) once updates have started."""
 
-    def __init__(self, args: Args, counters: dict, repeat: int):
-        self.args, self.counters, self.repeat = args, counters, repeat
-        self.start = self.last = time.time()
-        self.start_env, self.start_agent = counters["env_steps"], counters["agent_steps"]
-        self.update_seconds, self.updates_timed = 0.0, 0
-        self.last_return = float("nan")
+    def __init__(self, args: Args, counters: dict, updates_per_agent_step: float):
+        self.args, self.ratio = args, updates_per_agent_step
+        self.start, self.start_steps = time.time(), counters["env_steps"]
+        self.start_agent_steps = counters["agent_steps"]
+        self.last_time, self.last_step = 0.0, None
+        self.acting_time = self.update_time = 0.0
+        self.updates = 0
 
-    def due(self) -> bool:
-        return time.time() - self.last >= 30
+    def sps(self, counters: dict) -> float:
+        return (counters["env_steps"] - self.start_steps) / max(time.time() - self.start, 1e-9)
 
-    def sps(self) -> float:
-        return (self.counters["env_steps"] - self.start_env) / max(time.time() - self.start, 1e-9)
+    def eta(self, counters: dict, pending_updates: int = 0) -> float | None:
+        remaining = self.args.total_steps - counters["env_steps"]
+        acted = counters["agent_steps"] - self.start_agent_steps
+        if acted == 0:
+            return None
+        if self.updates == 0:
+            sps = self.sps(counters)
+            return remaining / sps if sps > 0 else None
+        repeat = max(counters["env_steps"] - self.start_steps, 1) / acted  # env steps per agent step
+        spu = self.update_time / self.updates
+        return remaining / repeat * (self.acting_time / acted + self.ratio * spu) + pending_updates * spu
 
-    def print(self, phase: str, updates: int):
-        now, args = time.time(), self.args
-        self.last = now
-        elapsed, done = now - self.start, self.counters["env_steps"] - self.start_env
-        remaining = args.total_steps - self.counters["env_steps"]
-        spu = self.update_seconds / self.updates_timed if self.updates_timed else None
-        agent_done = self.counters["agent_steps"] - self.start_agent
-        eta = None
-        if spu is not None and agent_done > 0:
-            acting = max(elapsed - self.update_seconds, 0.0) / agent_done
-            eta = remaining / self.repeat * (acting + args.updates_per_step / args.train_every * spu)
-        elif done > 0:
-            eta = remaining / (done / elapsed)
-        spu_text = "-" if spu is None else f"{spu:.2f}"
-        preset_hint(args, eta)
-        print(f"step {self.counters['env_steps']}/{args.total_steps} | {phase} | return "
-              f"{self.last_return:.1f} | SPS {self.sps():.1f} | updates {updates} ({spu_text} s/update)"
-              f" | ETA {format_eta(eta)}", flush=True)
+    def maybe_print(self, counters: dict, phase: str, episode_return: float, updates: int,
+                    force: bool = False, pending_updates: int = 0):
+        step, now = counters["env_steps"], time.time()
+        due = (self.last_step is None or step - self.last_step >= self.args.log_every
+               or now - self.last_time >= 30)
+        if not (due or force):
+            return
+        self.last_step, self.last_time = step, now
+        spu = f"{self.update_time / self.updates:.2f}" if self.updates else "-"
+        eta = self.eta(counters, pending_updates)
+        preset_hint(self.args, eta)
+        print(f"step {step}/{self.args.total_steps} | {phase} | return {episode_return:.1f} | "
+              f"SPS {self.sps(counters):.1f} | updates {updates} ({spu} s/update) | "
+              f"ETA {format_eta(eta)}", flush=True)
+
+
+class StopFlag:
+    """SIGINT/SIGTERM handler that only records the first signal; the loops check `signum` after
+    each step or update (exit code 128 + signum). A second signal, e.g. while the checkpoint is
+    written, is recorded and ignored. `restore()` puts the previous handlers back."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __call__(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFiniteWatch:
+    """Reads each update's non-finite flags (one per name in `names`) late: copied non-blocking,
+    with a CUDA event, so the host never waits for the device it feeds. Once an update is
+    non-finite the agent skips every later step on the device (its `halted` flag), so what is
+    saved when the host notices is the state from before the bad update."""
+
+    def __init__(self, names: tuple):
+        self.names, self.pending = names, []
+
+    def push(self, flags: torch.Tensor, update: int, step: int):
+        host = flags.to("cpu", non_blocking=True)
+        event = None
+        if flags.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((host, event, update, step))
+
+    def first_bad(self, keep: int = 0):
+        """(names of the non-finite losses, update, env step) of the first non-finite update among
+        the pending ones but the newest `keep`; None if they are all finite."""
+        while len(self.pending) > keep:
+            host, event, update, step = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()  # normally long done: the copy was queued an update ago
+            if host.any():
+                return [n for n, flag in zip(self.names, host.tolist()) if flag], update, step
+        return None
 
 
 def save_video(frames: list, path: Path, fps: int = 30):
@@ -1449,6 +1902,26 @@ def load_replay(path: str, checkpoint: dict, replay: Replay, counters: dict):
     print(f"replay: {replay.size} agent steps from {replay_path}{note}", flush=True)
 
 
+def load_checkpoint(path: str) -> dict:
+    """--resume: the checkpoint at `path`, its tensors read from disk as they are used (mmap)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: --resume {path}: no such checkpoint file")
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def seed_everything(seed: int, rng: dict | None = None):
+    """Seed Python, NumPy and torch, or restore their states from a checkpoint's `rng`."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if rng is not None:
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1460,309 +1933,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def setup_torch(args: Args, device: torch.device):
+def replay_device(args: Args, device: torch.device) -> torch.device:
+    """Where the replay's arrays live: --replay-device auto keeps them on the training GPU (no
+    host-to-device copy of the batch), on the host otherwise."""
+    if args.replay_device == "auto":
+        return device if device.type == "cuda" else torch.device("cpu")
+    if args.replay_device == "cuda" and device.type != "cuda":
+        raise SystemExit("error: --replay-device cuda needs training on CUDA (--device cuda or auto on a GPU)")
+    return device if args.replay_device == "cuda" else torch.device("cpu")
+
+
+def configure_torch(args: Args, device: torch.device):
+    """Determinism and, on CUDA, TF32: fp32 matmuls and convolutions on tensor cores (several
+    times faster on Ampere and later, ~1e-3 relative precision, which the losses tolerate)."""
     if device.type == "cuda":  # once: CUDA events, synchronize() and tensors made on "cuda" then
         torch.cuda.set_device(device)  # all mean --device's GPU (cuda:1 too), not cuda:0
+    torch.backends.cudnn.deterministic = args.torch_deterministic
     if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.set_float32_matmul_precision("high")
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cudnn.benchmark = not args.torch_deterministic
-
-
-def action_repeat(args: Args) -> int:
-    """--action-repeat, else 2 for every DMC-family task (DreamerV2's configs.yaml dmc:
-    action_repeat 2, which BLAST's A.2 keeps; not PlaNet's per-task 4/8), else the env's default."""
-    if args.action_repeat:
-        return args.action_repeat
-    if args.action_repeat is None and args.env.partition("-")[0] in ("dmc", "dcs", "natural"):
-        return 2
-    return envs.default_action_repeat(args.env)
-
-
-def make_env(args: Args, split: str, seed: int):
-    return envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=seed,
-                     image_size=64, action_repeat=action_repeat(args), split=split,
-                     video_dir=args.video_dir)
-
-
-def describe(args: Args) -> str:
-    """What the run header says about the method and the A.2 preset."""
-    switches = (f"recon {'on' if args.recon else 'off'}, kl balance {args.kl_balance}, target "
-                f"{'ema ' + str(args.target_ema) if args.target_encoder else 'off'}, norm "
-                f"{args.encoder_norm}/{args.obs_out_norm}, ar steps {args.ar_steps or args.stoch}")
-    return f"ladder {args.ladder} ({switches}) | A.2 preset {family_preset(args.env)}"
-
-
-def measure_speed(args: Args, device: torch.device) -> dict:
-    """Speed benchmark. Updates: median seconds per update over `args.measure_updates` updates
-    (after 2 warm-ups) on a random batch of the configured size (model and optimisers only, no
-    env, no replay). Acting: env steps per second of the acting loop over 50 agent steps."""
-    setup_torch(args, device)
-    env = make_env(args, "train", args.seed)
-    discrete = hasattr(env.action_space, "n")
-    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
-    agent = Agent(args, action_dim, discrete, device)
-    T, B = args.batch_length, args.batch_size
-    batch = dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
-                 action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
-                 reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device))
-    times, compile_seconds = [], None
-    for i in range(args.measure_updates + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        agent.update(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i == 0 and args.compile:
-            compile_seconds = time.perf_counter() - start
-            print(f"compiled in {compile_seconds:.1f} s", file=sys.stderr)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    obs, _ = env.reset(seed=episode_seed(args.seed, "train", 0))
-    state, env_steps, policy_time = None, 0, 0.0
-    for i in range(52):
-        if i == 2:  # the first two steps are warm-up: the clock starts here
-            start, env_steps, policy_time = time.perf_counter(), 0, 0.0
-        t = time.perf_counter()
-        action, state = agent.act(obs, state, explore=True)
-        policy_time += time.perf_counter() - t
-        obs, _, terminated, truncated, info = env.step(env_action(action, discrete))
-        env_steps += info["env_steps"]
-        if terminated or truncated:
-            (obs, _), state = env.reset(), None
-    acting_time = time.perf_counter() - start
-    env.close()
-    result = dict(seconds_per_update=float(np.median(times)), updates=len(times),
-                  parameters=agent.num_parameters(), env=args.env,
-                  env_steps_per_second=env_steps / acting_time, policy_ms=1000 * policy_time / 50,
-                  device=str(device), precision=args.precision, compile=args.compile,
-                  ladder=args.ladder)
-    if compile_seconds is not None:
-        result["compile_seconds"] = compile_seconds
-    if device.type == "cuda":
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    result["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps(result))
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Main loop
-# ---------------------------------------------------------------------------------------------
-
-
-def main(args: Args):
-    if args.measure_updates > 0:
-        return measure_speed(args, resolve_device(args.device))
-    checkpoint = None
-    if args.resume:
-        if not Path(args.resume).is_file():
-            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint file")
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
-    device = resolve_device(args.device)
-    setup_torch(args, device)
-    replay_device = device if args.replay_device == "auto" else resolve_device(args.replay_device)
-    if args.replay_device == "auto" and device.type != "cuda":
-        replay_device = torch.device("cpu")
-    if not 0 <= args.target_input_p <= 1 or not 0 <= args.target_ema <= 1:
-        raise SystemExit("error: --target-input-p and --target-ema must lie in [0, 1]")
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    try:  # bad input (env id, distraction, video folder) ends here with a message, not a traceback
-        env, eval_env = make_env(args, "train", args.seed), make_env(args, args.eval_split, args.seed + 10_000)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
-    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    discrete = hasattr(env.action_space, "n")
-    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
-    repeat = action_repeat(args)
-
-    agent = Agent(args, action_dim, discrete, device)
-    replay = Replay(replay_slots(args.replay_capacity // repeat, args.total_steps, repeat, args.batch_length),
-                    env.observation_space.shape,
-                    action_dim, args.seed, replay_device, args.prioritize_ends)
-    counters = dict(env_steps=0, agent_steps=0, episodes=0, next_eval=args.eval_every,
-                    last_eval=-1, eval_rounds=0, pretrain_updates=0)
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint["agent"])
-        counters.update(checkpoint["counters"])
-        load_replay(args.resume, checkpoint, replay, counters)
-        random.setstate(checkpoint["rng"]["python"])
-        np.random.set_state(checkpoint["rng"]["numpy"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    logger = Logger(run_dir, args, counters["env_steps"] if checkpoint is not None else None)
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):  # only records: the loops check it after each step/update
-        if stop["signal"] is None:
-            stop["signal"] = signum
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    if checkpoint is not None:
-        print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "
-              f"episode was stored as truncated; a new episode starts)")
-    ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
-    videos = envs.video_source(args.env, args.distraction, args.video_dir)
-    print(f"run {run_dir} | {describe(args)} | action repeat {repeat} | device {device} | "
-          f"{agent.num_parameters() / 1e6:.1f}M "
-          f"parameters | replay {replay.capacity:,} agent steps on {replay_device}, up to "
-          f"{replay.nbytes / 2**30:.2f} GiB | replay ratio {ratio:.0f} | videos: {videos}", flush=True)
-    progress = Progress(args, counters, repeat)
-    progress.print("prefill" if counters["agent_steps"] < args.prefill else "train", agent.updates)
-    ckpt_path = run_dir / "checkpoint.pt"
-
-    def write_checkpoint(with_replay: bool):
-        """checkpoint.pt, and replay.pt if `with_replay` (see save_checkpoint)."""
-        save_checkpoint(ckpt_path, agent, replay if with_replay else None, counters, args)
-
-    def new_episode():
-        obs, _ = env.reset(seed=episode_seed(args.seed, "train", counters["episodes"]))
-        return obs, dict(obs=[obs], action=[np.zeros(action_dim, np.float32)], reward=[0.0], cont=[1.0])
-
-    def finish(code: int, message: str):
-        print(message, flush=True)
-        logger.close()
-        env.close()
-        eval_env.close()
-        sys.exit(code)
-
-    def interrupt():
-        """Contract A.2: store the episode so far as truncated, checkpoint, exit 130 / 143."""
-        if len(ep["reward"]) >= 2:
-            replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
-        write_checkpoint(with_replay=True)
-        code = 130 if stop["signal"] == signal.SIGINT else 143
-        finish(code, f"interrupted at step {counters['env_steps']}; resume with: python "
-                     f"{Path(__file__).name} --resume {ckpt_path}")
-
-    pending = []  # the last update's non-finite flags on the host and the CUDA event of the copy
-
-    def check_finite():
-        """Inspect the previous update's flags (its copy has long finished: no stall)."""
-        if not pending:
-            return
-        flags, event, update = pending.pop()
-        if event is not None:
-            event.synchronize()
-        if flags.any():
-            name = NONFINITE_NAMES[int(np.flatnonzero(flags.numpy())[0])]
-            # parameters from before the bad update: its steps were skipped
-            write_checkpoint(with_replay=True)
-            finish(1, f"error: non-finite {name} at update {update} (env step "
-                      f"{counters['env_steps']}); checkpoint from before it: {ckpt_path}")
-
-    compiled = [not args.compile]  # the first update of this process compiles (also after a resume)
-
-    def train_step():
-        nonlocal metrics
-        check_finite()
-        batch = to_device(replay.sample(args.batch_size, args.batch_length), device)
-        start = time.perf_counter()
-        metrics, flags = agent.update(batch)
-        if not compiled[0]:
-            compiled[0] = True
-            print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
-        else:  # the compile time would distort s/update
-            progress.update_seconds += time.perf_counter() - start
-            progress.updates_timed += 1
-        event = None
-        host = flags.to("cpu", non_blocking=True)
-        if flags.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        pending.append((host, event, agent.updates))
-
-    def run_eval():
-        result = evaluate(agent, eval_env, args.eval_episodes, discrete, args.seed,
-                          counters["eval_rounds"], stop, args.capture_video)
-        if result is None:
-            return False  # interrupted: not logged, reruns after resume
-        ret, frames = result
-        logger.log(counters["env_steps"], {"eval/episodic_return": ret})
-        if frames:
-            save_video(frames, run_dir / "videos" / f"eval_{counters['env_steps']}.mp4")
-            strip = np.concatenate(frames[:: max(1, len(frames) // 8)][:8], axis=1)
-            logger.writer.add_image("eval/frames", strip, counters["env_steps"], dataformats="HWC")
-        print(f"eval at {counters['env_steps']}: return {ret:.1f}", flush=True)
-        counters["last_eval"] = counters["env_steps"]
-        counters["eval_rounds"] += 1
-        return True
-
-    obs, ep = new_episode()
-    state, episode_return, metrics = None, 0.0, {}
-    while counters["env_steps"] < args.total_steps:
-        if stop["signal"] is not None:
-            interrupt()
-        if counters["agent_steps"] < args.prefill:
-            action = random_action(action_dim, discrete)
-        else:
-            action, state = agent.act(obs, state, explore=True)
-        obs, reward, terminated, truncated, info = env.step(env_action(action, discrete))
-        counters["agent_steps"] += 1
-        counters["env_steps"] += info["env_steps"]
-        episode_return += reward
-        for key, value in zip(("obs", "action", "reward", "cont"), (obs, action, reward, 1.0 - terminated)):
-            ep[key].append(value)
-        if terminated or truncated:
-            replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
-            counters["episodes"] += 1
-            progress.last_return = episode_return
-            logger.log(counters["env_steps"], {"charts/episodic_return": episode_return,
-                                               "charts/episodic_length": len(ep["reward"]) - 1})
-            obs, ep = new_episode()
-            state, episode_return = None, 0.0
-
-        # Train: once `prefill` steps are in, `pretrain` updates, then every `train_every` steps.
-        if counters["agent_steps"] >= args.prefill and replay.can_sample(args.batch_length):
-            if counters["pretrain_updates"] < args.pretrain:
-                while counters["pretrain_updates"] < args.pretrain:
-                    train_step()
-                    counters["pretrain_updates"] += 1
-                    if stop["signal"] is not None:
-                        check_finite()
-                        interrupt()
-                    if progress.due():
-                        progress.print("pretrain", agent.updates)
-            elif counters["agent_steps"] % args.train_every == 0:
-                for _ in range(args.updates_per_step):
-                    train_step()
-
-        crossed = counters["env_steps"] // args.log_every != (counters["env_steps"] - info["env_steps"]) // args.log_every
-        if crossed:
-            logs = {f"losses/{k}": v for k, v in metrics.items()}
-            logs.update({"charts/SPS": progress.sps(), "charts/updates": agent.updates})
-            logger.log(counters["env_steps"], logs)
-        if crossed or progress.due():
-            progress.print("prefill" if counters["agent_steps"] < args.prefill else "train", agent.updates)
-        if args.eval_every and counters["env_steps"] >= counters["next_eval"]:
-            check_finite()
-            if not run_eval():
-                interrupt()
-            counters["next_eval"] += args.eval_every
-            if args.save_model:
-                write_checkpoint(with_replay=replay_due(args, counters["eval_rounds"], counters))
-
-    check_finite()
-    if counters["last_eval"] != counters["env_steps"]:
-        if not run_eval():
-            interrupt()
-        if args.save_model:
-            write_checkpoint(with_replay=replay_due(args, counters["eval_rounds"], counters))
-    env.close()
-    eval_env.close()
-    logger.close()
-    return run_dir
+        torch.backends.cudnn.benchmark = not args.torch_deterministic
 
 
 if __name__ == "__main__":

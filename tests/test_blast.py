@@ -2,6 +2,7 @@
 update pattern's invariants, and the CLI (run, resume)."""
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -68,11 +69,12 @@ def test_a2_presets_follow_the_env_family_and_explicit_flags_win():
     """The values themselves: test_blast_defaults_match_paper."""
     grid = blast.parse_args(["--env", "minigrid-dynamic-obstacles-6x6"])
     dmc = blast.parse_args(["--env", "dmc-cartpole-swingup"])
-    for args, family in ((grid, "minigrid"), (dmc, "dmc")):
-        assert all(getattr(args, k) == v for k, v in blast.FAMILY_PRESETS[family].items()), family
+    assert all(getattr(grid, k) == v for k, v in blast.PRESETS["minigrid"].items())
+    assert vars(dmc) == vars(blast.Args(env="dmc-cartpole-swingup"))  # A.2 DMC: the defaults themselves
     agent = blast.Agent(tiny("ar"), 2, False, CPU)
     assert all(torch.all(m.bias == 0) for m in agent.ac.modules() if isinstance(m, torch.nn.Linear))
-    check_dreamerv2_weight_decay(agent)  # (1 - wd) per step, as DreamerV2's optimiser
+    # (1 - wd) per step, as DreamerV2's optimiser (the Optimizer's fused AdamW, stepped directly)
+    check_dreamerv2_weight_decay(SimpleNamespace(ac=agent.ac, critic_opt=agent.critic_opt.opt))
     assert blast.parse_args(["--env", "minigrid-dynamic-obstacles-6x6", "--deter", "64"]).deter == 64
     small = blast.parse_args(["--env", "minigrid-dynamic-obstacles-6x6", "--preset", "tiny"])
     assert small.total_steps == 2000 and small.reward_scale == 100.0 and small.deter == 32
@@ -516,6 +518,24 @@ def test_blast_defaults_match_paper():
     assert (dmc.adam_eps, dmc.grad_clip, dmc.weight_decay, dmc.init) == (1e-5, 100.0, 1e-6, "glorot")
     # ours: replay capacity 1e6 simulator steps (DreamerV2: 2e6 agent steps), see Args
     assert dmc.replay_capacity == 1_000_000
+
+
+def test_one_place_for_the_numbers_args_defaults_then_presets_then_flags():
+    """Args defaults are A.2's DMC column and BLAST block; every other setting is one PRESETS entry
+    (family, rung, size), applied in that order and named with its values in the run header."""
+    assert vars(blast.parse_args([])) == vars(blast.Args())
+    names = {f.name for f in blast.fields(blast.Args)}
+    assert set(blast.PRESETS) == {"minigrid", *blast.LADDER_RUNGS[:-1], "small", "tiny"}
+    assert all(set(entry) <= names for entry in blast.PRESETS.values())
+    applied = blast.overrides("tiny", "minigrid-dynamic-obstacles-6x6", "sg")
+    assert list(applied) == ["minigrid", "sg", "tiny"]
+    args = blast.parse_args(["--env", "minigrid-dynamic-obstacles-6x6", "--ladder", "sg", "--preset", "tiny",
+                             "--deter", "64"])
+    assert args.deter == 64 and args.stoch == 4 and args.reward_scale == 100.0 and not args.target_encoder
+    header = blast.describe(args)
+    assert "minigrid deter=600" in header and "sg target_encoder=False" in header and "tiny " in header
+    assert "flags: deter=64" in header
+    assert "overrides of the Args defaults: none | flags: none" in blast.describe(blast.parse_args([]))
 
 
 def LADDER_BLAST(args):
