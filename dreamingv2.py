@@ -38,7 +38,9 @@ Paper map (equation -> function):
 - Sec. III-E, momentum encoder theta' <- (1 - eta) theta' + eta theta: `momentum_update`.
 - Sec. III-F, random shift (pad 4 by replicating the border, random 64 x 64 crop): `random_shift`.
 - Behaviour (DreamerV2 Eq. 4-6, kept as-is, Sec. III-G): `imagine`, `lambda_return`,
-  `behaviour_losses`; one training step in the order of DreamerV2's Algorithm 1: `Agent.update`.
+  `behaviour_losses`.
+- One training step in the order of Sec. II-B (train the RSSM, then the policy in imagination):
+  `Agent.update`.
 
 Our choices, where the paper is silent (each is a flag or a comment at its place):
 - Windows: Fig. 2a draws one start time per sequence; every start time t with K steps after it
@@ -113,7 +115,7 @@ class Args:
     env: str = "dmc-walker-walk"
     """env id (paper Table I (E): Walker-walk): dmc-<domain>-<task>, dcs-<domain>-<task>,
     robosuite-<task>-<robot> (the paper's manipulation setting, Fig. 3, rendered by MuJoCo instead
-    of iGibson), toy-reach, toy-reach-center; the other families of envs.make work too (docs/envs.md)"""
+    of iGibson), toy-reach, toy-reach-center; the other families of `envs.make` work too"""
     distraction: str = "none"
     """dcs-*: none | easy | medium | hard | background; robosuite-*: none | color-lighting |
     color-lighting-camera (ours: the paper trains without distractions)"""
@@ -1123,12 +1125,12 @@ class Agent:
             self._ac_loss = torch.compile(self._behaviour_losses, dynamic=False, mode=mode)
 
     def update(self, batch: dict) -> tuple[dict, torch.Tensor]:
-        """One training step, in the order of DreamerV2's Algorithm 1 with DreamingV2's world
-        model: the world model on J_DreamingV2 (Eq. 4), the momentum encoder (Sec. III-E), then
-        the actor and the critic on imagined rollouts (Sec. III-G) and, every
-        `target_update_every` updates, the slow critic. Returns (metrics, the (3,) non-finite
-        flags named by LOSS_NAMES), device tensors, with no host sync. A non-finite loss or norm
-        skips its step; a skipped world-model step skips the whole update, and every later one."""
+        """One training step in the order of Sec. II-B's steps (i) and (ii): the world model on
+        J_DreamingV2 (Eq. 4), the momentum encoder (Sec. III-E), then the actor and the critic on
+        imagined rollouts (Sec. III-G) and, every `target_update_every` updates, the slow critic.
+        Returns (metrics, the (3,) non-finite flags named by LOSS_NAMES), device tensors, with no
+        host sync. A non-finite loss or norm skips its step (a skipped world-model step skips the
+        whole update), and every later update (`halted`)."""
         start = time.perf_counter()
         model_loss, post, metrics = self.world_model_losses(batch)
         metrics |= self.model_opt(model_loss, skip=self.halted)
