@@ -1609,18 +1609,22 @@ class Optimizer:
     weight_decay > 0: every parameter is multiplied by (1 - weight_decay) once per step, as the
     official DreamerV2 optimiser does (common/other.py); AdamW multiplies by (1 - lr * wd'), so
     wd' = weight_decay / lr. clip <= 0: no clipping (the norm is still measured and checked).
+    `params` may be torch parameter groups (dicts with their own "lr"), stepped and skipped together.
     Losses that share one backward pass: `backward(loss, opt_a, opt_b)`, then `opt_a.step(...)`."""
 
     def __init__(self, name: str, params, lr: float, eps: float = 1e-8, clip: float = 0.0,
-                 weight_decay: float = 0.0, clip_params=None):
-        self.name, self.params, self.clip = name, list(params), clip
+                 weight_decay: float = 0.0, clip_params=None, betas: tuple = (0.9, 0.999)):
+        # `params`: tensors, or torch's parameter groups (dicts with their own "lr", ...)
+        groups = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
+        self.name, self.clip = name, clip
+        self.params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
         # the parameters whose gradient norm is clipped and checked (default: all of them)
         self.clip_params = self.params if clip_params is None else list(clip_params)
         if weight_decay > 0:
-            self.opt = torch.optim.AdamW(self.params, lr=lr, eps=eps, weight_decay=weight_decay / lr,
-                                         fused=True)
+            self.opt = torch.optim.AdamW(groups, lr=lr, eps=eps, betas=betas,
+                                         weight_decay=weight_decay / lr, fused=True)
         else:
-            self.opt = torch.optim.Adam(self.params, lr=lr, eps=eps, fused=True)
+            self.opt = torch.optim.Adam(groups, lr=lr, eps=eps, betas=betas, fused=True)
         self.flag = self.skipped = None
 
     def __call__(self, loss: torch.Tensor, skip: torch.Tensor | None = None) -> dict:
