@@ -4,6 +4,7 @@ shapes, the fast update pattern and the CLI."""
 
 import dataclasses
 import math
+import types
 
 import numpy as np
 import pytest
@@ -313,13 +314,13 @@ def test_a_nan_reward_skips_the_whole_update_and_is_flagged():
     agent.update(random_batch(args))  # Adam moments exist
     before = {k: v.clone() for k, v in agent.wm.state_dict().items()}
     ac_before = {k: v.clone() for k, v in agent.ac.state_dict().items()}
-    opt_before = [s["exp_avg"].clone() for s in agent.model_opt.state.values()]
+    opt_before = [s["exp_avg"].clone() for s in agent.model_opt.opt.state.values()]
     batch = random_batch(args, seed=1)
     batch["reward"][0, 0] = float("nan")
     _, nonfinite = agent.update(batch)
     assert nonfinite[0] == 1  # model_loss
     assert all(torch.equal(before[k], v) for k, v in agent.wm.state_dict().items())
-    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(opt_before, agent.model_opt.state.values()))
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(opt_before, agent.model_opt.opt.state.values()))
     # the actor and critic steps of that update are skipped too (and the slow critic's copy)
     assert all(torch.equal(ac_before[k], v) for k, v in agent.ac.state_dict().items())
     # later updates stay skipped (the loop reads the flags one update late and then stops)
@@ -423,7 +424,8 @@ def test_dreamingv2_defaults_match_paper():
     assert (a.replay_capacity, a.eval_episodes) == (1_000_000, 10)
     agent = dv.Agent(tiny_args(), 1, False, CPU)
     assert all(torch.all(m.bias == 0) for m in agent.ac.modules() if isinstance(m, torch.nn.Linear))
-    check_dreamerv2_weight_decay(agent)  # (1 - wd) per step, as DreamerV2's optimiser
+    # (1 - wd) per step, as DreamerV2's optimiser; the helper steps the torch optimiser itself
+    check_dreamerv2_weight_decay(types.SimpleNamespace(ac=agent.ac, critic_opt=agent.critic_opt.opt))
 
 
 
@@ -505,3 +507,11 @@ def test_cuda_graph_modes_keep_the_losses_and_survive_overwritten_outputs(cuda_g
     for want, got in zip(*runs):  # the first update's metrics are read after the second update
         for key in ("model_loss", "nce_loss", "kl_loss", "actor_loss", "critic_loss"):
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_the_run_header_names_the_preset_overrides_a_run_applied():
+    """Issue 24 item 3: one place for the numbers (PRESETS), and the header says which applied;
+    a flag that replaced a preset value is not listed."""
+    line = dv.applied_overrides(dv.preset_args("small", cnn_depth=8))
+    assert line.startswith("preset small:") and "deter=128" in line and "cnn_depth" not in line
+    assert dv.applied_overrides(dv.parse_args([])) == "preset paper: none (the paper's defaults)"
