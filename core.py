@@ -97,7 +97,7 @@ class Args:
     env: str = "dcs-walker-walk"
     """env id: dcs-<domain>-<task>, dmc-<domain>-<task>, natural-<domain>-<task>,
     manipulation-<task>, robosuite-<task>-<robot>, pybullet-boxpush, toy-reach, toy-reach-center
-    (README, "Environments"; paper Sec. 3: walker-walk is one of DCS's six tasks)"""
+    (docs/envs.md; paper Sec. 3: walker-walk is one of DCS's six tasks)"""
     distraction: Optional[str] = None
     """dcs-*: none | easy | medium | hard | background; robosuite-*: none | color-lighting |
     color-lighting-camera; None: medium for dcs-* (the paper's setting), none otherwise"""
@@ -1760,7 +1760,10 @@ def seed_everything(seed: int, rng: dict | None = None):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name}: expected auto, cpu, cuda or cuda:<index>") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name}: CUDA is not available here; use --device cpu or auto")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

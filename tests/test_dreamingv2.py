@@ -414,7 +414,7 @@ def test_dreamingv2_defaults_match_paper():
     assert a.overshooting_kl == "planet"
     # DreamerV2 configs.yaml (dmc_vision): sizes, KL, optimisers, behaviour, replay sampling
     assert (a.deter, a.hidden, a.cnn_depth, a.mlp_units, a.mlp_layers) == (200, 200, 48, 400, 4)
-    assert (a.kl_balance, a.free_nats, a.kl_scale, a.prioritize_ends) == (0.8, 1.0, 1.0, True)
+    assert (a.kl_balance, a.free_nats, a.kl_scale, a.prioritize_ends) == (0.8, 1.0, 1.0, False)
     assert (a.batch_size, a.batch_length, a.horizon, a.gamma, a.return_lambda) == (16, 50, 15, 0.99, 0.95)
     assert (a.model_lr, a.actor_lr, a.critic_lr, a.adam_eps, a.grad_clip) == (3e-4, 8e-5, 8e-5, 1e-5, 100.0)
     assert (a.actor_entropy, a.target_update_every, a.train_every, a.prefill) == (1e-4, 100, 5, 1000)
