@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The project's GPU check (issue 22): runs ON a GPU machine without internet, in the project
-# root, with the packages that ../shared/tools/gpu-prepare.sh packs beside it (.devsite.tar.xz,
-# .gl/*.deb) and OUT set to a folder for the results:
+# The project's GPU check: runs ON a GPU machine without internet, in the project root, with
+# the Python packages and GL libraries packed beside it by the development setup's gpu-prepare.sh
+# (.devsite.tar.xz, .gl/*.deb; not part of this repository) and OUT set to a folder for the results:
 #   bash tools/gpu-check.sh
 # 1. each script's eager fp32 update on CUDA at paper sizes (the cheapest answer to "does it run
 #    on CUDA"), 10 updates on dmc-walker-walk, at most 100 s each;

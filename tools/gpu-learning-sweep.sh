@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Runs ON a GPU machine (the device tool's copy of the project, with .devsite.tar.xz and .gl/ made
-# by ../shared/tools/gpu-prepare.sh beside it): many short `--preset small` runs on
+# Runs ON a GPU machine (a copy of the project with the packages gpu-check.sh names beside it): many short `--preset small` runs on
 # dmc-cartpole-swingup at once, one process per variant, to compare learning per update quickly
 # before committing the hour-long CPU runs of `./benchmark.sh cpu`. The returns do not depend on
 # the device; the minutes do.
