@@ -808,7 +808,8 @@ class WorldModel(nn.Module):
         """The encoder and posterior layer that act and start imagination (see Agent.act)."""
         if self.target_encoder is None:
             return self.encoder, self.posterior
-        return self.target_encoder, self.target_posterior or self.posterior
+        # the target posterior layer exists only with --target-obs-out; else the online one acts
+        return self.target_encoder, (self.posterior if self.target_posterior is None else self.target_posterior)
 
 
 class ActorCritic(nn.Module):
