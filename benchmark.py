@@ -153,8 +153,8 @@ class Job:
         cmd = [sys.executable, str(ROOT / ALGORITHMS[self.algo]), "--env", self.env,
                "--seed", str(self.seed), "--save-model", *self.flags]
         ckpts = sorted(self.folder.glob("runs/*/checkpoint.pt"))
-        if ckpts:  # resume an unfinished job from its checkpoint
-            cmd += ["--resume", str(ckpts[-1])]
+        if ckpts:  # resume an unfinished job from its checkpoint (absolute: the job runs in its folder)
+            cmd += ["--resume", str(ckpts[-1].resolve())]
         return cmd
 
     @property

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -444,3 +445,15 @@ def test_workers_get_gpus_within_the_callers_mask_and_a_share_of_the_cores(monke
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # a CPU host: only the thread split
     env = benchmark.worker_env(0, 2, benchmark.visible_gpus(), 2)
     assert env["CUDA_VISIBLE_DEVICES"] == "GPU-8f0e,GPU-11aa" and env["OMP_NUM_THREADS"] == "1"
+
+
+def test_an_unfinished_job_resumes_from_an_absolute_checkpoint_path(tmp_path, monkeypatch):
+    """A job runs inside its own folder, so the --resume path it gets must not be relative to the
+    directory benchmark.sh was started from (results/ is relative by default)."""
+    monkeypatch.chdir(tmp_path)
+    folder = Path("results") / "cpu" / "runs" / "blast" / "task" / "seed1"
+    (folder / "runs" / "run1").mkdir(parents=True)
+    (folder / "runs" / "run1" / "checkpoint.pt").write_bytes(b"")
+    cmd = benchmark.Job("blast", "dmc-cartpole-swingup", 1, [], folder).command()
+    resume = Path(cmd[cmd.index("--resume") + 1])
+    assert resume.is_absolute() and resume == (folder / "runs" / "run1" / "checkpoint.pt").resolve()
