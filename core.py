@@ -40,7 +40,7 @@ same crop for a whole sequence; acting uses the centre crop.
 Where the speed comes from (each is a named place below): `RSSM.observe` keeps only the recurrence
 in its time loop (ObsMLP, the observation half of PosteriorMLP's first layer and PriorMLP run once
 over all T x B); `Agent.__init__` optionally compiles the three loss computations as wholes
-(`--compile`); `Agent.update` never waits for the GPU (the plumbing's `Optimizer`: fused Adam
+(`--compile`); `Agent.update` never waits for the GPU (`Optimizer` at the end of the file: fused Adam
 steps that skip themselves on a non-finite loss; `lerp_` targets; metrics kept on the device);
 `Replay` keeps the frames on the GPU when training there and crops there; `configure_torch` turns
 on TF32/cudnn autotuning. Measured seconds per update: results/speed/h100-2026-11-23.md (one
@@ -924,7 +924,8 @@ class Agent:
         self.target_entropy = -float(action_dim)
         # Theta: encoder, RSSM and heads; lambda (the inverse temperature) has a rate of its own.
         self.theta = [p for p in self.wm.parameters() if p is not self.wm.inverse_temperature_raw]
-        # One optimiser per loss (the plumbing's `Optimizer`: fused Adam, clipping, non-finite skip).
+        # One optimiser per loss (`Optimizer`, defined at the end of the file: fused Adam, clipping,
+        # the non-finite skip).
         # J_M: Theta and lambda, the gradient norm clipped over the whole world model (Table 2).
         self.model_opt = Optimizer("model", [dict(params=self.theta), dict(
             params=[self.wm.inverse_temperature_raw], lr=args.inverse_temperature_lr)],
