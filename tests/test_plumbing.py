@@ -4,13 +4,15 @@ understanding, and one plumbing block at the end that is the same text in every 
 import ast
 import difflib
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("dreamerv2", "core", "cvrl", "blast", "dreamingv2")
-MARKER = "# Plumbing: identical in every script"
+sys.path.insert(0, str(ROOT / "tools"))
+from sync_plumbing import MARKER, SCRIPTS, split  # noqa: E402  (the block as the sync tool sees it)
+
 # A default's source: the paper (section, table, equation, figure, appendix, algorithm box), the
 # authors' code, the official DreamerV2 configuration, or our own choice with its reason.
 SOURCE = re.compile(r"paper|Sec\. ?[0-9A-Z]|Table|Eq\. ?[0-9]|Fig\. ?[0-9]|App\. ?[A-Z]|Algorithm|"
@@ -23,8 +25,7 @@ def source(script: str) -> str:
 
 def plumbing(text: str) -> str:
     """From the block's opening rule line to the end of the file."""
-    at = text.index(MARKER)
-    return text[text.rindex("\n", 0, text.rindex("\n", 0, at)) + 1:]
+    return split(text, "script")[1]
 
 
 def top_level(text: str) -> dict:

@@ -11,18 +11,18 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 ref=$(cd "$ref" && pwd)
 export MUJOCO_GL=${MUJOCO_GL:-egl} OMP_NUM_THREADS=1
 out=$(mktemp -d)
-for a in "${@:-dreamerv2 core cvrl blast dreamingv2}"; do
-  for a1 in $a; do
-    (cd "$ref" && PYTHONPATH=. python3 "$a1.py" --preset small --env dmc-cartpole-swingup \
-       --measure-updates 10 2>/dev/null | tail -1 > "$out/ref_$a1.json") &
-    (cd "$here" && PYTHONPATH=. python3 "$a1.py" --preset small --env dmc-cartpole-swingup \
-       --measure-updates 10 2>/dev/null | tail -1 > "$out/new_$a1.json") &
-    wait
-    python3 - "$out/ref_$a1.json" "$out/new_$a1.json" "$a1" <<'PY'
+algos=("$@")
+[ ${#algos[@]} -gt 0 ] || algos=(dreamerv2 core cvrl blast dreamingv2)
+for a in "${algos[@]}"; do
+  (cd "$ref" && PYTHONPATH=. python3 "$a.py" --preset small --env dmc-cartpole-swingup \
+     --measure-updates 10 2>/dev/null | tail -1 > "$out/ref_$a.json") &
+  (cd "$here" && PYTHONPATH=. python3 "$a.py" --preset small --env dmc-cartpole-swingup \
+     --measure-updates 10 2>/dev/null | tail -1 > "$out/new_$a.json") &
+  wait
+  python3 - "$out/ref_$a.json" "$out/new_$a.json" "$a" <<'PY'
 import json, sys
 ref, new = (json.load(open(p)) for p in sys.argv[1:3])
 print(f"{sys.argv[3]}: reference {ref['seconds_per_update']:.3f} s/update, here {new['seconds_per_update']:.3f}")
 PY
-  done
 done
 rm -rf "$out"
