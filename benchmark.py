@@ -830,12 +830,14 @@ def cpu_report(runs: dict, results: Path, budget: float | None = None) -> dict:
     root = results / "cpu" / "runs"
     columns = [c for c in CPU_TASKS if any(c in per_env for per_env in runs.values())]
     budgets = {c: budget or CPU_TASKS[c][2] for c in columns}
-    head = [h for c in columns for h in (f"`{c}` return at {budgets[c]:,.0f}", "min / run")]
+    head = [h for c in columns for h in (f"`{c}` return at {budgets[c]:,.0f}", "updates",
+                                           "min / run")]
     lines = ["# cpu: learning on a 2-core CPU with `--preset small`", "",
              "Evaluation return at the budget (deterministic policy), mean ± standard error over "
              "seeds (number of seeds; * = a run has not reached the budget, its last evaluation "
-             "is used), and wall-clock minutes per run (first to last metrics record; two runs "
-             "shared the machine's two cores, one thread each).", ""]
+             "is used), the gradient updates a run made, and wall-clock minutes per run (first to "
+             "last metrics record; two runs shared the machine's two cores, one thread each).",
+             ""]
     videos = suite_videos(results, "cpu")
     if videos:
         lines += [f"Background videos: {videos}.", ""]
@@ -848,22 +850,24 @@ def cpu_report(runs: dict, results: Path, budget: float | None = None) -> dict:
             scores = [score_at(s, r, budgets[c]) for s, r in seeds.values()]
             m, se, n = mean_se([x for x, _ in scores])
             minutes = [wall_seconds(root / algo / c / seed) / 60 for seed in seeds]
+            updates = [updates_made(root / algo / c / seed) for seed in seeds]
             row[c] = (m, se, n, bool(scores) and all(ok for _, ok in scores))
-            cells += [fmt(row[c]) if seeds else "-",
-                      f"{np.nanmean(minutes):.0f}" if minutes and np.isfinite(minutes).any() else "-"]
+            cells += [fmt(row[c]) if seeds else "-", mean_cell(updates), mean_cell(minutes)]
         rows[algo] = row
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     randoms = {c: policy_return(CPU_TASKS[c][0], episodes=CPU_RANDOM_EPISODES) for c in columns}
     lines.append("| random policy (" + str(CPU_RANDOM_EPISODES) + " episodes) | " + " | ".join(
-        f"{randoms[c]:.0f} | " for c in columns) + "|")
+        f"{randoms[c]:.0f} | | " for c in columns) + "|")
     ref = {c: reference_mean(c, budgets[c]) for c in columns if c.startswith("dmc-")}
     if any(np.isfinite(v) for v in ref.values()):
+        # official dmc_vision: action repeat 2, an update (batch 16 x 50) every 5 agent steps
         lines.append("| DreamerV2 official (clean, action repeat 2, full size) | " + " | ".join(
-            (f"{ref[c]:.0f} | " if c in ref and np.isfinite(ref[c]) else "- | ") for c in columns) + "|")
+            (f"{ref[c]:.0f} | {budgets[c] / 10:,.0f} | " if c in ref and np.isfinite(ref[c])
+             else "- | | ") for c in columns) + "|")
     marks = {c: DREAMER_DMC100K.get(c.partition("-")[2]) for c in columns if c.startswith("dmc-")}
     if any(marks.values()) and all(budgets[c] == 100_000 for c in marks):
         lines.append("| Dreamer at DMC-100K (CURL Table 1) | " + " | ".join(
-            (f"{marks[c]} | " if marks.get(c) else "- | ") for c in columns) + "|")
+            (f"{marks[c]} | | " if marks.get(c) else "- | | ") for c in columns) + "|")
     text = "\n".join(lines) + "\n"
     (results / "cpu" / "summary.md").write_text(text)
     (results / "cpu" / "summary.json").write_text(json.dumps(
@@ -979,6 +983,21 @@ def beats_random(returns: np.ndarray, baseline: float, margin: float = SMOKE_MAR
     by `margin`, and the last one beats it."""
     returns = np.asarray(returns, float)
     return bool(len(returns) and returns[-3:].max() > baseline + margin and returns[-1] > baseline)
+
+
+def mean_cell(values) -> str:
+    """A table cell: the mean of the finite values, '-' if there is none."""
+    values = [v for v in values if np.isfinite(v)]
+    return f"{np.mean(values):,.0f}" if values else "-"
+
+
+def updates_made(folder: Path) -> float:
+    """The gradient updates a run made: the largest `charts/updates` in a metrics.jsonl under
+    `folder`, NaN if none is logged."""
+    counts = [json.loads(line).get("charts/updates", float("nan"))
+              for metrics in folder.glob("**/metrics.jsonl")
+              for line in metrics.read_text().splitlines() if line.strip()]
+    return float(np.nanmax(counts)) if np.isfinite(counts).any() else float("nan")
 
 
 def wall_seconds(folder: Path) -> float:

@@ -14,13 +14,14 @@ from conftest import ROOT
 
 def write_run(root, algo, env, seed, evals):
     """A fake run folder: <root>/<algo>/<env>/<seed>/runs/x/metrics.jsonl with eval records
-    (step, return) interleaved with training records; the clock reads 100 + step / 10 s."""
+    (step, return) interleaved with training records; the clock reads 100 + step / 10 s and
+    the training records count step / 20 updates."""
     folder = root / algo / env / seed / "runs" / "x"
     folder.mkdir(parents=True)
     lines = []
     for step, ret in evals:
         lines.append(json.dumps({"step": step - 1, "time": 100 + (step - 1) / 10,
-                                 "losses/model": 1.0}))
+                                 "losses/model": 1.0, "charts/updates": step // 20}))
         lines.append(json.dumps({"step": step, "time": 100 + step / 10,
                                  "eval/episodic_return": ret}))
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
@@ -347,7 +348,7 @@ def test_cpu_suite_names_the_valid_tasks_for_an_unknown_one(tmp_path):
     assert "nosuch-task" in line and all(task in line for task in benchmark.CPU_TASKS)
 
 
-def test_cpu_report_gives_return_and_minutes_per_task_beside_the_reference_rows(tmp_path):
+def test_cpu_report_gives_return_updates_and_minutes_per_task_beside_the_reference_rows(tmp_path):
     root = tmp_path / "cpu" / "runs"
     curve = [(s, s / 400) for s in range(10_000, 100_001, 10_000)]  # 250 at 100K
     write_run(root, "core", "dmc-cartpole-swingup", "seed1", curve)
@@ -356,15 +357,17 @@ def test_cpu_report_gives_return_and_minutes_per_task_beside_the_reference_rows(
     runs = benchmark.collect(root)
     text = benchmark.report("cpu", None, tmp_path)["text"]
     lines = text.splitlines()
-    assert "| method | `dmc-cartpole-swingup` return at 100,000 | min / run |" in lines
-    # write_run's clock: 100 + step / 10 s, so 10K..100K steps take 9000 s = 150 min
-    assert "| core | 275 ± 25 (2) | 150 |" in lines
-    assert "| dreamerv2 | 125 (1) * | 67 |" in lines
+    assert "| method | `dmc-cartpole-swingup` return at 100,000 | updates | min / run |" in lines
+    # write_run's clock: 100 + step / 10 s, so 10K..100K steps take 9000 s = 150 min; its
+    # training records count step / 20 updates
+    assert "| core | 275 ± 25 (2) | 5,000 | 150 |" in lines
+    assert "| dreamerv2 | 125 (1) * | 2,500 | 67 |" in lines
     random = benchmark.policy_return("dmc-cartpole-swingup", episodes=benchmark.CPU_RANDOM_EPISODES)
-    assert f"| random policy (10 episodes) | {random:.0f} | |" in lines
-    assert "| Dreamer at DMC-100K (CURL Table 1) | 326 | |" in lines
+    assert f"| random policy (10 episodes) | {random:.0f} | | |" in lines
+    assert "| Dreamer at DMC-100K (CURL Table 1) | 326 | | |" in lines
     official = benchmark.reference_mean("dmc-cartpole-swingup", 100_000)
-    assert f"| DreamerV2 official (clean, action repeat 2, full size) | {official:.0f} | |" in lines
+    assert (f"| DreamerV2 official (clean, action repeat 2, full size) | {official:.0f} | 10,000 | |"
+            in lines)
     assert (tmp_path / "cpu" / "curves.png").stat().st_size > 10_000
     assert set(runs) == {"core", "dreamerv2"}
 
