@@ -1,0 +1,134 @@
+"""How well a trained Dreamer-family agent's world model and critic predict what really happens.
+
+    MUJOCO_GL=egl python tools/world_model_check.py <run>/checkpoint.pt [--episodes 3] [--horizon 15]
+
+For `dreamerv2.py`, `dreamingv2.py` and `blast.py` checkpoints (their agents share `wm.rssm`,
+`wm.reward`, `ac.actor`, `ac.critic` and `act`). It plays evaluation episodes with the mode
+actions, as the scripts' `evaluate` does, keeps the posterior state z_t of every step, and
+compares, over every start t with H real steps after it:
+
+- reward, one step: the reward head at the posterior z_{t+1} against the reward r_t that a_t got;
+- reward, open loop: the prior rolled H steps from z_t with the actions really taken; the sum of
+  predicted rewards against the real sum r_t + ... + r_{t+H-1};
+- imagined return: the prior rolled H steps from z_t under the actor's own mode actions (what the
+  behaviour learner optimises, without its sampling); predicted sum against the same real sum
+  (the real episode followed the same policy);
+- value: the critic v(z_t) against the real discounted return of the rest of the episode plus
+  gamma^(T-t) v(z_T) (the critic has no episode end; the bootstrap is reported separately).
+
+Prints one JSON object: per measure the mean prediction, the mean real value, the mean absolute
+error and the correlation over all starts.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ("dreamerv2", "dreamingv2", "blast")
+
+
+def load_agent(path: str, script: str | None):
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    saved = checkpoint["args"]
+    name = script or saved.get("exp_name")
+    if name not in SCRIPTS:
+        raise SystemExit(f"error: {path}: a checkpoint of {name!r}; this check reads {', '.join(SCRIPTS)}"
+                         " (pass --script if the run was renamed with --exp-name)")
+    sys.path.insert(0, str(ROOT))
+    module = importlib.import_module(name)
+    fields = set(module.Args.__dataclass_fields__)
+    args = module.Args(**{k: v for k, v in saved.items() if k in fields})
+    return module, args, checkpoint
+
+
+def compare(pred, real) -> dict:
+    pred, real = np.asarray(pred, float), np.asarray(real, float)
+    corr = float(np.corrcoef(pred, real)[0, 1]) if pred.std() > 0 and real.std() > 0 else float("nan")
+    return dict(predicted=round(float(pred.mean()), 3), real=round(float(real.mean()), 3),
+                mean_abs_error=round(float(np.abs(pred - real).mean()), 3),
+                correlation=round(corr, 3), n=int(pred.size))
+
+
+@torch.no_grad()
+def rollout(wm, actor, state: dict, actions, horizon: int, mode) -> float:
+    """Sum of predicted rewards over `horizon` prior steps from `state`, with the given actions
+    (H, 1, A) or, if None, the actor's mode actions."""
+    total = 0.0
+    for k in range(horizon):
+        action = mode(actor(wm.rssm.feat(state))) if actions is None else actions[k]
+        state = wm.rssm.img_step(state, action)
+        total += float(wm.reward(wm.rssm.feat(state)).squeeze())
+    return total
+
+
+@torch.no_grad()
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--episodes", type=int, default=3)
+    parser.add_argument("--horizon", type=int, default=15)
+    parser.add_argument("--script", choices=SCRIPTS, default=None)
+    parser.add_argument("--seed", type=int, default=1000)
+    opts = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    module, args, checkpoint = load_agent(opts.checkpoint, opts.script)
+    import envs
+    env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=args.seed,
+                    image_size=64, action_repeat=module.action_repeat(args), split=args.eval_split,
+                    video_dir=args.video_dir)
+    discrete = hasattr(env.action_space, "n")
+    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
+    agent = module.Agent(args, action_dim, discrete, torch.device("cpu"))
+    agent.load_state_dict(checkpoint["agent"])
+    wm, ac, H, gamma = agent.wm, agent.ac, opts.horizon, args.gamma
+    wm.eval()
+    value = lambda s: float(ac.critic(wm.rssm.feat(s)).squeeze())  # noqa: E731
+    reward_hat = lambda s: float(wm.reward(wm.rssm.feat(s)).squeeze())  # noqa: E731
+    rows = {k: ([], []) for k in ("reward_one_step", "reward_open_loop", "imagined_return",
+                                  "value")}
+    returns, bootstraps = [], []
+    for episode in range(opts.episodes):
+        obs, _ = env.reset(seed=opts.seed + episode)
+        state, done, latents, actions, rewards = None, False, [], [], []
+        while not done:
+            action, state = agent.act(obs, state, explore=False)
+            latents.append(state[0])
+            actions.append(state[1])
+            obs, reward, terminated, truncated, _ = env.step(module.env_action(action, discrete))
+            rewards.append(float(reward))
+            done = terminated or truncated
+        # z_T: the posterior of the last observation (the action chosen there is not taken)
+        _, last = agent.act(obs, state, explore=False)
+        latents.append(last[0])
+        T, r = len(rewards), np.asarray(rewards)
+        returns.append(r.sum())
+        bootstraps.append(value(latents[T]))
+        for t in range(T):
+            rows["reward_one_step"][0].append(reward_hat(latents[t + 1]))
+            rows["reward_one_step"][1].append(r[t])
+            discounts = gamma ** np.arange(T - t)
+            rows["value"][0].append(value(latents[t]))
+            rows["value"][1].append(float((discounts * r[t:]).sum()) + gamma ** (T - t) * bootstraps[-1])
+            if t + H <= T:
+                real = float(r[t:t + H].sum())
+                rows["reward_open_loop"][0].append(rollout(wm, ac.actor, latents[t], actions[t:t + H], H, module.mode))
+                rows["reward_open_loop"][1].append(real)
+                rows["imagined_return"][0].append(rollout(wm, ac.actor, latents[t], None, H, module.mode))
+                rows["imagined_return"][1].append(real)
+    report = dict(checkpoint=str(opts.checkpoint), script=module.__name__, env=args.env,
+                  episodes=opts.episodes, horizon=H, episode_returns=[round(float(x), 1) for x in returns],
+                  end_bootstrap_value=round(float(np.mean(bootstraps)), 2),
+                  **{k: compare(*v) for k, v in rows.items()})
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
