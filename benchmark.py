@@ -691,9 +691,13 @@ def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None)
     import matplotlib.pyplot as plt
 
     envs_ = sorted({e for per_env in runs.values() for e in per_env}, key=column_key)
+    if suite == "cpu":  # the table's order: clean, distracted, MiniGrid
+        envs_ = sorted(envs_, key=lambda e: list(CPU_TASKS).index(e) if e in CPU_TASKS else 99)
     cols = min(3, max(1, len(envs_)))
     nrows = math.ceil(len(envs_) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
+    # one colour per algorithm in every panel
+    colors = {algo: f"C{i}" for i, algo in enumerate(sorted(runs, key=row_key))}
     for ax, env in zip(axes.ravel(), envs_):
         for algo, per_env in sorted(runs.items(), key=lambda item: row_key(item[0])):
             seeds = list(per_env.get(env, {}).values())
@@ -704,8 +708,8 @@ def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None)
             curves = np.stack([np.interp(grid, s, r) for s, r in seeds])
             mean = curves.mean(0)
             se = curves.std(0, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else 0 * mean
-            ax.plot(grid, mean, label=f"{algo} ({len(seeds)})")
-            ax.fill_between(grid, mean - se, mean + se, alpha=0.25)
+            ax.plot(grid, mean, color=colors[algo], label=f"{algo} ({len(seeds)})")
+            ax.fill_between(grid, mean - se, mean + se, color=colors[algo], alpha=0.25)
         if (suite in ("dcs", "dmc", "quick") and not env.startswith("natural")
                 or suite == "cpu" and env.startswith("dmc-")):
             ref = reference_dreamerv2(env)
