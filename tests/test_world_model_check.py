@@ -24,14 +24,18 @@ class Constant(torch.nn.Module):
         return torch.full((*feat.shape[:-1], 1), self.value)
 
 
+def tiny_checkpoint(module, path, env="toy-reach-center", seed=3):
+    args = module.preset_args("tiny", env=env, seed=seed)
+    agent = module.Agent(args, 2, False, torch.device("cpu"))
+    torch.save(dict(agent=agent.state_dict(), args=dataclasses.asdict(args)), path)
+    return path
+
+
 @pytest.mark.parametrize("script", world_model_check.SCRIPTS)
 def test_the_check_sums_h_predicted_rewards_per_start_and_counts_every_start(script, tmp_path,
                                                                              monkeypatch, capsys):
     module = importlib.import_module(script)
-    args = module.preset_args("tiny", env="toy-reach-center", seed=3)
-    agent = module.Agent(args, 2, False, torch.device("cpu"))
-    path = tmp_path / "checkpoint.pt"
-    torch.save(dict(agent=agent.state_dict(), args=dataclasses.asdict(args)), path)
+    path = tiny_checkpoint(module, tmp_path / "checkpoint.pt")
     # A reward head that predicts 0.25 everywhere: one step predicts 0.25, H steps 0.25 * H.
     build = module.Agent.load_state_dict
 
@@ -49,6 +53,28 @@ def test_the_check_sums_h_predicted_rewards_per_start_and_counts_every_start(scr
         assert report[key]["n"] == steps - 2 * (4 - 1)  # starts with 4 real steps after them
         assert report[key]["predicted"] == pytest.approx(1.0)
     assert len(report["episode_returns"]) == 2
+
+
+def test_random_or_another_runs_agent_can_play_the_episodes_the_model_filters(tmp_path, capsys):
+    import blast
+    import dreamerv2
+
+    model = tiny_checkpoint(dreamerv2, tmp_path / "model.pt")
+    other = tiny_checkpoint(blast, tmp_path / "other.pt", seed=4)
+    reports = {policy: world_model_check.main([str(model), "--episodes", "1", "--horizon", "3",
+                                               "--policy", policy])
+               for policy in ("agent", "random", str(other))}
+    for policy, report in reports.items():
+        assert report["policy"] == policy
+        has_own = policy == "agent"
+        assert ("imagined_return" in report) == has_own and ("value" in report) == has_own
+        assert report["reward_open_loop"]["n"] == report["reward_one_step"]["n"] - 2
+    # the three policies play different episodes: different real rewards
+    reals = {report["reward_one_step"]["real"] for report in reports.values()}
+    assert len(reals) == 3
+    wrong = tiny_checkpoint(blast, tmp_path / "wrong.pt", env="toy-reach")
+    with pytest.raises(SystemExit, match="an agent for toy-reach, not toy-reach-center"):
+        world_model_check.main([str(model), "--policy", str(wrong)])
 
 
 def test_a_checkpoint_of_another_script_is_named_in_one_line(tmp_path):

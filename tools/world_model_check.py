@@ -16,6 +16,11 @@ compares, over every start t with H real steps after it:
 - value: the critic v(z_t) against the real discounted return of the rest of the episode plus
   gamma^(T-t) v(z_T) (the critic has no episode end; the bootstrap is reported separately).
 
+With `--policy random` the episodes are played with uniform random actions instead, and with
+`--policy <other checkpoint.pt>` by another run's agent (mode actions); the model filters the
+actions really taken. The same data for every checkpoint, so models whose own policies visit
+different states can be compared; only the two reward measures apply then.
+
 Prints one JSON object: per measure the mean prediction, the mean real value, the mean absolute
 error and the correlation over all starts.
 """
@@ -76,6 +81,9 @@ def main(argv=None):
     parser.add_argument("--horizon", type=int, default=15)
     parser.add_argument("--script", choices=SCRIPTS, default=None)
     parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--policy", default="agent",
+                        help="who acts: 'agent' (its mode actions), 'random' (uniform) or the path "
+                             "of another checkpoint.pt whose agent acts")
     opts = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     module, args, checkpoint = load_agent(opts.checkpoint, opts.script)
@@ -87,6 +95,13 @@ def main(argv=None):
     action_dim = env.action_space.n if discrete else env.action_space.shape[0]
     agent = module.Agent(args, action_dim, discrete, torch.device("cpu"))
     agent.load_state_dict(checkpoint["agent"])
+    actor = None  # another run's agent that plays the episodes
+    if opts.policy not in ("agent", "random"):
+        other, other_args, other_checkpoint = load_agent(opts.policy, None)
+        if other_args.env != args.env:
+            raise SystemExit(f"error: --policy {opts.policy}: an agent for {other_args.env}, not {args.env}")
+        actor = other.Agent(other_args, action_dim, discrete, torch.device("cpu"))
+        actor.load_state_dict(other_checkpoint["agent"])
     wm, ac, H, gamma = agent.wm, agent.ac, opts.horizon, args.gamma
     wm.eval()
     value = lambda s: float(ac.critic(wm.rssm.feat(s)).squeeze())  # noqa: E731
@@ -94,11 +109,18 @@ def main(argv=None):
     rows = {k: ([], []) for k in ("reward_one_step", "reward_open_loop", "imagined_return",
                                   "value")}
     returns, bootstraps = [], []
+    rng = np.random.default_rng(opts.seed)
     for episode in range(opts.episodes):
         obs, _ = env.reset(seed=opts.seed + episode)
-        state, done, latents, actions, rewards = None, False, [], [], []
+        state, other_state, done, latents, actions, rewards = None, None, False, [], [], []
         while not done:
             action, state = agent.act(obs, state, explore=False)
+            if actor is not None:
+                action, other_state = actor.act(obs, other_state, explore=False)
+            elif opts.policy == "random":
+                action = (np.eye(action_dim, dtype=np.float32)[rng.integers(action_dim)] if discrete
+                          else rng.uniform(-1, 1, action_dim).astype(np.float32))
+            state = (state[0], torch.as_tensor(action, dtype=torch.float32)[None])  # the action taken
             latents.append(state[0])
             actions.append(state[1])
             obs, reward, terminated, truncated, _ = env.step(module.env_action(action, discrete))
@@ -120,11 +142,16 @@ def main(argv=None):
                 real = float(r[t:t + H].sum())
                 rows["reward_open_loop"][0].append(rollout(wm, ac.actor, latents[t], actions[t:t + H], H, module.mode))
                 rows["reward_open_loop"][1].append(real)
-                rows["imagined_return"][0].append(rollout(wm, ac.actor, latents[t], None, H, module.mode))
-                rows["imagined_return"][1].append(real)
+                if opts.policy == "agent":  # (its own policy: the real episode followed it)
+                    rows["imagined_return"][0].append(rollout(wm, ac.actor, latents[t], None, H, module.mode))
+                    rows["imagined_return"][1].append(real)
+    if opts.policy != "agent":  # the imagined return and the value are the agent's policy's
+        del rows["imagined_return"], rows["value"]
     report = dict(checkpoint=str(opts.checkpoint), script=module.__name__, env=args.env,
-                  episodes=opts.episodes, horizon=H, episode_returns=[round(float(x), 1) for x in returns],
-                  end_bootstrap_value=round(float(np.mean(bootstraps)), 2),
+                  policy=opts.policy, episodes=opts.episodes, horizon=H,
+                  episode_returns=[round(float(x), 1) for x in returns],
+                  **({} if opts.policy != "agent" else
+                     dict(end_bootstrap_value=round(float(np.mean(bootstraps)), 2))),
                   **{k: compare(*v) for k, v in rows.items()})
     print(json.dumps(report, indent=1))
     return report
