@@ -61,15 +61,19 @@ def compare(pred, real) -> dict:
                 correlation=round(corr, 3), n=int(pred.size))
 
 
-@torch.no_grad()
-def rollout(wm, actor, state: dict, actions, horizon: int, mode) -> float:
-    """Sum of predicted rewards over `horizon` prior steps from `state`, with the given actions
-    (H, 1, A) or, if None, the actor's mode actions."""
-    total = 0.0
+def stack(states: list) -> dict:
+    """Latent states of batch 1 (one per step) as one batch: dict of (N, ...)."""
+    return {key: torch.cat([state[key] for state in states]) for key in states[0]}
+
+
+def predicted_sums(wm, actor, start: dict, actions, horizon: int, mode) -> torch.Tensor:
+    """Summed predicted rewards of `horizon` prior steps from each of the N start states, all
+    rolled at once: actions (H, N, A), or None for the actor's mode actions. Returns (N,)."""
+    state, total = start, 0.0
     for k in range(horizon):
         action = mode(actor(wm.rssm.feat(state))) if actions is None else actions[k]
         state = wm.rssm.img_step(state, action)
-        total += float(wm.reward(wm.rssm.feat(state)).squeeze())
+        total = total + wm.reward(wm.rssm.feat(state)).squeeze(-1)
     return total
 
 
@@ -85,7 +89,7 @@ def main(argv=None):
                         help="who acts: 'agent' (its mode actions), 'random' (uniform) or the path "
                              "of another checkpoint.pt whose agent acts")
     opts = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.manual_seed(opts.seed)  # the prior's samples: the same numbers on every run
     module, args, checkpoint = load_agent(opts.checkpoint, opts.script)
     import envs
     env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=args.seed,
@@ -104,8 +108,6 @@ def main(argv=None):
         actor.load_state_dict(other_checkpoint["agent"])
     wm, ac, H, gamma = agent.wm, agent.ac, opts.horizon, args.gamma
     wm.eval()
-    value = lambda s: float(ac.critic(wm.rssm.feat(s)).squeeze())  # noqa: E731
-    reward_hat = lambda s: float(wm.reward(wm.rssm.feat(s)).squeeze())  # noqa: E731
     rows = {k: ([], []) for k in ("reward_one_step", "reward_open_loop", "imagined_return",
                                   "value")}
     returns, bootstraps = [], []
@@ -127,24 +129,31 @@ def main(argv=None):
             rewards.append(float(reward))
             done = terminated or truncated
         # z_T: the posterior of the last observation (the action chosen there is not taken)
-        _, last = agent.act(obs, state, explore=False)
-        latents.append(last[0])
+        latents.append(agent.act(obs, state, explore=False)[1][0])
         T, r = len(rewards), np.asarray(rewards)
+        z, a = stack(latents), torch.cat(actions)  # z_0..z_T, a_0..a_{T-1}
+        feat = wm.rssm.feat(z)
+        reward_hat = wm.reward(feat).squeeze(-1).numpy()
+        value = ac.critic(feat).squeeze(-1).numpy()
         returns.append(r.sum())
-        bootstraps.append(value(latents[T]))
-        for t in range(T):
-            rows["reward_one_step"][0].append(reward_hat(latents[t + 1]))
-            rows["reward_one_step"][1].append(r[t])
-            discounts = gamma ** np.arange(T - t)
-            rows["value"][0].append(value(latents[t]))
-            rows["value"][1].append(float((discounts * r[t:]).sum()) + gamma ** (T - t) * bootstraps[-1])
-            if t + H <= T:
-                real = float(r[t:t + H].sum())
-                rows["reward_open_loop"][0].append(rollout(wm, ac.actor, latents[t], actions[t:t + H], H, module.mode))
-                rows["reward_open_loop"][1].append(real)
-                if opts.policy == "agent":  # (its own policy: the real episode followed it)
-                    rows["imagined_return"][0].append(rollout(wm, ac.actor, latents[t], None, H, module.mode))
-                    rows["imagined_return"][1].append(real)
+        bootstraps.append(value[T])
+        to_go, real_value = value[T], np.empty(T)  # sum_k gamma^k r_{t+k} + gamma^(T-t) v(z_T)
+        for t in reversed(range(T)):
+            to_go = real_value[t] = r[t] + gamma * to_go
+        rows["reward_one_step"][0].extend(reward_hat[1:])  # the head at z_{t+1} predicts r_t
+        rows["reward_one_step"][1].extend(r)
+        rows["value"][0].extend(value[:T])
+        rows["value"][1].extend(real_value)
+        N = T - H + 1  # starts with H real steps after them
+        if N > 0:
+            starts = {key: x[:N] for key, x in z.items()}
+            real = np.convolve(r, np.ones(H), "valid")  # r_t + ... + r_{t+H-1}
+            taken = torch.stack([a[k:k + N] for k in range(H)])  # (H, N, A): a_{t+k}
+            rows["reward_open_loop"][0].extend(predicted_sums(wm, ac.actor, starts, taken, H, module.mode).numpy())
+            rows["reward_open_loop"][1].extend(real)
+            if opts.policy == "agent":  # (its own policy: the real episode followed it)
+                rows["imagined_return"][0].extend(predicted_sums(wm, ac.actor, starts, None, H, module.mode).numpy())
+                rows["imagined_return"][1].extend(real)
     if opts.policy != "agent":  # the imagined return and the value are the agent's policy's
         del rows["imagined_return"], rows["value"]
     report = dict(checkpoint=str(opts.checkpoint), script=module.__name__, env=args.env,

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The world-model checks of the CPU runs (README, "Learning on a CPU, measured"): each clean
+# dmc-cartpole-swingup run's final checkpoint (results/cpu/runs/<algo>/.../checkpoint.pt, written
+# by ./benchmark.sh cpu; checkpoints are not in git) on its own policy's episodes (5), and on
+# episodes played by random actions and by DreamingV2's agent (3 each).
+#   bash results/cpu/world_model_check/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+export MUJOCO_GL=${MUJOCO_GL:-egl}
+out=results/cpu/world_model_check
+ckpt() { ls results/cpu/runs/"$1"/dmc-cartpole-swingup/seed1/runs/*/checkpoint.pt; }
+for algo in dreamerv2 blast dreamingv2; do
+  python3 tools/world_model_check.py "$(ckpt "$algo")" --episodes 5 > "$out/$algo.json"
+  python3 tools/world_model_check.py "$(ckpt "$algo")" --episodes 3 --policy random \
+    > "$out/$algo-played-by-random.json"
+  if [ "$algo" != dreamingv2 ]; then
+    python3 tools/world_model_check.py "$(ckpt "$algo")" --episodes 3 \
+      --policy "$(ckpt dreamingv2)" > "$out/$algo-played-by-dreamingv2.json"
+  fi
+done
