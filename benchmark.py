@@ -690,9 +690,9 @@ def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    envs_ = sorted({e for per_env in runs.values() for e in per_env}, key=column_key)
-    if suite == "cpu":  # the table's order: clean, distracted, MiniGrid
-        envs_ = sorted(envs_, key=lambda e: list(CPU_TASKS).index(e) if e in CPU_TASKS else 99)
+    order = column_key if suite != "cpu" else (  # cpu: the table's order (clean, DCS, MiniGrid)
+        lambda e: list(CPU_TASKS).index(e) if e in CPU_TASKS else 99)
+    envs_ = sorted({e for per_env in runs.values() for e in per_env}, key=order)
     cols = min(3, max(1, len(envs_)))
     nrows = math.ceil(len(envs_) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
@@ -853,8 +853,9 @@ def cpu_report(runs: dict, results: Path, budget: float | None = None) -> dict:
             seeds = runs[algo].get(c, {})
             scores = [score_at(s, r, budgets[c]) for s, r in seeds.values()]
             m, se, n = mean_se([x for x, _ in scores])
-            minutes = [wall_seconds(root / algo / c / seed) / 60 for seed in seeds]
-            updates = [updates_made(root / algo / c / seed) for seed in seeds]
+            files = [run_records(root / algo / c / seed) for seed in seeds]  # read once
+            minutes = [wall_seconds(f) / 60 for f in files]
+            updates = [updates_made(f) for f in files]
             row[c] = (m, se, n, bool(scores) and all(ok for _, ok in scores))
             cells += [fmt(row[c]) if seeds else "-", mean_cell(updates), mean_cell(minutes)]
         rows[algo] = row
@@ -923,7 +924,7 @@ def quick_report(runs: dict, results: Path) -> dict:
     for algo, per_env in runs.items():
         for env, seeds in per_env.items():
             steps, returns = next(iter(seeds.values()))
-            wall = wall_seconds(results / "quick" / "runs" / algo / env)
+            wall = wall_seconds(run_records(results / "quick" / "runs" / algo / env))
             lines.append(f"- {algo} `{env}`: {steps[-1]:,.0f} env steps in {wall / 60:.1f} min "
                          f"({steps[-1] / max(wall, 1e-9):.1f} env steps/s), last return "
                          f"{returns[-1]:.1f}.")
@@ -995,24 +996,24 @@ def mean_cell(values) -> str:
     return f"{np.mean(values):,.0f}" if values else "-"
 
 
-def updates_made(folder: Path) -> float:
-    """The gradient updates a run made: the largest `charts/updates` in a metrics.jsonl under
-    `folder`, NaN if none is logged."""
-    counts = [json.loads(line).get("charts/updates", float("nan"))
-              for metrics in folder.glob("**/metrics.jsonl")
-              for line in metrics.read_text().splitlines() if line.strip()]
-    return float(np.nanmax(counts)) if np.isfinite(counts).any() else float("nan")
+def run_records(folder: Path) -> list[list[dict]]:
+    """The records of every metrics.jsonl under `folder`, one list per file."""
+    return [[json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            for metrics in folder.glob("**/metrics.jsonl")]
 
 
-def wall_seconds(folder: Path) -> float:
-    """The run's wall time without start-up: seconds from the first to the last timed record of a
-    metrics.jsonl under `folder` (the longest such span), NaN if there is none."""
-    spans = []
-    for metrics in folder.glob("**/metrics.jsonl"):
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        times = [r["time"] for r in records if "time" in r]
-        if times:
-            spans.append(max(times) - min(times))
+def updates_made(files: list[list[dict]]) -> float:
+    """The gradient updates a run made: the largest `charts/updates` in its records
+    (`run_records`), NaN if none is logged."""
+    counts = [r["charts/updates"] for records in files for r in records if "charts/updates" in r]
+    return float(max(counts)) if counts else float("nan")
+
+
+def wall_seconds(files: list[list[dict]]) -> float:
+    """A run's wall time without start-up, from its records (`run_records`): seconds from the
+    first to the last timed record of a metrics.jsonl (the longest such span), NaN if none."""
+    spans = [max(times) - min(times) for times in
+             ([r["time"] for r in records if "time" in r] for records in files) if times]
     return max(spans, default=float("nan"))
 
 
@@ -1026,7 +1027,7 @@ def smoke_verdict(runs: dict, baselines: dict, root: Path) -> tuple[bool, list[s
                 passed = beats_random(returns, baselines[env])
                 ok &= passed
                 lines.append(f"| {algo} | {env} | {seed} | {' / '.join(f'{r:.1f}' for r in returns)}"
-                             f" | {wall_seconds(root / algo / env / seed):.0f} |"
+                             f" | {wall_seconds(run_records(root / algo / env / seed)):.0f} |"
                              f" {'pass' if passed else 'FAIL'} |")
     return ok, lines
 

@@ -127,7 +127,7 @@ def test_smoke_verdict_lists_each_run_with_its_wall_time(tmp_path):
     assert not ok  # seed2 never gets 10 above random
     assert lines == ["| core | toy-reach-center | seed1 | 12.0 / 44.0 | 100 | pass |",
                      "| core | toy-reach-center | seed2 | 12.0 / 17.0 | 100 | FAIL |"]
-    assert np.isnan(benchmark.wall_seconds(tmp_path / "nothing-here"))
+    assert np.isnan(benchmark.wall_seconds(benchmark.run_records(tmp_path / "nothing-here")))
 
 
 def run_benchmark(*args, cwd):
