@@ -1,7 +1,17 @@
 """Shared test helpers: the repository root on sys.path, real-data collection, reference returns."""
 
+import os
 import sys
 from pathlib import Path
+
+# `pytest -n 2` runs two workers on CI's 2 cores, and many tests start a script as a subprocess
+# beside the other worker. With torch's default of one OpenMP thread per core that is four
+# spinning threads on two cores: the Ctrl-C/resume test of core.py took 323 s in the suite
+# (300 s is its timeout) and 58 s with one thread each. One thread per process (torch and
+# Mesa's llvmpipe renderer), set before torch is imported and inherited by every subprocess;
+# a value the caller exports wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("LP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest

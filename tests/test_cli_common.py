@@ -335,3 +335,14 @@ def test_a_cuda_device_becomes_the_current_device_once(script, monkeypatch):
     assert chosen == []
     setup(mod.preset_args("tiny"), torch.device("cuda:1"))
     assert chosen == [torch.device("cuda:1")]
+
+
+def test_tests_and_the_scripts_they_start_run_on_one_thread_each():
+    """conftest.py sets OMP_NUM_THREADS=1 (unless the caller exported a value) before torch is
+    imported: `pytest -n 2` on two cores with torch's default thread count oversubscribed the
+    cores and made the subprocess runs of core.py 4-5x slower (the suite went past CI's budget)."""
+    expected = int(os.environ["OMP_NUM_THREADS"])
+    assert torch.get_num_threads() == expected
+    child = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           capture_output=True, text=True, timeout=120)
+    assert int(child.stdout) == expected, child.stderr
