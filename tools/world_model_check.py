@@ -61,7 +61,7 @@ def compare(pred, real) -> dict:
                 correlation=round(corr, 3), n=int(pred.size))
 
 
-def stack(states: list) -> dict:
+def batch_states(states: list) -> dict:
     """Latent states of batch 1 (one per step) as one batch: dict of (N, ...)."""
     return {key: torch.cat([state[key] for state in states]) for key in states[0]}
 
@@ -131,7 +131,7 @@ def main(argv=None):
         # z_T: the posterior of the last observation (the action chosen there is not taken)
         latents.append(agent.act(obs, state, explore=False)[1][0])
         T, r = len(rewards), np.asarray(rewards)
-        z, a = stack(latents), torch.cat(actions)  # z_0..z_T, a_0..a_{T-1}
+        z, a = batch_states(latents), torch.cat(actions)  # z_0..z_T, a_0..a_{T-1}
         feat = wm.rssm.feat(z)
         reward_hat = wm.reward(feat).squeeze(-1).numpy()
         value = ac.critic(feat).squeeze(-1).numpy()
