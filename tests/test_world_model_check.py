@@ -24,9 +24,9 @@ class Constant(torch.nn.Module):
         return torch.full((*feat.shape[:-1], 1), self.value)
 
 
-def tiny_checkpoint(module, path, env="toy-reach-center", seed=3):
+def tiny_checkpoint(module, path, env="toy-reach-center", seed=3, action_dim=2):
     args = module.preset_args("tiny", env=env, seed=seed)
-    agent = module.Agent(args, 2, False, torch.device("cpu"))
+    agent = module.Agent(args, action_dim, False, torch.device("cpu"))
     torch.save(dict(agent=agent.state_dict(), args=dataclasses.asdict(args)), path)
     return path
 
@@ -82,3 +82,27 @@ def test_a_checkpoint_of_another_script_is_named_in_one_line(tmp_path):
     torch.save(dict(agent={}, args=dict(exp_name="core")), path)
     with pytest.raises(SystemExit, match="a checkpoint of 'core'"):
         world_model_check.main([str(path)])
+
+
+def test_the_state_probe_scores_a_linear_readout_near_one_and_noise_near_zero():
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 12, generator=rng).double().numpy()
+    w = torch.randn(12, 3, generator=rng).double().numpy()
+    y = x @ w
+    r2 = world_model_check.ridge_r2(x[:200], y[:200], x[200:], y[200:])
+    assert r2.shape == (3,) and (r2 > 0.99).all()
+    noise = torch.randn(400, 2, generator=rng).double().numpy()  # independent of x
+    r2 = world_model_check.ridge_r2(x[:200], noise[:200], x[200:], noise[200:])
+    assert (r2 < 0.1).all()
+
+
+def test_the_state_probe_reads_the_dmc_tasks_state_and_toy_envs_have_none(tmp_path):
+    import dreamerv2
+
+    dmc = tiny_checkpoint(dreamerv2, tmp_path / "dmc.pt", env="dmc-cartpole-swingup", action_dim=1)
+    report = world_model_check.main([str(dmc), "--episodes", "2", "--horizon", "3", "--policy", "random"])
+    r2 = report["state_probe_r2"]
+    assert list(r2) == ["position[0]", "position[1]", "position[2]", "velocity[0]", "velocity[1]"]
+    assert all(value <= 1.0 for value in r2.values())
+    toy = tiny_checkpoint(dreamerv2, tmp_path / "toy.pt")
+    assert "state_probe_r2" not in world_model_check.main([str(toy), "--episodes", "2", "--horizon", "3"])

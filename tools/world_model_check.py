@@ -16,6 +16,12 @@ compares, over every start t with H real steps after it:
 - value: the critic v(z_t) against the real discounted return of the rest of the episode plus
   gamma^(T-t) v(z_T) (the critic has no episode end; the bootstrap is reported separately).
 
+- state probe (DeepMind Control tasks): how much of the true physical state the posterior feature
+  holds. A ridge regression from the feature of z_t to the task's state observation at t
+  (for cartpole: cart position, cos and sin of the pole angle, cart and pole velocities), fit
+  on the even episodes and scored (R^2 per state variable) on the odd ones. A model that cannot
+  tell the pole's angular velocity cannot plan the balance.
+
 With `--policy random` the episodes are played with uniform random actions instead, and with
 `--policy <other checkpoint.pt>` by another run's agent (mode actions); the model filters the
 actions really taken. The same data for every checkpoint, so models whose own policies visit
@@ -66,6 +72,38 @@ def batch_states(states: list) -> dict:
     return {key: torch.cat([state[key] for state in states]) for key in states[0]}
 
 
+def physical_state(env) -> np.ndarray | None:
+    """The DeepMind Control task's state observation of the current physics (position, velocity,
+    ... concatenated, float64), or None for envs without one."""
+    base = env.unwrapped
+    task = getattr(getattr(base, "_env", None), "task", None)
+    if task is None or not hasattr(task, "get_observation"):
+        return None
+    parts = task.get_observation(base.physics)
+    return np.concatenate([np.asarray(v, float).ravel() for v in parts.values()])
+
+
+def state_names(env) -> list[str]:
+    """One name per entry of physical_state: 'position[0]', 'velocity[1]', ..."""
+    base = env.unwrapped
+    parts = base._env.task.get_observation(base.physics)
+    return [f"{key}[{i}]" for key, v in parts.items() for i in range(np.asarray(v).size)]
+
+
+def ridge_r2(train_x, train_y, test_x, test_y, penalty: float = 1.0) -> np.ndarray:
+    """R^2 on (test_x, test_y) of a ridge regression fit on (train_x, train_y), one per column of
+    y; inputs standardised with the training statistics, `penalty` per standardised feature."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    x, tx = (train_x - mean) / std, (test_x - mean) / std
+    x, tx = np.c_[x, np.ones(len(x))], np.c_[tx, np.ones(len(tx))]
+    reg = penalty * np.eye(x.shape[1])
+    reg[-1, -1] = 0.0  # no penalty on the intercept
+    w = np.linalg.solve(x.T @ x + reg, x.T @ train_y)
+    sse = ((tx @ w - test_y) ** 2).sum(0)
+    sst = ((test_y - test_y.mean(0)) ** 2).sum(0)
+    return 1.0 - sse / np.maximum(sst, 1e-12)
+
+
 def predicted_sums(wm, actor, start: dict, actions, horizon: int, mode) -> torch.Tensor:
     """Summed predicted rewards of `horizon` prior steps from each of the N start states, all
     rolled at once: actions (H, N, A), or None for the actor's mode actions. Returns (N,)."""
@@ -111,10 +149,12 @@ def main(argv=None):
     rows = {k: ([], []) for k in ("reward_one_step", "reward_open_loop", "imagined_return",
                                   "value")}
     returns, bootstraps = [], []
+    probe = {"feat": [[], []], "state": [[], []]}  # [even episodes, odd episodes]
     rng = np.random.default_rng(opts.seed)
     for episode in range(opts.episodes):
         obs, _ = env.reset(seed=opts.seed + episode)
         state, other_state, done, latents, actions, rewards = None, None, False, [], [], []
+        physics = [physical_state(env)]  # the state that obs_t shows, aligned with z_t
         while not done:
             action, state = agent.act(obs, state, explore=False)
             if actor is not None:
@@ -127,6 +167,7 @@ def main(argv=None):
             actions.append(state[1])
             obs, reward, terminated, truncated, _ = env.step(module.env_action(action, discrete))
             rewards.append(float(reward))
+            physics.append(physical_state(env))
             done = terminated or truncated
         # z_T: the posterior of the last observation (the action chosen there is not taken)
         latents.append(agent.act(obs, state, explore=False)[1][0])
@@ -135,6 +176,9 @@ def main(argv=None):
         feat = wm.rssm.feat(z)
         reward_hat = wm.reward(feat).squeeze(-1).numpy()
         value = ac.critic(feat).squeeze(-1).numpy()
+        if physics[0] is not None:
+            probe["feat"][episode % 2].append(feat.numpy())
+            probe["state"][episode % 2].append(np.stack(physics))
         returns.append(r.sum())
         bootstraps.append(value[T])
         to_go, real_value = value[T], np.empty(T)  # sum_k gamma^k r_{t+k} + gamma^(T-t) v(z_T)
@@ -162,6 +206,10 @@ def main(argv=None):
                   **({} if opts.policy != "agent" else
                      dict(end_bootstrap_value=round(float(np.mean(bootstraps)), 2))),
                   **{k: compare(*v) for k, v in rows.items()})
+    if probe["feat"][1]:  # at least two episodes of a task with a physical state
+        fit, score = ([np.concatenate(probe[k][i]) for k in ("feat", "state")] for i in (0, 1))
+        r2 = ridge_r2(*fit, *score)
+        report["state_probe_r2"] = {name: round(float(v), 3) for name, v in zip(state_names(env), r2)}
     print(json.dumps(report, indent=1))
     return report
 

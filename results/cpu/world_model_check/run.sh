@@ -2,7 +2,8 @@
 # The world-model checks of the CPU runs (README, "Learning on a CPU, measured"): each clean
 # dmc-cartpole-swingup run's final checkpoint (results/cpu/runs/<algo>/.../checkpoint.pt, written
 # by ./benchmark.sh cpu; checkpoints are not in git) on its own policy's episodes (5), and on
-# episodes played by random actions and by DreamingV2's agent (3 each).
+# episodes played by random actions and by DreamingV2's agent (3 each); and, for the state probe,
+# each model on 10 episodes of DreamingV2's agent (<algo>-state-probe.json).
 #   bash results/cpu/world_model_check/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -17,4 +18,8 @@ for algo in dreamerv2 blast dreamingv2; do
     python3 tools/world_model_check.py "$(ckpt "$algo")" --episodes 3 \
       --policy "$(ckpt dreamingv2)" > "$out/$algo-played-by-dreamingv2.json"
   fi
+done
+for algo in dreamerv2 blast dreamingv2; do
+  python3 tools/world_model_check.py "$(ckpt "$algo")" --episodes 10 --policy "$(ckpt dreamingv2)" \
+    > "$out/$algo-state-probe.json"
 done
