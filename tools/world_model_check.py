@@ -14,8 +14,7 @@ compares, over every start t with H real steps after it:
   behaviour learner optimises, without its sampling); predicted sum against the same real sum
   (the real episode followed the same policy);
 - value: the critic v(z_t) against the real discounted return of the rest of the episode plus
-  gamma^(T-t) v(z_T) (the critic has no episode end; the bootstrap is reported separately).
-
+  gamma^(T-t) v(z_T) (the critic has no episode end; the bootstrap is reported separately);
 - state probe (DeepMind Control tasks): how much of the true physical state the posterior feature
   holds. A ridge regression from the feature of z_t to the task's state observation at t
   (for cartpole: cart position, cos and sin of the pole angle, cart and pole velocities), fit
@@ -72,22 +71,15 @@ def batch_states(states: list) -> dict:
     return {key: torch.cat([state[key] for state in states]) for key in states[0]}
 
 
-def physical_state(env) -> np.ndarray | None:
-    """The DeepMind Control task's state observation of the current physics (position, velocity,
-    ... concatenated, float64), or None for envs without one."""
+def physical_state(env) -> dict | None:
+    """The DeepMind Control task's state observation of the current physics, one float64 entry per
+    variable ('position[0]', ..., 'velocity[1]' for cartpole), or None for envs without one."""
     base = env.unwrapped
     task = getattr(getattr(base, "_env", None), "task", None)
     if task is None or not hasattr(task, "get_observation"):
         return None
-    parts = task.get_observation(base.physics)
-    return np.concatenate([np.asarray(v, float).ravel() for v in parts.values()])
-
-
-def state_names(env) -> list[str]:
-    """One name per entry of physical_state: 'position[0]', 'velocity[1]', ..."""
-    base = env.unwrapped
-    parts = base._env.task.get_observation(base.physics)
-    return [f"{key}[{i}]" for key, v in parts.items() for i in range(np.asarray(v).size)]
+    return {f"{key}[{i}]": float(x) for key, value in task.get_observation(base.physics).items()
+            for i, x in enumerate(np.asarray(value, float).ravel())}
 
 
 def ridge_r2(train_x, train_y, test_x, test_y, penalty: float = 1.0) -> np.ndarray:
@@ -178,7 +170,7 @@ def main(argv=None):
         value = ac.critic(feat).squeeze(-1).numpy()
         if physics[0] is not None:
             probe["feat"][episode % 2].append(feat.numpy())
-            probe["state"][episode % 2].append(np.stack(physics))
+            probe["state"][episode % 2].append(np.array([list(p.values()) for p in physics]))
         returns.append(r.sum())
         bootstraps.append(value[T])
         to_go, real_value = value[T], np.empty(T)  # sum_k gamma^k r_{t+k} + gamma^(T-t) v(z_T)
@@ -209,7 +201,7 @@ def main(argv=None):
     if probe["feat"][1]:  # at least two episodes of a task with a physical state
         fit, score = ([np.concatenate(probe[k][i]) for k in ("feat", "state")] for i in (0, 1))
         r2 = ridge_r2(*fit, *score)
-        report["state_probe_r2"] = {name: round(float(v), 3) for name, v in zip(state_names(env), r2)}
+        report["state_probe_r2"] = {name: round(float(v), 3) for name, v in zip(physics[0], r2)}
     print(json.dumps(report, indent=1))
     return report
 
