@@ -1,0 +1,60 @@
+"""tools/behaviour_check.py: what a checkpoint's policy does in its evaluation episodes."""
+
+import dataclasses
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+import behaviour_check  # noqa: E402
+
+
+def tiny_checkpoint(module, path, env="toy-reach-center", action_dim=2):
+    args = module.preset_args("tiny", env=env, seed=3)
+    discrete = () if module.__name__ in ("cvrl", "core") else (False,)
+    agent = module.Agent(args, action_dim, *discrete, torch.device("cpu"))
+    torch.save(dict(agent=agent.state_dict(), args=dataclasses.asdict(args)), path)
+    return path
+
+
+@pytest.mark.parametrize("script", behaviour_check.SCRIPTS)
+def test_saturation_counts_the_action_components_at_the_bound(script, tmp_path, monkeypatch):
+    module = importlib.import_module(script)
+    path = tiny_checkpoint(module, tmp_path / "checkpoint.pt")
+    act = module.Agent.act
+
+    def half_at_the_bound(self, obs, state, explore, **kw):  # the agent's state, a fixed action
+        _, state = act(self, obs, state, explore, **kw)
+        return np.array([-1.0, 0.5], np.float32), state
+
+    monkeypatch.setattr(module.Agent, "act", half_at_the_bound)
+    report = behaviour_check.main([str(path), "--episodes", "2"])
+    assert report["script"] == script and len(report["episode_returns"]) == 2
+    assert report["steps"] > 2
+    assert report["action_saturation"] == pytest.approx(0.5)
+    assert report["action_abs_mean"] == pytest.approx(0.75)
+    assert "state_abs_mean" not in report  # a toy env has no physical state
+
+
+def test_a_dmc_task_reports_where_its_state_spends_the_episode(tmp_path):
+    import dreamerv2
+
+    path = tiny_checkpoint(dreamerv2, tmp_path / "dmc.pt", env="dmc-cartpole-swingup", action_dim=1)
+    report = behaviour_check.main([str(path), "--episodes", "1"])
+    state = report["state_abs_mean"]
+    assert list(state) == ["position[0]", "position[1]", "position[2]", "velocity[0]", "velocity[1]"]
+    assert 0 <= state["position[0]"] <= 1.8 and 0 <= state["position[1]"] <= 1
+    assert 0 <= report["action_saturation"] <= 1
+
+
+def test_a_checkpoint_of_an_unknown_script_is_named_in_one_line(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save(dict(agent={}, args=dict(exp_name="nosuch")), path)
+    with pytest.raises(SystemExit, match="a checkpoint of 'nosuch'"):
+        behaviour_check.main([str(path)])

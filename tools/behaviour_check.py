@@ -1,0 +1,108 @@
+"""What a trained agent does in its evaluation episodes: how often its actions sit at the bounds of
+the action box, and where the task's physical state spends the episode.
+
+    MUJOCO_GL=egl python tools/behaviour_check.py <run>/checkpoint.pt [--episodes 3]
+
+Reads a checkpoint of any of the five scripts and plays evaluation episodes with the agent's mode
+actions, as the scripts' evaluations do (CVRL plans with MPC where its run did). Prints one JSON
+object:
+
+- episode_returns;
+- action_abs_mean: the mean |a| over all steps and action components (continuous actions lie in
+  [-1, 1]; omitted for discrete actions, as the next);
+- action_saturation: the fraction of those with |a| >= 0.95: near 1 the policy controls bang-bang,
+  a full push one way or the other at every decision, which at a long action repeat (cartpole's 8:
+  one decision per 0.08 s) can swing the pole up but cannot hold it;
+- state_abs_mean (DeepMind Control tasks): per variable of the task's state observation, its mean
+  absolute value over the episodes' steps (cartpole: position[0] the cart's position on its
+  +-1.8 rail, position[1..2] cos and sin of the pole's angle, velocity[0..1] the cart's and the
+  pole's velocities): a cart parked near the end of the rail, where the fixed camera loses it, or a
+  pole spinning at tens of rad/s, shows here.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from world_model_check import physical_state  # noqa: E402
+
+SCRIPTS = ("dreamerv2", "dreamingv2", "blast", "cvrl", "core")
+
+
+def load(path: str):
+    """(module, args, env, agent, discrete) of a checkpoint written by one of SCRIPTS, on the CPU, with the
+    environment its evaluations use."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    name = checkpoint.get("args", {}).get("exp_name")
+    if name not in SCRIPTS:
+        raise SystemExit(f"error: {path}: a checkpoint of {name!r}; this check reads {', '.join(SCRIPTS)}")
+    sys.path.insert(0, str(ROOT))
+    module = importlib.import_module(name)
+    fields = set(module.Args.__dataclass_fields__)
+    args = module.Args(**{k: v for k, v in checkpoint["args"].items() if k in fields})
+    split = getattr(args, "eval_split", "val")
+    if hasattr(module, "make_env"):
+        env = module.make_env(args, split, args.seed)
+    else:  # dreamerv2.py builds its envs inline
+        import envs
+        env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=args.seed,
+                        image_size=64, action_repeat=module.action_repeat(args), split=split,
+                        video_dir=args.video_dir)
+    discrete = hasattr(env.action_space, "n")
+    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
+    device = torch.device("cpu")
+    agent = (module.Agent(args, action_dim, device) if name in ("cvrl", "core")
+             else module.Agent(args, action_dim, discrete, device))
+    agent.load_state_dict(checkpoint["agent"])
+    return module, args, env, agent, discrete
+
+
+@torch.no_grad()
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--episodes", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=1000)
+    opts = parser.parse_args(argv)
+    torch.manual_seed(opts.seed)
+    module, args, env, agent, discrete = load(opts.checkpoint)
+    to_env = getattr(module, "env_action", lambda action, discrete: action)
+    returns, actions, states = [], [], []
+    for episode in range(opts.episodes):
+        obs, _ = env.reset(seed=opts.seed + episode)
+        state, done, total = None, False, 0.0
+        while not done:
+            action, state = agent.act(obs, state, explore=False)
+            actions.append(np.asarray(action, float).ravel())
+            physics = physical_state(env)
+            if physics is not None:
+                states.append(physics)
+            obs, reward, terminated, truncated, _ = env.step(to_env(action, discrete))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    report = dict(checkpoint=str(opts.checkpoint), script=module.__name__, env=args.env,
+                  episodes=opts.episodes, steps=len(actions),
+                  episode_returns=[round(x, 1) for x in returns])
+    if not discrete:
+        magnitude = np.abs(np.concatenate(actions))
+        report["action_abs_mean"] = round(float(magnitude.mean()), 3)
+        report["action_saturation"] = round(float((magnitude >= 0.95).mean()), 3)
+    if states:
+        report["state_abs_mean"] = {key: round(float(np.mean([abs(s[key]) for s in states])), 3)
+                                    for key in states[0]}
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
