@@ -23,3 +23,8 @@ for algo in dreamerv2 blast dreamingv2; do
   python3 tools/world_model_check.py "$(ckpt "$algo")" --episodes 10 --policy "$(ckpt dreamingv2)" \
     > "$out/$algo-state-probe.json"
 done
+# DreamingV2's seed 2 (on the plateau): its own policy's episodes (5; with the state probe) and
+# the random-action episodes the seed-1 models were checked on (3)
+seed2=$(ls results/cpu/runs/dreamingv2/dmc-cartpole-swingup/seed2/runs/*/checkpoint.pt)
+python3 tools/world_model_check.py "$seed2" --episodes 5 > "$out/dreamingv2-seed2.json"
+python3 tools/world_model_check.py "$seed2" --episodes 3 --policy random > "$out/dreamingv2-seed2-played-by-random.json"
