@@ -1,5 +1,6 @@
 """Shared test helpers: the repository root on sys.path, real-data collection, reference returns."""
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -380,3 +381,15 @@ def check_decoder_stem_equals_the_transposed_conv(decoder_cls):
     assert got[1].abs().sum() > 0  # the first layer's weight is trained through the matmul
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def tiny_checkpoint(module, path, env="toy-reach-center", seed=3, action_dim=2):
+    """A checkpoint of an untrained `--preset tiny` agent of `module` (any of the five scripts;
+    continuous actions), written to `path` as the scripts write theirs (agent, args)."""
+    import torch
+
+    args = module.preset_args("tiny", env=env, seed=seed)
+    discrete = () if module.__name__ in ("cvrl", "core") else (False,)  # their Agents take none
+    agent = module.Agent(args, action_dim, *discrete, torch.device("cpu"))
+    torch.save(dict(agent=agent.state_dict(), args=dataclasses.asdict(args)), path)
+    return path

@@ -1,6 +1,5 @@
 """tools/behaviour_check.py: what a checkpoint's policy does in its evaluation episodes."""
 
-import dataclasses
 import importlib
 import sys
 from pathlib import Path
@@ -13,14 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 import behaviour_check  # noqa: E402
-
-
-def tiny_checkpoint(module, path, env="toy-reach-center", action_dim=2):
-    args = module.preset_args("tiny", env=env, seed=3)
-    discrete = () if module.__name__ in ("cvrl", "core") else (False,)
-    agent = module.Agent(args, action_dim, *discrete, torch.device("cpu"))
-    torch.save(dict(agent=agent.state_dict(), args=dataclasses.asdict(args)), path)
-    return path
+from conftest import tiny_checkpoint  # noqa: E402
 
 
 @pytest.mark.parametrize("script", behaviour_check.SCRIPTS)

@@ -1,6 +1,5 @@
 """tools/world_model_check.py: the world-model and critic check of a Dreamer-family checkpoint."""
 
-import dataclasses
 import importlib
 import json
 import sys
@@ -13,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 import world_model_check  # noqa: E402
+from conftest import tiny_checkpoint  # noqa: E402
 
 
 class Constant(torch.nn.Module):
@@ -22,13 +22,6 @@ class Constant(torch.nn.Module):
 
     def forward(self, feat):
         return torch.full((*feat.shape[:-1], 1), self.value)
-
-
-def tiny_checkpoint(module, path, env="toy-reach-center", seed=3, action_dim=2):
-    args = module.preset_args("tiny", env=env, seed=seed)
-    agent = module.Agent(args, action_dim, False, torch.device("cpu"))
-    torch.save(dict(agent=agent.state_dict(), args=dataclasses.asdict(args)), path)
-    return path
 
 
 @pytest.mark.parametrize("script", world_model_check.SCRIPTS)

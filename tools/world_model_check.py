@@ -44,18 +44,32 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("dreamerv2", "dreamingv2", "blast")
 
 
-def load_agent(path: str, script: str | None):
+def load_agent(path: str, script: str | None, scripts: tuple = SCRIPTS):
+    """(module, args, checkpoint) of a checkpoint written by one of `scripts` (its `exp_name`, or
+    `script` where the run was renamed)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     saved = checkpoint["args"]
     name = script or saved.get("exp_name")
-    if name not in SCRIPTS:
-        raise SystemExit(f"error: {path}: a checkpoint of {name!r}; this check reads {', '.join(SCRIPTS)}"
+    if name not in scripts:
+        raise SystemExit(f"error: {path}: a checkpoint of {name!r}; this check reads {', '.join(scripts)}"
                          " (pass --script if the run was renamed with --exp-name)")
     sys.path.insert(0, str(ROOT))
     module = importlib.import_module(name)
     fields = set(module.Args.__dataclass_fields__)
     args = module.Args(**{k: v for k, v in saved.items() if k in fields})
     return module, args, checkpoint
+
+
+def eval_env(module, args):
+    """The environment a run's evaluations use: the script's own `make_env` where it has one
+    (dreamerv2.py builds its envs inline: the same call here)."""
+    split = getattr(args, "eval_split", "val")
+    if hasattr(module, "make_env"):
+        return module.make_env(args, split, args.seed)
+    import envs
+    return envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=args.seed,
+                     image_size=64, action_repeat=module.action_repeat(args), split=split,
+                     video_dir=args.video_dir)
 
 
 def compare(pred, real) -> dict:
@@ -121,10 +135,7 @@ def main(argv=None):
     opts = parser.parse_args(argv)
     torch.manual_seed(opts.seed)  # the prior's samples: the same numbers on every run
     module, args, checkpoint = load_agent(opts.checkpoint, opts.script)
-    import envs
-    env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=args.seed,
-                    image_size=64, action_repeat=module.action_repeat(args), split=args.eval_split,
-                    video_dir=args.video_dir)
+    env = eval_env(module, args)
     discrete = hasattr(env.action_space, "n")
     action_dim = env.action_space.n if discrete else env.action_space.shape[0]
     agent = module.Agent(args, action_dim, discrete, torch.device("cpu"))
