@@ -840,7 +840,8 @@ def cpu_report(runs: dict, results: Path, budget: float | None = None) -> dict:
              "Evaluation return at the budget (deterministic policy), mean ± standard error over "
              "seeds (number of seeds; * = a run has not reached the budget, its last evaluation "
              "is used), the gradient updates a run made, and wall-clock minutes per run (first to "
-             "last metrics record; two runs shared the machine's two cores, one thread each).",
+             "last metrics record, without the silences of a run paused or stopped and resumed "
+             "later; two runs shared the machine's two cores, one thread each).",
              ""]
     videos = suite_videos(results, "cpu")
     if videos:
@@ -1009,12 +1010,23 @@ def updates_made(files: list[list[dict]]) -> float:
     return float(max(counts)) if counts else float("nan")
 
 
+RESUME_GAP_S = 600  # a silence longer than this and 10x a run's usual gap: stopped, resumed later
+
+
 def wall_seconds(files: list[list[dict]]) -> float:
-    """A run's wall time without start-up, from its records (`run_records`): seconds from the
-    first to the last timed record of a metrics.jsonl (the longest such span), NaN if none."""
-    spans = [max(times) - min(times) for times in
-             ([r["time"] for r in records if "time" in r] for records in files) if times]
-    return max(spans, default=float("nan"))
+    """A run's wall time without start-up, from its records (`run_records`): the seconds between
+    consecutive timed records of a metrics.jsonl (the longest such total), leaving out silences
+    over RESUME_GAP_S and 10x the run's 90th-percentile gap (a run stopped and resumed later, or
+    paused; records come in bursts, so the median gap can be ~0), NaN if none."""
+    totals = []
+    for records in files:
+        gaps = np.diff(np.sort([r["time"] for r in records if "time" in r]))
+        if len(gaps):
+            usual = np.percentile(gaps, 90)
+            totals.append(float(gaps[gaps <= max(RESUME_GAP_S, 10 * usual)].sum()))
+        elif any("time" in r for r in records):
+            totals.append(0.0)
+    return max(totals, default=float("nan"))
 
 
 def smoke_verdict(runs: dict, baselines: dict, root: Path) -> tuple[bool, list[str]]:

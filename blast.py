@@ -138,6 +138,11 @@ class Args:
     """ours: environment steps between evaluations (0: never, except at the end)"""
     eval_episodes: int = 10
     """ours: episodes per evaluation, deterministic (mode) actions"""
+    eval_action: Literal["mode", "mean"] = "mode"
+    """continuous actions in evaluation: 'mode', as DreamerV2's code (the truncated normal's
+    location clipped to [-1, 1]: a full push once the actor's tanh mean saturates), or 'mean'
+    (ours: the distribution's mean, the average of the samples the actor is trained on;
+    deterministic too). results/cpu/behaviour_check compares them on the CPU runs' checkpoints"""
     log_every: int = 1_000
     """ours: environment steps between metric logs and progress lines (also every 30 s)"""
     save_model: bool = False
@@ -338,10 +343,10 @@ SIZES = ("paper", "small", "tiny")
 
 # Flags that may differ from the checkpoint's on --resume: schedule, logging and where/how fast
 # the same computation runs (compile_mode, replay_device do not change the algorithm).
-SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "log_every", "save_model",
-                  "checkpoint_replay", "replay_checkpoint_every", "resume", "capture_video", "device",
-                  "compile", "precision",
-                  "measure_updates", "exp_name", "compile_mode", "replay_device"}
+SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "eval_action", "log_every",
+                  "save_model", "checkpoint_replay", "replay_checkpoint_every", "resume",
+                  "capture_video", "device", "compile", "precision", "measure_updates", "exp_name",
+                  "compile_mode", "replay_device"}
 
 
 def family_preset(env_id: str) -> str:
@@ -692,6 +697,11 @@ class TruncatedNormal(td.Distribution):
         super().__init__(loc.shape, validate_args=validate_args)
 
     @property
+    def mean(self):
+        phi = lambda x: torch.exp(-0.5 * x ** 2) / math.sqrt(2 * math.pi)  # noqa: E731
+        return self.loc + self.scale * (phi(self._alpha) - phi(self._beta)) / self._z
+
+    @property
     def mode(self):
         return self.loc.clamp(-1, 1)
 
@@ -741,11 +751,12 @@ class Actor(nn.Module):
         return td.Independent(TruncatedNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + 0.1), 1)
 
 
-def mode(dist: td.Distribution) -> torch.Tensor:
-    """Deterministic action for evaluation."""
+def mode(dist: td.Distribution, continuous: str = "mode") -> torch.Tensor:
+    """Deterministic action for evaluation; `continuous` ('mode' or 'mean': --eval-action) picks
+    the truncated normal's mode or mean."""
     if isinstance(dist, td.OneHotCategorical):
         return one_hot(dist.logits.argmax(-1), dist.logits.shape[-1])
-    return dist.base_dist.mode
+    return dist.base_dist.mean if continuous == "mean" else dist.base_dist.mode
 
 
 def glorot_init(module: nn.Module):
@@ -1217,7 +1228,7 @@ class Agent:
             # action is the mode.
             latent = self.wm.rssm.obs_step(latent, prev, posterior.project(encoder(obs_t)), posterior)
             dist = self.ac.actor(self.wm.rssm.feat(latent))
-        action = dist.sample() if explore else mode(dist)
+        action = dist.sample() if explore else mode(dist, self.args.eval_action)
         return action[0].float().cpu().numpy(), (latent, action.float())
 
     def num_parameters(self) -> int:

@@ -136,6 +136,11 @@ class Args:
     published ones from a few seeds"""
     eval_episodes: int = 10
     """episodes per evaluation, deterministic (mode) actions (ours: see eval_every)"""
+    eval_action: Literal["mode", "mean"] = "mode"
+    """continuous actions in evaluation: 'mode', as DreamerV2's code (the truncated normal's
+    location clipped to [-1, 1]: a full push once the actor's tanh mean saturates), or 'mean'
+    (ours: the distribution's mean, the average of the samples the actor is trained on;
+    deterministic too). results/cpu/behaviour_check compares them on the CPU runs' checkpoints"""
     log_every: int = 1_000
     """environment steps between training-metric logs and progress lines (a progress line is also
     printed at least every 30 s); ours: 10x the official log_every 1e4, for short CPU runs"""
@@ -281,11 +286,10 @@ PRESETS = {
 # Flags that may differ from the checkpoint's on --resume: they change the schedule, the logging or
 # how fast the same computation runs, not the algorithm. Script-specific ones: compile_mode,
 # replay_device (where the same data lives), torch_deterministic (cuDNN algorithm choice).
-SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "log_every", "save_model",
-                  "checkpoint_replay", "replay_checkpoint_every", "resume", "capture_video", "device",
-                  "compile", "precision",
-                  "measure_updates", "exp_name", "compile_mode", "replay_device",
-                  "torch_deterministic"}
+SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "eval_action", "log_every",
+                  "save_model", "checkpoint_replay", "replay_checkpoint_every", "resume",
+                  "capture_video", "device", "compile", "precision", "measure_updates", "exp_name",
+                  "compile_mode", "replay_device", "torch_deterministic"}
 
 
 def preset_args(preset: str = "paper", **overrides) -> Args:
@@ -615,11 +619,12 @@ class Actor(nn.Module):
         return td.Independent(TruncatedNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + 0.1), 1)
 
 
-def mode(dist: td.Distribution) -> torch.Tensor:
-    """Deterministic action for evaluation."""
+def mode(dist: td.Distribution, continuous: str = "mode") -> torch.Tensor:
+    """Deterministic action for evaluation; `continuous` ('mode' or 'mean': --eval-action) picks
+    the truncated normal's mode or mean."""
     if isinstance(dist, td.OneHotCategorical):
         return one_hot(dist.logits.argmax(-1), dist.logits.shape[-1])
-    return dist.base_dist.mode
+    return dist.base_dist.mean if continuous == "mean" else dist.base_dist.mode
 
 
 class WorldModel(nn.Module):
@@ -992,7 +997,7 @@ class Agent:
             # action is the mode.
             latent = self.wm.rssm.obs_step(latent, prev, self.wm.encoder(obs_t))
             dist = self.ac.actor(self.wm.rssm.feat(latent))
-        action = dist.sample() if explore else mode(dist)
+        action = dist.sample() if explore else mode(dist, self.args.eval_action)
         return action[0].float().cpu().numpy(), (latent, action.float())
 
     def num_parameters(self) -> int:

@@ -159,6 +159,11 @@ class Args:
     eval_episodes: int = 10
     """episodes per evaluation, deterministic (mode) actions (ours: 10 for less noise; DreamerV2
     evaluates 1)"""
+    eval_action: Literal["mode", "mean"] = "mode"
+    """continuous actions in evaluation: 'mode', as DreamerV2's code (the truncated normal's
+    location clipped to [-1, 1]: a full push once the actor's tanh mean saturates), or 'mean'
+    (ours: the distribution's mean, the average of the samples the actor is trained on;
+    deterministic too). results/cpu/behaviour_check compares them on the CPU runs' checkpoints"""
     log_every: int = 1_000
     """environment steps between progress lines and training-metric logs (ours)"""
     save_model: bool = False
@@ -313,10 +318,10 @@ PRESETS = {
 }
 # Flags that may differ from the checkpoint's on --resume: schedule, logging and placement only.
 # compile_mode and replay_device change where and how fast the same computation runs.
-SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "log_every", "save_model",
-                  "checkpoint_replay", "replay_checkpoint_every", "resume", "capture_video", "device",
-                  "compile", "precision",
-                  "measure_updates", "exp_name", "compile_mode", "replay_device"}
+SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "eval_action", "log_every",
+                  "save_model", "checkpoint_replay", "replay_checkpoint_every", "resume",
+                  "capture_video", "device", "compile", "precision", "measure_updates", "exp_name",
+                  "compile_mode", "replay_device"}
 
 
 def preset_args(preset: str = "paper", **overrides) -> Args:
@@ -650,11 +655,12 @@ class Actor(nn.Module):
         return self.dist(self.net(feat))
 
 
-def mode(dist: td.Distribution) -> torch.Tensor:
-    """Deterministic action for evaluation."""
+def mode(dist: td.Distribution, continuous: str = "mode") -> torch.Tensor:
+    """Deterministic action for evaluation; `continuous` ('mode' or 'mean': --eval-action) picks
+    the truncated normal's mode or mean."""
     if isinstance(dist, td.OneHotCategorical):
         return one_hot(dist.logits.argmax(-1), dist.logits.shape[-1])
-    return dist.base_dist.mode
+    return dist.base_dist.mean if continuous == "mean" else dist.base_dist.mode
 
 
 def glorot_init(module: nn.Module):
@@ -1201,7 +1207,7 @@ class Agent:
             # action is the mode.
             latent, _ = self.wm.rssm.obs_step(latent, prev, self.wm.encoder(obs_t))
             dist = self.ac.actor(self.wm.rssm.feat(latent))
-        action = dist.sample() if explore else mode(dist)
+        action = dist.sample() if explore else mode(dist, self.args.eval_action)
         return action[0].float().cpu().numpy(), (latent, action.float())
 
     def num_parameters(self) -> int:

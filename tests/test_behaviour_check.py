@@ -50,3 +50,54 @@ def test_a_checkpoint_of_an_unknown_script_is_named_in_one_line(tmp_path):
     torch.save(dict(agent={}, args=dict(exp_name="nosuch")), path)
     with pytest.raises(SystemExit, match="a checkpoint of 'nosuch'"):
         behaviour_check.main([str(path)])
+
+
+@pytest.mark.parametrize("script", behaviour_check.SCRIPTS)
+def test_explore_plays_the_training_time_actions(script, tmp_path):
+    module = importlib.import_module(script)
+    path = tiny_checkpoint(module, tmp_path / "checkpoint.pt")
+    mode = behaviour_check.main([str(path), "--episodes", "1"])
+    explore = behaviour_check.main([str(path), "--episodes", "1", "--actions", "explore"])
+    assert (mode["actions"], explore["actions"]) == ("mode", "explore")
+    again = behaviour_check.main([str(path), "--episodes", "1"])
+    assert again["action_abs_mean"] == mode["action_abs_mean"]  # the mode replays exactly
+    assert explore["action_abs_mean"] != mode["action_abs_mean"]  # samples do not
+
+
+DREAMERS = ("dreamerv2", "dreamingv2", "blast")
+
+
+@pytest.mark.parametrize("script", DREAMERS)
+def test_the_truncated_normal_mean_is_the_average_of_its_samples(script):
+    module = importlib.import_module(script)
+    torch.manual_seed(0)
+    loc = torch.tensor([-0.9, 0.0, 0.5, 0.99, 0.99])
+    scale = torch.tensor([0.3, 1.2, 0.1, 0.1, 1.0])
+    dist = module.TruncatedNormal(loc, scale)
+    samples = dist.rsample((200_000,))
+    assert torch.allclose(dist.mean, samples.mean(0), atol=5e-3)
+    assert dist.mean[3] < 0.95 < dist.mode[3]  # a location at the bound: the mean lies inside
+
+
+@pytest.mark.parametrize("script", DREAMERS)
+def test_mean_actions_are_the_eval_action_flag_and_deterministic(script, tmp_path):
+    module = importlib.import_module(script)
+    path = tiny_checkpoint(module, tmp_path / "checkpoint.pt")
+    mode = behaviour_check.main([str(path), "--episodes", "1"])
+    mean = behaviour_check.main([str(path), "--episodes", "1", "--actions", "mean"])
+    again = behaviour_check.main([str(path), "--episodes", "1", "--actions", "mean"])
+    assert mean["actions"] == "mean"
+    assert again["action_abs_mean"] == mean["action_abs_mean"] != mode["action_abs_mean"]
+    # what the tool plays is what the script's --eval-action selects
+    torch.manual_seed(0)
+    dist = module.Actor(8, 2, False, 16, 2)(torch.randn(4, 8) * 3)
+    assert torch.equal(module.mode(dist, "mean"), dist.base_dist.mean)
+    assert torch.equal(module.mode(dist), dist.base_dist.loc.clamp(-1, 1))
+
+
+@pytest.mark.parametrize("script", ("cvrl", "core"))
+def test_mean_actions_of_a_sac_actor_end_in_one_line(script, tmp_path):
+    module = importlib.import_module(script)
+    path = tiny_checkpoint(module, tmp_path / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="no truncated-normal mean"):
+        behaviour_check.main([str(path), "--actions", "mean"])

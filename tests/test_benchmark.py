@@ -130,6 +130,15 @@ def test_smoke_verdict_lists_each_run_with_its_wall_time(tmp_path):
     assert np.isnan(benchmark.wall_seconds(benchmark.run_records(tmp_path / "nothing-here")))
 
 
+def test_wall_time_leaves_out_the_pause_of_a_resumed_run():
+    ran = [{"step": k * 1000, "time": 100.0 + 60 * k} for k in range(21)]  # 20 minutes
+    resumed = [{"step": 21_000 + k * 1000, "time": 90_000.0 + 60 * k} for k in range(11)]  # 10
+    assert benchmark.wall_seconds([ran + resumed]) == 30 * 60
+    assert benchmark.wall_seconds([ran, ran[:2]]) == 20 * 60  # several files: the longest
+    slow = [{"step": k * 1000, "time": 700.0 * k} for k in range(4)]  # records 700 s apart
+    assert benchmark.wall_seconds([slow]) == 3 * 700  # a slow run's gaps all count
+
+
 def run_benchmark(*args, cwd):
     out = subprocess.run([str(ROOT / "benchmark.sh"), *args], cwd=cwd, capture_output=True,
                          text=True, timeout=600)

@@ -4,8 +4,14 @@ the action box, and where the task's physical state spends the episode.
     MUJOCO_GL=egl python tools/behaviour_check.py <run>/checkpoint.pt [--episodes 3]
 
 Reads a checkpoint of any of the five scripts and plays evaluation episodes with the agent's mode
-actions, as the scripts' evaluations do (CVRL plans with MPC where its run did). Prints one JSON
-object:
+actions, as the scripts' evaluations do (CVRL plans with MPC where its run did), or with
+`--actions explore` the actions its training episodes take (a sample of the policy; CVRL adds its
+Gaussian exploration noise), or, for the Dreamer family's truncated-normal actor, with
+`--actions mean` the distribution's mean (the scripts' `--eval-action mean`): deterministic like
+the mode, but where the mode is the location clipped to the box (a full push once the tanh
+saturates), the mean is the average of the samples the actor was trained with. The same networks
+in all three, so the returns show how much of a score is the evaluation's choice of action.
+Prints one JSON object:
 
 - episode_returns;
 - action_abs_mean: the mean |a| over all steps and action components (continuous actions lie in
@@ -58,27 +64,38 @@ def main(argv=None):
     parser.add_argument("--script", choices=SCRIPTS, default=None,
                         help="the script that wrote the checkpoint, for a run renamed with --exp-name")
     parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--actions", choices=("mode", "explore", "mean"), default="mode",
+                        help="the evaluation's mode (default), training's samples, or the "
+                             "truncated normal's mean (dreamerv2, dreamingv2, blast)")
     opts = parser.parse_args(argv)
     torch.manual_seed(opts.seed)
     module, args, env, agent, discrete = load(opts.checkpoint, opts.script)
+    if opts.actions == "mean":
+        if not hasattr(args, "eval_action") or discrete:
+            sys.exit(f"--actions mean: {module.__name__}'s actor has no truncated-normal mean (the "
+                     "Dreamer family's continuous actor has); use mode or explore")
+        args.eval_action = "mean"  # what --eval-action mean makes the script's evaluations do
     to_env = getattr(module, "env_action", lambda action, discrete: action)
     returns, actions, states = [], [], []
-    for episode in range(opts.episodes):
-        obs, _ = env.reset(seed=opts.seed + episode)
-        state, done, total = None, False, 0.0
-        while not done:
-            action, state = agent.act(obs, state, explore=False)
-            actions.append(np.asarray(action, float).ravel())
-            physics = physical_state(env)
-            if physics is not None:
-                states.append(physics)
-            obs, reward, terminated, truncated, _ = env.step(to_env(action, discrete))
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    env.close()
+    try:
+        for episode in range(opts.episodes):
+            obs, _ = env.reset(seed=opts.seed + episode)
+            state, done, total = None, False, 0.0
+            while not done:
+                action, state = agent.act(obs, state, explore=opts.actions == "explore")
+                actions.append(np.asarray(action, float).ravel())
+                physics = physical_state(env)
+                if physics is not None:
+                    states.append(physics)
+                obs, reward, terminated, truncated, _ = env.step(to_env(action, discrete))
+                total += float(reward)
+                done = terminated or truncated
+            returns.append(total)
+    finally:
+        env.close()
     report = dict(checkpoint=str(opts.checkpoint), script=module.__name__, env=args.env,
-                  episodes=opts.episodes, steps=len(actions),
+                  actions=opts.actions, episodes=opts.episodes,
+                  steps=len(actions),
                   episode_returns=[round(x, 1) for x in returns])
     if not discrete:
         magnitude = np.abs(np.concatenate(actions))
