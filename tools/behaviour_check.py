@@ -37,7 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from world_model_check import eval_env, load_agent, physical_state  # noqa: E402
+from world_model_check import build_agent, eval_env, load_agent, physical_state  # noqa: E402
 
 SCRIPTS = ("dreamerv2", "dreamingv2", "blast", "cvrl", "core")
 
@@ -49,11 +49,7 @@ def load(path: str, script: str | None):
     env = eval_env(module, args)
     discrete = hasattr(env.action_space, "n")
     action_dim = env.action_space.n if discrete else env.action_space.shape[0]
-    device = torch.device("cpu")
-    agent = (module.Agent(args, action_dim, device) if module.__name__ in ("cvrl", "core")
-             else module.Agent(args, action_dim, discrete, device))
-    agent.load_state_dict(checkpoint["agent"])
-    return module, args, env, agent, discrete
+    return module, args, env, build_agent(module, args, checkpoint, action_dim, discrete), discrete
 
 
 @torch.no_grad()

@@ -72,6 +72,14 @@ def eval_env(module, args):
                      video_dir=args.video_dir)
 
 
+def build_agent(module, args, checkpoint: dict, action_dim: int, discrete: bool):
+    """The checkpoint's trained agent on the CPU (CVRL's and CoRe's Agents take no `discrete`)."""
+    extra = () if module.__name__ in ("cvrl", "core") else (discrete,)
+    agent = module.Agent(args, action_dim, *extra, torch.device("cpu"))
+    agent.load_state_dict(checkpoint["agent"])
+    return agent
+
+
 def compare(pred, real) -> dict:
     pred, real = np.asarray(pred, float), np.asarray(real, float)
     corr = float(np.corrcoef(pred, real)[0, 1]) if pred.std() > 0 and real.std() > 0 else float("nan")
@@ -138,15 +146,13 @@ def main(argv=None):
     env = eval_env(module, args)
     discrete = hasattr(env.action_space, "n")
     action_dim = env.action_space.n if discrete else env.action_space.shape[0]
-    agent = module.Agent(args, action_dim, discrete, torch.device("cpu"))
-    agent.load_state_dict(checkpoint["agent"])
+    agent = build_agent(module, args, checkpoint, action_dim, discrete)
     actor = None  # another run's agent that plays the episodes
     if opts.policy not in ("agent", "random"):
         other, other_args, other_checkpoint = load_agent(opts.policy, None)
         if other_args.env != args.env:
             raise SystemExit(f"error: --policy {opts.policy}: an agent for {other_args.env}, not {args.env}")
-        actor = other.Agent(other_args, action_dim, discrete, torch.device("cpu"))
-        actor.load_state_dict(other_checkpoint["agent"])
+        actor = build_agent(other, other_args, other_checkpoint, action_dim, discrete)
     wm, ac, H, gamma = agent.wm, agent.ac, opts.horizon, args.gamma
     wm.eval()
     rows = {k: ([], []) for k in ("reward_one_step", "reward_open_loop", "imagined_return",
