@@ -1692,7 +1692,7 @@ def seed_everything(seed: int, rng: dict | None = None):
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -1701,6 +1701,8 @@ def resolve_device(name: str) -> torch.device:
         raise SystemExit(f"error: --device {name}: CUDA is not available here; use --device cpu or auto")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA devices here")
+    if device.type == "cuda" and device.index is None:  # torch.cuda.set_device refuses a bare "cuda"
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -337,6 +337,23 @@ def test_a_cuda_device_becomes_the_current_device_once(script, monkeypatch):
     assert chosen == [torch.device("cuda:1")]
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_bare_cuda_device_gets_the_index_that_set_device_needs(script, monkeypatch):
+    """--device cuda, and auto on a GPU machine: torch.cuda.set_device refuses a torch.device
+    without an index (on an H200 all five scripts stopped with that ValueError before their first
+    update); resolve_device gives it the current device's index (CUDA faked: no GPU here)."""
+    mod = module(script)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for name, expected in (("cuda", 1), ("auto", 1), ("cuda:0", 0)):
+        device = mod.resolve_device(name)
+        # the check torch.cuda.set_device makes: an int, or a device with an index
+        assert torch._utils._get_device_index(device, optional=False) == expected, name
+    with pytest.raises(SystemExit, match="only 2 CUDA devices"):
+        mod.resolve_device("cuda:2")
+
+
 def test_tests_and_the_scripts_they_start_run_on_one_thread_each():
     """conftest.py sets OMP_NUM_THREADS=1 (unless the caller exported a value) before torch is
     imported: `pytest -n 2` on two cores with torch's default thread count oversubscribed the
