@@ -207,7 +207,12 @@ def suite_jobs(suite: str, algos, seeds: int, budget: int, tasks=None, eval_ever
                 if column.startswith("minigrid") and algo not in CPU_MINIGRID_ALGOS:
                     continue
                 for seed in range(1, seeds + 1):
-                    flags = [*extra, "--preset", "small", "--total-steps", str(budget or steps),
+                    # replay.pt at every evaluation (0.14 GiB at these sizes, about a second to
+                    # write): a run that dies without an interrupt (a segfault ended one at 86K)
+                    # resumes with its data, not an empty replay (the scripts' default writes it
+                    # every 10 evaluations, for GPU runs' gigabytes)
+                    flags = [*extra, "--preset", "small", "--replay-checkpoint-every", "1",
+                             "--total-steps", str(budget or steps),
                              "--eval-every", str(eval_every or every),
                              "--eval-episodes", str(eval_episodes or episodes),
                              *shlex.split(script_flags)]

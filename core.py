@@ -1254,8 +1254,10 @@ def main(args: Args):
             sys.exit(1)
 
     def train_burst():
-        """The gradient steps owed to the last episode, each on a fresh mini-batch."""
-        while counters["updates_due"] > 0:
+        """The gradient steps owed to the last episode, each on a fresh mini-batch. A run resumed
+        without replay.pt may owe updates from before the interrupt to an empty replay: they wait
+        until the replay holds a sequence again (the next episode's end sets a new count)."""
+        while counters["updates_due"] > 0 and replay.can_sample(args.seq_len):
             check_finite(keep=1)
             start = time.perf_counter()
             batch = to_device(replay.sample(args.batch_size, args.seq_len, args.crop_size), device)

@@ -335,6 +335,7 @@ def test_cpu_suite_runs_every_algorithm_small_on_cartpole_and_two_on_minigrid(tm
     for job in jobs:
         cmd = " ".join(job.command())
         assert "--preset small" in cmd and "--save-model" in cmd
+        assert "--replay-checkpoint-every 1" in cmd  # a crashed run resumes with its replay
         steps = "50000" if job.column.startswith("minigrid") else "100000"
         assert f"--total-steps {steps}" in cmd
     dcs = [j for j in jobs if j.column == "dcs-cartpole-swingup"][0]
