@@ -207,10 +207,9 @@ def suite_jobs(suite: str, algos, seeds: int, budget: int, tasks=None, eval_ever
                 if column.startswith("minigrid") and algo not in CPU_MINIGRID_ALGOS:
                     continue
                 for seed in range(1, seeds + 1):
-                    # replay.pt at every evaluation (0.14 GiB at these sizes, about a second to
-                    # write): a run that dies without an interrupt (a segfault ended one at 86K)
-                    # resumes with its data, not an empty replay (the scripts' default writes it
-                    # every 10 evaluations, for GPU runs' gigabytes)
+                    # replay.pt at every evaluation (0.14 GiB at these sizes): a run killed
+                    # without an interrupt (a segfault, SIGKILL) resumes with its data, not an
+                    # empty replay (the scripts' default, every 10th, is for GPU runs' gigabytes)
                     flags = [*extra, "--preset", "small", "--replay-checkpoint-every", "1",
                              "--total-steps", str(budget or steps),
                              "--eval-every", str(eval_every or every),

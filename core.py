@@ -1769,10 +1769,10 @@ def resolve_device(name: str) -> torch.device:
         raise SystemExit(f"error: --device {name}: expected auto, cpu, cuda or cuda:<index>") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name}: CUDA is not available here; use --device cpu or auto")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA devices here")
     if device.type == "cuda" and device.index is None:  # torch.cuda.set_device refuses a bare "cuda"
         device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA devices here")
     return device
 
 
