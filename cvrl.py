@@ -274,12 +274,14 @@ class Args:
 #   - action_repeat 0: the env's per-task repeat (PlaNet's, 8 for cartpole), the DMC-100K setting;
 #     a frame costs ~20-30 ms to render here.
 #   - 16-channel CNN, 128-unit GRU/MLPs and score layers, 16 latents: 0.74M parameters.
-#   - batch 16 x 16 every 5 agent steps (0.6 s an update on one thread), prefill 1000 steps.
+#   - batch 16 x 16 every 3 agent steps (0.6 s an update on one thread: 3,933 updates in
+#     100K env steps), prefill 1000 steps. An update every 5 steps (2,400) ended at 234 +- 21 over
+#     three seeds, every 3 at 266 +- 25 (results/cpu/variants/README.md).
 #   - learning rates of the actor, value and Q networks raised to 3e-4, as for few, small updates.
 # 'tiny': runs end to end in well under a minute on 2 CPU cores (smoke tests).
 PRESETS = {
     "small": dict(action_repeat=0, cnn_depth=16, deter=128, hidden=128, stoch=16, contrast_units=128,
-                  mlp_units=128, batch_size=16, batch_length=16, train_every=5, prefill=1000,
+                  mlp_units=128, batch_size=16, batch_length=16, train_every=3, prefill=1000,
                   actor_lr=3e-4, value_lr=3e-4, q_lr=3e-4, total_steps=100_000,
                   eval_episodes=5, replay_capacity=100_000),
     "tiny": dict(cnn_depth=4, deter=32, hidden=32, stoch=4, contrast_units=16, mlp_units=32,
