@@ -327,7 +327,8 @@ PRESETS = {
     #    - batch 16 x 16 every 5 agent steps, A.2's DMC train_every (1.5 s an update on one thread:
     #      the AR prior and the target encoder make it the slowest of the DreamerV2 family here).
     #      An update every 8 agent steps (1,537 updates in 100K env steps) ended at 198 +- 8 over
-    #      three seeds on dmc-cartpole-swingup, every 5 (2,400) at 272 +- 30 (results/cpu).
+    #      three seeds on dmc-cartpole-swingup, every 5 (2,400) at 272 +- 30 (results/cpu; the
+    #      former runs: results/cpu/variants).
     #    - learning rates raised (model 1e-3, actor and critic 3e-4), as for few, small updates.
     #    - prioritize_ends on (DreamerV2's default outside dmc_vision): the CPU results in
     #      results/cpu were measured with it; 'tiny' keeps it on too (smoke tests on toy envs).

@@ -276,7 +276,7 @@ class Args:
 #   - 16-channel CNN, 128-unit GRU/MLPs and score layers, 16 latents: 0.74M parameters.
 #   - batch 16 x 16 every 3 agent steps (0.6 s an update on one thread: 3,933 updates in
 #     100K env steps), prefill 1000 steps. An update every 5 steps (2,400) ended at 234 +- 21 over
-#     three seeds, every 3 at 266 +- 25 (results/cpu/variants/README.md).
+#     three seeds, every 3 at 266 +- 25 (results/cpu; the former runs: results/cpu/variants).
 #   - learning rates of the actor, value and Q networks raised to 3e-4, as for few, small updates.
 # 'tiny': runs end to end in well under a minute on 2 CPU cores (smoke tests).
 PRESETS = {
