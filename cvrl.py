@@ -1178,6 +1178,12 @@ def main(args: Args):
         """checkpoint.pt, and replay.pt if `with_replay` (see save_checkpoint)."""
         save_checkpoint(ckpt_path, agent, replay if with_replay else None, counters, args)
 
+    def close():
+        stop_flag.restore()  # the caller's signal handlers back (main() may run again in-process)
+        logger.close()
+        env.close()
+        eval_env.close()
+
     def check_nonfinite():
         """Stop at the first non-finite update: its steps (and all later ones) were skipped on the
         device, so the checkpoint written here is the state from before it."""
@@ -1187,9 +1193,7 @@ def main(args: Args):
             write_checkpoint(with_replay=True)
             print(f"error: non-finite {names[0]} at update {update} (env step "
                   f"{counters['env_steps']}); checkpoint from before it: {ckpt_path}", flush=True)
-            logger.close()
-            env.close()
-            eval_env.close()
+            close()
             sys.exit(1)
 
     def train_step():
@@ -1217,9 +1221,7 @@ def main(args: Args):
         write_checkpoint(with_replay=True)
         print(f"interrupted at step {counters['env_steps']}; resume with: python "
               f"{os.path.basename(__file__)} --resume {ckpt_path}", flush=True)
-        logger.close()
-        env.close()
-        eval_env.close()
+        close()
         sys.exit(128 + stop_flag.signum)
 
     def run_eval(ep: dict):
@@ -1300,9 +1302,7 @@ def main(args: Args):
     check_nonfinite()  # the last update's flags
     if counters["last_eval"] != counters["env_steps"]:
         run_eval(ep)
-    env.close()
-    eval_env.close()
-    logger.close()
+    close()
     return run_dir
 
 

@@ -367,3 +367,14 @@ def test_tests_and_the_scripts_they_start_run_on_one_thread_each():
     child = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
                            capture_output=True, text=True, timeout=120)
     assert int(child.stdout) == expected, child.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_run_in_process_gives_back_the_signal_handlers_it_found(script, tmp_path, monkeypatch):
+    """main() called from Python (a notebook, a sweep over seeds) leaves SIGINT and SIGTERM as it
+    found them: its own handler only records the signal, so one left behind would swallow Ctrl-C."""
+    monkeypatch.chdir(tmp_path)
+    m = module(script)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    m.main(m.parse_args([*TINY, "--total-steps", "200"]))
+    assert {s: signal.getsignal(s) for s in before} == before
