@@ -383,12 +383,13 @@ def check_decoder_stem_equals_the_transposed_conv(decoder_cls):
         torch.testing.assert_close(g, w)
 
 
-def tiny_checkpoint(module, path, env="toy-reach-center", seed=3, action_dim=2):
+def tiny_checkpoint(module, path, env="toy-reach-center", seed=3, action_dim=2, **overrides):
     """A checkpoint of an untrained `--preset tiny` agent of `module` (any of the five scripts;
-    continuous actions), written to `path` as the scripts write theirs (agent, args)."""
+    continuous actions; `overrides`: other Args values), written to `path` as the scripts write
+    theirs (agent, args)."""
     import torch
 
-    args = module.preset_args("tiny", env=env, seed=seed)
+    args = module.preset_args("tiny", env=env, seed=seed, **overrides)
     discrete = () if module.__name__ in ("cvrl", "core") else (False,)  # their Agents take none
     agent = module.Agent(args, action_dim, *discrete, torch.device("cpu"))
     torch.save(dict(agent=agent.state_dict(), args=dataclasses.asdict(args)), path)

@@ -95,6 +95,22 @@ def test_mean_actions_are_the_eval_action_flag_and_deterministic(script, tmp_pat
     assert torch.equal(module.mode(dist), dist.base_dist.loc.clamp(-1, 1))
 
 
+@pytest.mark.parametrize("script", DREAMERS)
+def test_the_actions_flag_decides_not_the_eval_action_the_run_was_trained_with(script, tmp_path):
+    """A run trained with --eval-action mean, checked with the default --actions mode, plays the
+    mode: the same actions as the same networks saved by a run that evaluated with the mode."""
+    module = importlib.import_module(script)
+    torch.manual_seed(0)
+    by_mode = tiny_checkpoint(module, tmp_path / "mode.pt")
+    torch.manual_seed(0)  # the same initial networks
+    by_mean = tiny_checkpoint(module, tmp_path / "mean.pt", eval_action="mean")
+    mode = behaviour_check.main([str(by_mean), "--episodes", "1"])
+    assert mode["actions"] == "mode"
+    assert mode["action_abs_mean"] == behaviour_check.main([str(by_mode), "--episodes", "1"])["action_abs_mean"]
+    mean = behaviour_check.main([str(by_mean), "--episodes", "1", "--actions", "mean"])
+    assert mean["action_abs_mean"] != mode["action_abs_mean"]
+
+
 @pytest.mark.parametrize("script", ("cvrl", "core"))
 def test_mean_actions_of_a_sac_actor_end_in_one_line(script, tmp_path):
     module = importlib.import_module(script)

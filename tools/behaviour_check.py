@@ -70,7 +70,9 @@ def main(argv=None):
         if not hasattr(args, "eval_action") or discrete:
             sys.exit(f"--actions mean: {module.__name__}'s actor has no truncated-normal mean (the "
                      "Dreamer family's continuous actor has); use mode or explore")
-        args.eval_action = "mean"  # what --eval-action mean makes the script's evaluations do
+    if hasattr(args, "eval_action"):  # what --eval-action makes the script's evaluations play;
+        # --actions decides here, not the flag the run was trained with
+        args.eval_action = "mean" if opts.actions == "mean" else "mode"
     to_env = getattr(module, "env_action", lambda action, discrete: action)
     returns, actions, states = [], [], []
     try:
