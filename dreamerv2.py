@@ -266,7 +266,9 @@ class Args:
 #   - nets 16-channel CNN, 128-unit GRU/MLPs, 16x16 latents: 1.8M parameters instead of 15.6M.
 #   - batch 16 x 16 steps every 5 agent steps (~1 s per update on one thread): 51 replayed frames
 #     per agent step, against the official 160; every 6 (2K updates in 100K env steps) reached
-#     229 at 100K, its actor still recovering from a saturated start.
+#     229 at 100K, its actor still recovering from a saturated start; every 3 (3,933 updates)
+#     226 +- 13 over three seeds against this value's 205 +- 32, past the hour on the slower
+#     machine (results/cpu/variants/README.md).
 #   - learning rates raised (model 1e-3, actor and critic 3e-4), as for few, small updates.
 #   - prioritize_ends on (the official default outside DMC; dmc_vision turns it off): the CPU
 #     results in results/cpu were measured with it.

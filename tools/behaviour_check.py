@@ -66,10 +66,9 @@ def main(argv=None):
     opts = parser.parse_args(argv)
     torch.manual_seed(opts.seed)
     module, args, env, agent, discrete = load(opts.checkpoint, opts.script)
-    if opts.actions == "mean":
-        if not hasattr(args, "eval_action") or discrete:
-            sys.exit(f"--actions mean: {module.__name__}'s actor has no truncated-normal mean (the "
-                     "Dreamer family's continuous actor has); use mode or explore")
+    if opts.actions == "mean" and (discrete or not hasattr(args, "eval_action")):
+        sys.exit(f"--actions mean: {module.__name__}'s actor has no truncated-normal mean (the "
+                 "Dreamer family's continuous actor has); use mode or explore")
     if hasattr(args, "eval_action"):  # what --eval-action makes the script's evaluations play;
         # --actions decides here, not the flag the run was trained with
         args.eval_action = "mean" if opts.actions == "mean" else "mode"
