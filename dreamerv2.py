@@ -220,6 +220,8 @@ class Args:
     kl.free_avg True)"""
     kl_scale: float = 1.0
     """beta, the KL weight of Eq. 2 (official configs.yaml loss_scales.kl 1.0)"""
+    reward_scale: float = 1.0
+    """weight of the reward log-loss in Eq. 2 (official configs.yaml loss_scales.reward 1.0)"""
     pred_discount: bool = False
     """learn a discount (episode continuation) head; off for DMC, which never terminates (official
     configs.yaml dmc_vision pred_discount False)"""
@@ -828,7 +830,7 @@ def world_model_loss(wm: WorldModel, batch: dict, args: Args):
     image_nll = gaussian_nll(wm.decoder(feat), target).sum((-3, -2, -1)).mean()
     reward_nll = gaussian_nll(wm.reward(feat).squeeze(-1), batch["reward"]).mean()  # p(r_t | s_t)
     kl_loss, kl_value = kl_balance(post["logits"], prior["logits"], args.kl_balance, args.free_nats)
-    loss = image_nll + reward_nll + args.kl_scale * kl_loss
+    loss = image_nll + args.reward_scale * reward_nll + args.kl_scale * kl_loss
     metrics = dict(image_loss=image_nll, reward_loss=reward_nll, kl_loss=kl_loss,
                    kl=kl_value.mean(),
                    prior_entropy=categorical_entropy(prior["logits"]).mean().detach(),
