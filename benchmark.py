@@ -275,6 +275,9 @@ def worker_env(slot: int, workers: int, gpus: list[str], cores: int) -> dict:
     known when the id is an index); with several workers, the cores split between them (torch and
     Mesa llvmpipe threads), on GPU hosts too: each job also renders and runs numpy."""
     env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+    # A job killed by a signal (a segfault, malloc's abort on a corrupted heap) writes the Python
+    # stack of each thread into its log.txt, so the log says where it died.
+    env.setdefault("PYTHONFAULTHANDLER", "1")
     if gpus:
         gpu = gpus[slot % len(gpus)]
         env["CUDA_VISIBLE_DEVICES"] = gpu

@@ -460,6 +460,17 @@ def test_workers_get_gpus_within_the_callers_mask_and_a_share_of_the_cores(monke
     assert env["CUDA_VISIBLE_DEVICES"] == "GPU-8f0e,GPU-11aa" and env["OMP_NUM_THREADS"] == "1"
 
 
+def test_a_job_killed_by_a_signal_leaves_its_python_stack_in_the_log(tmp_path, monkeypatch):
+    """A run that dies inside native code (a segfault, malloc's abort) would otherwise leave only
+    libc's one line: the job's environment turns on faulthandler."""
+    monkeypatch.delenv("PYTHONFAULTHANDLER", raising=False)
+    env = benchmark.worker_env(0, 1, [], 2)
+    crash = "import ctypes\ndef read_null():\n    ctypes.string_at(0)\nread_null()\n"
+    out = subprocess.run([sys.executable, "-c", crash], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "Fatal Python error: Segmentation fault" in out.stderr and "read_null" in out.stderr
+
+
 def test_an_unfinished_job_resumes_from_an_absolute_checkpoint_path(tmp_path, monkeypatch):
     """A job runs inside its own folder, so the --resume path it gets must not be relative to the
     directory benchmark.sh was started from (results/ is relative by default)."""
