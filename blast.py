@@ -416,8 +416,8 @@ def parse_args(argv=None) -> Args:
     saved = load_checkpoint(resume)["args"]
     known = {f.name for f in fields(Args)}
     args = tyro.cli(Args, args=argv, default=Args(**{k: v for k, v in saved.items() if k in known}))
-    differ = [f"--{k.replace('_', '-')} {v} (checkpoint {saved.get(k)})" for k, v in vars(args).items()
-              if k not in SCHEDULE_FLAGS and saved.get(k) != v]
+    differ = [f"--{k.replace('_', '-')} {v} (checkpoint {saved[k]})" for k, v in vars(args).items()
+              if k not in SCHEDULE_FLAGS and k in saved and saved[k] != v]  # absent: a newer flag
     if differ:
         raise SystemExit(f"error: --resume: these flags differ from the checkpoint's and change the "
                          f"algorithm: {', '.join(differ)}; drop them or start a new run")

@@ -327,15 +327,16 @@ def _flag_value(argv: list, flag: str) -> Optional[str]:
 
 def parse_args(argv=None) -> Args:
     """Read --resume or --preset first, then parse every flag with the checkpoint's (or the
-    preset's) values as defaults. On --resume, flags outside SCHEDULE_FLAGS must not change."""
+    preset's) values as defaults. On --resume, flags outside SCHEDULE_FLAGS must not change; a flag
+    the checkpoint lacks (added after it was written) takes its default."""
     argv = list(sys.argv[1:] if argv is None else argv)
     resume = _flag_value(argv, "--resume")
     if resume is not None:
         saved = load_checkpoint(resume)["args"]
         known = {f.name for f in fields(Args)}
         args = tyro.cli(Args, args=argv, default=Args(**{k: v for k, v in saved.items() if k in known}))
-        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint {saved.get(k)})"
-                   for k in sorted(known - SCHEDULE_FLAGS) if getattr(args, k) != saved.get(k)]
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint {saved[k]})"
+                   for k in sorted(known - SCHEDULE_FLAGS) if k in saved and getattr(args, k) != saved[k]]
         if changed:
             raise SystemExit("error: --resume: these flags differ from the checkpoint's and change the "
                              f"algorithm: {', '.join(changed)}; drop them or start a new run")

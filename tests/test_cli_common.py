@@ -378,3 +378,26 @@ def test_a_run_in_process_gives_back_the_signal_handlers_it_found(script, tmp_pa
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     m.main(m.parse_args([*TINY, "--total-steps", "200"]))
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_checkpoint_from_before_a_flag_existed_resumes_with_the_flags_default(script, tmp_path):
+    """A flag added after a checkpoint was written (say dreamerv2's --reward-scale) is absent from
+    its saved args; the resume takes the flag's default instead of refusing it as changed, and
+    a flag the user really changes is still refused."""
+    import dataclasses
+    from conftest import tiny_checkpoint
+
+    m = module(script)
+    path = tiny_checkpoint(m, tmp_path / "checkpoint.pt")
+    saved = torch.load(path, weights_only=False)
+    paper = m.Args()
+    name = next(k for k, v in sorted(saved["args"].items())
+                if k not in m.SCHEDULE_FLAGS and isinstance(v, float) and v == getattr(paper, k))
+    del saved["args"][name]
+    torch.save(saved, path)
+    args = m.parse_args(["--resume", str(path)])
+    assert getattr(args, name) == getattr(paper, name)
+    assert dataclasses.asdict(args)["seed"] == 3
+    with pytest.raises(SystemExit, match="differ from the checkpoint"):
+        m.parse_args(["--resume", str(path), "--seed", "4"])
