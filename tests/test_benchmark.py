@@ -460,7 +460,7 @@ def test_workers_get_gpus_within_the_callers_mask_and_a_share_of_the_cores(monke
     assert env["CUDA_VISIBLE_DEVICES"] == "GPU-8f0e,GPU-11aa" and env["OMP_NUM_THREADS"] == "1"
 
 
-def test_a_job_killed_by_a_signal_leaves_its_python_stack_in_the_log(tmp_path, monkeypatch):
+def test_a_job_killed_by_a_signal_leaves_its_python_stack_in_the_log(monkeypatch):
     """A run that dies inside native code (a segfault, malloc's abort) would otherwise leave only
     libc's one line: the job's environment turns on faulthandler."""
     monkeypatch.delenv("PYTHONFAULTHANDLER", raising=False)
