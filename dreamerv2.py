@@ -272,8 +272,9 @@ class Args:
 #     226 +- 13 over three seeds against this value's 205 +- 32, past the hour on the slower
 #     machine (results/cpu/variants/README.md).
 #   - learning rates raised (model 1e-3, actor and critic 3e-4), as for few, small updates.
-#   - reward_scale the paper's 1: weighted 10x or 100x the reward head fits as well as BLAST's and
-#     the runs end at 225 +- 10 and 242 +- 26 over three seeds (results/cpu/variants/README.md).
+#   - reward_scale stays the paper's 1: weighted 10x or 100x, the reward head fits as well as
+#     BLAST's, yet the runs end at 225 +- 10 and 242 +- 26 over three seeds, on the same plateau
+#     (results/cpu/variants/README.md).
 #   - prioritize_ends on (the official default outside DMC; dmc_vision turns it off): the CPU
 #     results in results/cpu were measured with it.
 # 'tiny': runs end to end in well under a minute on 2 CPU cores (smoke tests on the toy envs,
@@ -338,7 +339,8 @@ def parse_args(argv=None) -> Args:
         known = {f.name for f in fields(Args)}
         args = tyro.cli(Args, args=argv, default=Args(**{k: v for k, v in saved.items() if k in known}))
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint {saved[k]})"
-                   for k in sorted(known - SCHEDULE_FLAGS) if k in saved and getattr(args, k) != saved[k]]
+                   for k in sorted(known - SCHEDULE_FLAGS)
+                   if k in saved and getattr(args, k) != saved[k]]
         if changed:
             raise SystemExit("error: --resume: these flags differ from the checkpoint's and change the "
                              f"algorithm: {', '.join(changed)}; drop them or start a new run")

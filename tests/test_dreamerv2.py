@@ -95,10 +95,11 @@ def test_world_model_terms_are_finite_scalars_and_states_have_documented_shapes(
     for name, value in metrics.items():
         assert value.shape == () and torch.isfinite(value), name
     # Eq. 2 as weighted: image + reward_scale * reward + kl_scale * balanced KL
-    torch.testing.assert_close(loss, metrics["image_loss"] + metrics["reward_loss"] + metrics["kl_loss"])
+    m = metrics
+    torch.testing.assert_close(loss, m["image_loss"] + m["reward_loss"] + m["kl_loss"])
     weighted = dataclasses.replace(args, reward_scale=10.0, kl_scale=2.0)
-    loss, _, metrics = dv2.world_model_loss(agent.wm, batch, weighted)
-    torch.testing.assert_close(loss, metrics["image_loss"] + 10.0 * metrics["reward_loss"] + 2.0 * metrics["kl_loss"])
+    loss, _, m = dv2.world_model_loss(agent.wm, batch, weighted)
+    torch.testing.assert_close(loss, m["image_loss"] + 10.0 * m["reward_loss"] + 2.0 * m["kl_loss"])
     actor_loss, critic_loss, ac_metrics = dv2.behaviour_losses(agent.wm, agent.ac, post, args, False)
     for name, value in {"actor": actor_loss, "critic": critic_loss, **ac_metrics}.items():
         assert value.shape == () and torch.isfinite(value), name
@@ -426,7 +427,8 @@ def test_dreamerv2_defaults_match_official_config():
     assert (args.batch_size, args.batch_length) == (16, 50)  # dataset: {batch: 16, length: 50}
     assert (args.deter, args.hidden, args.stoch, args.classes) == (200, 200, 32, 32)  # rssm (dmc)
     assert (args.cnn_depth, args.mlp_units, args.mlp_layers) == (48, 400, 4)
-    assert (args.kl_balance, args.free_nats, args.kl_scale, args.reward_scale) == (0.8, 1.0, 1.0, 1.0)  # kl, loss_scales
+    assert (args.kl_balance, args.free_nats, args.kl_scale) == (0.8, 1.0, 1.0)  # kl, loss_scales
+    assert args.reward_scale == 1.0  # loss_scales.reward
     assert (args.model_lr, args.actor_lr, args.critic_lr) == (3e-4, 8e-5, 8e-5)  # *_opt.lr (dmc)
     assert (args.adam_eps, args.grad_clip, args.weight_decay) == (1e-5, 100.0, 1e-6)  # *_opt
     assert (args.horizon, args.gamma, args.return_lambda, args.actor_entropy) == (15, 0.99, 0.95, 1e-4)
