@@ -22,7 +22,8 @@ seed<k>/` (the script's own `runs/<name>/` folder lands inside), in parallel wit
 (one GPU each via CUDA_VISIBLE_DEVICES when GPUs are present), or as a Slurm array job with
 `--slurm` (written to `results/<suite>/slurm.sh`, resources from the --slurm-* flags; `--submit` also
 calls sbatch, for it and for the report after it). A job whose
-folder holds `DONE` is skipped; an unfinished one resumes from its checkpoint. Aggregation reads
+folder holds `DONE` is skipped; an unfinished one resumes from its checkpoint, and one killed by a
+native crash (a segfault, an abort) is resumed at once, twice at most. Aggregation reads
 only `metrics.jsonl` files laid out as `<root>/<algo>/<env>/<seed>/.../metrics.jsonl`, so runs
 copied from elsewhere can be dropped in. Reports: `summary.md` (+ `summary.json`) and
 `curves.png` in `results/<suite>/`.
@@ -288,10 +289,20 @@ def worker_env(slot: int, workers: int, gpus: list[str], cores: int) -> dict:
     return env
 
 
+# A job that dies of one of these signals is resumed from its checkpoint up to CRASH_RETRIES times:
+# rare native crashes (a segfault, malloc's abort on a corrupted heap; one traced into MuJoCo's
+# software rendering of an evaluation frame) ended 3 of the 60-odd runs behind results/cpu. SIGINT,
+# SIGTERM and SIGKILL (a person or a scheduler stopping the job) are never retried.
+CRASH_SIGNALS = {int(signal.SIGSEGV), int(signal.SIGABRT), int(signal.SIGBUS), int(signal.SIGFPE),
+                 int(signal.SIGILL)}
+CRASH_RETRIES = 2
+
+
 def run_jobs(jobs: list[Job], workers: int, deadline: float | None = None) -> list[tuple[Job, int]]:
     """Run unfinished jobs, `workers` at a time; GPU i of N gets every N-th worker slot. At
     `deadline` (time.time()), running jobs get SIGINT: they write a checkpoint and exit 130, so
-    that running the suite again continues them."""
+    that running the suite again continues them. A job killed by a native crash (CRASH_SIGNALS)
+    resumes from its checkpoint at once, at most CRASH_RETRIES times."""
     todo = [j for j in jobs if not j.done]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already finished; running {len(todo)} "
           f"with {workers} worker(s)", flush=True)
@@ -303,10 +314,18 @@ def run_jobs(jobs: list[Job], workers: int, deadline: float | None = None) -> li
         try:
             env = worker_env(slot, workers, gpus, os.cpu_count() or 1)
             job.folder.mkdir(parents=True, exist_ok=True)
-            with open(job.folder / "log.txt", "a") as log:
-                proc = subprocess.Popen(job.command(), cwd=job.folder, stdout=log,
-                                        stderr=subprocess.STDOUT, env=env)
-                rc = wait_until(proc, deadline)
+            for attempt in range(CRASH_RETRIES + 1):
+                with open(job.folder / "log.txt", "a") as log:
+                    proc = subprocess.Popen(job.command(), cwd=job.folder, stdout=log,
+                                            stderr=subprocess.STDOUT, env=env)
+                    rc = wait_until(proc, deadline)
+                if -rc not in CRASH_SIGNALS or attempt == CRASH_RETRIES:
+                    break
+                # A native crash (a segfault, malloc's abort) is not the run's fault: the same
+                # command resumes it from its last checkpoint (Job.command), as a rerun would.
+                print(f"crashed ({signal.Signals(-rc).name}): {job.label or job.algo} "
+                      f"{job.column or job.env} seed {job.seed}; resuming it (retry {attempt + 1} "
+                      f"of {CRASH_RETRIES}, {job.folder / 'log.txt'})", flush=True)
             if rc == 0:
                 (job.folder / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
             state = ("done" if rc == 0 else "stopped at the time budget" if rc == 130 and deadline

@@ -1,6 +1,7 @@
 """Specification of benchmark.sh / benchmark.py: jobs, aggregation, reports, speed."""
 
 import json
+import signal
 import subprocess
 from pathlib import Path
 import sys
@@ -469,6 +470,37 @@ def test_a_job_killed_by_a_signal_leaves_its_python_stack_in_the_log(monkeypatch
     out = subprocess.run([sys.executable, "-c", crash], env=env, capture_output=True, text=True)
     assert out.returncode != 0
     assert "Fatal Python error: Segmentation fault" in out.stderr and "read_null" in out.stderr
+
+
+def _scripted_job(tmp_path, monkeypatch, script: str) -> benchmark.Job:
+    """A job whose command is `script` (Python; it counts its starts in starts.txt)."""
+    job = benchmark.Job("blast", "dmc-cartpole-swingup", 1, [], tmp_path / "seed1")
+    count = ("from pathlib import Path\np = Path('starts.txt')\n"
+             "n = int(p.read_text()) + 1 if p.exists() else 1\np.write_text(str(n))\n")
+    monkeypatch.setattr(benchmark.Job, "command",
+                        lambda self: [sys.executable, "-c", count + script])
+    return job
+
+
+def test_a_job_that_crashes_natively_is_resumed_and_a_killed_one_is_not(tmp_path, monkeypatch,
+                                                                         capsys):
+    """A segfault or malloc's abort (rare, inside native libraries) reruns the job's command, which
+    resumes from its checkpoint; a job that keeps crashing stops after CRASH_RETRIES retries, and
+    one killed on purpose (SIGKILL) is never rerun."""
+    job = _scripted_job(tmp_path, monkeypatch, "import os\nif n == 1: os.abort()\n")
+    [(_, rc)] = benchmark.run_jobs([job], workers=1)
+    assert rc == 0 and job.done and (job.folder / "starts.txt").read_text() == "2"
+    assert "crashed (SIGABRT)" in capsys.readouterr().out
+
+    job = _scripted_job(tmp_path / "b", monkeypatch, "import ctypes\nctypes.string_at(0)\n")
+    [(_, rc)] = benchmark.run_jobs([job], workers=1)
+    assert rc == -signal.SIGSEGV and not job.done
+    assert (job.folder / "starts.txt").read_text() == str(benchmark.CRASH_RETRIES + 1)
+
+    kill = "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    job = _scripted_job(tmp_path / "c", monkeypatch, kill)
+    [(_, rc)] = benchmark.run_jobs([job], workers=1)
+    assert rc == -signal.SIGKILL and (job.folder / "starts.txt").read_text() == "1"
 
 
 def test_an_unfinished_job_resumes_from_an_absolute_checkpoint_path(tmp_path, monkeypatch):
