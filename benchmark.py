@@ -370,7 +370,8 @@ def write_slurm(jobs: list[Job], path: Path, time_limit: str, gpus_per_task: int
                 account: str | None = None, extra: str = "", warning: int = SLURM_WARNING) -> Path:
     """A Slurm array script with one task per job. A task resumes from its job's checkpoint,
     passes the time-limit warning (or a preemption's SIGTERM) to the training process, which
-    saves and exits, then requeues itself; a finished job gets DONE, a failed one FAILED."""
+    saves and exits, then requeues itself; a native crash restarts it at once (CRASH_SIGNALS); a
+    finished job gets DONE, a failed one FAILED."""
     path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     sbatch = [f"--job-name=rfwm-{path.parent.name}", f"--array=0-{len(jobs) - 1}",
@@ -397,7 +398,9 @@ def write_slurm(jobs: list[Job], path: Path, time_limit: str, gpus_per_task: int
              "#    sends SIGTERM (Slurm then logs `*** JOB ... CANCELLED ***`, but the task goes on).",
              "#    Either way the shell sends SIGTERM to the training process, which writes its",
              "#    checkpoint and exits 143.",
-             "# 4. Exit 0: write DONE.",
+             "# 4. Exit 0: write DONE. A native crash (exit 128 + SIGSEGV, SIGABRT, ...; see",
+             "#    CRASH_SIGNALS in benchmark.py) goes back to step 2 at once, "
+             f"{CRASH_RETRIES} times at most.",
              "# 5. Stopped by a signal while Slurm still has the task RUNNING (the warning, a",
              "#    preemption's grace time, scancel --batch): requeue it (scontrol requeue; --requeue",
              "#    allows it). Slurm starts it again after a short delay, at step 1, so it continues",
@@ -432,17 +435,24 @@ def write_slurm(jobs: list[Job], path: Path, time_limit: str, gpus_per_task: int
               '[ -z "$CHILD" ] || kill -TERM "$CHILD" 2>/dev/null; }',
               "trap 'stop USR1' USR1",
               "trap 'stop TERM' TERM",
-              'RESUME=$(ls runs/*/checkpoint.pt 2>/dev/null | tail -n 1)',
               'eval "set -- $ARGS"',
-              'say "start ${SLURM_RESTART_COUNT:+(restart $SLURM_RESTART_COUNT) }in $DIR'
+              f"for TRY in $(seq 0 {CRASH_RETRIES}); do",
+              '  RESUME=$(ls runs/*/checkpoint.pt 2>/dev/null | tail -n 1)',
+              '  say "start ${SLURM_RESTART_COUNT:+(restart $SLURM_RESTART_COUNT) }in $DIR'
               '${RESUME:+, resuming from $RESUME}"',
-              '"$PYTHON" "$ROOT/$ALGO.py" "$@" ${RESUME:+--resume "$RESUME"} >> log.txt 2>&1 &',
-              'CHILD=$!',
-              '[ -z "$STOPPED" ] || kill -TERM "$CHILD"',
-              "# 3. a trapped signal ends `wait` early: wait on until the process is gone, then",
-              "#    read its exit status (bash keeps it)",
-              'while kill -0 "$CHILD" 2>/dev/null; do wait "$CHILD"; done',
-              'wait "$CHILD"; RC=$?',
+              '  "$PYTHON" "$ROOT/$ALGO.py" "$@" ${RESUME:+--resume "$RESUME"} >> log.txt 2>&1 &',
+              '  CHILD=$!',
+              '  [ -z "$STOPPED" ] || kill -TERM "$CHILD"',
+              "  # 3. a trapped signal ends `wait` early: wait on until the process is gone, then",
+              "  #    read its exit status (bash keeps it)",
+              '  while kill -0 "$CHILD" 2>/dev/null; do wait "$CHILD"; done',
+              '  wait "$CHILD"; RC=$?',
+              f'  case $RC in {"|".join(str(128 + s) for s in sorted(CRASH_SIGNALS))})',
+              f'    [ -z "$STOPPED" ] && [ "$TRY" -lt {CRASH_RETRIES} ] || break',
+              f'    say "crashed (exit $RC): resuming (retry $((TRY + 1)) of {CRASH_RETRIES})";;',
+              "    *) break;;",
+              "  esac",
+              "done",
               "# 4.",
               'if [ "$RC" -eq 0 ]; then date "+%F %T" > DONE; say "finished"; exit 0; fi',
               "# 5.",

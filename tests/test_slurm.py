@@ -309,6 +309,30 @@ def test_the_array_script_asks_for_the_flags_resources_and_a_warning_before_the_
     assert f"--cpus-per-task={benchmark.SLURM_CPUS}" in text and "--mem=32G" in text
 
 
+def test_an_array_task_resumes_a_job_that_crashes_natively_at_once(tmp_path, monkeypatch):
+    """The array script, run by bash as Slurm would run task 0 (no cluster needed): a training
+    process that dies of SIGABRT is started again in the same task, from its checkpoint; one that
+    keeps dying of SIGSEGV ends FAILED after CRASH_RETRIES retries."""
+    root = tmp_path / "root"
+    root.mkdir()
+    monkeypatch.setattr(benchmark, "ROOT", root)
+    (root / "blast.py").write_text(  # counts its starts, then crashes as CRASH says
+        "import ctypes, os, sys\nfrom pathlib import Path\np = Path('starts.txt')\n"
+        "n = int(p.read_text()) + 1 if p.exists() else 1\np.write_text(str(n))\n"
+        "if os.environ['CRASH'] == 'always': ctypes.string_at(0)\n"
+        "if n == 1: os.abort()\n")
+    for crash, starts, marker in (("once", 2, "DONE"), ("always", benchmark.CRASH_RETRIES + 1,
+                                                        "FAILED")):
+        job = benchmark.Job("blast", "dmc-cartpole-swingup", 1, [], tmp_path / crash / "seed1")
+        path = benchmark.write_slurm([job], tmp_path / crash / "slurm.sh", "1:00:00", 0)
+        env = dict(os.environ, SLURM_ARRAY_TASK_ID="0", CRASH=crash, PYTHONFAULTHANDLER="")
+        out = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert (job.folder / "starts.txt").read_text() == str(starts), out.stdout + out.stderr
+        assert (job.folder / marker).is_file() and out.stdout.count("crashed (exit ") == starts - 1
+    assert (job.folder / "FAILED").read_text().strip() == "exit 139"
+
+
 def test_node_sizes_are_read_from_sinfo_with_gpus_memory_and_time_limits(tmp_path, monkeypatch):
     """Against a GPU cluster's `sinfo -N` (a stand-in script on PATH: this machine has none)."""
     fake = tmp_path / "bin" / "sinfo"
