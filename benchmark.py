@@ -290,9 +290,10 @@ def worker_env(slot: int, workers: int, gpus: list[str], cores: int) -> dict:
 
 
 # A job that dies of one of these signals is resumed from its checkpoint up to CRASH_RETRIES times:
-# rare native crashes (a segfault, malloc's abort on a corrupted heap; one traced into MuJoCo's
-# software rendering of an evaluation frame) ended 3 of the 60-odd runs behind results/cpu. SIGINT,
-# SIGTERM and SIGKILL (a person or a scheduler stopping the job) are never retried.
+# rare native crashes (a segfault, malloc's abort on a corrupted heap; the two with a Python stack
+# both inside MuJoCo's mjr_render, drawing a frame with Mesa's software EGL) ended 4 of the 60-odd
+# runs behind results/cpu. SIGINT, SIGTERM and SIGKILL (a person or a scheduler stopping the job)
+# are never retried.
 CRASH_SIGNALS = {int(signal.SIGSEGV), int(signal.SIGABRT), int(signal.SIGBUS), int(signal.SIGFPE),
                  int(signal.SIGILL)}
 CRASH_RETRIES = 2
