@@ -24,6 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import envs  # noqa: E402
 
 
+# Python that counts its own starts in starts.txt of the working folder (`n`: this start's number);
+# the crash-retry tests of benchmark.sh's local runner and Slurm array script start it.
+COUNT_STARTS = ("from pathlib import Path\np = Path('starts.txt')\n"
+                "n = int(p.read_text()) + 1 if p.exists() else 1\np.write_text(str(n))\n")
+
+
 def collect_episodes(env_id: str, episodes: int, seed: int = 0, **make_kw):
     """Random-action episodes in the replay layout of the algorithm scripts: per episode
     (obs (T+1, 3, H, W) uint8, action a_{t-1} (T+1, A), reward r_t (T+1,), cont (T+1,))."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import benchmark
-from conftest import ROOT
+from conftest import COUNT_STARTS, ROOT
 
 
 def write_run(root, algo, env, seed, evals):
@@ -475,10 +475,8 @@ def test_a_job_killed_by_a_signal_leaves_its_python_stack_in_the_log(monkeypatch
 def _scripted_job(tmp_path, monkeypatch, script: str) -> benchmark.Job:
     """A job whose command is `script` (Python; it counts its starts in starts.txt)."""
     job = benchmark.Job("blast", "dmc-cartpole-swingup", 1, [], tmp_path / "seed1")
-    count = ("from pathlib import Path\np = Path('starts.txt')\n"
-             "n = int(p.read_text()) + 1 if p.exists() else 1\np.write_text(str(n))\n")
     monkeypatch.setattr(benchmark.Job, "command",
-                        lambda self: [sys.executable, "-c", count + script])
+                        lambda self: [sys.executable, "-c", COUNT_STARTS + script])
     return job
 
 

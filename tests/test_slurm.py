@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import benchmark
-from conftest import ROOT
+from conftest import COUNT_STARTS, ROOT
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
@@ -317,10 +317,8 @@ def test_an_array_task_resumes_a_job_that_crashes_natively_at_once(tmp_path, mon
     root.mkdir()
     monkeypatch.setattr(benchmark, "ROOT", root)
     (root / "blast.py").write_text(  # counts its starts, then crashes as CRASH says
-        "import ctypes, os, sys\nfrom pathlib import Path\np = Path('starts.txt')\n"
-        "n = int(p.read_text()) + 1 if p.exists() else 1\np.write_text(str(n))\n"
-        "if os.environ['CRASH'] == 'always': ctypes.string_at(0)\n"
-        "if n == 1: os.abort()\n")
+        COUNT_STARTS + "import ctypes, os\n"
+        "if os.environ['CRASH'] == 'always': ctypes.string_at(0)\nif n == 1: os.abort()\n")
     for crash, starts, marker in (("once", 2, "DONE"), ("always", benchmark.CRASH_RETRIES + 1,
                                                         "FAILED")):
         job = benchmark.Job("blast", "dmc-cartpole-swingup", 1, [], tmp_path / crash / "seed1")
