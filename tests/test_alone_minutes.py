@@ -32,7 +32,8 @@ def test_the_estimate_adds_the_updates_and_the_acting_of_a_run(tmp_path, monkeyp
     monkeypatch.setattr(alone_minutes, "measure", measure)
     alone_minutes.main(["--algos", "dreamerv2", "--task", "dcs-cartpole-swingup",
                         "--results", str(tmp_path)])
-    assert seen == [("dreamerv2.py", "dcs-cartpole-swingup", ["--distraction", "medium", "--dynamic"])]
+    flags = ["--distraction", "medium", "--dynamic"]
+    assert seen == [("dreamerv2.py", "dcs-cartpole-swingup", flags)]
     row = capsys.readouterr().out.splitlines()[-1]
     # 3,933 updates (the larger count) x 0.6 s = 39.3 min; 100K + 10 x 5 x 1000 env steps at 250/s
     assert row == "| `dreamerv2.py` | 3,933 | 0.60 | 250 | 39 + 10 = 49 |", row
@@ -46,7 +47,8 @@ def test_a_missing_run_or_a_failing_script_ends_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown or missing algorithm"):
         alone_minutes.main(["--algos", "nosuch", "--results", str(tmp_path)])
     script = tmp_path / "fake.py"
-    script.write_text("import sys\nprint(' '.join(sys.argv[1:]))\nraise SystemExit('error: no env')\n")
+    script.write_text("import sys\nprint(' '.join(sys.argv[1:]))\n"
+                      "raise SystemExit('error: no env')\n")
     with pytest.raises(SystemExit, match=r"fake.py --preset small --env e -x --measure-updates 10 "
                                          r"failed \(exit 1\): error: no env"):
         alone_minutes.measure(script, "e", ["-x"])

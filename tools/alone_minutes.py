@@ -5,7 +5,8 @@ agent's own policy (the same command's `env_steps_per_second`), times what a fin
 updates, from results/cpu/runs/<algo>/<task>/seed*; its env steps: the budget plus the evaluation
 episodes). Run it with nothing else on the machine:
 
-    MUJOCO_GL=egl python tools/alone_minutes.py [--algos dreamerv2 blast] [--task dcs-cartpole-swingup]
+    MUJOCO_GL=egl python tools/alone_minutes.py [--algos dreamerv2 blast] \
+        [--task dcs-cartpole-swingup]
 
 Leaves out start-up, prefill's random actions (acted as fast as the policy's) and checkpoint writes;
 checked against a whole run alone in the README ("Learning on a CPU, measured").
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     updates = {}
     for algo, script in benchmark.available_algorithms(args.algos).items():
         runs = args.results / "cpu" / "runs" / algo / args.task
-        counts = [benchmark.updates_made(benchmark.run_records(seed)) for seed in runs.glob("seed*")]
+        counts = [benchmark.updates_made(benchmark.run_records(seed))
+                  for seed in runs.glob("seed*")]
         if not any(c == c for c in counts):  # none, or NaN only: no finished run to count
             raise SystemExit(f"error: no run of {algo} under {runs}: run ./benchmark.sh cpu "
                              f"--algos {algo} --tasks {args.task} first, or pass --results")
