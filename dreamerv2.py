@@ -273,10 +273,11 @@ class Args:
 #   - learning rates raised (model 1e-3, actor and critic 3e-4), as for few, small updates.
 #   - reward_scale 100 (the paper's 1): beside the image's 64 x 64 x 3 log-likelihood, the small
 #     reward head weighted 1 fits the reward worse than BLAST's (which has no image term): one-step
-#     correlation 0.88 against BLAST's 0.95-0.98; weighted 100x, 0.98. That alone ends at 242 +- 26 over three
-#     seeds (every 5 agent steps); with an update every 3 agent steps at 280 +- 18 (252, 315, 273),
-#     the one combination measured above the 250 bar (results/cpu/runs/dreamerv2; the former preset,
-#     every 5 and weight 1: results/cpu/variants/dreamerv2-former-preset).
+#     correlation 0.88 against BLAST's 0.95-0.98; weighted 100x, 0.98-0.99. That alone ends at
+#     242 +- 26 over three seeds (every 5 agent steps); with an update every 3 agent steps at
+#     280 +- 18 (252, 315, 273), the one combination measured above the 250 bar
+#     (results/cpu/runs/dreamerv2; the former preset, every 5 and weight 1:
+#     results/cpu/variants/dreamerv2-former-preset).
 #   - prioritize_ends on (the official default outside DMC; dmc_vision turns it off): the CPU
 #     results in results/cpu were measured with it.
 # 'tiny': runs end to end in well under a minute on 2 CPU cores (smoke tests on the toy envs,
