@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,10 +64,11 @@ def main(argv: list[str] | None = None) -> None:
         runs = args.results / "cpu" / "runs" / algo / args.task
         counts = [benchmark.updates_made(benchmark.run_records(seed))
                   for seed in runs.glob("seed*")]
-        if not any(c == c for c in counts):  # none, or NaN only: no finished run to count
+        counts = [c for c in counts if math.isfinite(c)]  # NaN: a run that logged no update
+        if not counts:
             raise SystemExit(f"error: no run of {algo} under {runs}: run ./benchmark.sh cpu "
                              f"--algos {algo} --tasks {args.task} first, or pass --results")
-        updates[algo] = (script, max(c for c in counts if c == c))
+        updates[algo] = (script, max(counts))
     print(f"| script | updates in a run | s / update alone | acting env steps / s | minutes: "
           f"updates + acting ({env_steps:,} env steps) = alone |\n|---|---|---|---|---|")
     for algo, (script, count) in updates.items():
