@@ -82,6 +82,9 @@ CPU_TASKS = {
     "dmc-cartpole-swingup": ("dmc-cartpole-swingup", ["--distraction", "none"], 100_000, 10_000, 5),
     "dcs-cartpole-swingup": ("dcs-cartpole-swingup", ["--distraction", "medium", "--dynamic"],
                              100_000, 10_000, 5),
+    # background videos only (no camera or colour change): the distraction the papers' claim is about
+    "dcs-cartpole-swingup@background": ("dcs-cartpole-swingup", ["--distraction", "background",
+                                                                 "--dynamic"], 100_000, 10_000, 5),
     # MiniGrid steps cost ~6 ms (no physics renderer), so 5e4 of them leave room for updates; one
     # every 25 steps keeps a run near the cartpole runs' hour.
     f"{MINIGRID_ENV}@video": (MINIGRID_ENV, ["--distraction", "video", "--train-every", "25"],

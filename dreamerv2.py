@@ -285,7 +285,7 @@ class Args:
 PRESETS = {
     "small": dict(action_repeat=0, cnn_depth=16, deter=128, hidden=128, stoch=16, classes=16,
                   mlp_units=128, mlp_layers=2, batch_size=16, batch_length=16, train_every=3,
-                  model_lr=1e-3, actor_lr=3e-4, critic_lr=3e-4, reward_scale=100.0,
+                  model_lr=1e-3, actor_lr=3e-4, critic_lr=3e-4,
                   total_steps=100_000, eval_episodes=5, replay_capacity=100_000,
                   prioritize_ends=True),
     "tiny": dict(cnn_depth=4, deter=32, hidden=32, stoch=4, classes=4, mlp_units=32, mlp_layers=2,
