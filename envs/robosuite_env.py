@@ -21,7 +21,6 @@ table, door wood) are tinted rather than re-textured, and the skybox is not chan
 from __future__ import annotations
 
 import logging
-import os
 
 import gymnasium as gym
 import numpy as np
@@ -48,7 +47,7 @@ def parse(rest: str) -> tuple[str, str]:
 
 def _quiet_robosuite():
     # robosuite logs macro/optional-package warnings on import and controller INFO on every make.
-    os.environ.setdefault("MUJOCO_GL", "egl")
+    # (Without a display, importing envs has chosen MUJOCO_GL already: envs/__init__.py.)
     import robosuite
 
     logging.getLogger("robosuite_logs").setLevel(logging.ERROR)

@@ -43,12 +43,19 @@ def ms_per_step(env_id: str, distraction: str, steps: int, image_size: int = 64)
         env.close()
 
 
+def parse_case(text: str) -> tuple[str, str]:
+    """'dcs-walker-walk:hard' -> ('dcs-walker-walk', 'hard'); the colons of gym:<id> stay."""
+    levels = {level for family in envs.FAMILY_LEVELS.values() for level in family}
+    env_id, _, level = text.rpartition(":")
+    return (env_id, level) if env_id and level in levels else (text, "none")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--env", nargs="*", help="env ids (distraction after a colon: dcs-walker-walk:hard)")
     args = parser.parse_args(argv)
-    cases = [tuple((e + ":none").split(":")[:2]) for e in args.env] if args.env else DEFAULT_CASES
+    cases = [parse_case(e) for e in args.env] if args.env else DEFAULT_CASES
     print("| env | distraction | action repeat | ms / agent step | ms / simulator step |")
     print("|---|---|---|---|---|")
     for env_id, distraction in cases:

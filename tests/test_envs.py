@@ -1,8 +1,11 @@
-"""Specification of the `envs` package: control-suite families, distractions, videos, toy-reach."""
+"""Specification of the `envs` package: control-suite families, distractions, videos, toy-reach,
+headless rendering."""
 
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -377,3 +380,33 @@ def test_control_suite_tasks_render_with_a_1024_px_shadow_map():
         assert obs.shape == (3, 64, 64) and obs.dtype == np.uint8 and obs.std() > 0
     finally:
         env.close()
+
+
+HEADLESS_NOTICE = ("envs: no display and MUJOCO_GL unset: rendering with MUJOCO_GL=egl "
+                   "(set MUJOCO_GL to choose)")
+
+
+def run_python(code: str, **environ) -> subprocess.CompletedProcess:
+    """`python -c code` without a display and without MUJOCO_GL, plus `environ`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "DISPLAY", "WAYLAND_DISPLAY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(env, PYTHONPATH=str(Path(__file__).resolve().parent.parent), **environ))
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_without_a_display_or_mujoco_gl_envs_renders_with_egl_and_says_so_once():
+    code = ("import importlib, os, envs; importlib.reload(envs);"  # a second import stays silent
+            "e = envs.make('dmc-cartpole-swingup', image_size=32); o, _ = e.reset(); e.close();"
+            "print(o.shape, o.std() > 0, os.environ['MUJOCO_GL'])")
+    out = run_python(code)
+    assert out.stdout.splitlines()[-1] == "(3, 32, 32) True egl"
+    assert out.stderr.count(HEADLESS_NOTICE) == 1 and out.stderr.count("envs:") == 1, out.stderr
+
+
+@pytest.mark.parametrize("environ,gl", [(dict(MUJOCO_GL="egl"), "egl"), (dict(MUJOCO_GL="osmesa"), "osmesa"),
+                                        (dict(DISPLAY=":99"), None), (dict(WAYLAND_DISPLAY="wayland-9"), None)])
+def test_a_mujoco_gl_or_display_of_the_users_is_kept_and_nothing_is_printed(environ, gl):
+    out = run_python("import os, envs; print(os.environ.get('MUJOCO_GL'))", **environ)
+    assert out.stdout.splitlines()[-1] == str(gl)
+    assert "envs:" not in out.stderr, out.stderr
