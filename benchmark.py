@@ -8,9 +8,11 @@
     ./benchmark.sh natural [--seeds 3]                 CVRL's Natural Mujoco, Table 1 tasks
     ./benchmark.sh minigrid [--seeds 5]                BLAST's Fig. 3: ladder x rendering changes
     ./benchmark.sh cpu [--seeds 1] [--workers 2]       learning on a 2-core CPU, `--preset small`:
-                                                       cartpole-swingup clean and DCS medium
-                                                       (100K steps), MiniGrid under a video floor
-                                                       (5e4 steps, dreamerv2 and blast)
+                                                       cartpole-swingup clean, DCS medium and DCS
+                                                       background videos (100K steps), MiniGrid
+                                                       under a video floor (5e4 steps, dreamerv2
+                                                       and blast); its page: docs/benchmark.md,
+                                                       "The CPU protocol"
     ./benchmark.sh quick [--minutes 25]                short GPU learning check: DreamerV2 on
                                                        dmc-walker-walk and CoRe on dcs-walker-walk
                                                        medium side by side for a wall-clock budget
@@ -584,15 +586,22 @@ def submit_slurm(path: Path, suite: str, results: Path, budget: int | None,
 # ---------------------------------------------------------------------------------------------
 
 
+def number(value) -> float:
+    """A metrics.jsonl value as a float, NaN where it is missing: the scripts write `null` for a
+    non-finite value (NaN is not JSON); older files hold a bare NaN, which json.loads also reads."""
+    return float("nan") if value is None else float(value)
+
+
 def read_evals(metrics: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, returns) of the evaluation records of one metrics.jsonl."""
+    """(steps, returns) of the evaluation records of one metrics.jsonl; a return written as null
+    or NaN is NaN here (a missing value: the tables and curves leave it out)."""
     steps, returns = [], []
     for line in metrics.read_text().splitlines():
         if line.strip():
             record = json.loads(line)
             if "eval/episodic_return" in record:
                 steps.append(record["step"])
-                returns.append(record["eval/episodic_return"])
+                returns.append(number(record["eval/episodic_return"]))
     order = np.argsort(steps, kind="stable")
     return np.asarray(steps, float)[order], np.asarray(returns, float)[order]
 
@@ -721,10 +730,18 @@ def markdown(summary: dict, suite: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None):
+def finite_points(steps: np.ndarray, returns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A run's evaluations without the missing (non-finite) returns."""
+    keep = np.isfinite(returns)
+    return steps[keep], returns[keep]
+
+
+def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None,
+                random_levels: dict | None = None):
     """One panel per env: mean eval return over seeds against env steps, shaded standard error;
     official DreamerV2 curves (grey, dashed) and CoRe's 500K numbers (black marker, budgets of 500K or more) beside;
-    for smoke, the random policy's (grey, dotted) and greedy controller's (dashed) returns."""
+    for smoke, the random policy's (grey, dotted) and greedy controller's (dashed) returns; for
+    cpu, the measured random policy (`random_levels`: {env: {mean, se}}) as a grey band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -740,7 +757,8 @@ def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None)
     colors = {algo: f"C{i}" for i, algo in enumerate(sorted(runs, key=row_key))}
     for ax, env in zip(axes.ravel(), envs_):
         for algo, per_env in sorted(runs.items(), key=lambda item: row_key(item[0])):
-            seeds = list(per_env.get(env, {}).values())
+            seeds = [finite_points(s, r) for s, r in per_env.get(env, {}).values()]
+            seeds = [(s, r) for s, r in seeds if len(s)]
             if not seeds:
                 continue
             end = min(s[-1] for s, _ in seeds)
@@ -769,8 +787,7 @@ def plot_curves(runs: dict, path: Path, suite: str, budget: float | None = None)
             ax.axhline(policy_return(env, episodes=QUICK_RANDOM_EPISODES), ls=":", color="grey",
                        label="random policy")
         if suite == "cpu":
-            ax.axhline(policy_return(CPU_TASKS[env][0], episodes=CPU_RANDOM_EPISODES), ls=":",
-                       color="grey", label="random policy")
+            random_band(ax, (random_levels or {}).get(env))
             mark = DREAMER_DMC100K.get(env.partition("-")[2]) if env.startswith("dmc-") else None
             if mark:
                 ax.plot([100_000], [mark], "k*", ms=10, label="Dreamer, DMC-100K (CURL)")
@@ -864,66 +881,613 @@ def report_tables(suite: str, budget: float, results: Path, runs: dict) -> dict:
     return summary
 
 
-CPU_RANDOM_EPISODES = 10  # an episode costs seconds; random returns vary from ~70 to ~250 at repeat 8
+# The cpu suite's summary (docs/benchmark.md, "The CPU protocol"). Seeds 1-3 of the clean task
+# chose the presets' values; seeds >= CPU_HELD_OUT never chose anything: a table of their own.
+CPU_HELD_OUT = 4
+CPU_LAST = 3  # per run, the mean of its last three evaluations (80K, 90K, 100K for cartpole)
+CPU_CLEAN, CPU_BACKGROUND = "dmc-cartpole-swingup", "dcs-cartpole-swingup@background"
+RECONSTRUCTION_FREE = ("core", "cvrl", "blast", "dreamingv2")
+# The random prefill of `--preset small`, in agent steps (each script's Args.prefill or PRESETS):
+# 1000 for all five (DreamerV2 dmc_vision's 1000; cvrl's small preset sets 1000 in place of its
+# 2500; core acts randomly for whole episodes while fewer than `prefill` agent steps are done),
+# blast on MiniGrid 10,000 (its PRESETS["minigrid"], A.2). Times the env's action repeat: the
+# env steps whose episodes the report counts as random prefill episodes.
+CPU_PREFILL = {"dreamerv2": 1000, "core": 1000, "cvrl": 1000, "dreamingv2": 1000, "blast": 1000}
+CPU_PREFILL_MINIGRID = {"blast": 10_000}
+RANDOM_POLICY_JSON = "random_policy.json"  # results/cpu/, written by tools/random_policy.py
+
+
+def seed_number(name: str) -> int | None:
+    """The run seed of a seed folder (`seed4` -> 4), None for another name."""
+    digits = name.removeprefix("seed")
+    return int(digits) if digits.isdigit() else None
+
+
+def seed_label(name: str) -> str:
+    number_ = seed_number(name)
+    return name if number_ is None else str(number_)
+
+
+def last_steps(budget: float, every: float) -> list[float]:
+    """The env steps of a run's last CPU_LAST evaluations (80K, 90K, 100K for cartpole)."""
+    return [budget - k * every for k in reversed(range(CPU_LAST))]
+
+
+def eval_near(steps: np.ndarray, returns: np.ndarray, target: float, every: float) -> float:
+    """The evaluation logged for `target` env steps (the last within half an interval of it; a
+    run evaluates at the first env step past each multiple), NaN if there is none."""
+    hit = np.flatnonzero(np.abs(steps - target) <= every / 2)
+    return float(returns[hit[-1]]) if hit.size else float("nan")
+
+
+def run_scores(steps: np.ndarray, returns: np.ndarray, budget: float, every: float) -> dict:
+    """One run: its evaluation at the budget, the mean of its last three evaluations (missing,
+    non-finite ones left out), whether it reached the budget, and its last evaluation."""
+    final, complete = score_at(steps, returns, budget)
+    last = [v for v in (eval_near(steps, returns, t, every) for t in last_steps(budget, every))
+            if np.isfinite(v)]
+    within = steps <= budget * 1.001
+    shown_steps, shown = finite_points(steps[within], returns[within])
+    return dict(final=final if complete else float("nan"),
+                last_three=float(np.mean(last)) if complete and last else float("nan"),
+                complete=complete,
+                last_step=float(shown_steps[-1]) if len(shown) else float("nan"),
+                last_return=float(shown[-1]) if len(shown) else float("nan"))
+
+
+def stat(values) -> dict:
+    """Mean, standard error (SD / sqrt(n), NaN for one value) and n of the finite values."""
+    m, se, n = mean_se(values)
+    return dict(mean=m, se=se, n=n)
+
+
+def above_random(agent: dict, random: dict | None) -> bool | None:
+    """The two-SE rule: True where the agent's mean exceeds the random policy's by more than two
+    standard errors of the difference, sqrt(SE_agent^2 + SE_random^2); None where it cannot be
+    applied (fewer than two seeds, or no measured random policy)."""
+    if random is None or agent["n"] < 2 or not (np.isfinite(agent["se"])
+                                                and np.isfinite(random.get("se", np.nan))):
+        return None
+    return bool(agent["mean"] - random["mean"] > 2 * math.hypot(agent["se"], random["se"]))
+
+
+def mark(verdict: bool | None) -> str:
+    return "-" if verdict is None else "yes" if verdict else "no"
+
+
+def fmt_stat(s: dict | None, with_n: bool = True) -> str:
+    """`mean ± SE (n)`, `mean (1)` for one seed, `-` for none; one decimal where the SE is
+    below 1 (MiniGrid's returns), none otherwise."""
+    if not s or not s.get("n") or not np.isfinite(s["mean"]):
+        return "-"
+    se = s.get("se", np.nan)
+    digits = 1 if np.isfinite(se) and se < 1 else 0
+    text = f"{s['mean']:.{digits}f}"
+    if np.isfinite(se):
+        text += f" ± {se:.{digits}f}"
+    return text + (f" ({s['n']})" if with_n else "")
+
+
+def load_random_policy(results: Path) -> dict:
+    """{column: {mean, se, sd, n, returns, seeds, rounds, ...}} as tools/random_policy.py wrote
+    it to results/cpu/random_policy.json; {} where it has not been run."""
+    path = results / "cpu" / RANDOM_POLICY_JSON
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def column_env(column: str) -> str:
+    return CPU_TASKS[column][0] if column in CPU_TASKS else column.partition("@")[0]
+
+
+def prefill_env_steps(algo: str, column: str) -> float:
+    """The env steps of `algo`'s random prefill on `column` (CPU_PREFILL x the action repeat)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import envs
+
+    env = column_env(column)
+    steps = (CPU_PREFILL_MINIGRID if env.startswith("minigrid-") else {}).get(
+        algo, CPU_PREFILL.get(algo))
+    return float("nan") if steps is None else float(steps * envs.default_action_repeat(env))
+
+
+def prefill_episodes(root: Path, column: str) -> dict:
+    """The random prefill episodes of the runs under <root>/<algo>/<column>/<seed>: the
+    `charts/episodic_return` records that ended at or before the prefill's env steps, each
+    (seed, end step, length, return to 1e-3) once, since runs of the same seed and env replay the
+    same prefill episodes. {"returns", "seeds", "env_steps": {algo: prefill env steps}}."""
+    seen, seeds, limits = {}, set(), {}
+    for metrics in sorted(root.glob(f"*/{column}/*/**/metrics.jsonl")):
+        algo, _, seed = metrics.relative_to(root).parts[:3]
+        limits[algo] = limit = prefill_env_steps(algo, column)
+        for line in metrics.read_text().splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            value = number(record.get("charts/episodic_return"))
+            if np.isfinite(value) and record["step"] <= limit:
+                key = (seed, record["step"], record.get("charts/episodic_length"), round(value, 3))
+                seen.setdefault(key, value)
+                seeds.add(seed)
+    return dict(returns=list(seen.values()), seeds=sorted(seeds, key=seed_sort), env_steps=limits)
+
+
+def seed_sort(name: str):
+    number_ = seed_number(name)
+    return (number_ is None, number_ or 0, name)
+
+
+def cpu_cells(runs: dict, root: Path, budgets: dict) -> dict:
+    """{algo: {column: cell}}: each seed's scores (run_scores) and the complete runs' updates and
+    minutes."""
+    cells: dict = {}
+    for algo in sorted(runs, key=row_key):
+        for column, budget in budgets.items():
+            seeds = runs[algo].get(column)
+            if not seeds:
+                continue
+            every = CPU_TASKS[column][3]
+            scores = {name: run_scores(*seeds[name], budget, every)
+                      for name in sorted(seeds, key=seed_sort)}
+            files = {name: run_records(root / algo / column / name) for name in scores}
+            done = [name for name, s in scores.items() if s["complete"]]
+            cells.setdefault(algo, {})[column] = dict(
+                seeds=scores, updates=mean_cell([updates_made(files[n]) for n in done]),
+                minutes=mean_cell([wall_seconds(files[n]) / 60 for n in done]))
+    return cells
+
+
+def cell_stats(cell: dict, held_out: bool = False) -> dict:
+    """A cell's statistics over its complete runs (all seeds, or the held-out ones alone): the
+    evaluation at the budget and the last-three mean, the seeds it used and the unfinished ones."""
+    chosen = {k: v for k, v in cell["seeds"].items()
+              if not held_out or (seed_number(k) or 0) >= CPU_HELD_OUT}
+    done = {k: v for k, v in chosen.items() if v["complete"]}
+    return dict(final=stat([v["final"] for v in done.values()]),
+                last_three=stat([v["last_three"] for v in done.values()]),
+                seeds=chosen, unfinished=[k for k, v in chosen.items() if not v["complete"]])
+
+
+def per_seed_text(seeds: dict) -> str:
+    """`1: 208 / 217; 4: 183 at 60,000 (unfinished)`: each seed's return at the budget and its
+    last-three mean, or an unfinished run's last evaluation."""
+    parts = []
+    for name, s in seeds.items():
+        if s["complete"]:
+            value = lambda v: f"{v:.0f}" if np.isfinite(v) else "-"  # noqa: E731
+            parts.append(f"{seed_label(name)}: {value(s['final'])} / {value(s['last_three'])}")
+        elif np.isfinite(s["last_return"]):
+            parts.append(f"{seed_label(name)}: {s['last_return']:.0f} at {s['last_step']:,.0f} "
+                         "(unfinished)")
+        else:
+            parts.append(f"{seed_label(name)}: no evaluation yet (unfinished)")
+    return "; ".join(parts) or "-"
+
+
+def fraction_kept(background: dict, clean: dict) -> dict:
+    """background / clean with its standard error by first-order error propagation over the two
+    independent sets of runs: SE^2 = (SE_b / c)^2 + (b SE_c / c^2)^2."""
+    b, c = background, clean
+    if not (b["n"] and c["n"] and np.isfinite(b["mean"]) and np.isfinite(c["mean"])
+            and c["mean"] > 0):
+        return dict(mean=float("nan"), se=float("nan"), n=0)
+    se = math.hypot(b["se"] / c["mean"], b["mean"] * c["se"] / c["mean"] ** 2)
+    return dict(mean=b["mean"] / c["mean"], se=se, n=min(b["n"], c["n"]))
+
+
+def compare_fractions(agent: dict, reference: dict) -> str | None:
+    """`larger` / `smaller` where the two fractions differ by more than two standard errors of the
+    difference, `cannot tell` where they do not (or an SE is unknown), None without both."""
+    if not (agent["n"] and reference["n"]):
+        return None
+    se = math.hypot(agent["se"], reference["se"])
+    if not np.isfinite(se):
+        return "cannot tell"
+    diff = agent["mean"] - reference["mean"]
+    return "larger" if diff > 2 * se else "smaller" if diff < -2 * se else "cannot tell"
+
+
+def fmt_fraction(f: dict) -> str:
+    if not f["n"]:
+        return "-"
+    return f"{f['mean']:.2f}" + (f" ± {f['se']:.2f}" if np.isfinite(f["se"]) else "")
+
+
+def random_episodes_text(random: dict, every: float) -> str:
+    """Which evaluation episodes the random policy played: run seeds x rounds x episodes."""
+    steps = ", ".join(f"{(k + 1) * every:,.0f}" for k in random["rounds"])
+    return (f"run seeds {', '.join(map(str, random['seeds']))} x the evaluations at {steps} x "
+            f"{random['episodes_per_round']} episodes")
+
+
+def column_title(column: str, budget: float) -> str:
+    env, flags = CPU_TASKS[column][:2]
+    return f"`{column}` (`{env} {' '.join(flags)}`, {budget:,.0f} env steps)"
+
+
+def cpu_column_table(column: str, cells: dict, budget: float, random: dict | None,
+                     prefill: dict | None, held_out: bool) -> tuple[list[str], dict]:
+    """The markdown table of one task column (all seeds or the held-out ones) and its numbers."""
+    every = CPU_TASKS[column][3]
+    first, _, last = last_steps(budget, every)
+    head = ["method", f"return at {budget:,.0f}", "above random", f"mean of {first:,.0f}-"
+            f"{last:,.0f}", "above random", f"per seed: at {budget:,.0f} / last three",
+            "updates", "min / run"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    numbers = {}
+    for algo, per_column in cells.items():
+        if column not in per_column:
+            continue
+        s = cell_stats(per_column[column], held_out)
+        if held_out and not s["seeds"]:
+            lines.append(f"| {algo} | - | | - | | no runs with seed >= {CPU_HELD_OUT} yet | | |")
+            continue
+        verdicts = [above_random(s[k], random) for k in ("final", "last_three")]
+        numbers[algo] = dict(final=dict(s["final"], above_random=verdicts[0]),
+                             last_three=dict(s["last_three"], above_random=verdicts[1]),
+                             seeds={seed_label(k): v for k, v in s["seeds"].items()},
+                             unfinished=[seed_label(k) for k in s["unfinished"]],
+                             updates=per_column[column]["updates"],
+                             minutes=per_column[column]["minutes"])
+        star = " *" if s["unfinished"] else ""
+        lines.append(f"| {algo} | {fmt_stat(s['final'])}{star} | {mark(verdicts[0])} | "
+                     f"{fmt_stat(s['last_three'])}{star} | {mark(verdicts[1])} | "
+                     f"{per_seed_text(s['seeds'])} | {per_column[column]['updates']} | "
+                     f"{per_column[column]['minutes']} |")
+    if random:
+        level = fmt_stat(random, with_n=False)
+        lines.append(f"| random policy ({random['n']} episodes) | {level} | | {level} | | "
+                     f"{random_episodes_text(random, every)} | | |")
+    else:
+        lines.append(f"| random policy | not measured: run `python tools/random_policy.py "
+                     f"--columns {column}` | | | | | | |")
+    if prefill and prefill["returns"] and not held_out:
+        p = stat(prefill["returns"])
+        sd = float(np.std(prefill["returns"], ddof=1)) if p["n"] > 1 else float("nan")
+        steps = sorted({int(v) for v in prefill["env_steps"].values() if np.isfinite(v)})
+        seeds = [seed_label(k) for k in prefill["seeds"]]
+        lines.append(f"| random prefill episodes of these runs ({p['n']} episodes, SD {sd:.0f}) "
+                     f"| {fmt_stat(p, with_n=False)} | | | | seed{'s' * (len(seeds) > 1)} "
+                     f"{', '.join(seeds)}: the episodes ended by env step "
+                     f"{' / '.join(f'{s:,}' for s in steps)} | | |")
+    if column.startswith("dmc-") and not held_out:
+        official = reference_mean(column, budget)
+        official_last = np.mean([reference_mean(column, t) for t in last_steps(budget, every)])
+        if np.isfinite(official):
+            # official dmc_vision: action repeat 2, an update (batch 16 x 50) every 5 agent steps
+            lines.append(f"| DreamerV2 official (clean, action repeat 2, full size, 5 seeds) | "
+                         f"{official:.0f} | | {official_last:.0f} | | | {budget / 10:,.0f} | |")
+        mark100k = DREAMER_DMC100K.get(column.partition("-")[2])
+        if mark100k and budget == 100_000:
+            lines.append(f"| Dreamer at DMC-100K (CURL Table 1) | {mark100k} | | | | | | |")
+    return lines, numbers
+
+
+def distraction_section(cells: dict, budgets: dict, random: dict) -> tuple[list[str], dict]:
+    """Clean against background videos: each agent's returns on both columns, the fraction of its
+    clean return it keeps, one sentence per agent, and whether the reconstruction-free agents keep
+    a larger fraction than DreamerV2 (the two-SE rule on the difference of the fractions)."""
+    clean_b, back_b = (budgets.get(c) or CPU_TASKS[c][2] for c in (CPU_CLEAN, CPU_BACKGROUND))
+    lines = ["## Clean against video backgrounds", "",
+             f"`{CPU_BACKGROUND}` changes only the background (Distracting Control Suite videos, "
+             "dynamic; no camera or colour change) of the clean task `"
+             f"{CPU_CLEAN}`: does the miniature show the reconstruction-free agents ("
+             f"{', '.join(RECONSTRUCTION_FREE)}) keeping more of their clean return under video "
+             "backgrounds than DreamerV2 at its paper loss weights? Kept = background / clean "
+             "(the means over seeds); its standard error by first-order error propagation, "
+             "SE^2 = (SE_background / clean)^2 + (background x SE_clean / clean^2)^2, the two "
+             "columns' runs being independent (the same seed number is not a paired run). "
+             "Fractions are compared by the two-SE rule on their difference. Curves: "
+             "[`distraction.png`](distraction.png).", ""]
+    head = ["method", f"clean at {clean_b:,.0f}", f"background at {back_b:,.0f}", "kept",
+            "clean, last three", "background, last three", "kept, last three",
+            "background above random (at the budget / last three)"]
+    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    numbers: dict = {}
+    for algo, per_column in cells.items():
+        if CPU_CLEAN not in per_column and CPU_BACKGROUND not in per_column:
+            continue
+        empty = dict(final=stat([]), last_three=stat([]), seeds={}, unfinished=[])
+        clean = cell_stats(per_column[CPU_CLEAN]) if CPU_CLEAN in per_column else empty
+        back = cell_stats(per_column[CPU_BACKGROUND]) if CPU_BACKGROUND in per_column else empty
+        numbers[algo] = {k: dict(clean=clean[k], background=dict(
+            back[k], above_random=above_random(back[k], random.get(CPU_BACKGROUND))),
+            kept=fraction_kept(back[k], clean[k])) for k in ("final", "last_three")}
+        numbers[algo]["background_unfinished"] = [seed_label(k) for k in back["unfinished"]]
+        n = numbers[algo]
+        lines.append(f"| {algo} | {fmt_stat(clean['final'])} | {fmt_stat(back['final'])} | "
+                     f"{fmt_fraction(n['final']['kept'])} | {fmt_stat(clean['last_three'])} | "
+                     f"{fmt_stat(back['last_three'])} | {fmt_fraction(n['last_three']['kept'])} | "
+                     f"{mark(n['final']['background']['above_random'])} / "
+                     f"{mark(n['last_three']['background']['above_random'])} |")
+    lines.append("")
+    reference = numbers.get("dreamerv2")
+    for algo, n in numbers.items():
+        back = n["final"]["background"]
+        unfinished = n["background_unfinished"]
+        later = (f" ({len(unfinished)} unfinished run{'s' * (len(unfinished) > 1)} not counted)"
+                 if unfinished else "")
+        if not back["n"]:
+            lines.append(f"- **{algo}**: no finished run on the background column yet{later}.")
+            continue
+        text = (f"- **{algo}**: on the background column {fmt_stat(back, with_n=False)} at "
+                f"{back_b:,.0f} over {back['n']} seed{'s' * (back['n'] > 1)}{later}, above the "
+                f"random policy by more than two SE: {mark(back['above_random'])}; last three "
+                f"{fmt_stat(n['last_three']['background'], with_n=False)}: "
+                f"{mark(n['last_three']['background']['above_random'])}.")
+        if n["final"]["kept"]["n"]:
+            text += (f" It keeps {fmt_fraction(n['final']['kept'])} of its clean return at "
+                     f"{back_b:,.0f} and {fmt_fraction(n['last_three']['kept'])} over the last "
+                     "three.")
+        if algo in RECONSTRUCTION_FREE:
+            verdicts = []
+            for k, name in (("final", f"at {back_b:,.0f}"), ("last_three", "last three")):
+                mine = n[k]["kept"]
+                theirs = reference[k]["kept"] if reference else dict(n=0)
+                verdict = compare_fractions(mine, theirs)
+                n[k]["kept_vs_dreamerv2"] = verdict
+                if verdict is None:
+                    continue
+                diff = mine["mean"] - theirs["mean"]
+                se = math.hypot(mine["se"], theirs["se"])
+                verdicts.append(f"{name} {verdict} (difference {diff:+.2f}"
+                                + (f" ± {se:.2f})" if np.isfinite(se) else ", no SE)"))
+            text += (" Against DreamerV2's fraction: " + "; ".join(verdicts) + "." if verdicts
+                     else " DreamerV2's fraction is not known yet (no finished runs on both "
+                          "columns), so there is nothing to compare it with.")
+        lines.append(text)
+    lines += ["", "**Do the reconstruction-free agents keep a larger fraction of their clean "
+              "return than DreamerV2?** " + distraction_verdict(numbers), ""]
+    return lines, numbers
+
+
+def distraction_verdict(numbers: dict) -> str:
+    """One generated sentence: which reconstruction-free agents keep a larger fraction than
+    DreamerV2 by both measures, which a smaller one, and for which the uncertainty is too large."""
+    reference = numbers.get("dreamerv2")
+    if not reference or not (reference["final"]["kept"]["n"] or
+                             reference["last_three"]["kept"]["n"]):
+        return ("Cannot tell yet: DreamerV2 has no finished runs on both the clean and the "
+                "background column.")
+    kinds = {frozenset({"larger"}): "larger by both measures",
+             frozenset({"smaller"}): "smaller by both measures",
+             frozenset({"cannot tell"}): "cannot tell by either measure (differences within "
+                                         "two SE)",
+             frozenset({"larger", "cannot tell"}): "larger by one measure, cannot tell by the "
+                                                   "other",
+             frozenset({"smaller", "cannot tell"}): "smaller by one measure, cannot tell by the "
+                                                    "other",
+             frozenset({"larger", "smaller"}): "larger by one measure, smaller by the other"}
+    groups: dict = {}
+    for algo in RECONSTRUCTION_FREE:
+        if algo not in numbers:
+            continue
+        verdicts = {numbers[algo][k].get("kept_vs_dreamerv2") for k in ("final", "last_three")}
+        verdicts.discard(None)
+        kind = kinds.get(frozenset(verdicts), "without runs on both columns yet")
+        groups.setdefault(kind, []).append(algo)
+    if not groups:
+        return "Cannot tell yet: no reconstruction-free agent has runs on both columns."
+    parts = [f"{', '.join(algos)}: {what}" for what, algos in groups.items()]
+    larger = groups.get(kinds[frozenset({"larger"})], [])
+    if len(larger) == len(RECONSTRUCTION_FREE):
+        head = "Yes: every one of them, by more than two SE by both measures."
+    elif larger:
+        head = f"Only {', '.join(larger)}, by more than two SE by both measures."
+    else:
+        head = ("Not shown: with these seeds no reconstruction-free agent keeps a larger "
+                "fraction by more than two SE by both measures.")
+    return head + " " + "; ".join(parts) + "."
+
+
+def random_band(ax, level: dict | None, label: str = "random policy (mean ± SE)"):
+    """The measured random policy as a grey horizontal band (mean ± SE), if there is one."""
+    if not level:
+        return
+    ax.axhline(level["mean"], ls=":", color="grey", label=label)
+    if np.isfinite(level.get("se", np.nan)):
+        ax.axhspan(level["mean"] - level["se"], level["mean"] + level["se"], color="grey",
+                   alpha=0.2, lw=0)
+
+
+def complete_runs(runs: dict, budgets: dict) -> dict:
+    """The runs that reached their column's budget ({algo: {column: {seed: (steps, returns)}}});
+    where an agent has none in a column yet, its unfinished ones (so the curves show progress)."""
+    out: dict = {}
+    for algo, per_column in runs.items():
+        for column, seeds in per_column.items():
+            if column not in budgets:
+                continue
+            done = {k: v for k, v in seeds.items() if score_at(*v, budgets[column])[1]}
+            out.setdefault(algo, {})[column] = done or seeds
+    return out
+
+
+def plot_distraction(runs: dict, path: Path, budgets: dict, random: dict):
+    """Two panels sharing the y axis, clean and background videos: every agent's mean evaluation
+    return over its finished runs, shaded standard error, and the random policy's band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    colors = {algo: f"C{i}" for i, algo in enumerate(sorted(runs, key=row_key))}
+    for ax, column in zip(axes, (CPU_CLEAN, CPU_BACKGROUND)):
+        drawn = False
+        for algo in sorted(runs, key=row_key):
+            seeds = [finite_points(s, r) for s, r in runs[algo].get(column, {}).values()]
+            seeds = [(s, r) for s, r in seeds if len(s)]
+            if not seeds:
+                continue
+            end = min(s[-1] for s, _ in seeds)
+            grid = np.unique(np.concatenate([s[s <= end] for s, _ in seeds]))
+            curves = np.stack([np.interp(grid, s, r) for s, r in seeds])
+            mean = curves.mean(0)
+            se = curves.std(0, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else 0 * mean
+            ax.plot(grid, mean, color=colors[algo], label=f"{algo} ({len(seeds)})",
+                    ls="--" if algo == "dreamerv2" else "-")
+            ax.fill_between(grid, mean - se, mean + se, color=colors[algo], alpha=0.2)
+            drawn = True
+        random_band(ax, random.get(column))
+        if not drawn:
+            ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"{column}" + (" (clean)" if column == CPU_CLEAN else " (videos only)"),
+                     fontsize=9)
+        ax.set_xlabel("env steps")
+        ax.set_xlim(0, budgets.get(column, CPU_TASKS[column][2]))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel("eval return (mean ± SE over seeds)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def json_safe(value):
+    """NaN -> null (NaN is not JSON), numpy scalars -> Python, recursively."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def cpu_report(runs: dict, results: Path, budget: float | None = None) -> dict:
-    """The CPU suite: per task, the return at its budget (mean ± SE over seeds) and the minutes
-    per run; reference rows: the random policy, the official DreamerV2 curve (clean task) and
-    Dreamer's DMC-100K score."""
+    """The CPU suite's page (docs/benchmark.md, "The CPU protocol"): per task column, each agent's
+    evaluation at the budget and the mean of its last three evaluations (mean ± SE over seeds,
+    each seed's value, the two-SE test against the measured random policy), all seeds and the
+    held-out ones; the random policy and the runs' random prefill episodes; the reference rows;
+    clean against video backgrounds. Writes summary.md, summary.json, curves.png and
+    distraction.png."""
     root = results / "cpu" / "runs"
     columns = [c for c in CPU_TASKS if any(c in per_env for per_env in runs.values())]
     budgets = {c: budget or CPU_TASKS[c][2] for c in columns}
-    head = [h for c in columns for h in (f"`{c}` return at {budgets[c]:,.0f}", "updates",
-                                           "min / run")]
+    cells = cpu_cells(runs, root, budgets)
+    random = load_random_policy(results)
+    prefill = {c: prefill_episodes(root, c) for c in columns}
     lines = ["# cpu: learning on a 2-core CPU with `--preset small`", "",
-             "Evaluation return at the budget (deterministic policy), mean ± standard error over "
-             "seeds (number of seeds; * = a run has not reached the budget, its last evaluation "
-             "is used), the gradient updates a run made, and wall-clock minutes per run (first to "
-             "last metrics record, without the silences of a run paused or stopped and resumed "
-             "later; two runs shared the machine's two cores, one thread each).",
-             ""]
+             "Generated by `./benchmark.sh report cpu` from `results/cpu/runs` and "
+             "`results/cpu/random_policy.json`; the protocol: docs/benchmark.md, \"The CPU "
+             "protocol\".", "",
+             "How to read the tables:", "",
+             "- *return at the budget*: a run's evaluation there (the mean of its deterministic "
+             "evaluation episodes); *mean of the last three*: the mean of a run's last three "
+             "evaluations (80K, 90K and 100K env steps for cartpole, 40K-50K for MiniGrid), three "
+             "policies and three times the episodes.",
+             "- Mean ± standard error over seeds (SE = SD / sqrt(n), n = seeds, in brackets); "
+             "each seed's values under *per seed* (`seed: at the budget / last three`). Only runs "
+             "that reached the budget count; an unfinished one is listed with its last "
+             "evaluation and marks its cells with `*`. A missing value (non-finite, `null` in "
+             "metrics.jsonl) is left out.",
+             "- *above random*: `yes` where the agent's mean exceeds the random policy's mean by "
+             "more than two standard errors of the difference, SE_diff = sqrt(SE_agent^2 + "
+             "SE_random^2); `no` where it does not; `-` where the rule cannot be applied (one "
+             "seed, no SE; or no measured random policy). The random policy's level is measured "
+             "on the evaluation episodes of the runs' last three evaluations (below).",
+             f"- Seeds 1-3 of `{CPU_CLEAN}` chose the presets' values; seeds >= {CPU_HELD_OUT} "
+             "never chose anything: their own table, *Held out*.",
+             "- *updates*: gradient updates a run made; *min / run*: wall-clock minutes per "
+             "finished run (first to last metrics record, without the silences of a run paused "
+             "or stopped and resumed later; two runs shared the machine's two cores, one thread "
+             "each).", ""]
     videos = suite_videos(results, "cpu")
     if videos:
         lines += [f"Background videos: {videos}.", ""]
-    lines += ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-    rows = {}
-    for algo in sorted(runs, key=row_key):
-        cells, row = [], {}
-        for c in columns:
-            seeds = runs[algo].get(c, {})
-            scores = [score_at(s, r, budgets[c]) for s, r in seeds.values()]
-            m, se, n = mean_se([x for x, _ in scores])
-            files = [run_records(root / algo / c / seed) for seed in seeds]  # read once
-            minutes = [wall_seconds(f) / 60 for f in files]
-            updates = [updates_made(f) for f in files]
-            row[c] = (m, se, n, bool(scores) and all(ok for _, ok in scores))
-            cells += [fmt(row[c]) if seeds else "-", mean_cell(updates), mean_cell(minutes)]
-        rows[algo] = row
-        lines.append(f"| {algo} | " + " | ".join(cells) + " |")
-    randoms = {c: policy_return(CPU_TASKS[c][0], episodes=CPU_RANDOM_EPISODES) for c in columns}
-    lines.append("| random policy (" + str(CPU_RANDOM_EPISODES) + " episodes) | " + " | ".join(
-        f"{randoms[c]:.0f} | | " for c in columns) + "|")
-    ref = {c: reference_mean(c, budgets[c]) for c in columns if c.startswith("dmc-")}
-    if any(np.isfinite(v) for v in ref.values()):
-        # official dmc_vision: action repeat 2, an update (batch 16 x 50) every 5 agent steps
-        lines.append("| DreamerV2 official (clean, action repeat 2, full size) | " + " | ".join(
-            (f"{ref[c]:.0f} | {budgets[c] / 10:,.0f} | " if c in ref and np.isfinite(ref[c])
-             else "- | | ") for c in columns) + "|")
-    marks = {c: DREAMER_DMC100K.get(c.partition("-")[2]) for c in columns if c.startswith("dmc-")}
-    if any(marks.values()) and all(budgets[c] == 100_000 for c in marks):
-        lines.append("| Dreamer at DMC-100K (CURL Table 1) | " + " | ".join(
-            (f"{marks[c]} | | " if marks.get(c) else "- | | ") for c in columns) + "|")
+    lines += ["## All seeds", ""]
+    numbers: dict = {"all": {}, "held_out": {}}
+    for c in columns:
+        table, numbers["all"][c] = cpu_column_table(c, cells, budgets[c], random.get(c),
+                                                    prefill[c], held_out=False)
+        lines += [f"### {column_title(c, budgets[c])}", "", *table, ""]
+    lines += [f"## Held out: seeds >= {CPU_HELD_OUT}", "",
+              f"The runs of seeds >= {CPU_HELD_OUT} alone: no preset value was chosen on them. "
+              f"`{CPU_CLEAN}` always; other columns where such seeds exist.", ""]
+    for c in columns:
+        has = any((seed_number(k) or 0) >= CPU_HELD_OUT for per_column in cells.values()
+                  for k in per_column.get(c, {}).get("seeds", {}))
+        if c != CPU_CLEAN and not has:
+            continue
+        table, numbers["held_out"][c] = cpu_column_table(c, cells, budgets[c], random.get(c),
+                                                         None, held_out=True)
+        lines += [f"### {column_title(c, budgets[c])}, seeds >= {CPU_HELD_OUT}", "", *table, ""]
+    distraction, numbers["distraction"] = distraction_section(cells, budgets, random)
+    lines += distraction
+    lines += random_policy_notes(random, [c for c in CPU_TASKS if c in columns or c in random])
     text = "\n".join(lines) + "\n"
     (results / "cpu" / "summary.md").write_text(text)
-    (results / "cpu" / "summary.json").write_text(json.dumps(
-        {"budgets": budgets, "random": randoms,
-         "rows": {k: {c: list(v) for c, v in r.items()} for k, r in rows.items()}},
-        indent=1, default=str))
-    plot_curves(runs, results / "cpu" / "curves.png", "cpu", None)
+    (results / "cpu" / "summary.json").write_text(json.dumps(json_safe({
+        "budgets": budgets,
+        "last_three_steps": {c: last_steps(budgets[c], CPU_TASKS[c][3]) for c in columns},
+        "held_out_from_seed": CPU_HELD_OUT,
+        "rule": "above random: mean_agent - mean_random > 2 sqrt(SE_agent^2 + SE_random^2)",
+        "random": {c: {k: random[c][k] for k in ("mean", "se", "sd", "n", "seeds", "rounds",
+                                                  "episodes_per_round")}
+                   for c in CPU_TASKS if c in random},
+        "random_prefill": {c: dict(stat(p["returns"]), seeds=p["seeds"],
+                                   env_steps=p["env_steps"]) for c, p in prefill.items()},
+        **numbers}), indent=1) + "\n")
+    levels = {c: random[c] for c in CPU_TASKS if c in random}
+    shown = complete_runs(runs, budgets)
+    plot_curves(shown, results / "cpu" / "curves.png", "cpu", None, levels)
+    plot_distraction(shown, results / "cpu" / "distraction.png", budgets, levels)
     print(text)
-    print(f"wrote {results / 'cpu' / 'summary.md'} and {results / 'cpu' / 'curves.png'}")
-    return {"rows": rows, "text": text}
+    print(f"wrote {results / 'cpu' / 'summary.md'}, summary.json, curves.png and distraction.png")
+    return {"rows": numbers["all"], "numbers": numbers, "text": text}
+
+
+def random_policy_notes(random: dict, columns: list[str]) -> list[str]:
+    """The page's account of the random policy's measurement and of the prefill episodes."""
+    lines = ["## The random policy", ""]
+    measured = [c for c in columns if c in random]
+    if measured:
+        first = random[measured[0]]
+        lines.append(
+            f"`{first.get('command', 'python tools/random_policy.py')}` "
+            f"(`results/cpu/{RANDOM_POLICY_JSON}`) played uniformly random actions on each "
+            "column's evaluation env (`envs.make(env, distraction=<the column's>, dynamic=True, "
+            "seed=<run seed>, image_size=64, action_repeat=<the task's default, 8 for "
+            "cartpole>, split=\"val\")`), resetting episode j of evaluation round e of run seed "
+            "s with the scripts' evaluation seed `episode_seed(s, \"eval\", e * 10_000 + j)`: "
+            "the initial states the agents' evaluations start from (here those of the last three "
+            "evaluations). The actions of an episode come from `np.random.default_rng(<its "
+            "episode seed>)`: uniform in [-1, 1] for the control suite, uniform over the "
+            "Discrete actions for MiniGrid; an episode lasts as long as an evaluation's.")
+        lines.append("")
+        for c in measured:
+            r = random[c]
+            lines.append(f"- `{c}`: {r['mean']:.1f} ± {r['se']:.1f} (SD {r['sd']:.1f}, "
+                         f"{r['n']} episodes: run seeds {', '.join(map(str, r['seeds']))}, "
+                         f"rounds {', '.join(str(k) for k in r['rounds'])} (0-based), "
+                         f"{r['episodes_per_round']} episodes each).")
+        cartpole = [c for c in measured if column_env(c).endswith("cartpole-swingup")]
+        same = len({tuple(np.round(random[c]["returns"], 6)) for c in cartpole}) == 1
+        lines += ["", "The Distracting Control Suite's distractions change the pixels only, not "
+                  "the dynamics or the rewards, so the random policy's returns differ between the "
+                  "cartpole columns only through the episodes' seeds; " + (
+                      "played on the same seeds here, they are the same episode for episode."
+                      if same and len(cartpole) > 1 else
+                      "here they were not all played on the same seeds." if len(cartpole) > 1
+                      else "only one cartpole column is measured.")]
+    else:
+        lines.append("Not measured yet: `OMP_NUM_THREADS=1 MUJOCO_GL=egl python "
+                     "tools/random_policy.py` writes it.")
+    lines += ["", "*Random prefill episodes of these runs*: every run starts with uniformly "
+              "random actions (`--preset small`: 1000 agent steps for all five scripts, core "
+              "acting randomly for whole episodes while fewer than 1000 agent steps are done; "
+              "blast on MiniGrid 10,000, its A.2 preset), logged as `charts/episodic_return`. "
+              "The report counts the episodes that ended at or before the prefill's env steps "
+              "(agent steps x the action repeat: 8,000 on cartpole, 8 episodes a run) and each "
+              "(seed, episode) once: runs of the same seed replay the same prefill episodes. "
+              "They are training episodes (the training stream's seeds and videos): a second "
+              "estimate of the random level, not used by the two-SE rule.", ""]
+    return lines
 
 
 QUICK_RANDOM_EPISODES = 5  # control-suite episodes cost seconds each: a few give the random level
@@ -1046,7 +1610,8 @@ def run_records(folder: Path) -> list[list[dict]]:
 def updates_made(files: list[list[dict]]) -> float:
     """The gradient updates a run made: the largest `charts/updates` in its records
     (`run_records`), NaN if none is logged."""
-    counts = [r["charts/updates"] for records in files for r in records if "charts/updates" in r]
+    counts = [number(r.get("charts/updates")) for records in files for r in records]
+    counts = [c for c in counts if np.isfinite(c)]  # null / NaN: missing
     return float(max(counts)) if counts else float("nan")
 
 
@@ -1060,11 +1625,13 @@ def wall_seconds(files: list[list[dict]]) -> float:
     paused; records come in bursts, so the median gap can be ~0), NaN if none."""
     totals = []
     for records in files:
-        gaps = np.diff(np.sort([r["time"] for r in records if "time" in r]))
+        times = [number(r.get("time")) for r in records]
+        times = np.sort([t for t in times if np.isfinite(t)])
+        gaps = np.diff(times)
         if len(gaps):
             usual = np.percentile(gaps, 90)
             totals.append(float(gaps[gaps <= max(RESUME_GAP_S, 10 * usual)].sum()))
-        elif any("time" in r for r in records):
+        elif len(times):
             totals.append(0.0)
     return max(totals, default=float("nan"))
 

@@ -1,6 +1,7 @@
 """Specification of benchmark.sh / benchmark.py: jobs, aggregation, reports, speed."""
 
 import json
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -330,7 +331,7 @@ def test_cpu_suite_runs_every_algorithm_small_on_cartpole_and_two_on_minigrid(tm
     jobs = benchmark.suite_jobs("cpu", algos, seeds=2, budget=None, results=tmp_path)
     # task-major: with two workers the clean runs of every algorithm come first
     assert [j.column for j in jobs[:6]] == ["dmc-cartpole-swingup"] * 6
-    assert len(jobs) == 2 * (3 + 3 + 2)
+    assert len(jobs) == 2 * (3 + 3 + 3 + 2)  # clean, DCS medium, DCS background: 3; MiniGrid: 2
     minigrid = [j for j in jobs if j.column.startswith("minigrid")]
     assert {j.algo for j in minigrid} == set(benchmark.CPU_MINIGRID_ALGOS)
     for job in jobs:
@@ -342,6 +343,11 @@ def test_cpu_suite_runs_every_algorithm_small_on_cartpole_and_two_on_minigrid(tm
     dcs = [j for j in jobs if j.column == "dcs-cartpole-swingup"][0]
     assert "--distraction medium --dynamic" in " ".join(dcs.command())
     assert dcs.folder == tmp_path / "cpu" / "runs" / "dreamerv2" / "dcs-cartpole-swingup" / "seed1"
+    # the background column: the same env with video backgrounds only, in a folder of its own
+    background = [j for j in jobs if j.column == "dcs-cartpole-swingup@background"][0]
+    assert background.env == "dcs-cartpole-swingup"
+    assert "--distraction background --dynamic" in " ".join(background.command())
+    assert background.folder.parent.name == "dcs-cartpole-swingup@background"
     # --budget shortens every task; script flags come last, so they win
     short = benchmark.suite_jobs("cpu", ["core"], seeds=1, budget=2000,
                                  tasks=["dmc-cartpole-swingup"], results=tmp_path,
@@ -368,19 +374,245 @@ def test_cpu_report_gives_return_updates_and_minutes_per_task_beside_the_referen
     runs = benchmark.collect(root)
     text = benchmark.report("cpu", None, tmp_path)["text"]
     lines = text.splitlines()
-    assert "| method | `dmc-cartpole-swingup` return at 100,000 | updates | min / run |" in lines
+    assert ("| method | return at 100,000 | above random | mean of 80,000-100,000 | above random "
+            "| per seed: at 100,000 / last three | updates | min / run |") in lines
     # write_run's clock: 100 + step / 10 s, so 10K..100K steps take 9000 s = 150 min; its
-    # training records count step / 20 updates
-    assert "| core | 275 ± 25 (2) | 5,000 | 150 |" in lines
-    assert "| dreamerv2 | 125 (1) * | 2,500 | 67 |" in lines
-    random = benchmark.policy_return("dmc-cartpole-swingup", episodes=benchmark.CPU_RANDOM_EPISODES)
-    assert f"| random policy (10 episodes) | {random:.0f} | | |" in lines
-    assert "| Dreamer at DMC-100K (CURL Table 1) | 326 | | |" in lines
+    # training records count step / 20 updates. Last three: (200 + 225 + 250) / 3 = 225.
+    assert ("| core | 275 ± 25 (2) | - | 250 ± 25 (2) | - | 1: 250 / 225; 2: 300 / 275 | 5,000 "
+            "| 150 |") in lines
+    # an unfinished run is listed with its last evaluation and not counted
+    assert "| dreamerv2 | - * | - | - * | - | 1: 125 at 50,000 (unfinished) | - | - |" in lines
+    # no random_policy.json: the page says how to measure it, and no run is judged against it
+    assert any(line.startswith("| random policy | not measured: run `python tools/random_policy.py")
+               for line in lines)
+    assert "| Dreamer at DMC-100K (CURL Table 1) | 326 | | | | | | |" in lines
     official = benchmark.reference_mean("dmc-cartpole-swingup", 100_000)
-    assert (f"| DreamerV2 official (clean, action repeat 2, full size) | {official:.0f} | 10,000 | |"
-            in lines)
+    last = np.mean([benchmark.reference_mean("dmc-cartpole-swingup", s)
+                    for s in (80_000, 90_000, 100_000)])
+    assert (f"| DreamerV2 official (clean, action repeat 2, full size, 5 seeds) | {official:.0f} | "
+            f"| {last:.0f} | | | 10,000 | |") in lines
     assert (tmp_path / "cpu" / "curves.png").stat().st_size > 10_000
+    assert (tmp_path / "cpu" / "distraction.png").stat().st_size > 10_000
     assert set(runs) == {"core", "dreamerv2"}
+
+
+def write_cpu_run(root, algo, column, seed, evals, episodes=(), extra=()):
+    """A run in the cpu suite's layout: evaluation records (step, return; None is written as
+    null), training episodes (step at its end, return) and any `extra` records, as JSON lines."""
+    folder = root / algo / column / seed / "runs" / "x"
+    folder.mkdir(parents=True)
+    records = [{"step": step, "time": 100.0 + step / 10, "charts/episodic_return": ret,
+                "charts/episodic_length": 125.0} for step, ret in episodes]
+    records += [{"step": step, "time": 100.0 + step / 10, "eval/episodic_return": ret}
+                for step, ret in evals]
+    records += list(extra)
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def evals_ending(last_three, early=100.0):
+    """A cartpole run's ten evaluations (10K-100K): `early` until 70K, then `last_three`."""
+    return [(s, early) for s in range(10_000, 80_000, 10_000)] + list(
+        zip((80_000, 90_000, 100_000), last_three))
+
+
+def write_random_policy(results, levels):
+    """results/cpu/random_policy.json as tools/random_policy.py writes it: {column: (mean, se)}."""
+    data = {c: dict(mean=m, se=se, sd=se * np.sqrt(75), n=75, returns=[m] * 75,
+                    seeds=[1, 2, 3, 4, 5], rounds=[7, 8, 9], episodes_per_round=5,
+                    command="python tools/random_policy.py")
+            for c, (m, se) in levels.items()}
+    (results / "cpu").mkdir(parents=True, exist_ok=True)
+    (results / "cpu" / "random_policy.json").write_text(json.dumps(data))
+
+
+def row(text, label, heading):
+    """The table row of `label` under the markdown heading that starts with `heading`."""
+    section = text.split(heading, 1)[1].split("\n#", 1)[0]
+    (line,) = [line for line in section.splitlines() if line.startswith(f"| {label} |")]
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+CLEAN = "### `dmc-cartpole-swingup`"
+
+
+def test_cpu_summary_gives_each_seed_the_last_three_mean_and_standard_errors(tmp_path):
+    root = tmp_path / "cpu" / "runs"
+    lasts = {1: (200, 230, 260), 2: (180, 170, 190), 3: (300, 280, 320)}
+    for seed, last in lasts.items():
+        write_cpu_run(root, "blast", "dmc-cartpole-swingup", f"seed{seed}", evals_ending(last))
+    write_random_policy(tmp_path, {"dmc-cartpole-swingup": (120.0, 5.0)})
+    summary = benchmark.report("cpu", None, tmp_path)
+    cells = row(summary["text"], "blast", CLEAN)
+    finals = [last[-1] for last in lasts.values()]
+    means = [np.mean(last) for last in lasts.values()]
+    se = lambda v: np.std(v, ddof=1) / np.sqrt(len(v))  # noqa: E731
+    assert cells[1] == f"{np.mean(finals):.0f} ± {se(finals):.0f} (3)"
+    assert cells[3] == f"{np.mean(means):.0f} ± {se(means):.0f} (3)"
+    assert cells[5] == "; ".join(f"{k}: {v[-1]} / {np.mean(v):.0f}" for k, v in lasts.items())
+    saved = json.loads((tmp_path / "cpu" / "summary.json").read_text())
+    blast = saved["all"]["dmc-cartpole-swingup"]["blast"]
+    assert blast["last_three"]["mean"] == pytest.approx(np.mean(means))
+    assert blast["final"]["se"] == pytest.approx(se(finals))
+    assert blast["seeds"]["2"]["last_three"] == pytest.approx(180)
+    assert row(summary["text"], "random policy (75 episodes)", CLEAN)[1:4] == ["120 ± 5", "",
+                                                                             "120 ± 5"]
+
+
+@pytest.mark.parametrize("shift,verdict", [(0.0, "yes"), (-60.0, "no")])
+def test_the_two_se_mark_says_whether_an_agent_beats_the_random_policy(tmp_path, shift, verdict):
+    """Agent 200 ± 5.8 (three seeds: 190, 200, 210) against random 150 ± 5: the difference, 50,
+    is more than 2 x 7.6; moved down by 60 it is not."""
+    root = tmp_path / "cpu" / "runs"
+    for k, final in enumerate((190, 200, 210)):
+        write_cpu_run(root, "core", "dmc-cartpole-swingup", f"seed{k + 1}",
+                      evals_ending([final + shift] * 3))
+    write_random_policy(tmp_path, {"dmc-cartpole-swingup": (150.0, 5.0)})
+    text = benchmark.report("cpu", None, tmp_path)["text"]
+    cells = row(text, "core", CLEAN)
+    assert cells[2] == cells[4] == verdict
+    # the rule itself, at its edge: a difference of exactly 2 SE_diff is not enough
+    random = dict(mean=100.0, se=3.0)
+    edge = 2 * np.hypot(4.0, 3.0)
+    assert benchmark.above_random(dict(mean=100 + edge + 1e-6, se=4.0, n=3), random) is True
+    assert benchmark.above_random(dict(mean=100 + edge - 1e-6, se=4.0, n=3), random) is False
+    assert benchmark.above_random(dict(mean=500.0, se=float("nan"), n=1), random) is None
+
+
+def test_held_out_seeds_get_a_table_of_their_own(tmp_path):
+    root = tmp_path / "cpu" / "runs"
+    values = {1: 100, 2: 110, 3: 120, 4: 300, 5: 340}
+    for seed, value in values.items():
+        write_cpu_run(root, "cvrl", "dmc-cartpole-swingup", f"seed{seed}",
+                      evals_ending([value] * 3))
+    write_cpu_run(root, "cvrl", "dcs-cartpole-swingup", "seed1", evals_ending([90] * 3))
+    text = benchmark.report("cpu", None, tmp_path)["text"]
+    all_seeds = row(text, "cvrl", CLEAN)
+    held = row(text, "cvrl", "### `dmc-cartpole-swingup` (`dmc-cartpole-swingup --distraction "
+                             "none`, 100,000 env steps), seeds >= 4")
+    every = list(values.values())
+    assert all_seeds[1] == f"{np.mean(every):.0f} ± {np.std(every, ddof=1) / np.sqrt(5):.0f} (5)"
+    assert held[1] == "320 ± 20 (2)" and held[5] == "4: 300 / 300; 5: 340 / 340"
+    # a column without seeds >= 4 has no held-out table
+    assert "`dcs-cartpole-swingup --distraction medium --dynamic`, 100,000 env steps), seeds" \
+        not in text
+
+
+def test_background_runs_give_the_fraction_of_the_clean_return_kept(tmp_path):
+    """Kept = background / clean with the SE of first-order error propagation; a reconstruction-
+    free agent keeps more than DreamerV2 only by more than two SE of the difference."""
+    root = tmp_path / "cpu" / "runs"
+    clean = {"dreamerv2": (200, 220, 240), "core": (200, 220, 240), "blast": (200, 220, 240)}
+    background = {"dreamerv2": (100, 110, 120), "core": (190, 200, 210), "blast": (60, 110, 250)}
+    for algo in clean:
+        for k in range(3):
+            write_cpu_run(root, algo, "dmc-cartpole-swingup", f"seed{k + 1}",
+                          evals_ending([clean[algo][k]] * 3))
+            write_cpu_run(root, algo, "dcs-cartpole-swingup@background", f"seed{k + 1}",
+                          evals_ending([background[algo][k]] * 3))
+    write_random_policy(tmp_path, {c: (150.0, 5.0) for c in ("dmc-cartpole-swingup",
+                                                              "dcs-cartpole-swingup@background")})
+    summary = benchmark.report("cpu", None, tmp_path)
+    text = summary["text"]
+    se = lambda v: np.std(v, ddof=1) / np.sqrt(len(v))  # noqa: E731
+    b, c = np.mean(background["core"]), np.mean(clean["core"])
+    expected = np.hypot(se(background["core"]) / c, b * se(clean["core"]) / c ** 2)
+    kept = summary["numbers"]["distraction"]["core"]["last_three"]["kept"]
+    assert kept["mean"] == pytest.approx(b / c) and kept["se"] == pytest.approx(expected)
+    assert row(text, "core", "## Clean against")[3] == f"{b / c:.2f} ± {expected:.2f}"
+    # core keeps 0.91 ± 0.05 against DreamerV2's 0.50 ± 0.04: larger; blast's 0.64 ± 0.26 is
+    # too uncertain to tell; DreamerV2's background return (110) is not above random (150)
+    assert "- **core**: " in text and "Against DreamerV2's fraction: at 100,000 larger" in text
+    (blast,) = [line for line in text.splitlines() if line.startswith("- **blast**")]
+    assert "at 100,000 cannot tell" in blast and "last three cannot tell" in blast
+    (dreamer,) = [line for line in text.splitlines() if line.startswith("- **dreamerv2**")]
+    assert "above the random policy by more than two SE: no" in dreamer
+    assert "Only core, by more than two SE by both measures." in text
+    assert "blast: cannot tell by either measure" in text
+    assert (tmp_path / "cpu" / "distraction.png").stat().st_size > 10_000
+
+
+def test_without_dreamerv2_on_both_columns_the_page_cannot_tell(tmp_path):
+    root = tmp_path / "cpu" / "runs"
+    for k in range(2):
+        write_cpu_run(root, "core", "dmc-cartpole-swingup", f"seed{k + 1}", evals_ending([250] * 3))
+        write_cpu_run(root, "core", "dcs-cartpole-swingup@background", f"seed{k + 1}",
+                      evals_ending([240 + k] * 3))
+        write_cpu_run(root, "dreamerv2", "dmc-cartpole-swingup", f"seed{k + 1}",
+                      evals_ending([250] * 3))
+    text = benchmark.report("cpu", None, tmp_path)["text"]
+    assert "Cannot tell yet: DreamerV2 has no finished runs on both" in text
+    assert "- **dreamerv2**: no finished run on the background column yet." in text
+
+
+def test_null_and_nan_values_are_missing_values_not_crashes(tmp_path):
+    """The scripts write null for a non-finite value (NaN is not JSON); older files hold NaN.
+    Both are left out: of the last-three mean, the updates, the curves; never printed as nan."""
+    root = tmp_path / "cpu" / "runs"
+    folder = root / "dreamerv2" / "dmc-cartpole-swingup" / "seed1" / "runs" / "x"
+    folder.mkdir(parents=True)
+    lines = [json.dumps({"step": s, "time": 100.0 + s / 10, "eval/episodic_return": r})
+             for s, r in evals_ending((200, None, 260))]
+    lines += ['{"step": 85000, "time": 9000.0, "charts/updates": NaN, "losses/model": NaN}',
+              '{"step": 95000, "time": 9500.0, "charts/updates": null, "losses/model": null}',
+              '{"step": 99000, "time": 9900.0, "charts/updates": 3000, "losses/model": 1.0}']
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    write_cpu_run(root, "dreamerv2", "dmc-cartpole-swingup", "seed2",
+                  evals_ending((float("nan"), 240, 250)))  # json.dumps writes NaN
+    assert "NaN" in next((root / "dreamerv2" / "dmc-cartpole-swingup" / "seed2").glob(
+        "**/metrics.jsonl")).read_text()
+    steps, returns = benchmark.read_evals(next(folder.glob("metrics.jsonl")))
+    assert np.isnan(returns[-2]) and returns[-1] == 260
+    summary = benchmark.report("cpu", None, tmp_path)
+    cells = row(summary["text"], "dreamerv2", CLEAN)
+    assert cells[5] == "1: 260 / 230; 2: 250 / 245"  # (200 + 260) / 2 and (240 + 250) / 2
+    assert cells[6] == "3,000"
+    assert not re.search(r"\bnan\b", summary["text"], re.IGNORECASE)
+    json.loads((tmp_path / "cpu" / "summary.json").read_text(),
+               parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    # a final evaluation written as null: that seed has no value at the budget
+    write_cpu_run(root, "dreamerv2", "dmc-cartpole-swingup", "seed3",
+                  evals_ending((200, 210, None)))
+    cells = row(benchmark.report("cpu", None, tmp_path)["text"], "dreamerv2", CLEAN)
+    assert cells[1] == "255 ± 5 (2)" and "3: - / 205" in cells[5]
+
+
+def test_random_prefill_episodes_are_counted_once_per_seed_and_only_in_the_prefill(tmp_path):
+    """Runs of the same seed replay the same prefill episodes (to float rounding); episodes after
+    the prefill's 8,000 env steps (1000 agent steps x action repeat 8) are the agent's own."""
+    root = tmp_path / "cpu" / "runs"
+    seed1 = [(k * 1000, 100.0 + k) for k in range(1, 9)]
+    seed2 = [(k * 1000, 200.0 + 2 * k) for k in range(1, 9)]
+    agents = [(9000, 500.0), (10_000, 600.0)]
+    write_cpu_run(root, "dreamerv2", "dmc-cartpole-swingup", "seed1", evals_ending([250] * 3),
+                  seed1 + agents)
+    write_cpu_run(root, "core", "dmc-cartpole-swingup", "seed1", evals_ending([250] * 3),
+                  [(s, r + 1e-12) for s, r in seed1] + agents)
+    write_cpu_run(root, "core", "dmc-cartpole-swingup", "seed2", evals_ending([250] * 3), seed2)
+    prefill = benchmark.prefill_episodes(root, "dmc-cartpole-swingup")
+    assert sorted(prefill["returns"]) == pytest.approx(sorted(r for _, r in seed1 + seed2))
+    assert prefill["env_steps"] == {"core": 8000, "dreamerv2": 8000}
+    text = benchmark.report("cpu", None, tmp_path)["text"]
+    values = [r for _, r in seed1 + seed2]
+    cells = row(text, f"random prefill episodes of these runs (16 episodes, SD "
+                      f"{np.std(values, ddof=1):.0f})", CLEAN)
+    assert cells[1] == f"{np.mean(values):.0f} ± {np.std(values, ddof=1) / 4:.0f}"
+
+
+def test_cpu_prefill_is_each_scripts_small_preset():
+    """The report's prefill lengths (CPU_PREFILL) are the scripts' own `--preset small` values."""
+    import importlib
+
+    def prefill(algo, env):
+        parsed = importlib.import_module(algo).parse_args(["--preset", "small", "--env", env])
+        parts = parsed if isinstance(parsed, tuple) else (parsed,)  # (Args, run settings)
+        (value,) = {part.prefill for part in parts if hasattr(part, "prefill")}
+        return value
+
+    for algo in benchmark.available_algorithms():
+        assert prefill(algo, "dmc-cartpole-swingup") == benchmark.CPU_PREFILL[algo], algo
+    for algo in benchmark.CPU_MINIGRID_ALGOS:
+        expected = benchmark.CPU_PREFILL_MINIGRID.get(algo, benchmark.CPU_PREFILL[algo])
+        assert prefill(algo, benchmark.MINIGRID_ENV) == expected, algo
 
 
 FAKE_RECORD = dict(seconds_per_update=0.5, updates=1, parameters=2e6, env="toy-reach",
