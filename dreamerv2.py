@@ -3,7 +3,8 @@
 Paper: D. Hafner, T. Lillicrap, M. Norouzi, J. Ba, "Mastering Atari with Discrete World Models",
 ICLR 2021, arXiv:2010.02193. Authors' code: github.com/danijar/dreamerv2 (the defaults here are
 its DMC-from-pixels setting, `configs.yaml` dmc_vision). The reconstruction baseline of this
-project: BLAST (`blast.py`) and DreamingV2 (`dreamingv2.py`) modify exactly this world model.
+project: BLAST (`blast.py`) and DreamingV2 (`dreamingv2.py`) change this world model, and
+`diff dreamerv2.py blast.py` shows what they change.
 
 The idea. A recurrent state-space model (RSSM) with a deterministic GRU state h_t and a stochastic
 state z_t of 32 categorical variables with 32 classes is trained on replayed sequences to
@@ -24,24 +25,17 @@ Paper map (equation -> where it is implemented), in the order of this file:
 - Lambda-return (Eq. 4): V_t = r_t + gamma_t ((1 - lambda) v(z_{t+1}) + lambda V_{t+1}),
   V_H = v(z_H), with the slow target critic v. `lambda_return`.
 - Critic loss (Eq. 5): (v(z_t) - sg(V_t))^2 / 2; the slow critic is copied from the critic every
-  100 updates. `behaviour_losses`, `Agent.update_slow_critic`.
+  100 updates. `behaviour_losses`, `Agent.update`.
 - Actor loss (Eq. 6): -sum_t [ rho V_{t+1} + (1 - rho) ln pi(a_t | z_t) sg(V_{t+1} - v(z_t))
   + eta H[pi(a_t | z_t)] ], indexed as the official agent.py (the action taken at z_t is credited
   with V_{t+1}); rho = 1 (dynamics backpropagation) for continuous actions, 0 (REINFORCE) for
   discrete ones; eta = 1e-4. `behaviour_losses`.
-- The training step (world model, then actor and critic, one optimiser each): `Agent.update`.
+- The training step (world model, then actor and critic, one optimiser each): `Agent.update`;
+  the data it is called on (prefill, pretrain, an update every 5 agent steps): `main`.
 
-Shapes are time-major throughout: replay sequences are (T, B, ...), imagined rollouts
-(H + 1, N, ...) with N = T * B start states. Images are uint8 (3, 64, 64) until the encoder, which
-maps them to [-0.5, 0.5]. Index conventions: beside `Replay`.
-
-Speed (what makes an update fast on a GPU, each in one named place): nothing non-recurrent runs
-inside a time loop (`RSSM.observe` computes the posterior's embedding branch and the priors over
-all T*B steps at once); `--compile` compiles the two loss functions as wholes (`Agent.__init__`);
-no host synchronisation inside `Agent.update` (metrics stay on the device until log time,
-non-finite losses skip the fused optimiser step on the device: `Optimizer`); the replay's images
-live on the GPU (`Replay`); TF32 on CUDA (`configure_torch`). Everything after `main` is the
-plumbing block, the same text in all five scripts of this repository.
+The method runs from here to the APPENDIX banner; below it, the same text in all five scripts:
+run settings, the run object, the compute object (device, precision, speed), the replay.
+Shapes are time-major: sequences (T, B, ...), imagined rollouts (H + 1, N, ...) with N = T * B.
 
     python dreamerv2.py --env dmc-walker-walk
     python dreamerv2.py --env dcs-walker-walk --distraction medium --preset small
@@ -50,6 +44,7 @@ plumbing block, the same text in all five scripts of this repository.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -58,7 +53,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -78,291 +73,86 @@ td.Distribution.set_default_validate_args(False)
 
 @dataclass
 class Args:
-    """Every default is the DreamerV2 setting for DMC from pixels (the official configuration,
-    danijar/dreamerv2 `configs.yaml`, section dmc_vision over its defaults), or says why not.
-    Other settings (`--preset small`, `--preset tiny`) are the overrides in PRESETS below."""
+    """The algorithm: every default is DreamerV2's setting for DMC from pixels (official
+    configs.yaml, dmc_vision over its defaults) or says why not. How a run is carried out (device,
+    budget, evaluation, checkpoints): `RunSettings`, in the appendix."""
 
-    # Experiment, environment, hardware.
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of this experiment (part of the run name; ours: CleanRL's convention)"""
-    env: str = "dmc-walker-walk"
-    """env id (official configs.yaml task dmc_walker_walk): dmc-<domain>-<task>,
-    dcs-<domain>-<task>, natural-<domain>-<task>, manipulation-<task>, robosuite-<task>-<robot>,
-    pybullet-boxpush, minigrid-<name> (discrete actions), toy-reach, toy-reach-center (docs/envs.md)"""
-    distraction: str = "none"
-    """ours (none: the clean benchmark). dcs-*: none | easy | medium | hard | background;
-    robosuite-*: none | color-lighting | color-lighting-camera; minigrid-*: none | color_direction |
-    smaller_agent | random_frames | video"""
-    dynamic: bool = True
-    """distractions move within an episode (False: static per episode); ours: the Distracting
-    Control Suite's dynamic setting"""
-    video_dir: Optional[str] = None
-    """DAVIS 2017 or video folder for backgrounds (default, ours: the built-in offline pool)"""
-    eval_split: Literal["train", "val"] = "val"
-    """background videos used for evaluation (ours: held-out videos, the DCS protocol)"""
-    seed: int = 1
-    """seed of the experiment (ours: CleanRL's default)"""
-    torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic` (and leaves cudnn.benchmark off); ours: CleanRL's"""
-    device: str = "auto"
-    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ... (ours)"""
-    compile: bool = False
-    """torch.compile the world-model loss and the behaviour losses as wholes (CPU and CUDA; the
-    first update compiles them and prints how long it took). ours: off, compiling takes minutes"""
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
-    """torch.compile mode (CUDA: 'reduce-overhead' uses CUDA graphs; 'max-autotune' means
-    max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it); ours"""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocast for the networks; values, returns, log-probs, KL and losses stay fp32. ours:
-    fp32 (official configs.yaml precision 16 is mixed fp16, which is known to diverge in Dreamer)"""
-    preset: Literal["paper", "small", "tiny"] = "paper"
-    """'paper': these defaults; 'small': the same algorithm sized for a 2-core CPU (100K steps of
-    dmc-cartpole-swingup in under an hour); 'tiny': narrow nets, short sequences, 2000 steps, for
-    smoke tests. Flags you set explicitly win over the preset (ours, see PRESETS)"""
-
-    # Schedule, evaluation, logging, checkpoints.
-    total_steps: int = 1_000_000
-    """environment steps to train for, counted after action repeat (simulator steps); ours: the
-    1M steps of the official DMC curves (reference/dreamerv2-dmc-vision-scores.json)"""
-    action_repeat: Optional[int] = None
-    """simulator steps per action; None: 2 for every dmc/dcs/natural task (official DreamerV2
-    configs.yaml dmc_vision: action_repeat 2), the env's own default otherwise; 0: the env's own
-    per-task default (PlaNet's: cartpole 8, walker 2, ...; `--preset small`)"""
-    eval_every: int = 10_000
-    """environment steps between evaluations (0: never, except at the end). The official
-    implementation evaluates 1 episode every 1e4 agent steps (configs.yaml eval_every 1e4,
-    eval_eps 1); ours: 10 episodes every 1e4 environment steps, and `benchmark.sh dmc` 20 episodes
-    every 10K environment steps: one episode's return is too noisy to compare curves with the
-    published ones from a few seeds"""
-    eval_episodes: int = 10
-    """episodes per evaluation, deterministic (mode) actions (ours: see eval_every)"""
-    eval_action: Literal["mode", "mean"] = "mode"
-    """continuous actions in evaluation: 'mode', as DreamerV2's code (the truncated normal's
-    location clipped to [-1, 1]: a full push once the actor's tanh mean saturates), or 'mean'
-    (ours: the distribution's mean, the average of the samples the actor is trained on;
-    deterministic too). results/cpu/behaviour_check compares them on the CPU runs' checkpoints"""
-    log_every: int = 1_000
-    """environment steps between training-metric logs and progress lines (a progress line is also
-    printed at least every 30 s); ours: 10x the official log_every 1e4, for short CPU runs"""
-    save_model: bool = False
-    """write checkpoint.pt (networks, optimisers, counters, RNG states) at every evaluation, and
-    replay.pt beside it at the end and every --replay-checkpoint-every evaluations (an interrupt
-    or a non-finite loss always writes both); ours: CleanRL's default"""
-    checkpoint_replay: bool = True
-    """write the replay to replay.pt (see save_checkpoint), so that --resume keeps the same data;
-    --no-checkpoint-replay: never, a resumed run starts with an empty replay (ours)"""
-    replay_checkpoint_every: int = 10
-    """evaluations between the periodic replay.pt writes (0: only at the end, on an interrupt or a
-    non-finite stop). ours: the replay is gigabytes on a GPU run and writing it pauses training
-    (checkpoint.pt is megabytes); at every 10th evaluation (100K env steps at --eval-every 10000)
-    the pause is a small fraction of the time between writes, and a hard kill (SIGKILL, a lost
-    node) costs at most 10 evaluations' worth of replay, never the networks"""
-    resume: Optional[str] = None
-    """path of a checkpoint to continue from: its flags are the defaults, schedule flags may change
-    (ours)"""
-    measure_updates: int = 0
-    """if > 0: time this many updates on a synthetic batch at the configured sizes and 50 steps of
-    the acting loop on --env, print one JSON line and exit (benchmark.sh speed; ours)"""
-    capture_video: bool = False
-    """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard
-    (ours: off, encoding costs time)"""
+    # Environment.
+    env: str = "dmc-walker-walk"  # official configs.yaml task; any id of envs.make (docs/envs.md)
+    distraction: str = "none"  # ours: the clean task; dcs-*: easy, medium, hard, background
+    dynamic: bool = True  # ours: distractions move within an episode (DCS's dynamic setting)
+    video_dir: Optional[str] = None  # ours: DAVIS 2017 or video folder (default: the built-in pool)
+    eval_split: Literal["train", "val"] = "val"  # ours: evaluate on held-out videos (DCS protocol)
+    seed: int = 1  # ours: seeds the networks, the replay and every episode (CleanRL's default)
+    action_repeat: Optional[int] = None  # official dmc: 2 (None); 0: the env's per-task (PlaNet's)
+    eval_action: Literal["mode", "mean"] = "mode"  # official agent.py; 'mean': the dist.'s (ours)
+    preset: Literal["paper", "small", "tiny"] = "paper"  # ours: these defaults, or PRESETS below
 
     # Replay and training schedule.
-    replay_capacity: int = 2_000_000
-    """replay capacity in agent steps (official configs.yaml replay capacity 2e6), capped at what
-    the run can fill (total_steps / action repeat) and allocated once"""
-    replay_device: Literal["auto", "cpu", "cuda"] = "auto"
-    """where the replay's arrays live: 'auto' (the training device when it is CUDA, else cpu),
-    'cpu', 'cuda' (ours: on the GPU a batch needs no host-to-device copy)"""
-    prioritize_ends: bool = False
-    """sample the last window of each episode more often (`Replay.draw_starts`). Off: DreamerV2
-    configs.yaml dmc_vision sets replay.prioritize_ends False (True in its defaults, for Atari);
-    --prioritize-ends turns it on (`--preset small` does, see PRESETS)"""
-    batch_size: int = 16
-    """sequences per mini-batch (official configs.yaml dataset.batch 16)"""
-    batch_length: int = 50
-    """steps per sequence (official configs.yaml dataset.length 50)"""
-    prefill: int = 1000
-    """agent steps with uniform random actions before training starts (official configs.yaml
-    dmc_vision prefill 1000)"""
-    pretrain: int = 100
-    """updates made once, right after the prefill (official configs.yaml dmc_vision pretrain 100)"""
-    train_every: int = 5
-    """agent steps between training rounds (official configs.yaml train_every 5)"""
-    updates_per_step: int = 1
-    """updates per training round (official configs.yaml train_steps 1)"""
+    replay_capacity: int = 2_000_000  # official replay.capacity 2e6 agent steps (see replay_slots)
+    prioritize_ends: bool = False  # official dmc_vision replay.prioritize_ends (True by default)
+    batch_size: int = 16  # official configs.yaml dataset.batch 16 sequences
+    batch_length: int = 50  # official configs.yaml dataset.length 50 steps
+    prefill: int = 1000  # official dmc_vision prefill: agent steps of uniform random actions
+    pretrain: int = 100  # official dmc_vision pretrain: updates once, after the prefill
+    train_every: int = 5  # official configs.yaml train_every 5 agent steps between training rounds
+    updates_per_step: int = 1  # official configs.yaml train_steps 1 update per training round
 
-    # World model.
-    cnn_depth: int = 48
-    """encoder/decoder channels of the first layer (doubling: 48/96/192/384; official configs.yaml
-    encoder.cnn_depth 48)"""
-    deter: int = 200
-    """GRU (deterministic) state size (official configs.yaml dmc_vision rssm.deter 200)"""
-    hidden: int = 200
-    """hidden units of the RSSM's input and output layers (official configs.yaml dmc_vision
-    rssm.hidden 200)"""
-    stoch: int = 32
-    """categorical latent variables (paper Sec. 2.1; official configs.yaml rssm.stoch 32)"""
-    classes: int = 32
-    """classes per categorical variable (paper Sec. 2.1; official configs.yaml rssm.discrete 32)"""
-    mlp_units: int = 400
-    """units of the reward, discount, actor and critic MLPs (official configs.yaml *_head.units 400)"""
-    mlp_layers: int = 4
-    """hidden layers of those MLPs (official configs.yaml *_head.layers 4)"""
-    init: Literal["glorot", "torch"] = "glorot"
-    """weight init: 'glorot' = Glorot-uniform weights, zero biases (Keras defaults, the official
-    implementation); 'torch' = PyTorch's layer defaults"""
-    kl_balance: float = 0.8
-    """KL balancing alpha, the weight of the prior's side (paper Algorithm 2; official configs.yaml
-    kl.balance 0.8)"""
-    free_nats: float = 1.0
-    """free nats, applied to the batch-mean KL (official configs.yaml dmc_vision kl.free 1.0,
-    kl.free_avg True)"""
-    kl_scale: float = 1.0
-    """beta, the KL weight of Eq. 2 (official configs.yaml loss_scales.kl 1.0)"""
-    reward_scale: float = 1.0
-    """weight of the reward log-loss in Eq. 2 (official configs.yaml loss_scales.reward 1.0)"""
-    pred_discount: bool = False
-    """learn a discount (episode continuation) head; off for DMC, which never terminates (official
-    configs.yaml dmc_vision pred_discount False)"""
-    model_lr: float = 3e-4
-    """world-model learning rate (official configs.yaml dmc_vision model_opt.lr 3e-4)"""
+    # World model (Eq. 2).
+    cnn_depth: int = 48  # official configs.yaml encoder.cnn_depth 48 (channels 48/96/192/384)
+    deter: int = 200  # official configs.yaml dmc_vision rssm.deter 200 (GRU state h_t)
+    hidden: int = 200  # official dmc_vision rssm.hidden 200 (RSSM input and output layers)
+    stoch: int = 32  # paper Sec. 2.1, official rssm.stoch 32 categorical variables
+    classes: int = 32  # paper Sec. 2.1, official rssm.discrete 32 classes per variable
+    mlp_units: int = 400  # official configs.yaml *_head.units 400 (reward, discount, actor, critic)
+    mlp_layers: int = 4  # official configs.yaml *_head.layers 4
+    init: Literal["glorot", "torch"] = "glorot"  # official (Keras): Glorot-uniform, zero biases
+    kl_balance: float = 0.8  # paper Algorithm 2, official kl.balance 0.8: the prior's share alpha
+    free_nats: float = 1.0  # official dmc_vision kl.free 1.0 on the batch mean (kl.free_avg)
+    kl_scale: float = 1.0  # official configs.yaml loss_scales.kl 1.0: beta of Eq. 2
+    reward_scale: float = 1.0  # official loss_scales.reward 1.0: the reward term's weight in Eq. 2
+    pred_discount: bool = False  # official dmc_vision pred_discount (DMC episodes never end)
+    model_lr: float = 3e-4  # official configs.yaml dmc_vision model_opt.lr 3e-4
 
-    # Behaviour.
-    horizon: int = 15
-    """imagination horizon H (paper; official configs.yaml imag_horizon 15)"""
-    gamma: float = 0.99
-    """discount (official configs.yaml discount 0.99)"""
-    return_lambda: float = 0.95
-    """lambda of the lambda-return, Eq. 4 (official configs.yaml discount_lambda 0.95)"""
-    actor_lr: float = 8e-5
-    """actor learning rate (official configs.yaml dmc_vision actor_opt.lr 8e-5)"""
-    critic_lr: float = 8e-5
-    """critic learning rate (official configs.yaml dmc_vision critic_opt.lr 8e-5)"""
-    actor_entropy: float = 1e-4
-    """entropy regulariser eta of Eq. 6 (official configs.yaml dmc_vision actor_ent 1e-4)"""
-    actor_grad: Literal["auto", "dynamics", "reinforce"] = "auto"
-    """'auto': dynamics backpropagation for continuous actions, REINFORCE for discrete (official
-    configs.yaml actor_grad auto, agent.py)"""
-    target_update_every: int = 100
-    """updates between copies of the critic into the slow target critic (official configs.yaml
-    slow_target_update 100, slow_target_fraction 1)"""
-    adam_eps: float = 1e-5
-    """Adam epsilon (official configs.yaml *_opt.eps 1e-5)"""
-    grad_clip: float = 100.0
-    """gradient-norm clip of every optimiser (official configs.yaml *_opt.clip 100)"""
-    weight_decay: float = 1e-6
-    """weight decay of every optimiser as the official one applies it: every parameter is multiplied
-    by (1 - weight_decay) once per step, independent of the learning rate (official configs.yaml
-    *_opt.wd 1e-6; common/other.py)"""
+    # Behaviour (Eqs. 4-6).
+    horizon: int = 15  # paper Sec. 2.2, official imag_horizon 15
+    gamma: float = 0.99  # official configs.yaml discount 0.99
+    return_lambda: float = 0.95  # official configs.yaml discount_lambda 0.95: lambda of Eq. 4
+    actor_lr: float = 8e-5  # official configs.yaml dmc_vision actor_opt.lr 8e-5
+    critic_lr: float = 8e-5  # official configs.yaml dmc_vision critic_opt.lr 8e-5
+    actor_entropy: float = 1e-4  # official configs.yaml dmc_vision actor_ent 1e-4: eta of Eq. 6
+    actor_grad: Literal["auto", "dynamics", "reinforce"] = "auto"  # official: per action type
+    target_update_every: int = 100  # official slow_target_update 100 (slow_target_fraction 1)
+    adam_eps: float = 1e-5  # official configs.yaml *_opt.eps 1e-5
+    grad_clip: float = 100.0  # official configs.yaml *_opt.clip 100 (gradient norm)
+    weight_decay: float = 1e-6  # official *_opt.wd 1e-6, as common/other.py applies it (Optimizer)
 
 
-# Every setting other than the paper's, in one place: values that replace Args defaults (flags
-# you set still win; the run header prints what was applied).
-# 'small': the same algorithm, sized for a 2-core CPU: 100K env steps of dmc-cartpole-swingup in
-#   under an hour (docs/dreamerv2.md, "Presets"). Chosen by measuring seconds per update on one CPU
-#   thread; what each value trades:
-#   - action_repeat 0: the env's per-task repeat (PlaNet's, 8 for cartpole), the DMC-100K setting
-#     of the CURL/PlaNet benchmarks; rendering a frame costs ~30 ms here, so 4x fewer frames than
-#     DreamerV2's repeat 2 leave the time to the updates.
-#   - nets 16-channel CNN, 128-unit GRU/MLPs, 16x16 latents: 1.8M parameters instead of 15.6M.
-#   - batch 16 x 16 steps every 3 agent steps (3,933 updates in 100K env steps, ~1 s per update
-#     on one thread): 85 replayed frames per agent step, against the official 160. Every 5 (2,400
-#     updates) ended at 205 +- 32 over three seeds, every 6 at 229 (one seed), every 3 with the
-#     paper's reward weight at 226 +- 13 (results/cpu/variants/README.md).
-#   - learning rates raised (model 1e-3, actor and critic 3e-4), as for few, small updates.
-#   - reward_scale 100 (the paper's 1): beside the image's 64 x 64 x 3 log-likelihood, the small
-#     reward head weighted 1 fits the reward worse than BLAST's (which has no image term): one-step
-#     correlation 0.88 against BLAST's 0.95-0.98; weighted 100x, 0.98-0.99. That alone ends at
-#     242 +- 26 over three seeds (every 5 agent steps); with an update every 3 agent steps at
-#     280 +- 18 (252, 315, 273), the one combination measured above the 250 bar
-#     (results/cpu/runs/dreamerv2; the former preset, every 5 and weight 1:
-#     results/cpu/variants/dreamerv2-former-preset).
-#   - prioritize_ends on (the official default outside DMC; dmc_vision turns it off): the CPU
-#     results in results/cpu were measured with it.
-# 'tiny': runs end to end in well under a minute on 2 CPU cores (smoke tests on the toy envs,
-#   prioritize_ends on as in the official defaults outside DMC).
+TOTAL_STEPS = 1_000_000  # official: the DMC curves run 1M env steps (--total-steps)
+
+# Every setting other than the paper's: values that replace the defaults (flags you set win; the
+# run header prints what was applied). Reasons and measurements: docs/dreamerv2.md, "Presets".
 PRESETS = {
-    "small": dict(action_repeat=0, cnn_depth=16, deter=128, hidden=128, stoch=16, classes=16,
-                  mlp_units=128, mlp_layers=2, batch_size=16, batch_length=16, train_every=3,
-                  model_lr=1e-3, actor_lr=3e-4, critic_lr=3e-4,
-                  total_steps=100_000, eval_episodes=5, replay_capacity=100_000,
-                  prioritize_ends=True),
+    # ours: the same algorithm sized for a 2-core CPU, 100K env steps of dmc-cartpole-swingup:
+    "small": dict(
+        action_repeat=0,  # the env's per-task repeat (8 for cartpole: DMC-100K); frames cost ~30 ms
+        cnn_depth=16, deter=128, hidden=128, stoch=16, classes=16, mlp_units=128,
+        mlp_layers=2,  # 1.8M parameters instead of 15.6M
+        batch_size=16, batch_length=16, train_every=3,  # ~1 s an update on one CPU thread
+        model_lr=1e-3, actor_lr=3e-4, critic_lr=3e-4,  # few, small updates
+        replay_capacity=100_000, total_steps=100_000, eval_episodes=5,
+        prioritize_ends=True),  # the official default outside DMC, the same in the family
+    # ours: end to end in well under a minute (smoke tests on the toy envs)
     "tiny": dict(cnn_depth=4, deter=32, hidden=32, stoch=4, classes=4, mlp_units=32, mlp_layers=2,
                  batch_size=4, batch_length=8, prefill=100, pretrain=2, horizon=5,
-                 total_steps=2000, eval_every=1000, eval_episodes=1, replay_capacity=100_000,
+                 replay_capacity=100_000, total_steps=2000, eval_every=1000, eval_episodes=1,
                  prioritize_ends=True),
 }
 
-# Flags that may differ from the checkpoint's on --resume: they change the schedule, the logging or
-# how fast the same computation runs, not the algorithm. Script-specific ones: compile_mode,
-# replay_device (where the same data lives), torch_deterministic (cuDNN algorithm choice).
-SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "eval_action", "log_every",
-                  "save_model", "checkpoint_replay", "replay_checkpoint_every", "resume",
-                  "capture_video", "device", "compile", "precision", "measure_updates", "exp_name",
-                  "compile_mode", "replay_device", "torch_deterministic"}
 
-
-def preset_args(preset: str = "paper", **overrides) -> Args:
-    """Args with a preset's values as defaults; `overrides` (and CLI flags) win over them."""
-    if preset not in ("paper", *PRESETS):
-        raise ValueError(f"unknown preset {preset!r}; known: paper, {', '.join(PRESETS)}")
-    return Args(**{**PRESETS.get(preset, {}), **overrides, "preset": preset})
-
-
-def preset_overrides(args: Args) -> str:
-    """The run header's account of the preset: each value it set that this run uses, and each one
-    a flag (or the resumed checkpoint) replaced."""
-    preset = PRESETS.get(args.preset, {})
-    if not preset:
-        return "no overrides (every default is the paper's setting, see Args)"
-    used = [f"{k}={v}" for k, v in preset.items() if getattr(args, k) == v]
-    replaced = [f"{k}={getattr(args, k)} (preset {v})" for k, v in preset.items() if getattr(args, k) != v]
-    return ", ".join(used) + (f"; flags replaced {', '.join(replaced)}" if replaced else "")
-
-
-def _flag_value(argv: list, flag: str) -> Optional[str]:
-    """The value of `--name v` or `--name=v` in argv (the last one, as the parser takes it)."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
-def parse_args(argv=None) -> Args:
-    """Read --resume or --preset first, then parse every flag with the checkpoint's (or the
-    preset's) values as defaults. On --resume, flags outside SCHEDULE_FLAGS must not change; a flag
-    the checkpoint lacks (added after it was written) takes its default."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    resume = _flag_value(argv, "--resume")
-    if resume is not None:
-        saved = load_checkpoint(resume)["args"]
-        known = {f.name for f in fields(Args)}
-        args = tyro.cli(Args, args=argv, default=Args(**{k: v for k, v in saved.items() if k in known}))
-        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint {saved[k]})"
-                   for k in sorted(known - SCHEDULE_FLAGS)
-                   if k in saved and getattr(args, k) != saved[k]]
-        if changed:
-            raise SystemExit("error: --resume: these flags differ from the checkpoint's and change the "
-                             f"algorithm: {', '.join(changed)}; drop them or start a new run")
-        return args
-    preset = _flag_value(argv, "--preset") or "paper"
-    default = preset_args(preset) if preset in ("paper", *PRESETS) else Args()
-    return tyro.cli(Args, args=argv, default=default)
-
-
-def action_repeat(args: Args) -> int:
-    """--action-repeat, else 2 for every DMC-family task (official configs.yaml dmc: action_repeat
-    2; PlaNet's per-task values 4/8 are not DreamerV2's), else the env's default."""
-    if args.action_repeat:
-        return args.action_repeat
-    if args.action_repeat is None and args.env.partition("-")[0] in ("dmc", "dcs", "natural"):
-        return 2
-    return envs.default_action_repeat(args.env)
-
+def presets(args: Args) -> dict:
+    """The PRESETS entries a run applies, by name, in order (later wins): here the one --preset names."""
+    return {args.preset: PRESETS[args.preset]} if args.preset in PRESETS else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,17 +160,9 @@ def action_repeat(args: Args) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def glorot_init(module: nn.Module):
-    """The official initialisation (Keras defaults): Glorot-uniform weights, zero biases. Glorot's
-    bound depends on fan_in + fan_out only, so PyTorch's transposed-conv fan order does not matter."""
-    if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-        nn.init.xavier_uniform_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
 class MLP(nn.Sequential):
     """`layers` hidden ELU layers of `units`, then a linear output. The output layer runs in fp32
-    also under bf16 autocast: rewards, values and action parameters feed returns and log-probs."""
+    also under --precision bf16: rewards, values and action parameters feed returns and log-probs."""
 
     def __init__(self, inp: int, out: int, units: int, layers: int):
         mods, d = [], inp
@@ -393,7 +175,7 @@ class MLP(nn.Sequential):
         *hidden, out = self
         for layer in hidden:
             x = layer(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with full_precision(x):
             return out(x.float())
 
 
@@ -429,10 +211,8 @@ class Decoder(nn.Module):
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         x = self.linear(feat).reshape(-1, 32 * self.depth)
-        # The first transposed conv sees a 1x1 input, where it is exactly a matmul:
-        # out[n, o, i, j] = sum_c x[n, c] W[c, o, i, j] + b[o]. Written as one (same parameters),
-        # it is one GEMM instead of a convolution, and torch.compile's inductor no longer crashes
-        # in this conv's backward (a stride assertion, results/speed/h100-2026-11-23.md).
+        # On its 1x1 input the first transposed conv is a matmul: one GEMM, the same parameters
+        # (and inductor's crash in its backward avoided: results/speed/h100-2026-11-23.md).
         first = self.net[0]
         x = (x @ first.weight.flatten(1)).view(-1, *first.weight.shape[1:]) + first.bias[:, None, None]
         return self.net[1:](x).reshape(*feat.shape[:-1], 3, 64, 64)
@@ -455,24 +235,21 @@ class LayerNormGRUCell(nn.Module):
 
 
 def one_hot(index: torch.Tensor, classes: int) -> torch.Tensor:
-    """F.one_hot as float, by comparison with arange: F.one_hot checks the index range by reading
-    min and max to the host on CPU (on CUDA it skips the check), which the sync tests reject."""
+    """F.one_hot as float, without its range check (a host sync on CPU)."""
     return (index.unsqueeze(-1) == torch.arange(classes, device=index.device)).float()
 
 
 def sample_one_hot(logits: torch.Tensor) -> torch.Tensor:
-    """One-hot sample of categoricals over the last axis with straight-through gradients
-    (sample + p - sg(p)). argmax(p / E), E ~ Exp(1), is what torch.multinomial does for one sample
-    (the same draws as OneHotCategoricalStraightThrough.rsample()), minus its validity check, which
-    copies a flag to the host: a GPU sync per RSSM step."""
+    """One-hot sample over the last axis, straight-through gradients (sample + p - sg(p)).
+    argmax(p / E), E ~ Exp(1): torch.multinomial's draw without its check (a GPU sync per step)."""
     probs = torch.softmax(logits.float(), -1)
     index = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
     return one_hot(index, probs.shape[-1]) + (probs - probs.detach())
 
 
 def categorical_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) of the independent categoricals (…, stoch, classes), summed over the variables:
-    (…). fp32, written out (torch's version masks with data-dependent indexing, a host sync)."""
+    """KL(p || q) of independent categoricals (…, stoch, classes), summed: (…), fp32 (written out:
+    torch's version indexes by data, a host sync)."""
     log_p, log_q = F.log_softmax(p_logits.float(), -1), F.log_softmax(q_logits.float(), -1)
     return (log_p.exp() * (log_p - log_q)).sum((-2, -1))
 
@@ -531,11 +308,8 @@ class RSSM(nn.Module):
         """Filter a sequence from the zero state: the same posteriors as calling `obs_step` for
         t = 0..T-1. embed (T, B, E); action (T, B, A) is a_{t-1}, the action that led to observation
         t. Returns posteriors (deter, stoch, logits) and priors (deter, logits) as dicts of (T, B, ...).
-
-        Speed: only what depends on h_t stays in the loop. The posterior's first layer
-        W [h_t; e_t] + b is split into W_h h_t + (W_e e_t + b); the embedding part, and the whole
-        prior network p(z_t | h_t), run once over all T*B steps (a few large matmuls instead of T
-        small ones)."""
+        Speed: the posterior's first layer W [h_t; e_t] + b is split into W_h h_t + (W_e e_t + b),
+        and the embedding part and the prior network run once over all T*B steps."""
         first = self.obs_out[0]
         embed_part = F.linear(embed, first.weight[:, self.deter:], first.bias)  # (T, B, hidden)
         state = self.initial(embed.shape[1], embed.device)
@@ -560,11 +334,8 @@ class RSSM(nn.Module):
 
 
 class TruncatedNormal(td.Distribution):
-    """Normal(loc, scale) truncated to [-1, 1], the DreamerV2 actor distribution for DMC.
-
-    torch.distributions has no truncated normal; this samples by inverting the CDF, which keeps
-    rsample() differentiable in loc and scale (needed for dynamics backpropagation).
-    """
+    """Normal(loc, scale) truncated to [-1, 1], DreamerV2's actor distribution for DMC, sampled by
+    inverting the CDF: rsample() is differentiable in loc and scale (dynamics backpropagation)."""
 
     arg_constraints = {"loc": td.constraints.real, "scale": td.constraints.positive}
     support = td.constraints.interval(-1.0, 1.0)
@@ -577,10 +348,13 @@ class TruncatedNormal(td.Distribution):
         self._z = (self._cdf_b - self._cdf_a).clamp_min(1e-6)
         super().__init__(loc.shape, validate_args=validate_args)
 
+    @staticmethod
+    def _phi(x):
+        return torch.exp(-0.5 * x ** 2) / math.sqrt(2 * math.pi)
+
     @property
     def mean(self):
-        phi = lambda x: torch.exp(-0.5 * x ** 2) / math.sqrt(2 * math.pi)  # noqa: E731
-        return self.loc + self.scale * (phi(self._alpha) - phi(self._beta)) / self._z
+        return self.loc + self.scale * (self._phi(self._alpha) - self._phi(self._beta)) / self._z
 
     @property
     def mode(self):
@@ -597,22 +371,18 @@ class TruncatedNormal(td.Distribution):
         return -0.5 * x ** 2 - 0.5 * math.log(2 * math.pi) - self.scale.log() - self._z.log()
 
     def entropy(self):
-        phi = lambda x: torch.exp(-0.5 * x ** 2) / math.sqrt(2 * math.pi)  # noqa: E731
+        phi = self._phi
         return (0.5 * math.log(2 * math.pi * math.e) + self.scale.log() + self._z.log()
                 + (self._alpha * phi(self._alpha) - self._beta * phi(self._beta)) / (2 * self._z))
 
 
 class OneHotActionDist(td.OneHotCategoricalStraightThrough):
-    """The actor's distribution over discrete actions: a one-hot categorical whose straight-through
-    sample is drawn by `sample_one_hot`, without torch.multinomial's validity check, which copies a flag
-    to the host (a GPU sync per imagined step)."""
+    """The actor's discrete actions: one-hot, straight-through, drawn by `sample_one_hot`."""
 
     def rsample(self, sample_shape=torch.Size()):
         return sample_one_hot(self.logits.expand(*sample_shape, *self.logits.shape))
 
     def sample(self, sample_shape=torch.Size()):
-        """Acting: the same draw as torch.multinomial (which `sample` would call), without its
-        validity check's host sync."""
         return self.rsample(sample_shape).detach()
 
 
@@ -633,11 +403,17 @@ class Actor(nn.Module):
 
 
 def mode(dist: td.Distribution, continuous: str = "mode") -> torch.Tensor:
-    """Deterministic action for evaluation; `continuous` ('mode' or 'mean': --eval-action) picks
-    the truncated normal's mode or mean."""
+    """The deterministic action of evaluation (--eval-action: the truncated normal's mode or mean)."""
     if isinstance(dist, td.OneHotCategorical):
         return one_hot(dist.logits.argmax(-1), dist.logits.shape[-1])
     return dist.base_dist.mean if continuous == "mean" else dist.base_dist.mode
+
+
+def glorot_init(module: nn.Module):
+    """The official initialisation (Keras defaults): Glorot-uniform weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.xavier_uniform_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 class WorldModel(nn.Module):
@@ -667,15 +443,15 @@ class ActorCritic(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Replay buffer
+# World-model loss (Eq. 2)
 # ---------------------------------------------------------------------------------------------
 
-# Index conventions, in the paper's notation (stated once; every slicing site names what it picks).
-# Replay: slot t of an episode, and step t of a sampled sequence (T, B), holds
+# Index conventions, in the paper's notation (every slicing site below names what it picks).
+# Replay (appendix): slot t of an episode, and step t of a sampled sequence (T, B), holds
 #     x_t (obs), a_{t-1} (action: the one that led to x_t; zeros at t = 0), r_t (reward: received
 #     on arriving at x_t; 0 at t = 0), cont_t (0 if the episode terminated at x_t), is_first_t.
-#   so the RSSM's step t reads (h_{t-1}, z_{t-1}, action[t] = a_{t-1}, x_t) and the reward head at
-#   the model state (h_t, z_t), written z_t below, is trained on reward[t] = r_t.
+# World model: the posterior at step t has seen (h_{t-1}, z_{t-1}, action[t] = a_{t-1}, x_t) and the
+#     reward head at the model state (h_t, z_t), written z_t below, is trained on reward[t] = r_t.
 # Imagination from a start state z_0 (each posterior state of the batch, N = T * B of them):
 #     feats[t] = z_t for t = 0..H (H + 1 of them); actions[t] = a_t ~ pi(a | z_t) for t = 0..H-1,
 #     which leads to z_{t+1}; reward[t] = r_t = E p(r | z_t); value[t] = v(z_t), the slow critic.
@@ -685,132 +461,8 @@ class ActorCritic(nn.Module):
 #     state its action leads to (official agent.py); the critic regresses v(z_t) on V_t.
 
 
-class Replay:
-    """Whole episodes in a flat ring of uint8 images; sampling of in-episode sequences, uniform or
-    with episode ends preferred (`prioritize_ends`).
-
-    Slot t of an episode holds obs_t, the action a_{t-1} that led to it (zeros at t = 0), the
-    reward r_t received on arriving there (0 at t = 0), cont_t = 0 if the episode terminated
-    there and is_first_t = 1 at t = 0. A sequence never crosses an episode boundary, so the RSSM
-    starts each one from zeros. (Index conventions: the comment above.)
-
-    Speed: the arrays are torch tensors on `device`; on a GPU the images never cross the bus
-    again after they are stored, and sampling is one gather on the device (start indices are drawn
-    with numpy on the host and sent as one small tensor). The arrays are allocated once, at the
-    capacity the run can fill (`replay_slots`): growing them by doubling held the old and the new
-    block at once (1.5x at peak) and left the old one in the CUDA cache.
-    """
-
-    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device="cpu",
-                 prioritize_ends: bool = False):
-        self.capacity, self.device = capacity, torch.device(device)
-        self.prioritize_ends = prioritize_ends
-        self.shapes = dict(obs=tuple(obs_shape), action=(action_dim,), reward=(), cont=(), is_first=())
-        self.dtypes = dict(obs=torch.uint8, action=torch.float32, reward=torch.float32,
-                           cont=torch.float32, is_first=torch.float32)
-        self.data = {k: torch.empty((capacity, *s), dtype=self.dtypes[k], device=self.device)
-                     for k, s in self.shapes.items()}
-        self.episode = np.full(capacity, -1, np.int64)  # episode id per slot (host), -1 = empty
-        self.pos = self.size = self.episodes = 0
-        self.rng = np.random.default_rng(seed)
-        self._starts = self._ends = np.zeros(0, np.int64)
-        self._starts_length = None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes at full capacity."""
-        per_slot = sum(math.prod(s) * self.dtypes[k].itemsize for k, s in self.shapes.items())
-        return self.capacity * (per_slot + self.episode.itemsize)
-
-    def add_episode(self, obs, action, reward, cont):
-        n = len(obs)
-        if n > self.capacity:
-            raise ValueError(f"episode of {n} steps does not fit a replay of {self.capacity}")
-        idx = (self.pos + np.arange(n)) % self.capacity
-        is_first = np.zeros(n, np.float32)
-        is_first[0] = 1.0
-        index = torch.from_numpy(idx).to(self.device)
-        for key, value in zip(("obs", "action", "reward", "cont", "is_first"),
-                              (obs, action, reward, cont, is_first)):
-            value = torch.as_tensor(np.asarray(value)).to(self.device, self.dtypes[key])
-            self.data[key][index] = value.reshape(n, *self.shapes[key])
-        self.episode[idx] = self.episodes
-        self.episodes += 1
-        self.pos = (self.pos + n) % self.capacity
-        self.size = min(self.size + n, self.capacity)
-        self._starts_length = None  # valid starts changed
-
-    def valid_starts(self, length: int) -> np.ndarray:
-        """Slots i such that i .. i+length-1 lie in one stored episode."""
-        if self._starts_length != length:
-            last = np.roll(self.episode, -(length - 1))
-            # Episodes are written contiguously, so equal ids at both ends means one episode,
-            # unless the window wraps all the way round (impossible: episodes < capacity).
-            ok = (self.episode >= 0) & (self.episode == last)
-            ok &= (np.arange(self.capacity) + length - 1 < self.capacity) | (self.size == self.capacity)
-            self._starts, self._starts_length = np.flatnonzero(ok), length
-            # The last valid start of each episode (for prioritize_ends): its successor slot is no
-            # valid start of the same episode.
-            after = (self._starts + 1) % self.capacity
-            last = ~ok[after] | (self.episode[after] != self.episode[self._starts])
-            self._ends = self._starts[last]
-        return self._starts
-
-    def draw_starts(self, batch: int, length: int) -> np.ndarray:
-        """Start slots of `batch` sequences. Uniform over valid starts; with prioritize_ends, each
-        episode's last start counts `length` + 1 times (official replay.py: the start is drawn from
-        [0, total - length + 1 + minlen) and clipped to the last one, so episode ends, rare under
-        uniform windows, are seen as often as DreamerV2 sees them). The official sampler first picks
-        an episode uniformly; here every valid start is equally likely, the same for equal-length
-        episodes (every DMC task)."""
-        starts = self.valid_starts(length)
-        if not self.prioritize_ends:
-            return self.rng.choice(starts, size=batch)
-        u = self.rng.integers(len(starts) + length * len(self._ends), size=batch)
-        extra = np.minimum(np.maximum(u - len(starts), 0) // length, len(self._ends) - 1)
-        return np.where(u < len(starts), starts[np.minimum(u, len(starts) - 1)], self._ends[extra])
-
-    def can_sample(self, length: int) -> bool:
-        return len(self.valid_starts(length)) > 0
-
-    def sample(self, batch: int, length: int) -> dict:
-        """Tensors on the replay's device, time-major: obs (T, B, 3, H, W) uint8, action (T, B, A),
-        reward, cont, is_first (T, B)."""
-        starts = self.draw_starts(batch, length)
-        idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # (T, B)
-        index = to_device_async(idx, self.device)
-        return {key: value[index] for key, value in self.data.items()}
-
-    def state_dict(self) -> dict:
-        keep = slice(0, self.size)  # a copy of the filled part (a view saves the whole storage)
-        return dict(**{k: v[keep].to("cpu", copy=True) for k, v in self.data.items()},
-                    episode=self.episode[keep],
-                    pos=self.pos, size=self.size, episodes=self.episodes,
-                    rng=self.rng.bit_generator.state)
-
-    def load_state_dict(self, state: dict):
-        n = state["size"]
-        for key in self.data:
-            self.data[key][:n] = torch.as_tensor(state[key]).to(self.device)
-        self.episode[:n] = state["episode"]
-        self.pos, self.size, self.episodes = state["pos"], n, state["episodes"]
-        self.rng.bit_generator.state = state["rng"]
-        self._starts_length = None
-
-
-def to_torch(batch: dict, device: torch.device) -> dict:
-    """Batch (tensors or numpy arrays) -> tensors on `device`; images stay uint8 (4x less to copy)."""
-    return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# World-model objective
-# ---------------------------------------------------------------------------------------------
-
-
 def gaussian_nll(mean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-ln N(target | mean, 1), elementwise, fp32 (written out: td.Normal(mean, 1.0) would copy the
-    Python scale to the GPU, a host sync, on every call)."""
+    """-ln N(target | mean, 1), elementwise, fp32 (td.Normal(mean, 1.0) would copy 1.0 to the GPU)."""
     return 0.5 * (target.float() - mean.float()) ** 2 + 0.5 * math.log(2 * math.pi)
 
 
@@ -830,20 +482,17 @@ def world_model_loss(wm: WorldModel, batch: dict, args: Args):
     embed = wm.encoder(batch["obs"])  # (T, B, E)
     # The action into the first step of an episode is zero (official RSSM.obs_step with is_first;
     # the replay already stores zeros there, this keeps it so for any batch).
-    action = batch["action"]  # action[t] = a_{t-1}, zeros at an episode start
-    if "is_first" in batch:
-        action = action * (1 - batch["is_first"])[..., None]
+    action = batch["action"] * (1 - batch["is_first"])[..., None]  # action[t] = a_{t-1}
     post, prior = wm.rssm.observe(embed, action)
     feat = wm.rssm.feat(post)  # (T, B, F)
     target = batch["obs"].float() / 255.0 - 0.5
     image_nll = gaussian_nll(wm.decoder(feat), target).sum((-3, -2, -1)).mean()
-    reward_nll = gaussian_nll(wm.reward(feat).squeeze(-1), batch["reward"]).mean()  # p(r_t | s_t)
+    reward_nll = gaussian_nll(wm.reward(feat).squeeze(-1), batch["reward"]).mean()  # p(r_t | z_t)
     kl_loss, kl_value = kl_balance(post["logits"], prior["logits"], args.kl_balance, args.free_nats)
     loss = image_nll + args.reward_scale * reward_nll + args.kl_scale * kl_loss
-    metrics = dict(image_loss=image_nll, reward_loss=reward_nll, kl_loss=kl_loss,
-                   kl=kl_value.mean(),
-                   prior_entropy=categorical_entropy(prior["logits"]).mean().detach(),
-                   post_entropy=categorical_entropy(post["logits"]).mean().detach())
+    metrics = dict(image_loss=image_nll, reward_loss=reward_nll, kl_loss=kl_loss, kl=kl_value.mean(),
+                   prior_entropy=categorical_entropy(prior["logits"]).mean(),
+                   post_entropy=categorical_entropy(post["logits"]).mean())
     if wm.discount is not None:
         # The discount head predicts episode continuation (Bernoulli), scaled by gamma when used.
         discount_nll = F.binary_cross_entropy_with_logits(wm.discount(feat).squeeze(-1),
@@ -851,11 +500,11 @@ def world_model_loss(wm: WorldModel, batch: dict, args: Args):
         loss = loss + discount_nll
         metrics["discount_loss"] = discount_nll
     metrics["model_loss"] = loss
-    return loss, post, metrics
+    return loss, post, {k: v.detach() for k, v in metrics.items()}
 
 
 # ---------------------------------------------------------------------------------------------
-# Behaviour learning in imagination
+# Behaviour learning in imagination (Eqs. 4-6)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -916,85 +565,44 @@ def behaviour_losses(wm: WorldModel, ac: ActorCritic, post: dict, args: Args, di
     critic_loss = (gaussian_nll(critic, target.detach()) * weight[:-1]).mean()  # against V_t, weight_t
     metrics = dict(actor_loss=actor_loss, critic_loss=critic_loss, actor_entropy=entropy.mean(),
                    imagined_reward=reward.mean(), value=critic.mean(), lambda_return=target.mean())
-    return actor_loss, critic_loss, metrics
+    return actor_loss, critic_loss, {k: v.detach() for k, v in metrics.items()}
 
 
 # ---------------------------------------------------------------------------------------------
-# Agent: one update, acting, evaluation
+# Agent: the training step and acting
 # ---------------------------------------------------------------------------------------------
-
-
-# The names of the per-update non-finite flags (`metrics["nonfinite"]`, read by NonFiniteWatch).
-LOSS_NAMES = ("model_loss", "actor_loss", "critic_loss")
 
 
 class Agent:
-    """The world model, the actor and the critic, their optimisers, one training step, acting."""
+    """The world model, the actor and the critic, one optimiser each, the training step, acting."""
 
-    def __init__(self, args: Args, action_dim: int, discrete: bool, device: torch.device):
-        self.args, self.device, self.discrete, self.action_dim = args, device, discrete, action_dim
-        self.wm = WorldModel(args, action_dim).to(device)
-        self.ac = ActorCritic(args, self.wm.rssm.feat_dim, action_dim, discrete).to(device)
+    def __init__(self, args: Args, action_space, compute: Compute):
+        self.args, self.compute, self.device = args, compute, compute.device
+        self.discrete, self.action_dim = action_size(action_space)
+        self.wm = WorldModel(args, self.action_dim).to(self.device)
+        self.ac = ActorCritic(args, self.wm.rssm.feat_dim, self.action_dim, self.discrete).to(self.device)
         # One Adam per network, with DreamerV2's clip and weight decay (configs.yaml *_opt).
         opt = dict(eps=args.adam_eps, clip=args.grad_clip, weight_decay=args.weight_decay)
-        self.model_opt = Optimizer("model", self.wm.parameters(), args.model_lr, **opt)
-        self.actor_opt = Optimizer("actor", self.ac.actor.parameters(), args.actor_lr, **opt)
-        self.critic_opt = Optimizer("critic", self.ac.critic.parameters(), args.critic_lr, **opt)
+        self.model_opt = compute.optimizer("model", self.wm.parameters(), args.model_lr, **opt)
+        self.actor_opt = compute.optimizer("actor", self.ac.actor.parameters(), args.actor_lr, **opt)
+        self.critic_opt = compute.optimizer("critic", self.ac.critic.parameters(), args.critic_lr, **opt)
+        self.world_model_loss = compute.loss(world_model_loss)
+        self.behaviour_losses = compute.loss(behaviour_losses)
         self.updates = 0
-        # Once an update has a non-finite loss, every later one is skipped too (a device flag):
-        # the main loop reads the flags one update late on a GPU, without waiting for the GPU.
-        self.halted = torch.zeros((), device=device)
-        self.model_loss, self.behaviour_losses = self._model_loss, self._behaviour_losses
-        self.cudagraphs = args.compile and args.compile_mode == "reduce-overhead"
-        if args.compile:
-            # Speed: each loss function compiled as a whole, the observe and imagine loops unrolled
-            # into one graph each (fixed shapes), so an update is a few fused kernels instead of
-            # thousands of small launches. Parameters stay the same modules: checkpoints unchanged.
-            mode = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(
-                args.compile_mode, args.compile_mode)
-            self.model_loss = torch.compile(self._model_loss, dynamic=False, mode=mode)
-            self.behaviour_losses = torch.compile(self._behaviour_losses, dynamic=False, mode=mode)
-
-    def _model_loss(self, batch: dict):
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.args.precision == "bf16"):
-            return world_model_loss(self.wm, batch, self.args)
-
-    def _behaviour_losses(self, post: dict):
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.args.precision == "bf16"):
-            return behaviour_losses(self.wm, self.ac, post, self.args, self.discrete)
 
     def update(self, batch: dict) -> dict:
         """One training step of the paper's Algorithm 1: world-model learning on a replayed batch
-        (Eq. 2), then behaviour learning in imagination from its posterior states (Eqs. 5, 6).
-        Returns device tensors: the metrics and `nonfinite`, one flag per name in LOSS_NAMES. A
-        non-finite world-model step skips the whole update, and every later one (`halted`)."""
-        cudagraph_step(self.cudagraphs)
-        model_loss, post, metrics = self.model_loss(batch)
-        metrics |= self.model_opt(model_loss, skip=self.halted)
-        post, metrics = outlive_step(post, self.cudagraphs), outlive_step(metrics, self.cudagraphs)
-
-        cudagraph_step(self.cudagraphs)
+        (Eq. 2), then behaviour learning in imagination from its posterior states (Eqs. 4-6)."""
+        model_loss, post, metrics = self.world_model_loss(self.wm, batch, self.args)
+        metrics |= self.model_opt(model_loss)
         with frozen(self.wm):  # the actor's gradient flows through the model; no model weight learns
-            actor_loss, critic_loss, behaviour_metrics = self.behaviour_losses(post)
-        # One backward pass of the sum (a compiled graph is backpropagated once): each network's
-        # gradient is its own loss's (the critic loss sees detached features and targets).
-        backward(actor_loss + critic_loss, self.actor_opt, self.critic_opt)
-        metrics |= self.actor_opt.step(actor_loss, self.model_opt.skipped)
-        metrics |= self.critic_opt.step(critic_loss, self.model_opt.skipped)
-        metrics |= outlive_step(behaviour_metrics, self.cudagraphs)
-        if self.updates % self.args.target_update_every == 0:
-            self.update_slow_critic(copied=1 - self.critic_opt.skipped)
+            actor_loss, critic_loss, behaviour = self.behaviour_losses(self.wm, self.ac, post,
+                                                                       self.args, self.discrete)
+        metrics |= optimise((self.actor_opt, actor_loss), (self.critic_opt, critic_loss))
+        if self.updates % self.args.target_update_every == 0:  # Eq. 5's slow critic: a copy
+            self.compute.update_target(self.ac.target_critic, self.ac.critic, fraction=1.0)
         self.updates += 1
-        flags = [self.model_opt.flag, self.actor_opt.flag, self.critic_opt.flag]
-        metrics["nonfinite"] = torch.stack(flags)  # in the order of LOSS_NAMES
-        self.halted = torch.maximum(self.halted, metrics["nonfinite"].max())
-        return metrics
-
-    @torch.no_grad()  # in place and outside autograd: the slow critic carries no history
-    def update_slow_critic(self, copied: torch.Tensor):
-        """Copy the critic into the slow critic of Eq. 5: lerp weight `copied` = 1 copies exactly,
-        0 (after a skipped critic step) leaves it as it was; a device tensor, no host sync."""
-        lerp_(list(self.ac.target_critic.parameters()), list(self.ac.critic.parameters()), copied)
+        return metrics | behaviour
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, state, explore: bool):
@@ -1005,7 +613,7 @@ class Agent:
         else:
             latent, prev = state
         obs_t = torch.as_tensor(obs, device=self.device)[None]
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.args.precision == "bf16"):
+        with self.compute.precision():
             # Latents are sampled in evaluation too (official eval_state_mean=False); only the
             # action is the mode.
             latent = self.wm.rssm.obs_step(latent, prev, self.wm.encoder(obs_t))
@@ -1030,361 +638,703 @@ class Agent:
         self.updates = state["updates"]
 
 
-def env_action(action: np.ndarray, discrete: bool):
-    """The agent's action (continuous vector or one-hot) in the env's format."""
-    return int(action.argmax()) if discrete else action
-
-
-def evaluate(agent: Agent, env, seeds: list, discrete: bool, record: bool = False, stop=lambda: False):
-    """Mean return of one episode per seed with mode actions; frames of the first if `record`.
-    Returns (None, frames) if `stop()` turns true (an interrupt) before the episodes are done."""
-    returns, frames = [], []
-    for ep, seed in enumerate(seeds):
-        obs, _ = env.reset(seed=seed)
-        state, total, done = None, 0.0, False
-        while not done:
-            if record and ep == 0:
-                frames.append(obs.transpose(1, 2, 0))
-            action, state = agent.act(obs, state, explore=False)
-            obs, reward, terminated, truncated, _ = env.step(env_action(action, discrete))
-            total += reward
-            done = terminated or truncated
-            if stop():
-                return None, frames
-        returns.append(total)
-    return float(np.mean(returns)), frames
-
-
-
-def synthetic_batch(args: Args, action_dim: int, device: torch.device) -> dict:
-    T, B = args.batch_length, args.batch_size
-    return dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
-                action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
-                reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device),
-                is_first=torch.zeros(T, B, device=device))
-
-
-def measure_speed(args: Args, device: torch.device) -> dict:
-    """Speed benchmark. Updates: median seconds per update over `args.measure_updates` updates
-    (after 2 warm-ups) on a random batch of the configured size (model and optimisers only, no
-    env, no replay). Acting: env steps per second of the acting loop (policy step + env step,
-    exploration actions) over 50 agent steps on `args.env`."""
-    configure_torch(args, device)
-    env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=args.seed,
-                    image_size=64, action_repeat=action_repeat(args), video_dir=args.video_dir)
-    discrete = hasattr(env.action_space, "n")
-    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
-    agent = Agent(args, action_dim, discrete, device)
-    batch = synthetic_batch(args, action_dim, device)
-    times = []
-    for i in range(args.measure_updates + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        agent.update(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    obs, _ = env.reset(seed=args.seed)
-    state, env_steps, policy_time = None, 0, 0.0
-    for i in range(52):
-        if i == 2:  # the first two steps are warm-up: the clock starts here
-            start, env_steps, policy_time = time.perf_counter(), 0, 0.0
-        t = time.perf_counter()
-        action, state = agent.act(obs, state, explore=True)
-        policy_time += time.perf_counter() - t
-        obs, _, terminated, truncated, info = env.step(env_action(action, discrete))
-        env_steps += info["env_steps"]
-        if terminated or truncated:
-            (obs, _), state = env.reset(), None
-    acting_time = time.perf_counter() - start
-    env.close()
-    result = dict(seconds_per_update=float(np.median(times[2:])), updates=len(times) - 2,
-                  parameters=agent.num_parameters(), env=args.env,
-                  env_steps_per_second=env_steps / acting_time, policy_ms=1000 * policy_time / 50,
-                  device=str(device), precision=args.precision, compile=args.compile)
-    if args.compile:
-        result["compile_seconds"] = times[0]  # the first update compiles both loss functions
-    if device.type == "cuda":
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    # peak resident memory of the process (Linux reports KiB): weights, optimisers, activations, env
-    result["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps(result))
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # Main loop
 # ---------------------------------------------------------------------------------------------
 
 
-def main(args: Args):
-    if args.measure_updates > 0:
-        return measure_speed(args, resolve_device(args.device))
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    device = resolve_device(args.device)
-    replay_on = replay_device(args, device)
-    configure_torch(args, device)
-    seed_everything(args.seed)
+def action_repeat(args: Args) -> int:
+    """--action-repeat, else 2 on every DMC-family task (official configs.yaml dmc: PlaNet's
+    per-task values are not DreamerV2's), else (and for 0) the env's own default."""
+    if args.action_repeat:
+        return args.action_repeat
+    if args.action_repeat is None and args.env.partition("-")[0] in ("dmc", "dcs", "natural"):
+        return 2
+    return envs.default_action_repeat(args.env)
 
-    repeat = action_repeat(args)
-    make = lambda split: envs.make(args.env, distraction=args.distraction,  # noqa: E731
-                                   dynamic=args.dynamic, seed=args.seed, image_size=64,
-                                   action_repeat=repeat, split=split, video_dir=args.video_dir)
-    try:  # bad input (env id, distraction, video folder) ends here with a message, not a traceback
-        env, eval_env = make("train"), make(args.eval_split)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
-    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    discrete = hasattr(env.action_space, "n")
-    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
 
-    agent = Agent(args, action_dim, discrete, device)
-    replay = Replay(replay_slots(args.replay_capacity, args.total_steps, repeat, args.batch_length),
-                    env.observation_space.shape,
-                    action_dim, args.seed, replay_on, args.prioritize_ends)
-    counters = dict(env_steps=0, agent_steps=0, episodes=0, next_eval=args.eval_every,
-                    last_eval=-1, eval_rounds=0, pretrain_updates=0)
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint["agent"])
-        counters.update(checkpoint["counters"])
-        load_replay(args.resume, checkpoint, replay, counters)
-        seed_everything(args.seed, checkpoint["rng"])  # after the networks are built: as saved
-    logger = Logger(run_dir, args, counters["env_steps"] if checkpoint is not None else None)
-    interrupt = StopFlag()
+def make_env(args: Args, split: str):
+    """The env the agent sees: 64 x 64 pixels, `split`'s background videos."""
+    return envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=args.seed,
+                     image_size=64, action_repeat=action_repeat(args), split=split,
+                     video_dir=args.video_dir)
 
-    params = agent.num_parameters()
-    ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
-    print(f"run {run_dir} | device {device} | {params / 1e6:.1f}M parameters | action repeat {repeat} | "
-          f"replay {replay.capacity:,} agent steps on {replay_on}, up to "
-          f"{replay.nbytes / 2**30:.2f} GiB (allocated once) | replay ratio {ratio:.0f} "
-          f"replayed steps per agent step | videos: {envs.video_source(args.env, args.distraction, args.video_dir)}", flush=True)
-    print(f"preset {args.preset}: {preset_overrides(args)}", flush=True)
-    if checkpoint is not None:
-        print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "
-              "episode was stored as truncated; a new episode starts)", flush=True)
-    ckpt_path = run_dir / "checkpoint.pt"
-    progress = Progress(args, counters, args.updates_per_step / args.train_every)
-    last_return, metrics = float("nan"), {}
-    # Each update's non-finite flags, read late: on a GPU the newest update stays unread, so that
-    # the next one is queued while the GPU still runs it (the agent's `halted` flag makes it a no-op
-    # if needed).
-    watch = NonFiniteWatch(LOSS_NAMES)
 
-    def finish():
-        interrupt.restore()
-        env.close()
-        eval_env.close()
-        logger.close()
+def updates_due(args: Args, run: Run) -> int:
+    """Updates after this agent step: `pretrain` once, when the prefill is done, then
+    `updates_per_step` every `train_every` agent steps (official agent.py: train_every, train_steps)."""
+    done = run.counters.get("pretrain_updates", 0)
+    if done < args.pretrain:
+        run.counters["pretrain_updates"] = args.pretrain
+        return args.pretrain - done
+    return args.updates_per_step if run.agent_steps % args.train_every == 0 else 0
 
-    def write_checkpoint(with_replay: bool):
-        """checkpoint.pt, and replay.pt if `with_replay` (see save_checkpoint)."""
-        save_checkpoint(ckpt_path, agent, replay if with_replay else None, counters, args)
 
-    def check_finite(keep: int = 0):
-        """Read the flags of all but the newest `keep` updates; stop on a non-finite loss."""
-        bad = watch.first_bad(keep)
-        if bad is None:
-            return
-        names, update, step = bad
-        # that update (and any after it) was skipped: parameters from before it
-        write_checkpoint(with_replay=True)
-        finish()
-        raise SystemExit(f"error: non-finite {', '.join(names)} at update {update} (env step "
-                         f"{step}); checkpoint from before it: {ckpt_path}")
+def main(args: Args, settings: RunSettings):
+    compute = Compute(settings, args.seed)  # device, precision, speed; seeds every RNG
+    env, eval_env = make_envs(make_env, args)  # for training, and on --eval-split's videos
+    agent = Agent(args, env.action_space, compute)
+    slots = replay_slots(args.replay_capacity, settings.total_steps, action_repeat(args), args.batch_length)
+    replay = Replay(slots, env.observation_space.shape, agent.action_dim, args.seed,
+                    compute.replay_device, args.prioritize_ends)
+    run = Run(args, settings, compute, agent, replay, env, eval_env,
+              batch=(args.batch_size, args.batch_length),
+              updates_per_step=args.updates_per_step / args.train_every)
+    if settings.evaluate or settings.measure_updates:  # no training: score a checkpoint, time updates
+        return run.evaluate_checkpoint() if settings.evaluate else run.measure_speed()
 
-    compiled = [not args.compile]
-
-    def train_once():
-        nonlocal metrics
-        check_finite(keep=1 if device.type == "cuda" else 0)
-        batch = to_torch(replay.sample(args.batch_size, args.batch_length), device)
-        start = time.perf_counter()
-        metrics = agent.update(batch)
-        watch.push(metrics["nonfinite"], agent.updates, counters["env_steps"])
-        if not compiled[0]:  # the first update of this process compiles (also after a resume)
-            compiled[0] = True
-            check_finite()  # waits for the first update: its wall time is the compile time
-            print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
-        else:
-            progress.update_time += time.perf_counter() - start
-            progress.updates += 1
-
-    def stop(episode: dict):
-        """Interrupted: store the episode so far as truncated, checkpoint, exit 130/143."""
-        check_finite()
-        if len(episode["reward"]) >= 2:
-            replay.add_episode(*(np.asarray(episode[k]) for k in ("obs", "action", "reward", "cont")))
-            counters["episodes"] += 1
-        write_checkpoint(with_replay=True)
-        print(f"interrupted at step {counters['env_steps']}; resume with: python "
-              f"{os.path.basename(__file__)} --resume {ckpt_path}", flush=True)
-        finish()
-        sys.exit(128 + interrupt.signum)
-
-    def run_eval():
-        """Evaluation round e: episode j is reset with episode_seed(seed, 'eval', e * 10000 + j), so
-        it is reproducible after a resume without storing the eval env's RNG. None if interrupted."""
-        check_finite()
-        seeds = [episode_seed(args.seed, "eval", counters["eval_rounds"] * 10_000 + j)
-                 for j in range(args.eval_episodes)]
-        ret, frames = evaluate(agent, eval_env, seeds, discrete, args.capture_video,
-                               stop=lambda: interrupt.signum is not None)
-        if ret is None:
-            return None
-        logger.log(counters["env_steps"], {"eval/episodic_return": ret})
-        if frames:
-            save_video(frames, run_dir / "videos" / f"eval_{counters['env_steps']}.mp4")
-            strip = np.concatenate(frames[:: max(1, len(frames) // 8)][:8], axis=1)
-            logger.writer.add_image("eval/frames", strip, counters["env_steps"], dataformats="HWC")
-        print(f"eval at {counters['env_steps']}: return {ret:.1f}", flush=True)
-        counters["last_eval"], counters["eval_rounds"] = counters["env_steps"], counters["eval_rounds"] + 1
-        while args.eval_every and counters["next_eval"] <= counters["env_steps"]:
-            counters["next_eval"] += args.eval_every
-        if args.save_model:
-            write_checkpoint(with_replay=replay_due(args, counters["eval_rounds"], counters))
-        return ret
-
-    def new_episode():
-        obs, _ = env.reset(seed=episode_seed(args.seed, "train", counters["episodes"]))
-        return obs, dict(obs=[obs], action=[np.zeros(action_dim, np.float32)], reward=[0.0], cont=[1.0])
-
-    obs, ep = new_episode()
-    state, episode_return = None, 0.0
-    phase = lambda: "prefill" if counters["agent_steps"] < args.prefill else "train"  # noqa: E731
-    pretrain_left = lambda: max(args.pretrain - counters["pretrain_updates"], 0)  # noqa: E731
-    progress.maybe_print(counters, phase(), last_return, agent.updates)
-    while counters["env_steps"] < args.total_steps:
-        start = time.perf_counter()
-        if counters["agent_steps"] < args.prefill:
-            action = (np.eye(action_dim, dtype=np.float32)[np.random.randint(action_dim)] if discrete
-                      else np.random.uniform(-1, 1, action_dim).astype(np.float32))
+    obs, state = run.start(), None  # the run folder, --resume, the first observation
+    while run.env_steps < settings.total_steps:
+        if run.agent_steps < args.prefill:
+            action = random_action(env.action_space)
         else:
             action, state = agent.act(obs, state, explore=True)
-        obs, reward, terminated, truncated, info = env.step(env_action(action, discrete))
-        progress.acting_time += time.perf_counter() - start
-        counters["agent_steps"] += 1
-        counters["env_steps"] += info["env_steps"]
-        episode_return += reward
+        obs, reward, terminated, truncated, info = env.step(env_action(action, env.action_space))
+        if run.record(obs, action, reward, terminated, truncated, info):  # stored in the replay
+            obs, state = run.reset(), None
+        if run.agent_steps >= args.prefill and replay.can_sample(args.batch_length):
+            run.train(updates_due(args, run))
+        run.log_and_evaluate()
+    return run.finish()
+
+
+# =============================================================================================
+# APPENDIX: the same text in all five scripts of this repository (tests/test_plumbing.py compares
+# them; `python tools/sync_plumbing.py` copies a fix from one into the others). None of it is the
+# method: run settings and the command line; the run object `main` calls; acting helpers; the
+# compute object the Agent is built with (device, precision, torch.compile, CUDA graphs, the
+# optimiser helper, the non-finite skip); the replay buffer; logging, files and devices.
+# =============================================================================================
+
+
+@dataclass
+class RunSettings:
+    """How a run is carried out, not what is learned: these may change on --resume (Args may not)."""
+
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # part of the run folder's name
+    device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...
+    compile: bool = False  # torch.compile each loss function whole (the first update compiles)
+    # torch.compile mode: reduce-overhead replays CUDA graphs, max-autotune runs without them
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: networks autocast; values, losses fp32
+    torch_deterministic: bool = True  # cudnn.deterministic, cudnn.benchmark off (CleanRL's)
+    replay_device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the training GPU, else the host
+    total_steps: int = TOTAL_STEPS  # env steps to train for, after action repeat (paper's budget)
+    eval_every: int = 10_000  # env steps between evaluations (0: only at the end)
+    eval_episodes: int = 10  # episodes per evaluation, deterministic actions, seeds of their own
+    log_every: int = 1_000  # env steps between metric logs and progress lines (also every 30 s)
+    save_model: bool = False  # checkpoint.pt at every evaluation (CleanRL's; an interrupt always)
+    checkpoint_replay: bool = True  # replay.pt beside it, so that --resume keeps the same data
+    replay_checkpoint_every: int = 10  # evaluations between replay.pt writes (0: end, interrupt)
+    resume: Optional[str] = None  # continue this checkpoint.pt's run (its Args may not change)
+    evaluate: Optional[str] = None  # no training: score this checkpoint.pt on --env/--distraction
+    measure_updates: int = 0  # > 0: time that many updates and 50 acting steps, print JSON, exit
+    capture_video: bool = False  # an mp4 of each evaluation's first episode, TensorBoard frames
+    track: bool = False  # mirror scalars, flags and videos to Weights & Biases (CleanRL's)
+    wandb_project_name: str = "rfwm"  # the Weights & Biases project (CleanRL's flag)
+    wandb_entity: Optional[str] = None  # the Weights & Biases team or user (CleanRL's flag)
+
+
+@dataclass
+class Flags:
+    args: Args
+    run: RunSettings
+
+
+# Args fields --evaluate may set apart from the checkpoint's: where and how the agent is scored.
+EVALUATION_FLAGS = {"env", "distraction", "dynamic", "video_dir", "eval_split", "eval_action", "seed"}
+# Numbers that must be positive wherever a script has them; every other number must be >= 0.
+POSITIVE = {"total_steps", "eval_episodes", "log_every", "batch_size", "batch_length", "seq_len",
+            "horizon", "train_every", "updates_per_step", "replay_capacity", "deter", "hidden",
+            "stoch", "classes", "mlp_units", "cnn_depth", "cnn_filters", "embed", "crop_size",
+            "render_size", "contrast_units", "ac_hidden", "obs_mlp", "gru_mlp", "prior_mlp",
+            "posterior_mlp", "decoder_mlp", "reward_mlp", "inverse_mlp", "target_update_every"}
+
+
+def parse_args(argv=None) -> tuple[Args, RunSettings]:
+    """Every field of Args and RunSettings as a flat flag (`--batch-size`, `--compile`). Defaults:
+    the presets the run applies (`presets`, later wins), or the checkpoint's flags with --resume
+    (no Args field may differ) or --evaluate (only EVALUATION_FLAGS may). Numbers are checked
+    here, before anything is built or written."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    asked = _cli(argv, Flags(Args(), RunSettings()))
+    path = asked.run.resume or asked.run.evaluate
+    if asked.run.resume and asked.run.evaluate:
+        raise SystemExit("error: --resume continues training and --evaluate scores a checkpoint; "
+                         "give one of them")
+    if path is None:
+        values = {k: v for entry in presets(asked.args).values() for k, v in entry.items()}
+        flags = _cli(argv, split_flags(values, Flags(Args(), RunSettings())))
+    else:
+        checkpoint = load_checkpoint(path)
+        saved = {**checkpoint.get("settings", {}), **checkpoint["args"]}  # older ones: all in args
+        run = RunSettings() if asked.run.evaluate else split_flags(saved, Flags(Args(), RunSettings())).run
+        flags = _cli(argv, split_flags(saved, Flags(Args(), run)))
+        free = EVALUATION_FLAGS if asked.run.evaluate else set()
+        changed = [f"--{k.replace('_', '-')} {v} (checkpoint {saved[k]})" for k, v in
+                   vars(flags.args).items() if k in saved and k not in free and saved[k] != v]
+        if changed:  # a flag the checkpoint lacks (added later) takes its default
+            raise SystemExit(f"error: --{'evaluate' if asked.run.evaluate else 'resume'}: these flags "
+                             f"differ from the checkpoint's and change the algorithm: "
+                             f"{', '.join(changed)}; drop them or start a new run")
+    for part in (flags.args, flags.run):
+        for name, value in vars(part).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                flag = f"error: --{name.replace('_', '-')} {value}: must"
+                if not math.isfinite(value):
+                    raise SystemExit(f"{flag} be a finite number")
+                if value <= 0 and name in POSITIVE or value < 0:
+                    raise SystemExit(f"{flag} {'be positive' if name in POSITIVE else 'not be negative'}")
+    if flags.run.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("error: --track needs the wandb package: pip install wandb (or drop --track)")
+    return flags.args, flags.run
+
+
+def _cli(argv: list, default: Flags) -> Flags:
+    return tyro.cli(Flags, args=argv, default=default, description=__doc__.split("\n\n")[0],
+                    config=(tyro.conf.OmitArgPrefixes,))
+
+
+def split_flags(values: dict, flags: Flags) -> Flags:
+    """`flags` with `values` set, each in whichever of Args and RunSettings has the field."""
+    known = {name: {k: v for k, v in values.items() if k in type(part).__dataclass_fields__}
+             for name, part in vars(flags).items()}
+    return Flags(replace(flags.args, **known["args"]), replace(flags.run, **known["run"]))
+
+
+def describe_presets(args: Args, settings: RunSettings) -> str:
+    """The run header's account of the presets: each value applied, and each one a flag replaced."""
+    values = {k: v for entry in presets(args).values() for k, v in entry.items()}
+    if not values:
+        return "no overrides (every default is the paper's setting, see Args)"
+    now = {**vars(settings), **vars(args)}
+    used = [f"{k}={v}" for k, v in values.items() if now[k] == v]
+    replaced = [f"{k}={now[k]} (preset {v})" for k, v in values.items() if now[k] != v]
+    return ", ".join(used) + (f"; flags replaced {', '.join(replaced)}" if replaced else "")
+
+
+class Run:
+    """What a run promises besides the algorithm: a run folder of its own; episodes with seeds of
+    their own, stored in the replay; updates on replayed batches, the non-finite stop; logs and
+    progress; evaluation rounds; atomic checkpoints, --resume (no evaluation repeated); Ctrl-C and
+    SIGTERM; --evaluate, --measure-updates. `counters` is checkpointed (scripts may add their own)."""
+
+    def __init__(self, args: Args, settings: RunSettings, compute: Compute, agent: Agent,
+                 replay: Replay, env, eval_env, batch: tuple, updates_per_step: float):
+        self.args, self.settings, self.compute, self.agent = args, settings, compute, agent
+        self.replay, self.env, self.eval_env, self.batch = replay, env, eval_env, batch
+        self.updates_per_step, self.metrics, self.episode, self.dir = updates_per_step, {}, None, None
+        self.counters = dict(env_steps=0, agent_steps=0, episodes=0, updates_due=0, eval_rounds=0,
+                             next_eval=settings.eval_every, last_eval=-1, last_log=0)
+        self.last_return, self.pending = float("nan"), []  # last episode's return; unread flags
+
+    @property
+    def env_steps(self) -> int:
+        return self.counters["env_steps"]
+
+    @property
+    def agent_steps(self) -> int:
+        return self.counters["agent_steps"]
+
+    def start(self) -> np.ndarray:
+        """Make the run folder (or continue --resume's), print the header; the first observation."""
+        resume = self.settings.resume
+        checkpoint = load_checkpoint(resume) if resume else None
+        if checkpoint is not None:  # networks, optimisers, counters, replay.pt, then RNG states
+            self.agent.load_state_dict(checkpoint["agent"])
+            counters = dict(checkpoint["counters"])
+            counters.setdefault("eval_rounds", counters.pop("evals", 0))  # older checkpoints' names
+            self.counters.update(counters, last_log=counters.get("last_log", counters["env_steps"]))
+            load_replay(resume, checkpoint, self.replay, self.counters)
+            seed_everything(self.args.seed, checkpoint["rng"])
+        name = f"{self.args.env}__{self.settings.exp_name}__{self.args.seed}__{int(time.time())}"
+        self.dir = Path(resume).parent if resume else new_run_dir(name)
+        self.logger = Logger(self.dir, self.args, self.settings, self.env_steps if resume else None)
+        self.stop = StopFlag()
+        self.progress = Progress(self.settings, self.args.preset, self.counters, self.updates_per_step)
+        replay, ratio = self.replay, self.updates_per_step * math.prod(self.batch[:2])
+        print(f"run {self.dir} | device {self.compute.device} | {self.agent.num_parameters() / 1e6:.1f}M "
+              f"parameters | action repeat {getattr(self.env.unwrapped, 'action_repeat', 1)} | replay "
+              f"{replay.capacity:,} agent steps on {replay.device.type}, up to {replay.nbytes / 2**30:.2f} "
+              f"GiB | replay ratio {ratio:.0f} replayed steps per agent step | videos: "
+              f"{envs.video_source(self.args.env, self.args.distraction, self.args.video_dir)}", flush=True)
+        print(f"preset {self.args.preset}: {describe_presets(self.args, self.settings)}", flush=True)
+        if checkpoint is not None:
+            c = checkpoint["counters"]  # (older checkpoints say nothing of what wrote them)
+            by = checkpoint.get("saved_by") or ("evaluation" if c.get("last_eval") == c["env_steps"]
+                                                else "interrupt")
+            kept = ("the interrupted episode was stored as truncated" if by == "interrupt" else
+                    f"the checkpoint written at the {by} at that step: steps the run made after it, "
+                    "if it was killed, are not kept")
+            print(f"resumed from {resume} at env step {self.env_steps} ({kept}; a new episode starts)",
+                  flush=True)
+        self.log_mark = (time.time(), self.agent.updates)
+        obs = self.reset()
+        self.progress.maybe_print(self.counters, self.phase(), self.last_return, self.agent.updates, force=True)
+        return obs
+
+    def phase(self) -> str:
+        return "train" if self.agent.updates else "prefill"
+
+    def reset(self) -> np.ndarray:
+        """A new training episode, reset with its own seed (episode_seed: the same after a resume)."""
+        obs, _ = self.env.reset(seed=episode_seed(self.args.seed, "train", self.counters["episodes"]))
+        zeros = np.zeros(self.agent.action_dim, np.float32)
+        self.episode, self.episode_return = dict(obs=[obs], action=[zeros], reward=[0.0], cont=[1.0]), 0.0
+        self.acted = time.perf_counter()
+        return obs
+
+    def record(self, obs, action, reward, terminated, truncated, info) -> bool:
+        """Count the step and add it to the episode (slot t: x_t, a_{t-1}, r_t, cont_t). True if the
+        episode ended: it is then in the replay and `reset` starts the next one."""
+        self.progress.acting_time += time.perf_counter() - self.acted
+        self.counters["agent_steps"] += 1
+        self.counters["env_steps"] += info["env_steps"]
+        self.episode_return += reward
         for key, value in zip(("obs", "action", "reward", "cont"), (obs, action, reward, 1.0 - terminated)):
-            ep[key].append(value)
+            self.episode[key].append(value)
         if terminated or truncated:
-            replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
-            counters["episodes"] += 1
-            last_return = episode_return
-            logger.log(counters["env_steps"], {"charts/episodic_return": episode_return,
-                                               "charts/episodic_length": len(ep["reward"]) - 1})
-            (obs, ep), state, episode_return = new_episode(), None, 0.0
-        if interrupt.signum:
-            stop(ep)
+            length = self.store_episode()
+            self.last_return = self.episode_return
+            self.logger.log(self.env_steps, {"charts/episodic_return": self.episode_return,
+                                             "charts/episodic_length": length})
+        if self.stop.signum is not None:
+            self.interrupted()
+        self.acted = time.perf_counter()
+        return terminated or truncated
 
-        # Train: once `prefill` steps are in, `pretrain` updates, then every `train_every` steps.
-        if counters["agent_steps"] >= args.prefill and replay.can_sample(args.batch_length):
-            if counters["pretrain_updates"] < args.pretrain:
-                while counters["pretrain_updates"] < args.pretrain:
-                    train_once()
-                    counters["pretrain_updates"] += 1
-                    progress.maybe_print(counters, "pretrain", last_return, agent.updates,
-                                         pending_updates=pretrain_left())
-                    if interrupt.signum:
-                        stop(ep)
-            elif counters["agent_steps"] % args.train_every == 0:
-                for _ in range(args.updates_per_step):
-                    train_once()
+    def store_episode(self) -> int:
+        """The running episode into the replay (ended, or truncated by an interrupt); its length."""
+        episode, self.episode = self.episode, None
+        self.replay.add_episode(*(np.asarray(episode[k]) for k in ("obs", "action", "reward", "cont")))
+        self.counters["episodes"] += 1
+        return len(episode["reward"]) - 1
 
-        crossed = counters["env_steps"] // args.log_every != (counters["env_steps"] - info["env_steps"]) // args.log_every
+    def train(self, updates: int):
+        """`updates` more updates, each on a fresh replayed batch. Owed ones are checkpointed (an
+        interrupted burst is made up after --resume) and wait while no whole sequence is stored."""
+        self.counters["updates_due"] += updates
+        while self.counters["updates_due"] > 0 and self.replay.can_sample(self.batch[1]):
+            self.check_finite(keep=1 if self.compute.device.type == "cuda" else 0)
+            batch = to_torch(self.replay.sample(*self.batch), self.compute.device)
+            start = time.perf_counter()
+            self.metrics = self.agent.update(batch)
+            flags = self.compute.flags()  # read an update late: the host does not wait for the GPU
+            event = torch.cuda.Event() if flags.is_cuda else None
+            self.pending.append((flags.to("cpu", non_blocking=True), event, self.agent.updates, self.env_steps))
+            if event is not None:
+                event.record()
+            self.counters["updates_due"] -= 1
+            if self.settings.compile and not self.progress.compiled:  # the first update compiles
+                self.check_finite()  # waits for it: its wall time is the compile time
+                self.progress.compiled = True
+                print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
+            else:
+                self.progress.update_time += time.perf_counter() - start
+                self.progress.updates += 1
+            if self.stop.signum is not None:
+                self.interrupted()
+            if self.counters["updates_due"]:  # inside a burst (pretraining): a line every 30 s
+                self.progress.maybe_print(self.counters, "train", self.last_return, self.agent.updates,
+                                          pending_updates=self.counters["updates_due"])
+
+    def log_and_evaluate(self):
+        """Training metrics when a multiple of --log-every env steps was crossed, a progress line,
+        an evaluation round when one is due."""
+        step, every = self.env_steps, self.settings.log_every
+        crossed = step // every != self.counters["last_log"] // every
         if crossed:
-            logs = {f"losses/{k}": v for k, v in metrics.items() if k != "nonfinite"}
-            logs.update({"charts/SPS": progress.sps(counters), "charts/updates": agent.updates})
-            logger.log(counters["env_steps"], logs)
-        progress.maybe_print(counters, phase(), last_return, agent.updates, force=crossed,
-                             pending_updates=pretrain_left())
-        if args.eval_every and counters["env_steps"] >= counters["next_eval"]:
-            if run_eval() is None:
-                stop(ep)
+            (then, before), now, updates = self.log_mark, time.time(), self.agent.updates
+            logs = {f"losses/{k}": v for k, v in self.metrics.items()}
+            logs.update({"charts/SPS": self.progress.sps(self.counters), "charts/updates": updates,
+                         "charts/updates_per_second": (updates - before) / max(now - then, 1e-9)})
+            self.logger.log(step, logs)
+            self.counters["last_log"], self.log_mark = step, (now, updates)
+        self.progress.maybe_print(self.counters, self.phase(), self.last_return, self.agent.updates,
+                                  force=crossed, pending_updates=self.counters["updates_due"])
+        if self.settings.eval_every and step >= self.counters["next_eval"]:
+            self.evaluate_round()
 
-    if counters["last_eval"] != counters["env_steps"] and run_eval() is None:
-        stop(ep)
-    check_finite()
-    finish()
-    return run_dir
+    def evaluate_round(self):
+        """Round e: episode j is reset with episode_seed(seed, 'eval', e * 10000 + j), the same after
+        a resume; `next_eval` moves on before the checkpoint is written."""
+        self.check_finite()
+        c, step, images = self.counters, self.env_steps, hasattr(self.agent, "eval_images")
+        seeds = [episode_seed(self.args.seed, "eval", c["eval_rounds"] * 10_000 + j)
+                 for j in range(self.settings.eval_episodes)]
+        returns, frames = evaluate(self.agent, self.eval_env, seeds, self.settings.capture_video or images,
+                                   self.stop)
+        if returns is None:
+            self.interrupted()
+        self.logger.log(step, {"eval/episodic_return": float(np.mean(returns))}, videos=envs.video_source(
+            self.args.env, self.args.distraction, self.args.video_dir))
+        if self.settings.capture_video:
+            self.logger.frames(frames, step, self.dir / "videos" / f"eval_{step}.mp4")
+        for name, image in (self.agent.eval_images(frames) if images else {}).items():  # CoRe's mask
+            self.logger.writer.add_image(name, image, step, dataformats="HWC")
+        print(f"eval at {step}: return {np.mean(returns):.1f}", flush=True)
+        c["last_eval"], c["eval_rounds"] = step, c["eval_rounds"] + 1
+        while self.settings.eval_every and c["next_eval"] <= step:
+            c["next_eval"] += self.settings.eval_every
+        if self.settings.save_model:
+            self.save(replay_due(self.settings, c["eval_rounds"], step), saved_by="evaluation")
+
+    def finish(self) -> Path:
+        """The last evaluation (unless one was just made) and the last updates' check; closes."""
+        if self.counters["last_eval"] != self.env_steps:
+            self.evaluate_round()
+        self.check_finite()
+        self.close()
+        return self.dir
+
+    def close(self):
+        self.stop.restore()
+        self.logger.close()
+        self.env.close()
+        self.eval_env.close()
+
+    def save(self, with_replay: bool, saved_by: str):
+        """checkpoint.pt (megabytes: networks, optimisers, counters, RNG states, flags) and, if
+        `with_replay` and --checkpoint-replay, replay.pt (gigabytes on a GPU run) after it: a kill
+        between the two leaves an older replay (which --resume reports), never a newer one."""
+        path, space = self.dir / "checkpoint.pt", self.env.observation_space
+        rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        try:
+            atomic_save(dict(agent=self.agent.state_dict(), counters=dict(self.counters), rng=rng,
+                             args=vars(self.args), settings=vars(self.settings), saved_by=saved_by,
+                             spaces=dict(obs=tuple(space.shape), action=self.agent.action_dim)), path)
+            if with_replay and self.settings.checkpoint_replay:
+                atomic_save(dict(replay=self.replay.state_dict(), env_steps=self.env_steps),
+                            path.with_name("replay.pt"))
+        except SystemExit:  # a full disk: give the signal handlers back, close what can be closed
+            with contextlib.suppress(Exception):
+                self.close()
+            raise
+
+    def interrupted(self):
+        """Ctrl-C or SIGTERM: the episode so far into the replay as truncated, a checkpoint with the
+        replay, exit 130 (SIGINT) or 143 (SIGTERM)."""
+        self.check_finite()
+        if self.episode is not None and len(self.episode["reward"]) >= 2:
+            self.store_episode()
+        self.save(with_replay=True, saved_by="interrupt")
+        print(f"interrupted at step {self.env_steps}; resume with: python "
+              f"{os.path.basename(__file__)} --resume {self.dir / 'checkpoint.pt'}", flush=True)
+        self.close()
+        sys.exit(128 + self.stop.signum)
+
+    def check_finite(self, keep: int = 0):
+        """Read the flags of all updates but the newest `keep`; stop at a non-finite one (its steps
+        and all later ones were skipped: the checkpoint has the parameters from before it)."""
+        while len(self.pending) > keep:
+            flags, event, update, step = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()  # normally long done: the copy was queued an update ago
+            if flags.any():
+                names = [f"{opt.name}_loss" for opt, bad in zip(self.compute.optimizers, flags.tolist()) if bad]
+                self.save(with_replay=True, saved_by="non-finite stop")
+                self.close()
+                raise SystemExit(f"error: non-finite {', '.join(names)} at update {update} (env step "
+                                 f"{step}); checkpoint from before it: {self.dir / 'checkpoint.pt'}")
+
+    def evaluate_checkpoint(self) -> dict:
+        """--evaluate: --eval-episodes episodes of the checkpoint's agent on this env (any level, either
+        video split); each return, mean +- standard error, in evaluation.json (with --capture-video an
+        mp4 and a frame strip) in a folder of its own; nothing of the run is touched."""
+        path, env, a = self.settings.evaluate, self.eval_env, self.args
+        checkpoint = load_checkpoint(path)
+        try:
+            if tuple(checkpoint.get("spaces", {}).get("obs", env.observation_space.shape)) != env.observation_space.shape:
+                raise RuntimeError("observation shape")
+            self.agent.load_state_dict(checkpoint["agent"])
+        except (RuntimeError, KeyError):
+            raise SystemExit(f"error: --evaluate {path}: its networks do not fit {a.env} (observations "
+                             f"{tuple(env.observation_space.shape)}, {self.agent.action_dim} actions); "
+                             "evaluate it on an env of the task it was trained on") from None
+        seeds = [episode_seed(a.seed, "eval", j) for j in range(self.settings.eval_episodes)]
+        returns, frames = evaluate(self.agent, env, seeds, self.settings.capture_video)
+        n, mean = len(returns), float(np.mean(returns))
+        se = float(np.std(returns, ddof=1) / math.sqrt(n)) if n > 1 else None
+        report = dict(checkpoint=str(path), env_steps=checkpoint["counters"]["env_steps"],
+                      trained_on=dict(env=checkpoint["args"]["env"],
+                                      distraction=checkpoint["args"].get("distraction")),
+                      env=a.env, distraction=a.distraction, dynamic=a.dynamic, split=a.eval_split,
+                      video_dir=a.video_dir, seeds=seeds, returns=[float(r) for r in returns],
+                      mean=mean, standard_error=se)
+        for j, value in enumerate(returns):
+            print(f"episode {j}: return {value:.1f}", flush=True)
+        where = new_run_dir(f"{Path(path).parent.name}__eval__{a.env}__{a.distraction}__{a.eval_split}"
+                            f"__{int(time.time())}")
+        (where / "evaluation.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+        writer = SummaryWriter(str(where))
+        writer.add_scalar("eval/episodic_return", mean, report["env_steps"])
+        if frames:
+            write_frames(writer, frames, report["env_steps"], where / "video.mp4")
+        writer.close()
+        self.env.close()
+        env.close()
+        print(f"return {mean:.1f}{f' +- {se:.1f}' if se is not None else ''} (mean +- standard error "
+              f"over {n} episodes) on {a.env} {a.distraction} ({a.eval_split} videos); written to "
+              f"{where}", flush=True)
+        return report
+
+    def measure_speed(self) -> dict:
+        """--measure-updates: median seconds per update (after 2 warm-ups, the first compiles) on
+        random frames at the configured sizes; env steps per second of acting over 50 steps."""
+        agent, env, device, length = self.agent, self.env, self.compute.device, max(self.batch[1], 2)
+        actions = np.stack([random_action(env.action_space) for _ in range(length)])
+        self.replay.add_episode(np.random.randint(0, 255, (length, *env.observation_space.shape),
+                                                  dtype=np.uint8), actions, np.random.rand(length),
+                                np.ones(length))
+        times = []
+        for _ in range(self.settings.measure_updates + 2):
+            batch = to_torch(self.replay.sample(*self.batch), device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            agent.update(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        (obs, _), state, env_steps, policy_time = env.reset(seed=self.args.seed), None, 0, 0.0
+        for i in range(52):
+            if i == 2:  # the first two steps are warm-up: the clock starts here
+                start, env_steps, policy_time = time.perf_counter(), 0, 0.0
+            t = time.perf_counter()
+            action, state = agent.act(obs, state, explore=True)
+            policy_time += time.perf_counter() - t
+            obs, _, terminated, truncated, info = env.step(env_action(action, env.action_space))
+            env_steps += info["env_steps"]
+            if terminated or truncated:
+                (obs, _), state = env.reset(), None
+        acting_time = time.perf_counter() - start
+        env.close()
+        result = dict(seconds_per_update=float(np.median(times[2:])), updates=len(times) - 2,
+                      parameters=agent.num_parameters(), env=self.args.env,
+                      env_steps_per_second=env_steps / acting_time, policy_ms=1000 * policy_time / 50,
+                      device=str(device), precision=self.settings.precision, compile=self.settings.compile)
+        if self.settings.compile:
+            result["compile_seconds"] = times[0]
+        if device.type == "cuda":
+            result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        # peak resident memory of the process (Linux reports KiB): weights, optimisers, activations, env
+        result["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(json.dumps(result))
+        return result
 
 
-# =============================================================================================
-# Plumbing: identical in every script (tests/test_plumbing.py compares the five copies byte for
-# byte, so a fix made here is made in all of them). Nothing below is part of the method: replay
-# seeding, device copies, the optimiser helper, logging, progress, signals, checkpoints, devices.
-# =============================================================================================
-
-STREAMS = {"train": 0, "eval": 1}
+def replay_due(settings: RunSettings, evals: int, env_steps: int) -> bool:
+    """Whether the checkpoint after evaluation number `evals` (from 1) writes replay.pt too: the
+    run's last one and every --replay-checkpoint-every-th."""
+    every = settings.replay_checkpoint_every
+    return env_steps >= settings.total_steps or (every > 0 and evals % every == 0)
 
 
-def episode_seed(seed: int, stream: str, index: int) -> int:
-    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
-    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
-    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
+def new_run_dir(name: str) -> Path:
+    """runs/<name>, made here and never shared: if it exists (a second run started in the same
+    second), the next free suffix _2, _3, ...; a slash in the name (gym:ALE/Pong-v5) becomes '-'."""
+    for k in range(1, 1000):
+        path = Path("runs") / (name.replace("/", "-") + (f"_{k}" if k > 1 else ""))
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise SystemExit(f"error: cannot make the run folder {path} ({error.strerror}); run from a "
+                             "folder you can write to") from None
+    raise SystemExit(f"error: runs/{name}: a thousand run folders of that name exist already")
 
 
-def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
-    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
-    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+def make_envs(make_env, args: Args):
+    """The training env and the evaluation env (--eval-split's videos); bad input (env id,
+    distraction, video folder) ends here in one line."""
+    try:
+        return make_env(args, "train"), make_env(args, args.eval_split)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
-def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
-    """The replay's size in agent steps, allocated once: `capacity` (agent steps)
-    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
-    of an episode, and at least one training sequence of `length`."""
-    return max(min(capacity, -(-total_steps // repeat) + 1), length)
+def action_size(space) -> tuple[bool, int]:
+    """(discrete, size of an action vector): one-hot over a Discrete space's n, else the Box's."""
+    discrete = hasattr(space, "n")
+    return discrete, int(space.n) if discrete else int(space.shape[0])
 
 
-def lerp_(targets: list, sources: list, weight: torch.Tensor):
-    """targets <- targets + weight * (sources - targets), in place, for a 0-dim device tensor
-    `weight`. The weight goes in as a list of tensors: the overload that takes one number would
-    read the tensor to the host (a GPU sync every update)."""
-    torch._foreach_lerp_(targets, sources, [weight] * len(targets))
+def random_action(space) -> np.ndarray:
+    """Uniform over the actions (prefill): a one-hot vector, or uniform in [-1, 1] per component."""
+    discrete, dim = action_size(space)
+    if discrete:
+        return np.eye(dim, dtype=np.float32)[np.random.randint(dim)]
+    return np.random.uniform(-1, 1, dim).astype(np.float32)
 
 
-def nonfinite(*values: torch.Tensor) -> torch.Tensor:
-    """1.0 if any value is NaN/inf, else 0.0: a 0-dim fp32 device tensor (no host sync)."""
-    return (~torch.isfinite(torch.stack([v.detach().float() for v in values]))).any().float()
+def env_action(action: np.ndarray, space):
+    """The agent's action (continuous vector or one-hot) in the env's format."""
+    return int(action.argmax()) if hasattr(space, "n") else action
 
 
-def cudagraph_step(enabled: bool):
-    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
-    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
-    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
-    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
-    with no backward pending, freeing outputs that are still in use."""
-    if enabled:
+def evaluate(agent: Agent, env, seeds: list, record: bool = False, stop=None):
+    """The return of one episode per seed with deterministic actions, and the first one's frames
+    if `record`; (None, frames) if `stop` (a StopFlag) catches a signal before they are done."""
+    returns, frames = [], []
+    for ep, seed in enumerate(seeds):
+        (obs, _), state, total, done = env.reset(seed=seed), None, 0.0, False
+        while not done:
+            if record and ep == 0:
+                frames.append(obs.transpose(1, 2, 0))
+            action, state = agent.act(obs, state, explore=False)
+            obs, reward, terminated, truncated, _ = env.step(env_action(action, env.action_space))
+            total += reward
+            done = terminated or truncated
+            if stop is not None and stop.signum is not None:
+                return None, frames
+        returns.append(total)
+    return returns, frames
+
+
+class Compute:
+    """Where and how the method's tensors are computed: the device, --precision, --compile, CUDA
+    graphs, and the optimisers, which share one device flag, `skip`: from the first non-finite loss
+    or norm on, every step is skipped on the device, without a host sync (the run reads `flags()`
+    an update late and stops with the checkpoint from before)."""
+
+    def __init__(self, settings: RunSettings, seed: int):
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.replay_device = replay_device(settings, self.device)
+        configure_torch(settings, self.device)
+        seed_everything(seed)
+        self.skip, self.optimizers = torch.zeros((), device=self.device), []
+        self.graphs = settings.compile and settings.compile_mode == "reduce-overhead"
+
+    def precision(self):
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.settings.precision == "bf16")
+
+    def loss(self, fn) -> Loss:
+        return Loss(fn, self)
+
+    def optimizer(self, name: str, params, lr: float, **kw) -> Optimizer:
+        self.optimizers.append(Optimizer(name, params, lr, self, **kw))
+        return self.optimizers[-1]
+
+    def flags(self) -> torch.Tensor:
+        """The last step's non-finite flag of every optimiser, in their order (a device tensor)."""
+        return torch.stack([opt.flag for opt in self.optimizers])
+
+    @torch.no_grad()  # in place and outside autograd: a target network carries no history
+    def update_target(self, target, source, fraction: float):
+        """target <- target + fraction (source - target), parameters of two modules (or two lists of
+        tensors); not at all if this update's steps were skipped (the weight is a device tensor)."""
+        pairs = [list(m.parameters()) if isinstance(m, nn.Module) else list(m) for m in (target, source)]
+        torch._foreach_lerp_(pairs[0], pairs[1], [fraction * (1 - self.skip)] * len(pairs[0]))
+
+
+class Loss:
+    """A loss function under --precision; with --compile compiled whole (the RSSM's loops unrolled:
+    a few fused kernels); with reduce-overhead replayed as CUDA graphs, whose outputs the next call
+    overwrites: each call marks a step and copies every output but the losses (top-level 0-dim
+    tensors that require grad, backpropagated before the next call)."""
+
+    def __init__(self, fn, compute: Compute):
+        self.fn, self.compute, self.run = fn, compute, self.eager
+        if compute.settings.compile:
+            mode = compute.settings.compile_mode
+            mode = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+            self.run = torch.compile(self.eager, dynamic=False, mode=mode)
+
+    def eager(self, *args):
+        with self.compute.precision():
+            return self.fn(*args)
+
+    def __call__(self, *args):
+        if not self.compute.graphs:
+            return self.run(*args)
         torch.compiler.cudagraph_mark_step_begin()
+        return outlive(self.run(*args))
 
 
-def outlive_step(value, enabled: bool):
-    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
-    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
-    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
-    if not enabled:
-        return value
+def outlive(value, top: bool = True):
+    """Detached copies, outside the CUDA-graph pool, of every tensor in `value` but the losses."""
+    if torch.is_tensor(value):
+        return value if top and value.requires_grad and value.dim() == 0 else value.detach().clone()
     if isinstance(value, dict):
-        return {k: outlive_step(v, True) for k, v in value.items()}
-    return value.detach().clone()
+        return {k: outlive(v, False) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(outlive(v, top) for v in value)
+    return value
+
+
+def full_precision(x: torch.Tensor):
+    """fp32 inside, also under --precision bf16 (for outputs that feed returns and log-probs)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+class Optimizer:
+    """One network's optimiser (danijar/dreamerv2's `common.Optimizer`): `metrics |= opt(loss)`
+    backpropagates, clips, checks loss and norm, and takes a fused Adam step, skipped on the device
+    (`found_inf`, as GradScaler sets it) once this or an earlier loss or norm was not finite.
+    weight_decay multiplies parameters by (1 - wd) per step (official common/other.py: AdamW with
+    wd / lr); clip <= 0: measured only. `params`: tensors or groups (dicts with their own lr)."""
+
+    def __init__(self, name: str, params, lr: float, compute: Compute, eps: float = 1e-8,
+                 clip: float = 0.0, weight_decay: float = 0.0, clip_params=None,
+                 betas: tuple = (0.9, 0.999), extra_clips=()):
+        groups = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
+        self.name, self.compute, self.flag = name, compute, None
+        self.params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+        self.clips = [(f"{name}_grad_norm", self.params if clip_params is None else list(clip_params), clip)]
+        self.clips += [(key, list(ps), max_norm) for key, ps, max_norm in extra_clips]
+        if weight_decay > 0:
+            self.opt = torch.optim.AdamW(groups, lr=lr, eps=eps, betas=betas,
+                                         weight_decay=weight_decay / lr, fused=True)
+        else:
+            self.opt = torch.optim.Adam(groups, lr=lr, eps=eps, betas=betas, fused=True)
+
+    def __call__(self, loss: torch.Tensor) -> dict:
+        return optimise((self, loss))
+
+    def clip_and_step(self, loss: torch.Tensor) -> dict:
+        norms = {key: nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else
+                 nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                 for key, params, max_norm in self.clips}
+        self.flag = (~torch.isfinite(torch.stack([v.detach().float() for v in (loss, *norms.values())]))
+                     ).any().float()  # 1.0 if the loss or a norm is NaN or inf: a device tensor
+        self.compute.skip = torch.maximum(self.compute.skip, self.flag)
+        self.opt.found_inf = self.compute.skip
+        self.opt.step()
+        return norms
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.opt.load_state_dict(state)
+
+
+def optimise(*pairs) -> dict:
+    """(optimiser, loss) pairs: one backward pass of the losses' sum into the optimisers'
+    parameters only (a compiled graph can be backpropagated once; each network's gradient is its
+    own loss's), then each optimiser clips and steps, in order. Returns their metrics."""
+    total = pairs[0][1]
+    for _, loss in pairs[1:]:
+        total = total + loss
+    for opt, _ in pairs:
+        opt.opt.zero_grad(set_to_none=True)
+    total.backward(inputs=[p for opt, _ in pairs for p in opt.params])
+    metrics = {}
+    for opt, loss in pairs:
+        metrics |= opt.clip_and_step(loss)
+    return metrics
 
 
 @contextlib.contextmanager
 def frozen(module: nn.Module):
-    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
-    on again after). A loss computed inside still backpropagates through `module` into its
-    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
-    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
-    eager mode, but a compiled graph's backward computes a gradient for every input that
-    requires one, here the whole world model's, for nothing."""
+    """`module`'s parameters frozen inside: a loss still backpropagates through it into its inputs
+    (the actor's gradient through the dynamics) but a compiled backward computes no weight
+    gradient for it, which `backward(inputs=...)` prunes only in eager mode."""
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
@@ -1395,95 +1345,165 @@ def frozen(module: nn.Module):
             p.requires_grad_(True)
 
 
-class Optimizer:
-    """One network's optimiser, called with its loss, as danijar/dreamerv2's `common.Optimizer`:
-    `metrics |= opt(loss, skip)` zeroes the gradients, backpropagates, clips the gradient norm and
-    takes a fused Adam step. The step is skipped on the device, with no host sync, when the loss
-    or the gradient norm is not finite or when `skip` (a 0-dim device tensor, e.g. an earlier
-    optimiser's `skipped`) is 1: fused Adam honours `found_inf` as GradScaler sets it, leaving
-    parameters and moments as they were. After a step, `flag` is 1.0 if this loss or norm was not
-    finite and `skipped` is 1.0 if the step was skipped. Returns {"<name>_grad_norm": norm}.
+class Replay:
+    """Whole episodes in a ring of uint8 images. Slot t of an episode: x_t, a_{t-1} (zeros at t = 0),
+    r_t (0 at t = 0), cont_t (0 where it terminated), is_first_t. A sampled window lies inside one
+    episode, never across the write position (newest slot into oldest). With `prioritize_ends` an
+    episode's last start counts length + 1 times (official replay.py, which picks episodes first:
+    the same for equal-length episodes). Tensors on `device` (a batch is one gather there),
+    allocated once (`replay_slots`); on the host numpy zeros, whose pages fill as episodes come."""
 
-    weight_decay > 0: every parameter is multiplied by (1 - weight_decay) once per step, as the
-    official DreamerV2 optimiser does (common/other.py); AdamW multiplies by (1 - lr * wd'), so
-    wd' = weight_decay / lr. clip <= 0: no clipping (the norm is still measured and checked).
-    `params` may be torch parameter groups (dicts with their own "lr"), stepped and skipped together.
-    Losses that share one backward pass: `backward(loss, opt_a, opt_b)`, then `opt_a.step(...)`."""
+    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device="cpu",
+                 prioritize_ends: bool = False):
+        self.capacity, self.device, self.prioritize_ends = capacity, torch.device(device), prioritize_ends
+        self.shapes = dict(obs=tuple(obs_shape), action=(action_dim,), reward=(), cont=(), is_first=())
+        self.dtypes = dict(obs=torch.uint8, action=torch.float32, reward=torch.float32,
+                           cont=torch.float32, is_first=torch.float32)
+        self.data = {k: torch.zeros((capacity, *s), dtype=self.dtypes[k], device=self.device)
+                     if self.device.type != "cpu" else torch.from_numpy(
+                         np.zeros((capacity, *s), np.uint8 if k == "obs" else np.float32))
+                     for k, s in self.shapes.items()}
+        self.episode = np.full(capacity, -1, np.int64)  # episode id per slot (host), -1 = empty
+        self.pos = self.size = self.episodes = 0
+        self.rng = np.random.default_rng(seed)
+        self._starts = self._ends = np.zeros(0, np.int64)
+        self._starts_length = None
 
-    def __init__(self, name: str, params, lr: float, eps: float = 1e-8, clip: float = 0.0,
-                 weight_decay: float = 0.0, clip_params=None, betas: tuple = (0.9, 0.999)):
-        # `params`: tensors, or torch's parameter groups (dicts with their own "lr", ...)
-        groups = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
-        self.name, self.clip = name, clip
-        self.params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
-        # the parameters whose gradient norm is clipped and checked (default: all of them)
-        self.clip_params = self.params if clip_params is None else list(clip_params)
-        if weight_decay > 0:
-            self.opt = torch.optim.AdamW(groups, lr=lr, eps=eps, betas=betas,
-                                         weight_decay=weight_decay / lr, fused=True)
-        else:
-            self.opt = torch.optim.Adam(groups, lr=lr, eps=eps, betas=betas, fused=True)
-        self.flag = self.skipped = None
+    @property
+    def nbytes(self) -> int:
+        """Bytes at full capacity."""
+        per_slot = sum(math.prod(s) * self.dtypes[k].itemsize for k, s in self.shapes.items())
+        return self.capacity * (per_slot + self.episode.itemsize)
 
-    def __call__(self, loss: torch.Tensor, skip: torch.Tensor | None = None) -> dict:
-        backward(loss, self)
-        return self.step(loss, skip)
+    def add_episode(self, obs, action, reward, cont):
+        n = len(obs)
+        if n > self.capacity:
+            raise ValueError(f"episode of {n} steps does not fit a replay of {self.capacity}")
+        idx = (self.pos + np.arange(n)) % self.capacity
+        is_first = np.zeros(n, np.float32)
+        is_first[0] = 1.0
+        index = torch.from_numpy(idx).to(self.device)
+        for key, value in zip(self.data, (obs, action, reward, cont, is_first)):
+            value = torch.as_tensor(np.asarray(value)).to(self.device, self.dtypes[key])
+            self.data[key][index] = value.reshape(n, *self.shapes[key])
+        self.episode[idx] = self.episodes
+        self.episodes += 1
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+        self._starts_length = None  # valid starts changed
 
-    def step(self, loss: torch.Tensor, skip: torch.Tensor | None = None, *checked: torch.Tensor) -> dict:
-        """Clip, check `loss`, the norm and any `checked` values, and step (gradients in place)."""
-        return self.apply(skip, self.check(loss, *checked))
+    def valid_starts(self, length: int) -> np.ndarray:
+        """Slots i such that i .. i+length-1 lie in one stored episode, not across the write position."""
+        if self._starts_length != length:
+            # Episodes are written contiguously: equal ids at both ends mean one episode, unless
+            # the window runs from the newest slot (pos - 1) into the oldest (pos).
+            ok = (self.episode >= 0) & (self.episode == np.roll(self.episode, -(length - 1)))
+            ok &= (np.arange(self.capacity) - self.pos) % self.capacity + length - 1 < self.capacity
+            self._starts, self._starts_length = np.flatnonzero(ok), length
+            # Each episode's last valid start: its successor is no valid start of the same episode.
+            after = (self._starts + 1) % self.capacity
+            self._ends = self._starts[~ok[after] | (self.episode[after] != self.episode[self._starts])]
+        return self._starts
 
-    def check(self, loss: torch.Tensor, *checked: torch.Tensor) -> dict:
-        """Clip and measure: sets `flag`; returns the metrics. `apply` steps."""
-        if self.clip > 0:
-            norm = nn.utils.clip_grad_norm_(self.clip_params, self.clip)
-        else:
-            norm = nn.utils.get_total_norm([p.grad for p in self.clip_params if p.grad is not None])
-        self.flag = nonfinite(loss, norm, *checked)
-        return {f"{self.name}_grad_norm": norm}
+    def can_sample(self, length: int) -> bool:
+        return len(self.valid_starts(length)) > 0
 
-    def apply(self, skip: torch.Tensor | None, metrics: dict | None = None) -> dict:
-        """The fused step, skipped on the device if `flag` or `skip` is set; returns `metrics`."""
-        self.skipped = self.flag if skip is None else torch.maximum(skip, self.flag)
-        self.opt.found_inf = self.skipped
-        self.opt.step()
-        return metrics or {}
+    def draw_starts(self, batch: int, length: int) -> np.ndarray:
+        starts = self.valid_starts(length)
+        if not self.prioritize_ends:
+            return self.rng.choice(starts, size=batch)
+        u = self.rng.integers(len(starts) + length * len(self._ends), size=batch)
+        extra = np.minimum(np.maximum(u - len(starts), 0) // length, len(self._ends) - 1)
+        return np.where(u < len(starts), starts[np.minimum(u, len(starts) - 1)], self._ends[extra])
+
+    def sample(self, batch: int, length: int, crop: int = 0) -> dict:
+        """Time-major tensors on the replay's device: obs (T, B, 3, H, W) uint8 (H = W = crop with
+        `crop`: one random crop for a whole sequence), action (T, B, A), reward, cont, is_first."""
+        starts = self.draw_starts(batch, length)
+        idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # (T, B)
+        if not crop:
+            index = to_device_async(idx, self.device)
+            return {key: value[index] for key, value in self.data.items()}
+        oy, ox = self.rng.integers(0, self.shapes["obs"][-1] - crop + 1, size=(2, batch))
+        # one small host -> device copy: slots (T*B), then the crop offsets (B each)
+        index = to_device_async(np.concatenate([idx.ravel(), oy, ox]), self.device)
+        slots, oy, ox = index[:length * batch].view(length, batch), index[-2 * batch:-batch], index[-batch:]
+        span = torch.arange(crop, device=self.device)
+        rows = (oy[:, None] + span)[None, :, None, :, None]  # (1, B, 1, crop, 1)
+        cols = (ox[:, None] + span)[None, :, None, None, :]  # (1, B, 1, 1, crop)
+        channels = torch.arange(self.shapes["obs"][0], device=self.device)[None, None, :, None, None]
+        obs = self.data["obs"][slots[:, :, None, None, None], channels, rows, cols]  # (T, B, C, crop, crop)
+        return dict({key: value[slots] for key, value in self.data.items() if key != "obs"}, obs=obs)
 
     def state_dict(self) -> dict:
-        return self.opt.state_dict()
+        keep = slice(0, self.size)  # a copy of the filled part (a view saves the whole storage)
+        return dict(**{k: v[keep].to("cpu", copy=True) for k, v in self.data.items()},
+                    episode=self.episode[keep].copy(), pos=self.pos, size=self.size,
+                    episodes=self.episodes, rng=self.rng.bit_generator.state)
 
     def load_state_dict(self, state: dict):
-        self.opt.load_state_dict(state)
+        n, ids = state["size"], np.asarray(state["episode"])
+        if "is_first" not in state:  # written before the replay stored it: an episode's first slot
+            state = dict(state, is_first=np.r_[True, ids[1:] != ids[:-1]].astype(np.float32))
+        for key in self.data:
+            self.data[key][:n] = torch.as_tensor(np.asarray(state[key])).reshape(
+                n, *self.shapes[key]).to(self.device)
+        self.episode[:n] = ids
+        self.pos, self.size, self.episodes = state["pos"], n, state["episodes"]
+        self.rng.bit_generator.state = state["rng"]
+        self._starts_length = None
 
 
-def backward(loss: torch.Tensor, *opts: Optimizer):
-    """Zero the gradients of `opts` and backpropagate `loss` into their parameters only (a
-    compiled graph can be backpropagated once: losses of different networks that come out of one
-    compiled call share one backward pass of their sum)."""
-    for opt in opts:
-        opt.opt.zero_grad(set_to_none=True)
-    loss.backward(inputs=[p for opt in opts for p in opt.params])
+def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
+    """The replay's size in agent steps: `capacity`, capped at what the run can fill (total_steps /
+    repeat agent steps, plus an episode's first observation), at least one sequence of `length`."""
+    return max(min(capacity, -(-total_steps // repeat) + 1), length)
+
+
+def to_torch(batch: dict, device: torch.device) -> dict:
+    """Batch (tensors or numpy arrays) -> tensors on `device`; images stay uint8 (4x less to copy)."""
+    return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: pinned memory, a non-blocking copy (a
+    copy from pageable memory first waits for the stream, i.e. for the previous update)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
+STREAMS = {"train": 0, "eval": 1}
+
+
+def episode_seed(seed: int, stream: str, index: int) -> int:
+    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
+    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
 
 
 class Logger:
-    """TensorBoard plus metrics.jsonl (one json object per log event). On resume, the records after
-    the checkpoint's step are dropped from both."""
+    """TensorBoard, metrics.jsonl (non-finite values as null: NaN is not JSON), W&B with --track; on
+    resume, records after the checkpoint's step are dropped."""
 
-    def __init__(self, run_dir: Path, args: Args, resume_step: int | None = None):
-        path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path, args: Args, settings: RunSettings, resume_step: int | None = None):
+        path, flags = run_dir / "metrics.jsonl", {**vars(args), **vars(settings)}
         if resume_step is not None and path.exists():
             keep = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in keep))
-        purge = None if resume_step is None else resume_step + 1
-        self.writer = SummaryWriter(str(run_dir), purge_step=purge)
+        self.writer = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{k}|{v}|" for k, v in vars(args).items()))
-        self.jsonl = open(path, "a")
+            f"|{k}|{v}|" for k, v in flags.items()))
+        self.jsonl, self.wandb = open(path, "a"), None
+        if settings.track:
+            import wandb
+
+            self.wandb = wandb.init(project=settings.wandb_project_name, entity=settings.wandb_entity,
+                                    name=run_dir.name, id=run_dir.name.replace(":", "-")[-128:],
+                                    resume="allow", config=flags, dir=str(run_dir))
 
     def log(self, step: int, scalars: dict, **text):
-        """Scalars (numbers or device tensors, copied to the host in one transfer) to both;
-        `text` fields only to metrics.jsonl."""
+        """Scalars (numbers, or device tensors copied in one transfer) to all; `text` to the jsonl."""
         record = {"step": step, "time": time.time()}
         tensors = {k: v for k, v in scalars.items() if torch.is_tensor(v)}
         if tensors:
@@ -1491,58 +1511,58 @@ class Logger:
             scalars = {**scalars, **dict(zip(tensors, values))}
         for key, value in scalars.items():
             self.writer.add_scalar(key, float(value), step)
-            record[key] = float(value)
-        self.jsonl.write(json.dumps({**record, **text}) + "\n")
+            record[key] = float(value) if math.isfinite(value) else None
+        self.jsonl.write(json.dumps({**record, **text}, allow_nan=False) + "\n")
         self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=step)
+
+    def frames(self, frames: list, step: int, path: Path):
+        """An evaluation's first episode: an mp4 and a frame strip to TensorBoard (and W&B)."""
+        write_frames(self.writer, frames, step, path)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"eval/video": wandb.Video(str(path), format="mp4")}, step=step)
 
     def close(self):
         self.writer.close()
         self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
-def format_eta(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+def write_frames(writer: SummaryWriter, frames: list, step: int, path: Path):
+    """An episode's frames as an mp4 at `path` and a strip of eight to TensorBoard."""
+    import av
 
-
-def preset_hint(args, eta: float | None):
-    """Once per process, when a CPU run at the paper's sizes would take many hours: say which
-    preset finishes in about an hour, and what it trades."""
-    if (eta is not None and eta > 6 * 3600 and args.preset == "paper" and not preset_hint.shown
-            and not torch.cuda.is_available()):
-        preset_hint.shown = True
-        print(f"note: at the paper's sizes this CPU needs about {format_eta(eta)}; --preset small "
-              "(the same algorithm with smaller networks and batches, fewer updates per step and "
-              "PlaNet's action repeat) trains 100K steps of dmc-cartpole-swingup in under an hour "
-              "on 2 cores", flush=True)
-
-
-preset_hint.shown = False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=30)
+        stream.height, stream.width, stream.pix_fmt = *frames[0].shape[:2], "yuv420p"
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        out.mux(stream.encode())
+    strip = np.concatenate(frames[:: max(1, len(frames) // 8)][:8], axis=1)
+    writer.add_image("eval/frames", strip, step, dataformats="HWC")
 
 
 class Progress:
-    """The progress line: at the first call, then every `log_every` env steps or 30 s (also between
-    the updates of a burst). s/update is this process's measured mean (the main loop adds to
-    `acting_time`, `update_time` and `updates`); the ETA counts `updates_per_agent_step` updates
-    per remaining agent step plus `pending_updates` (e.g. pretraining) once updates have started."""
+    """The progress line, every `log_every` env steps or 30 s; the ETA counts acting and updates
+    (`updates_per_agent_step`, plus `pending_updates`) at this process's measured speeds."""
 
-    def __init__(self, args: Args, counters: dict, updates_per_agent_step: float):
-        self.args, self.ratio = args, updates_per_agent_step
+    def __init__(self, settings: RunSettings, preset: str, counters: dict, updates_per_agent_step: float):
+        self.settings, self.preset, self.ratio = settings, preset, updates_per_agent_step
         self.start, self.start_steps = time.time(), counters["env_steps"]
-        self.start_agent_steps = counters["agent_steps"]
-        self.last_time, self.last_step = 0.0, None
+        self.start_agent_steps, self.last_time, self.last_step = counters["agent_steps"], 0.0, None
         self.acting_time = self.update_time = 0.0
-        self.updates = 0
+        self.updates, self.compiled = 0, False
 
     def sps(self, counters: dict) -> float:
         return (counters["env_steps"] - self.start_steps) / max(time.time() - self.start, 1e-9)
 
     def eta(self, counters: dict, pending_updates: int = 0) -> float | None:
-        remaining = self.args.total_steps - counters["env_steps"]
+        remaining = self.settings.total_steps - counters["env_steps"]
         acted = counters["agent_steps"] - self.start_agent_steps
         if acted == 0:
             return None
@@ -1556,23 +1576,44 @@ class Progress:
     def maybe_print(self, counters: dict, phase: str, episode_return: float, updates: int,
                     force: bool = False, pending_updates: int = 0):
         step, now = counters["env_steps"], time.time()
-        due = (self.last_step is None or step - self.last_step >= self.args.log_every
-               or now - self.last_time >= 30)
-        if not (due or force):
+        if not (force or self.last_step is None or step - self.last_step >= self.settings.log_every
+                or now - self.last_time >= 30):
             return
         self.last_step, self.last_time = step, now
         spu = f"{self.update_time / self.updates:.2f}" if self.updates else "-"
         eta = self.eta(counters, pending_updates)
-        preset_hint(self.args, eta)
-        print(f"step {step}/{self.args.total_steps} | {phase} | return {episode_return:.1f} | "
+        preset_hint(self.preset, eta)
+        print(f"step {step}/{self.settings.total_steps} | {phase} | return {episode_return:.1f} | "
               f"SPS {self.sps(counters):.1f} | updates {updates} ({spu} s/update) | "
               f"ETA {format_eta(eta)}", flush=True)
 
 
+def format_eta(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return (f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600
+            else f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+def preset_hint(preset: str, eta: float | None):
+    """Once per process, when a CPU run at the paper's sizes would take many hours: which preset
+    finishes in about an hour, and what it trades."""
+    if (eta is not None and eta > 6 * 3600 and preset == "paper" and not preset_hint.shown
+            and not torch.cuda.is_available()):
+        preset_hint.shown = True
+        print(f"note: at the paper's sizes this CPU needs about {format_eta(eta)}; --preset small "
+              "(the same algorithm with smaller networks and batches, fewer updates per step and "
+              "PlaNet's action repeat) trains 100K steps of dmc-cartpole-swingup in under an hour "
+              "on 2 cores", flush=True)
+
+
+preset_hint.shown = False
+
+
 class StopFlag:
-    """SIGINT/SIGTERM handler that only records the first signal; the loops check `signum` after
-    each step or update (exit code 128 + signum). A second signal, e.g. while the checkpoint is
-    written, is recorded and ignored. `restore()` puts the previous handlers back."""
+    """Records the first SIGINT/SIGTERM (the run checks `signum` after each step and update, exits
+    128 + signum); `restore()` puts the previous handlers back."""
 
     def __init__(self):
         self.signum = None
@@ -1587,107 +1628,61 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-class NonFiniteWatch:
-    """Reads each update's non-finite flags (one per name in `names`) late: copied non-blocking,
-    with a CUDA event, so the host never waits for the device it feeds. Once an update is
-    non-finite the agent skips every later step on the device (its `halted` flag), so what is
-    saved when the host notices is the state from before the bad update."""
-
-    def __init__(self, names: tuple):
-        self.names, self.pending = names, []
-
-    def push(self, flags: torch.Tensor, update: int, step: int):
-        host = flags.to("cpu", non_blocking=True)
-        event = None
-        if flags.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        self.pending.append((host, event, update, step))
-
-    def first_bad(self, keep: int = 0):
-        """(names of the non-finite losses, update, env step) of the first non-finite update among
-        the pending ones but the newest `keep`; None if they are all finite."""
-        while len(self.pending) > keep:
-            host, event, update, step = self.pending.pop(0)
-            if event is not None:
-                event.synchronize()  # normally long done: the copy was queued an update ago
-            if host.any():
-                return [n for n, flag in zip(self.names, host.tolist()) if flag], update, step
-        return None
-
-
-def save_video(frames: list, path: Path, fps: int = 30):
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=fps)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        out.mux(stream.encode())
-
-
-def save_checkpoint(path: Path, agent: Agent, replay: Replay | None, counters: dict, args: Args):
-    """checkpoint.pt at `path`: networks, optimisers, counters, RNG states (megabytes: written at
-    every evaluation). Given a replay, and unless --no-checkpoint-replay, replay.pt beside it too:
-    the filled replay and the env step it was written at (gigabytes on a GPU run, copied to the
-    host: written only at the end, on an interrupt or a non-finite stop and every
-    --replay-checkpoint-every evaluations). The checkpoint goes first, so that a kill between the
-    two leaves an older replay (which --resume reports), never one newer than the checkpoint."""
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    atomic_save(dict(agent=agent.state_dict(), counters=dict(counters), args=vars(args), rng=rng), path)
-    if replay is not None and args.checkpoint_replay:
-        atomic_save(dict(replay=replay.state_dict(), env_steps=counters["env_steps"]),
-                    path.with_name("replay.pt"))
-
-
 def atomic_save(state: dict, path: Path):
-    """Write to a temporary file, flush it to disk, then rename it over the old file: a kill leaves
-    the old file or the new one, never part of one."""
+    """Via a temporary file, flushed and renamed: a kill leaves the old file or the new one; a full
+    disk or an unwritable folder ends the run in one line, the last good file as it was."""
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"error: cannot write {path} ({error.strerror or error}); the last good "
+                         f"{path.name} is unchanged; free space or make the folder writable, then "
+                         "resume from it") from None
 
 
-def replay_due(args: Args, evals: int, counters: dict) -> bool:
-    """Whether the checkpoint after evaluation number `evals` (counted from 1) writes replay.pt
-    too: the run's last one and every --replay-checkpoint-every-th."""
-    every = args.replay_checkpoint_every
-    return counters["env_steps"] >= args.total_steps or (every > 0 and evals % every == 0)
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint.pt, its tensors read from disk as used (mmap); missing or damaged: one line."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: {path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if not isinstance(checkpoint, dict) or not {"agent", "args", "counters"} <= set(checkpoint):
+            raise ValueError("not a checkpoint of these scripts")
+    except Exception as error:  # torch raises many kinds for a truncated or corrupted file
+        raise SystemExit(f"error: {path} is damaged or not a checkpoint ("
+                         f"{(str(error).splitlines() or [type(error).__name__])[0][:120]}); use an "
+                         "earlier copy or start a new run") from None
+    return checkpoint
 
 
 def load_replay(path: str, checkpoint: dict, replay: Replay, counters: dict):
-    """--resume: fill `replay` from replay.pt beside the checkpoint at `path` (or from the
-    checkpoint itself if it was written before replay.pt existed); without one it stays empty.
-    `counters` are the checkpoint's. Prints one line on what the replay holds."""
+    """--resume: `replay` from replay.pt beside the checkpoint (or from the checkpoint itself, if
+    older); without one, or with a damaged one, empty. One line says what it holds."""
     replay_path = Path(path).with_name("replay.pt")
-    if checkpoint.get("replay") is not None:
-        saved = dict(replay=checkpoint["replay"], env_steps=counters["env_steps"])
-    elif replay_path.is_file():  # mmap: frames are read from disk as they are copied into the replay
-        saved = torch.load(replay_path, map_location="cpu", weights_only=False, mmap=True)
-    else:
-        print(f"no {replay_path}: the replay starts empty (updates resume once it holds a "
-              "training sequence)", flush=True)
+    if checkpoint.get("replay") is None and not replay_path.is_file():
+        print(f"no {replay_path}: the replay starts empty (updates resume once it holds a training "
+              "sequence)", flush=True)
         return
-    replay.load_state_dict(saved["replay"])
+    try:  # mmap: frames are read from disk as they are copied into the replay
+        saved = (dict(replay=checkpoint["replay"], env_steps=counters["env_steps"])
+                 if checkpoint.get("replay") is not None
+                 else torch.load(replay_path, map_location="cpu", weights_only=False, mmap=True))
+        replay.load_state_dict(saved["replay"])
+    except Exception as error:  # a truncated or corrupted replay.pt
+        replay.__init__(replay.capacity, replay.shapes["obs"], replay.shapes["action"][0], 0,
+                        replay.device, replay.prioritize_ends)
+        print(f"{replay_path} is damaged ({(str(error).splitlines() or [type(error).__name__])[0][:120]}"
+              "): the replay starts empty (updates resume once it holds a training sequence)", flush=True)
+        return
     note = "" if saved["env_steps"] == counters["env_steps"] else (
         f", written at env step {saved['env_steps']}, older than the checkpoint (env step "
         f"{counters['env_steps']}): the episodes in between are not in it")
     print(f"replay: {replay.size} agent steps from {replay_path}{note}", flush=True)
-
-
-def load_checkpoint(path: str) -> dict:
-    """--resume: the checkpoint at `path`, its tensors read from disk as they are used (mmap)."""
-    if not Path(path).is_file():
-        raise SystemExit(f"error: --resume {path}: no such checkpoint file")
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
 def seed_everything(seed: int, rng: dict | None = None):
@@ -1719,28 +1714,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def replay_device(args: Args, device: torch.device) -> torch.device:
-    """Where the replay's arrays live: --replay-device auto keeps them on the training GPU (no
-    host-to-device copy of the batch), on the host otherwise."""
-    if args.replay_device == "auto":
-        return device if device.type == "cuda" else torch.device("cpu")
-    if args.replay_device == "cuda" and device.type != "cuda":
+def replay_device(settings: RunSettings, device: torch.device) -> torch.device:
+    """--replay-device auto keeps the replay on the training GPU (no copy of a batch), else the host."""
+    if settings.replay_device == "cuda" and device.type != "cuda":
         raise SystemExit("error: --replay-device cuda needs training on CUDA (--device cuda or auto on a GPU)")
-    return device if args.replay_device == "cuda" else torch.device("cpu")
+    on_gpu = settings.replay_device == "cuda" or settings.replay_device == "auto" and device.type == "cuda"
+    return device if on_gpu else torch.device("cpu")
 
 
-def configure_torch(args: Args, device: torch.device):
-    """Determinism and, on CUDA, TF32: fp32 matmuls and convolutions on tensor cores (several
-    times faster on Ampere and later, ~1e-3 relative precision, which the losses tolerate)."""
+def configure_torch(settings: RunSettings, device: torch.device):
+    """Determinism; on CUDA, TF32 (fp32 matmuls on tensor cores, ~1e-3 relative precision)."""
     if device.type == "cuda":  # once: CUDA events, synchronize() and tensors made on "cuda" then
         torch.cuda.set_device(device)  # all mean --device's GPU (cuda:1 too), not cuda:0
-    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.deterministic = settings.torch_deterministic
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = not args.torch_deterministic
+        torch.backends.cudnn.benchmark = not settings.torch_deterministic
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(*parse_args())

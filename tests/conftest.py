@@ -110,7 +110,8 @@ def check_beats_random(run_dir: Path, env_id: str):
 
 
 def smoke_args(module, algo: str):
-    """The Args of `benchmark.sh smoke`'s first job for `algo` (seed 1), parsed by the script."""
+    """(Args, RunSettings) of `benchmark.sh smoke`'s first job for `algo` (seed 1), parsed by the
+    script: `module.main(*smoke_args(module, algo))`."""
     import benchmark
 
     job = benchmark.suite_jobs("smoke", [algo], seeds=1, budget=None)[0]
@@ -131,7 +132,7 @@ def check_bad_cli_input(script: str, flags: list[str], message: str, cwd: Path):
     os.chdir(cwd)
     try:
         with pytest.raises(SystemExit) as error:
-            module.main(module.parse_args(["--preset", "tiny", *flags]))
+            module.main(*module.parse_args(["--preset", "tiny", *flags]))
     finally:
         os.chdir(old)
     text = str(error.value.code)
@@ -389,14 +390,53 @@ def check_decoder_stem_equals_the_transposed_conv(decoder_cls):
         torch.testing.assert_close(g, w)
 
 
-def tiny_checkpoint(module, path, env="toy-reach-center", seed=3, action_dim=2, **overrides):
-    """A checkpoint of an untrained `--preset tiny` agent of `module` (any of the five scripts;
-    continuous actions; `overrides`: other Args values), written to `path` as the scripts write
-    theirs (agent, args)."""
+def preset_flags(module, preset: str = "tiny", *flags, **values):
+    """(Args, RunSettings) of `module`'s `preset` (parsed as the command line does, with `flags`),
+    then `values` set, each in whichever of the two has the field."""
+    args, settings = module.parse_args(["--preset", preset, *flags])
+    both = module.split_flags(values, module.Flags(args, settings))
+    unknown = set(values) - set(vars(both.args)) - set(vars(both.run))
+    assert not unknown, f"{module.__name__} has no flags {unknown}"
+    return both.args, both.run
+
+
+def action_space(action_dim: int, discrete: bool = False):
+    import gymnasium as gym
+
+    if discrete:
+        return gym.spaces.Discrete(action_dim)
+    return gym.spaces.Box(-1.0, 1.0, (action_dim,), np.float32)
+
+
+def make_agent(module, args, settings, action_dim: int = 1, discrete: bool = False, device="cpu"):
+    """`module`'s Agent for an action space of `action_dim` (one-hot if `discrete`), built with
+    the Compute of `settings` on `device` (which seeds every RNG with args.seed, as a run does)."""
+    settings = dataclasses.replace(settings, device=str(device))
+    return module.Agent(args, action_space(action_dim, discrete), module.Compute(settings, args.seed))
+
+
+def synthetic_batch(module, agent, length: int, batch: int, obs_shape=(3, 64, 64), seed=0, crop=0):
+    """A replayed batch of one random episode (random pixels, actions, rewards), on the CPU."""
     import torch
 
-    args = module.preset_args("tiny", env=env, seed=seed, **overrides)
-    discrete = () if module.__name__ in ("cvrl", "core") else (False,)  # their Agents take none
-    agent = module.Agent(args, action_dim, *discrete, torch.device("cpu"))
-    torch.save(dict(agent=agent.state_dict(), args=dataclasses.asdict(args)), path)
+    rng = np.random.default_rng(seed)
+    replay = module.Replay(max(length, 2) + 1, obs_shape, agent.action_dim, seed=seed)
+    n = max(length, 2) + 1
+    actions = rng.uniform(-1, 1, (n, agent.action_dim)).astype(np.float32)
+    replay.add_episode(rng.integers(0, 255, (n, *obs_shape), dtype=np.uint8), actions,
+                       rng.random(n).astype(np.float32), np.ones(n, np.float32))
+    return module.to_torch(replay.sample(batch, length, crop), torch.device("cpu"))
+
+
+def tiny_checkpoint(module, path, env="toy-reach-center", seed=3, action_dim=2, **overrides):
+    """A checkpoint of an untrained `--preset tiny` agent of `module` (any of the five scripts;
+    continuous actions; `overrides`: other Args values), written to `path` in the scripts' format
+    (agent, counters, args, settings)."""
+    import torch
+
+    args, settings = preset_flags(module, "tiny", env=env, seed=seed, **overrides)
+    agent = make_agent(module, args, settings, action_dim)
+    torch.save(dict(agent=agent.state_dict(), args=dataclasses.asdict(args),
+                    settings=dataclasses.asdict(settings), rng={},
+                    counters=dict(env_steps=0, agent_steps=0, episodes=0)), path)
     return path

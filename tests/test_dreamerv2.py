@@ -10,11 +10,20 @@ import torch
 
 import dreamerv2 as dv2
 import benchmark
-from conftest import collect_episodes, check_beats_random, smoke_args, without_host_sync, sync_test_device, check_bad_cli_input, check_dreamerv2_weight_decay, check_output_layer_in_fp32, check_behaviour_step_freezes_world_model
+from conftest import (collect_episodes, check_beats_random, smoke_args, without_host_sync,
+                      sync_test_device, check_bad_cli_input, check_dreamerv2_weight_decay,
+                      check_output_layer_in_fp32, check_behaviour_step_freezes_world_model,
+                      preset_flags, make_agent, synthetic_batch)
 
 
 def tiny_args(**kw):
-    return dv2.preset_args("tiny", **kw)
+    return preset_flags(dv2, "tiny", **kw)[0]
+
+
+def tiny_agent(action_dim=1, discrete=False, device="cpu", **kw):
+    """A `--preset tiny` agent with `kw` set (Args or RunSettings fields, e.g. compile=True)."""
+    args, settings = preset_flags(dv2, "tiny", **kw)
+    return make_agent(dv2, args, settings, action_dim, discrete, device)
 
 
 def batch_from(replay, args, seed=0):
@@ -33,8 +42,8 @@ def cartpole_replay():
 
 def test_the_action_into_an_episode_start_is_zeroed(cartpole_replay):
     """Official RSSM.obs_step: the action at is_first is zero, whatever the batch holds there."""
-    args = tiny_args()
-    agent = dv2.Agent(args, 1, False, torch.device("cpu"))
+    agent = tiny_agent()
+    args = agent.args
     batch = batch_from(cartpole_replay, args)
     batch["is_first"] = torch.zeros_like(batch["reward"])
     batch["is_first"][0] = 1.0
@@ -52,8 +61,8 @@ def test_the_action_into_an_episode_start_is_zeroed(cartpole_replay):
 def test_the_actor_is_credited_with_the_next_steps_return_and_the_slow_critic_is_the_baseline():
     """Official agent.py: the action at z_t (t = 0..H-2) gets V_{t+1}; REINFORCE's baseline is the
     slow critic v(z_t). So the actor loss depends on the slow critic, not on the trained critic."""
-    args = tiny_args(actor_grad="reinforce")
-    agent = dv2.Agent(args, 3, True, torch.device("cpu"))
+    agent = tiny_agent(3, True, actor_grad="reinforce")
+    args = agent.args
     T, B = args.batch_length, args.batch_size
     post = dict(deter=torch.randn(T, B, args.deter),
                 stoch=torch.nn.functional.one_hot(torch.randint(0, args.classes, (T, B, args.stoch)), args.classes).float())
@@ -82,8 +91,8 @@ def test_the_actor_is_credited_with_the_next_steps_return_and_the_slow_critic_is
 
 
 def test_world_model_terms_are_finite_scalars_and_states_have_documented_shapes(cartpole_replay):
-    args = tiny_args()
-    agent = dv2.Agent(args, 1, False, torch.device("cpu"))
+    agent = tiny_agent()
+    args = agent.args
     batch = batch_from(cartpole_replay, args)
     loss, post, metrics = dv2.world_model_loss(agent.wm, batch, args)
     T, B = args.batch_length, args.batch_size
@@ -163,15 +172,14 @@ def test_truncated_normal_is_a_normalised_density_on_the_action_box():
 
 
 def test_actor_update_leaves_the_world_model_untouched(cartpole_replay):
-    args = tiny_args()
-    agent = dv2.Agent(args, 1, False, torch.device("cpu"))
+    agent = tiny_agent()
+    args = agent.args
     batch = batch_from(cartpole_replay, args)
     _, post, _ = dv2.world_model_loss(agent.wm, batch, args)
     before = [p.detach().clone() for p in agent.wm.parameters()]
     actor_before = [p.detach().clone() for p in agent.ac.actor.parameters()]
     actor_loss, critic_loss, _ = dv2.behaviour_losses(agent.wm, agent.ac, post, args, False)
-    dv2.backward(actor_loss, agent.actor_opt)  # zero_grad, then backward into the actor only
-    agent.actor_opt.opt.step()
+    agent.actor_opt(actor_loss)  # zero_grad, backward into the actor only, its step
     assert all(p.grad is None for p in agent.wm.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, agent.wm.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(actor_before, agent.ac.actor.parameters()))
@@ -212,8 +220,8 @@ def test_prioritize_ends_draws_each_episodes_last_start_length_plus_one_times_as
 
 def test_fifty_updates_on_a_fixed_batch_reduce_the_world_model_loss(cartpole_replay):
     torch.manual_seed(0)
-    args = tiny_args(cnn_depth=8, deter=32, batch_length=16, batch_size=8)
-    agent = dv2.Agent(args, 1, False, torch.device("cpu"))
+    agent = tiny_agent(cnn_depth=8, deter=32, batch_length=16, batch_size=8)
+    args = agent.args
     batch = batch_from(cartpole_replay, args)
     # Unit-variance Gaussian NLLs carry 0.5 ln(2 pi) per pixel and per reward, ~11,290 nats that no
     # model can remove; measure what lies above that floor.
@@ -272,9 +280,8 @@ def test_slow_critic_is_a_copy_of_the_critic_without_autograd_history():
     """Copied every `target_update_every` updates, in place and outside autograd; several updates
     in a row run (a slow critic with history made the third update's backward fail)."""
     torch.manual_seed(0)
-    args = tiny_args(target_update_every=1)
-    agent = dv2.Agent(args, 2, False, torch.device("cpu"))
-    batch = dv2.synthetic_batch(args, 2, torch.device("cpu"))
+    agent = tiny_agent(2, target_update_every=1)
+    batch = synthetic_batch(dv2, agent, agent.args.batch_length, agent.args.batch_size)
     for _ in range(3):
         agent.update(batch)
         for slow, fast in zip(agent.ac.target_critic.parameters(), agent.ac.critic.parameters()):
@@ -289,11 +296,9 @@ def test_compiled_losses_equal_eager_losses_on_cpu(compile_backend):
 
     torch._inductor.config.fallback_random = True
     kw = dict(batch_length=3, horizon=2, batch_size=2)
-    torch.manual_seed(0)
-    eager = dv2.Agent(tiny_args(**kw), 2, False, torch.device("cpu"))
-    torch.manual_seed(0)
-    compiled = dv2.Agent(tiny_args(compile=True, **kw), 2, False, torch.device("cpu"))
-    batch = dv2.synthetic_batch(eager.args, 2, torch.device("cpu"))
+    eager = tiny_agent(2, **kw)
+    compiled = tiny_agent(2, compile=True, **kw)
+    batch = synthetic_batch(dv2, eager, 3, 2)
     for seed in (5, 6):  # the second update runs on the compiled graphs without recompiling
         torch.manual_seed(seed)
         expected = eager.update(batch)
@@ -305,8 +310,8 @@ def test_compiled_losses_equal_eager_losses_on_cpu(compile_backend):
 
 
 def test_bf16_keeps_values_returns_log_probs_kl_and_losses_in_fp32(cartpole_replay):
-    args = tiny_args(precision="bf16")
-    agent = dv2.Agent(args, 1, False, torch.device("cpu"))
+    agent = tiny_agent(precision="bf16")
+    args = agent.args
     batch = batch_from(cartpole_replay, args)
     with torch.autocast("cpu", torch.bfloat16):
         embed = agent.wm.encoder(batch["obs"])
@@ -323,8 +328,8 @@ def test_bf16_keeps_values_returns_log_probs_kl_and_losses_in_fp32(cartpole_repl
     for name, x in dict(kl=kl, value=value, slow_value=slow, reward=reward, target=target,
                         log_prob=log_prob).items():
         assert x.dtype == torch.float32, name
-    _, post, metrics = agent._model_loss(batch)
-    metrics.update(agent._behaviour_losses(post)[2])
+    _, post, metrics = agent.world_model_loss(agent.wm, batch, args)
+    metrics.update(agent.behaviour_losses(agent.wm, agent.ac, post, args, False)[2])
     for name, x in metrics.items():
         assert x.dtype == torch.float32, name
     # reward and values are computed in fp32 (the output layer), not rounded to bf16 and cast
@@ -338,8 +343,8 @@ def test_behaviour_step_leaves_the_world_model_out_and_the_actor_gradient_throug
     the behaviour losses run with the world model frozen; the loss and the actor's gradient are
     unchanged. With no entropy bonus and dynamics gradients, the actor reaches its loss only
     through the imagined latents, so its non-zero gradient has come through them."""
-    args = tiny_args(actor_entropy=0.0, actor_grad="dynamics")
-    agent = dv2.Agent(args, 1, False, torch.device("cpu"))
+    agent = tiny_agent(actor_entropy=0.0, actor_grad="dynamics")
+    args = agent.args
     batch = batch_from(cartpole_replay, args)
     check_behaviour_step_freezes_world_model(agent, "behaviour_losses", lambda: agent.update(batch),
                                              agent.wm, agent.ac.actor, dv2.frozen)
@@ -348,23 +353,24 @@ def test_behaviour_step_leaves_the_world_model_out_and_the_actor_gradient_throug
 def test_compiled_behaviour_backward_has_no_world_model_weight_in_its_graph(cartpole_replay, compile_backend):
     """The same with --compile (per `compile_backend`), where the fault was: the compiled actor
     loss's backward node accumulates into the actor's weights and none of the world model's."""
-    args = tiny_args(actor_entropy=0.0, actor_grad="dynamics", compile=True)
-    agent = dv2.Agent(args, 1, False, torch.device("cpu"))
+    agent = tiny_agent(actor_entropy=0.0, actor_grad="dynamics", compile=True)
+    args = agent.args
     batch = batch_from(cartpole_replay, args)
     check_behaviour_step_freezes_world_model(agent, "behaviour_losses", lambda: agent.update(batch),
                                              agent.wm, agent.ac.actor, dv2.frozen)
 
 
 def test_an_update_with_a_nan_in_the_batch_changes_no_parameter_and_is_flagged(cartpole_replay):
-    args = tiny_args()
-    agent = dv2.Agent(args, 1, False, torch.device("cpu"))
+    agent = tiny_agent()
+    args = agent.args
     batch = batch_from(cartpole_replay, args)
     agent.update(batch)  # Adam moments exist
     before = copy.deepcopy(agent.state_dict())
     bad = dict(batch, reward=batch["reward"].clone())
     bad["reward"][2, 1] = float("nan")
-    metrics = agent.update(bad)
-    assert metrics["nonfinite"].tolist() == [1.0, 0.0, 0.0]  # model_loss, actor_loss, critic_loss
+    agent.update(bad)
+    # model, actor, critic: the model loss is not finite; the later steps are skipped with it
+    assert agent.compute.flags().tolist() == [1.0, 0.0, 0.0]
     after = agent.state_dict()
     before.pop("updates"), after.pop("updates")
     assert_same_state(before, after)  # parameters, slow critic, Adam moments and step counts
@@ -383,10 +389,10 @@ def test_a_non_finite_loss_stops_the_run_with_a_checkpoint_from_before_it(tmp_pa
         return update(self, batch)
 
     monkeypatch.setattr(dv2.Agent, "update", update_with_nan_reward_at_the_fourth)
-    args = dv2.parse_args(["--env", "toy-reach", "--preset", "tiny", "--prefill", "30",
-                           "--total-steps", "400", "--eval-every", "0"])
+    flags = dv2.parse_args(["--env", "toy-reach", "--preset", "tiny", "--prefill", "30",
+                            "--total-steps", "400", "--eval-every", "0"])
     with pytest.raises(SystemExit) as stop:
-        dv2.main(args)
+        dv2.main(*flags)
     # SystemExit with a message: Python prints it to stderr and exits with status 1
     message = stop.value.code
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -422,6 +428,7 @@ def test_dreamerv2_defaults_match_official_config():
     for env in ("dmc-cartpole-swingup", "dmc-cheetah-run", "dcs-ball_in_cup-catch", "natural-reacher-easy",
                 "dmc-walker-walk"):
         assert dv2.action_repeat(dv2.Args(env=env)) == 2, env
+    assert dv2.action_repeat(dv2.Args(env="dmc-cartpole-swingup", action_repeat=0)) == 8  # PlaNet's
     assert dv2.action_repeat(dv2.Args(env="dmc-cheetah-run", action_repeat=4)) == 4
     assert args.replay_capacity == 2_000_000  # replay.capacity: 2e6 (agent steps)
     assert (args.batch_size, args.batch_length) == (16, 50)  # dataset: {batch: 16, length: 50}
@@ -436,7 +443,7 @@ def test_dreamerv2_defaults_match_official_config():
     assert args.pred_discount is False and args.actor_grad == "auto"  # dynamics for continuous
     # Keras defaults: Glorot-uniform kernels, zero biases
     assert args.init == "glorot"
-    agent = dv2.Agent(tiny_args(), 1, False, torch.device("cpu"))
+    agent = tiny_agent()
     assert all(torch.all(m.bias == 0) for m in agent.wm.modules() if isinstance(m, torch.nn.Linear))
     # (1 - wd) per step, as DreamerV2's optimiser; the check steps the torch optimiser itself
     check_dreamerv2_weight_decay(SimpleNamespace(ac=agent.ac, critic_opt=agent.critic_opt.opt))
@@ -445,8 +452,8 @@ def test_dreamerv2_defaults_match_official_config():
 @pytest.mark.parametrize("discrete", [False, True], ids=["continuous", "discrete"])  # discrete: REINFORCE
 def test_an_update_never_synchronises_with_the_host(discrete):
     device = sync_test_device()  # CUDA where there is one, else CPU (see without_host_sync)
-    args = tiny_args()
-    agent = dv2.Agent(args, 2, discrete, device)
+    agent = tiny_agent(2, discrete, device)
+    args = agent.args
     replay = dv2.Replay(1000, (3, 64, 64), 2, seed=0, device=device)
     replay.add_episode(np.zeros((40, 3, 64, 64), np.uint8), np.zeros((40, 2)), np.zeros(40), np.ones(40))
     # the training loop's device work: sampling, the update, acting (up to its numpy action)
@@ -460,7 +467,7 @@ def test_an_update_never_synchronises_with_the_host(discrete):
 def test_dreamerv2_beats_random_on_toy_reach_center(tmp_path, monkeypatch):
     """About 10 minutes on 2 CPU cores (criterion: conftest.check_beats_random)."""
     monkeypatch.chdir(tmp_path)
-    run_dir = dv2.main(smoke_args(dv2, "dreamerv2"))
+    run_dir = dv2.main(*smoke_args(dv2, "dreamerv2"))
     check_beats_random(run_dir, benchmark.SMOKE_ENV)
 
 
@@ -472,14 +479,12 @@ def test_cuda_graph_modes_keep_the_losses_and_survive_overwritten_outputs(cuda_g
     conftest simulation turns any use of an overwritten output into NaN. 'max-autotune' compiles
     without CUDA graphs."""
     kw = dict(batch_length=3, horizon=2, batch_size=2)
-    dv2.Agent(tiny_args(compile=True, compile_mode="max-autotune", **kw), 2, False, torch.device("cpu"))
+    tiny_agent(2, compile=True, compile_mode="max-autotune", **kw)
     assert cuda_graph_steps.modes == ["max-autotune-no-cudagraphs"] * 2
     runs = []
     for compile in (False, True):
-        torch.manual_seed(0)
-        agent = dv2.Agent(tiny_args(compile=compile, compile_mode="reduce-overhead", **kw), 2, False,
-                          torch.device("cpu"))
-        batch = dv2.synthetic_batch(agent.args, 2, torch.device("cpu"))
+        agent = tiny_agent(2, compile=compile, compile_mode="reduce-overhead", **kw)
+        batch = synthetic_batch(dv2, agent, 3, 2)
         runs.append([])
         for seed in (5, 6):
             torch.manual_seed(seed)
