@@ -16,7 +16,16 @@
     ./benchmark.sh quick [--minutes 25]                short GPU learning check: DreamerV2 on
                                                        dmc-walker-walk and CoRe on dcs-walker-walk
                                                        medium side by side for a wall-clock budget
+    ./benchmark.sh transfer <suite> [--levels none easy ...] [--eval-episodes 10] [--workers 2]
+                                                       every finished run's checkpoint
+                                                       (`--evaluate`) on every test setting of its
+                                                       task: clean and each DCS level (validation
+                                                       videos), MiniGrid's rendering changes;
+                                                       `results/<suite>/transfer.md` + `.json`,
+                                                       rows (algorithm, trained on) x test
+                                                       settings; evaluations done are skipped
     ./benchmark.sh report <suite>                      re-aggregate results/<suite> only
+    ./benchmark.sh report transfer <suite>             transfer.md from the runs' evaluation.json
     --script-flags "--preset tiny"                     extra flags for every job (CPU checks)
 
 Learning suites run one job per (algorithm, env, seed) in `results/<suite>/runs/<algo>/<env>/
@@ -47,6 +56,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -155,17 +165,33 @@ class Job:
     label: str = ""  # table row (default: algo), e.g. `blast-sg` for one step of BLAST's ladder
     column: str = ""  # table column (default: env), e.g. `minigrid-...@video`
 
+    log_name: ClassVar[str] = "log.txt"  # in the job's folder; the script's output, appended
+
     def command(self) -> list[str]:
         cmd = [sys.executable, str(ROOT / ALGORITHMS[self.algo]), "--env", self.env,
                "--seed", str(self.seed), "--save-model", *self.flags]
-        ckpts = sorted(self.folder.glob("runs/*/checkpoint.pt"))
-        if ckpts:  # resume an unfinished job from its checkpoint (absolute: the job runs in its folder)
-            cmd += ["--resume", str(ckpts[-1].resolve())]
+        checkpoint = latest_checkpoint(self.folder)
+        if checkpoint:  # resume an unfinished job from its checkpoint (absolute: the job runs in its folder)
+            cmd += ["--resume", str(checkpoint.resolve())]
         return cmd
 
     @property
     def done(self) -> bool:
         return (self.folder / "DONE").is_file()
+
+    def mark_done(self):
+        (self.folder / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+
+    def describe(self) -> str:
+        return f"{self.label or self.algo} {self.column or self.env} seed {self.seed}"
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint a job continues from (and, once it is DONE, the run it finished): the last
+    of its runs/*/checkpoint.pt by name (run folders end with their start time; a resumed run
+    keeps its folder)."""
+    checkpoints = sorted(Path(folder).glob("runs/*/checkpoint.pt"))
+    return checkpoints[-1] if checkpoints else None
 
 
 SUITES = ["speed", "smoke", "dcs", "dmc", "natural", "minigrid", "quick", "cpu"]
@@ -308,7 +334,8 @@ def run_jobs(jobs: list[Job], workers: int, deadline: float | None = None) -> li
     """Run unfinished jobs, `workers` at a time; GPU i of N gets every N-th worker slot. At
     `deadline` (time.time()), running jobs get SIGINT: they write a checkpoint and exit 130, so
     that running the suite again continues them. A job killed by a native crash (CRASH_SIGNALS)
-    resumes from its checkpoint at once, at most CRASH_RETRIES times."""
+    resumes from its checkpoint at once (an evaluation job starts again), at most CRASH_RETRIES
+    times."""
     todo = [j for j in jobs if not j.done]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already finished; running {len(todo)} "
           f"with {workers} worker(s)", flush=True)
@@ -321,7 +348,7 @@ def run_jobs(jobs: list[Job], workers: int, deadline: float | None = None) -> li
             env = worker_env(slot, workers, gpus, os.cpu_count() or 1)
             job.folder.mkdir(parents=True, exist_ok=True)
             for attempt in range(CRASH_RETRIES + 1):
-                with open(job.folder / "log.txt", "a") as log:
+                with open(job.folder / job.log_name, "a") as log:
                     proc = subprocess.Popen(job.command(), cwd=job.folder, stdout=log,
                                             stderr=subprocess.STDOUT, env=env)
                     rc = wait_until(proc, deadline)
@@ -329,15 +356,14 @@ def run_jobs(jobs: list[Job], workers: int, deadline: float | None = None) -> li
                     break
                 # A native crash (a segfault, malloc's abort) is not the run's fault: the same
                 # command resumes it from its last checkpoint (Job.command), as a rerun would.
-                print(f"crashed ({signal.Signals(-rc).name}): {job.label or job.algo} "
-                      f"{job.column or job.env} seed {job.seed}; resuming it (retry {attempt + 1} "
-                      f"of {CRASH_RETRIES}, {job.folder / 'log.txt'})", flush=True)
+                print(f"crashed ({signal.Signals(-rc).name}): {job.describe()}; resuming it "
+                      f"(retry {attempt + 1} of {CRASH_RETRIES}, {job.folder / job.log_name})",
+                      flush=True)
             if rc == 0:
-                (job.folder / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+                job.mark_done()
             state = ("done" if rc == 0 else "stopped at the time budget" if rc == 130 and deadline
                      else f"FAILED (exit {rc})")
-            print(f"{state}: {job.label or job.algo} {job.column or job.env} seed {job.seed} "
-                  f"({job.folder / 'log.txt'})", flush=True)
+            print(f"{state}: {job.describe()} ({job.folder / job.log_name})", flush=True)
             return job, rc
         finally:
             free.append(slot)
@@ -1558,6 +1584,258 @@ def quick_report(runs: dict, results: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Transfer: every finished run on every test setting of its task
+# ---------------------------------------------------------------------------------------------
+
+# `./benchmark.sh transfer <suite>` scores each finished run's checkpoint (`<script> --evaluate`)
+# on every test setting of its task, trained on one setting and tested on all, as in the
+# Distracting Control Suite paper's tables (Stone et al. 2021). A control-suite task X (columns
+# dmc-X, dcs-X, natural-X): clean dmc-X and dcs-X at each DCS level; MiniGrid: its rendering
+# changes. The toy envs have no distractions: their two tasks share observation and action spaces,
+# so each is the other's test setting (the tests' end-to-end run uses them).
+CONTROL_FAMILIES = ("dmc", "dcs", "natural")
+DCS_TEST_LEVELS = ("easy", "medium", "hard", "background")
+TOY_SETTINGS = ("toy-reach", "toy-reach-center")
+TRANSFER_LEVELS = ("none", *DCS_TEST_LEVELS, *(c for c in MINIGRID_CHANGES if c != "none"))
+TRANSFER_SPLIT = "val"  # the validation videos, as every suite's evaluations (CoRe's protocol)
+TRANSFER_EPISODES = 10  # ours: per run and setting; twice the cpu suite's 5 per evaluation round
+
+
+def setting_label(env: str, distraction: str | None) -> str:
+    """A test setting's table column: the env id, with `@<level>` unless the level is none."""
+    return env if distraction in (None, "none") else f"{env}@{distraction}"
+
+
+def transfer_settings(column: str, levels=TRANSFER_LEVELS) -> list[tuple[str, str]]:
+    """The test settings (env id, distraction) of a run trained on `column` (`<env>[@<level>]`),
+    those whose level is in `levels`; [] for an env that has none."""
+    env = column.partition("@")[0]
+    family, _, task = env.partition("-")
+    if family in CONTROL_FAMILIES:
+        settings = [(f"dmc-{task}", "none"), *((f"dcs-{task}", lv) for lv in DCS_TEST_LEVELS)]
+    elif family == "minigrid":
+        settings = [(env, change) for change in MINIGRID_CHANGES]
+    elif env in TOY_SETTINGS:
+        settings = [(toy, "none") for toy in TOY_SETTINGS]
+    else:
+        return []
+    return [(e, level) for e, level in settings if level in levels]
+
+
+def transfer_task(env: str) -> str:
+    """The task of a train or test env, one table per task: `cartpole-swingup` for dmc-, dcs- and
+    natural-cartpole-swingup, `toy-reach` for both toys, else the env id."""
+    family, _, task = env.partition("-")
+    if family in CONTROL_FAMILIES:
+        return task
+    return TOY_SETTINGS[0] if env in TOY_SETTINGS else env
+
+
+def script_of(label: str) -> str:
+    """The script a job folder's runs were trained with: its algorithm folder's name, or the
+    part before the first `-` for a variant's row (`blast-sg`: one rung of BLAST's ladder)."""
+    return label if label in ALGORITHMS else label.partition("-")[0]
+
+
+def evaluations_of(folder: Path) -> list[tuple[Path, dict]]:
+    """Every `<folder>/runs/*__eval__*/evaluation.json` (what `--evaluate` writes, run in the job
+    folder), oldest first of each setting (the folder names end with the start time); an
+    unreadable one counts as absent."""
+    found = []
+    for path in sorted(Path(folder).glob("runs/*__eval__*/evaluation.json")):
+        try:
+            found.append((path, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@dataclass
+class EvalJob(Job):
+    """One evaluation of a finished run, `<script> --evaluate <checkpoint> --env <env>
+    --distraction <level>`, run in the job's folder, so that its folder lands in <job>/runs/. Done
+    once an evaluation.json of that checkpoint, setting, split and episode count exists there."""
+    checkpoint: Path = Path(".")  # relative to `folder`: runs/<run>/checkpoint.pt
+    distraction: str = "none"
+    episodes: int = TRANSFER_EPISODES
+    video_dir: str | None = None  # None: the checkpoint's
+    log_name: ClassVar[str] = "transfer-log.txt"
+
+    @property
+    def setting(self) -> str:
+        return setting_label(self.env, self.distraction)
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, str(ROOT / ALGORITHMS[self.algo]), "--evaluate",
+               str(self.checkpoint), "--env", self.env, "--distraction", self.distraction,
+               "--eval-split", TRANSFER_SPLIT, "--eval-episodes", str(self.episodes)]
+        if self.env.startswith("dcs-"):
+            cmd.append("--dynamic")  # the Distracting Control Suite's dynamic setting
+        return cmd + (["--video-dir", self.video_dir] if self.video_dir else [])
+
+    def evaluation(self) -> Path | None:
+        prefix = f"{self.checkpoint.parent.name}__eval__"
+        matches = [path for path, e in evaluations_of(self.folder)
+                   if path.parent.name.startswith(prefix) and e.get("env") == self.env
+                   and e.get("distraction") == self.distraction and e.get("split") == TRANSFER_SPLIT
+                   and len(e.get("returns", [])) == self.episodes]
+        return matches[-1] if matches else None
+
+    @property
+    def done(self) -> bool:
+        return self.evaluation() is not None
+
+    def mark_done(self):
+        pass  # its evaluation.json is the mark
+
+    def describe(self) -> str:
+        return f"{super().describe()} on {self.setting}"
+
+
+def transfer_jobs(results: Path, suite: str, algos, levels=TRANSFER_LEVELS,
+                  episodes: int = TRANSFER_EPISODES,
+                  video_dir=None) -> tuple[list[EvalJob], list[str]]:
+    """Every (finished run, test setting) evaluation of `results/<suite>/runs/<algo>/<column>/
+    <seed>/` for the scripts in `algos`, and the job folders left out, each with why: not
+    finished (no DONE), no checkpoint (runs/*/checkpoint.pt; a clone has none, *.pt is not
+    committed) or no test setting among `levels`."""
+    root = results / suite / "runs"
+    video_dir = str(Path(video_dir).resolve()) if video_dir else None  # the jobs run elsewhere
+    jobs, skipped = [], []
+    for folder in sorted(p for p in root.glob("*/*/*") if p.is_dir()):
+        label, column, seed = folder.relative_to(root).parts
+        if script_of(label) not in algos:
+            continue
+        settings, checkpoint = transfer_settings(column, levels), latest_checkpoint(folder)
+        why = ("not finished (no DONE)" if not (folder / "DONE").is_file()
+               else "no checkpoint (runs/*/checkpoint.pt)" if checkpoint is None
+               else f"no test setting of {column} among --levels {' '.join(levels)}"
+               if not settings else None)
+        if why:
+            skipped.append(f"{folder}: {why}")
+            continue
+        for env, distraction in settings:
+            jobs.append(EvalJob(script_of(label), env, seed_number(seed) or 0, [], folder, label,
+                                column, checkpoint=checkpoint.relative_to(folder),
+                                distraction=distraction, episodes=episodes, video_dir=video_dir))
+    return jobs, skipped
+
+
+def collect_transfer(root: Path, episodes: int | None = None) -> dict:
+    """{(algo, column): {seed folder: {setting: evaluation}}} from the evaluation.json files under
+    <root>/<algo>/<column>/<seed>/runs/*__eval__*/ on TRANSFER_SPLIT; per run and setting the one
+    with `episodes` episodes (None: with the most), the newest of equals."""
+    found: dict = {}
+    for folder in sorted(p for p in Path(root).glob("*/*/*") if p.is_dir()):
+        label, column, seed = folder.relative_to(root).parts
+        for _, e in evaluations_of(folder):
+            n = len(e.get("returns", []))
+            if e.get("split") != TRANSFER_SPLIT or n == 0 or episodes is not None and n != episodes:
+                continue
+            slot = found.setdefault((label, column), {}).setdefault(seed, {})
+            key = setting_label(e["env"], e["distraction"])
+            if key not in slot or n >= len(slot[key]["returns"]):
+                slot[key] = e
+    return found
+
+
+def transfer_summary(found: dict, random: dict | None = None) -> dict:
+    """One table per task ({task: {settings, rows, random}}). A row is one (algorithm, train
+    column): per test setting the mean ± SE over seeds of each seed's mean return, n, and each
+    seed's value; `random`: the measured random policy ({column: {env, distraction, mean, se,
+    n}}, tools/random_policy.py's file), in the columns of the settings it was measured on."""
+    tables: dict = {}
+    for (label, column), seeds in found.items():
+        evaluations = [e for per_seed in seeds.values() for e in per_seed.values()]
+        trained = evaluations[0].get("trained_on") or {}
+        train_env = trained.get("env") or column.partition("@")[0]
+        table = tables.setdefault(transfer_task(train_env), dict(order=[], rows=[], random={}))
+        table["order"] += [setting_label(*s) for s in transfer_settings(train_env)]
+        cells: dict = {}
+        for seed in sorted(seeds, key=seed_sort):
+            for setting, e in seeds[seed].items():
+                cells.setdefault(setting, {})[seed_label(seed)] = number(e.get("mean"))
+        trained_on = setting_label(train_env, trained.get("distraction"))
+        table["rows"].append(dict(
+            algo=label, column=column, trained_on=trained_on,
+            env_steps=sorted({e.get("env_steps") for e in evaluations} - {None}),
+            episodes=sorted({len(e["returns"]) for e in evaluations}),
+            cells={s: dict(stat(v.values()), seeds=v) for s, v in cells.items()}))
+    for table in tables.values():
+        order = list(dict.fromkeys(table.pop("order")))
+        found_settings = {s for row in table["rows"] for s in row["cells"]}
+        table["settings"] = sorted(found_settings, key=lambda s: (s not in order, order.index(s)
+                                                                  if s in order else 0, s))
+        place = lambda s: order.index(s) if s in order else len(order)  # noqa: E731
+        table["rows"].sort(key=lambda r: (row_key(r["algo"]), place(r["trained_on"]), r["column"]))
+    for entry in (random or {}).values():
+        table = tables.get(transfer_task(entry.get("env", "")))
+        key = setting_label(entry.get("env", ""), entry.get("distraction"))
+        if table is not None and key in table["settings"]:
+            table["random"][key] = dict(mean=number(entry.get("mean")), se=number(entry.get("se")),
+                                        n=entry.get("n", 0))
+    counts = {n for table in tables.values() for row in table["rows"] for n in row["episodes"]}
+    return dict(tables={task: tables[task] for task in sorted(tables)}, episodes=sorted(counts))
+
+
+def transfer_markdown(summary: dict, suite: str, random_path: Path | None = None) -> str:
+    counts = summary["episodes"]
+    episodes = " or ".join(map(str, counts)) + (" episodes" if counts != [1] else " episode")
+    lines = [f"# {suite}: every run on every test setting", "",
+             f"Each finished run's checkpoint (`<script> --evaluate`), {episodes} with "
+             "deterministic actions per test setting: the episodes of the run's first evaluation "
+             "round (`episode_seed(run seed, \"eval\", j)`), the same on every setting; the "
+             "validation videos, dynamic distractions. A cell: mean ± standard error over seeds "
+             "of each seed's mean return (number of seeds); `-`: not evaluated. `@<level>`: the "
+             "Distracting Control Suite level or the MiniGrid rendering change (none without "
+             "`@`). A row: the algorithm, the setting it was trained on and its checkpoints' env "
+             f"steps. Written by `./benchmark.sh transfer {suite}`; `./benchmark.sh report "
+             f"transfer {suite}` rewrites it from the runs' evaluation.json files.", ""]
+    for task, table in summary["tables"].items():
+        settings = table["settings"]
+        lines += [f"## {task}", "", "| method | trained on | env steps | " + " | ".join(settings)
+                  + " |", "|---" * (len(settings) + 3) + "|"]
+        for row in table["rows"]:
+            steps = " / ".join(f"{s:,}" for s in row["env_steps"]) or "-"
+            lines.append(f"| {row['algo']} | {row['trained_on']} | {steps} | "
+                         + " | ".join(fmt_stat(row["cells"].get(s)) for s in settings) + " |")
+        if table["random"]:
+            cells = [table["random"].get(s) for s in settings]
+            lines.append("| random policy | - | - | " + " | ".join(
+                f"{fmt_stat(c, with_n=False)} ({c['n']} episodes)" if c else "-" for c in cells)
+                + " |")
+        lines.append("")
+    if random_path and any(t["random"] for t in summary["tables"].values()):
+        lines += [f"Random policy: `{random_path}` (`tools/random_policy.py`), mean ± standard "
+                  "error over its episodes, in the columns of the settings it was measured on. "
+                  "Its episodes are other evaluation rounds' (`rounds` in that file), not the "
+                  "first round's above; the distractions change the pixels, not the dynamics or "
+                  "the rewards, so on the same episodes its return is the same at every level.", ""]
+    return "\n".join(lines)
+
+
+def transfer_report(suite: str, results=Path("results"), episodes: int | None = None) -> dict:
+    """`results/<suite>/transfer.md` and `transfer.json` from the runs' evaluation.json files
+    (no checkpoint needed), beside the suite's measured random policy where it has one."""
+    root = results / suite / "runs"
+    found = collect_transfer(root, episodes)
+    if not found:
+        raise SystemExit(f"error: no evaluation.json under {root}/<algo>/<column>/<seed>/runs/"
+                         f"*__eval__*/{f' with {episodes} episodes' if episodes else ''}; "
+                         f"./benchmark.sh transfer {suite} makes them")
+    random_path = results / suite / RANDOM_POLICY_JSON
+    random = json.loads(random_path.read_text()) if random_path.is_file() else {}
+    summary = transfer_summary(found, random)
+    text = transfer_markdown(summary, suite, random_path if random else None)
+    (results / suite / "transfer.md").write_text(text)
+    (results / suite / "transfer.json").write_text(json.dumps(json_safe(summary), indent=1) + "\n")
+    print(text)
+    print(f"wrote {results / suite / 'transfer.md'} and {results / suite / 'transfer.json'}")
+    return summary
+
+
+
+# ---------------------------------------------------------------------------------------------
 # Smoke verdict and speed
 # ---------------------------------------------------------------------------------------------
 
@@ -1786,11 +2064,45 @@ def speed(algos: dict, updates: int, tiny: bool, env: str, out: Path, device: st
 # ---------------------------------------------------------------------------------------------
 
 
+def transfer(suite: str | None, results: Path, algos, levels, episodes: int, workers: int,
+             video_dir=None, dry_run: bool = False, slurm: bool = False) -> int:
+    """`./benchmark.sh transfer <suite>`: evaluate every finished run on every test setting of its
+    task (transfer_jobs; those already evaluated are skipped), then write the transfer table."""
+    if not suite:
+        raise SystemExit("error: transfer needs a suite: ./benchmark.sh transfer <suite>, e.g. cpu")
+    if slurm:
+        raise SystemExit("error: transfer runs its evaluations here, --workers N at a time; it has "
+                         "no --slurm")
+    jobs, skipped = transfer_jobs(results, suite, algos, levels, episodes, video_dir)
+    for line in skipped:
+        print(f"skipped {line}")
+    runs = len({job.folder for job in jobs})
+    if dry_run:
+        for job in jobs:
+            cmd = " ".join(shlex.quote(c) for c in job.command())
+            print(f"[{'done' if job.done else 'new'}] (cd {job.folder} && {cmd})")
+        print(f"{len(jobs)} evaluations of {runs} finished runs; {len(skipped)} job folders "
+              "skipped")
+        return 0
+    if not jobs:
+        raise SystemExit(f"error: no finished run with a checkpoint under "
+                         f"{results / suite / 'runs'} (a job folder with DONE and "
+                         "runs/*/checkpoint.pt)")
+    finished = run_jobs(jobs, workers)
+    failed = [job for job, rc in finished if rc != 0]
+    transfer_report(suite, results, episodes)
+    for job in failed:
+        print(f"FAILED: {job.describe()} ({job.folder / job.log_name})")
+    return 1 if failed else 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=[*SUITES, "report"])
-    parser.add_argument("report_suite", nargs="?", help="for `report`: the suite to aggregate")
+    parser.add_argument("suite", choices=[*SUITES, "report", "transfer"])
+    parser.add_argument("report_suite", nargs="?", help="for `report` and `transfer`: the suite "
+                        "(`report transfer <suite>`: its transfer table)")
+    parser.add_argument("transfer_suite", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--algos", nargs="+", help="algorithms (default: every script present)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per task (smoke 2, else 3)")
     parser.add_argument("--budget", type=int, default=None,
@@ -1798,7 +2110,14 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", help="dcs/dmc tasks (default: CoRe's six); cpu: "
                         f"columns of CPU_TASKS ({', '.join(CPU_TASKS)})")
     parser.add_argument("--eval-every", type=int, default=None)
-    parser.add_argument("--eval-episodes", type=int, default=None)
+    parser.add_argument("--eval-episodes", type=int, default=None,
+                        help=f"episodes per evaluation (transfer: {TRANSFER_EPISODES} per run "
+                        "and setting)")
+    parser.add_argument("--levels", nargs="+", choices=TRANSFER_LEVELS, default=None,
+                        metavar="LEVEL",
+                        help="transfer: the test settings' distraction levels and rendering "
+                        "changes, each task those valid for it (default: all of "
+                        f"{' '.join(TRANSFER_LEVELS)})")
     parser.add_argument("--workers", type=int, default=1, help="jobs in parallel (one GPU each)")
     parser.add_argument("--slurm", action="store_true", help="write a Slurm array script instead")
     parser.add_argument("--submit", action="store_true",
@@ -1823,7 +2142,8 @@ def main(argv=None):
     parser.add_argument("--minutes", type=float, default=25.0,
                         help="quick: wall-clock budget; the runs are interrupted (checkpointed) "
                              "then, and running quick again continues them")
-    parser.add_argument("--dry-run", action="store_true", help="list the jobs, run nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the jobs (transfer: the evaluations), run nothing")
     parser.add_argument("--results", default="results", help="output folder")
     parser.add_argument("--updates", type=int, default=5, help="speed: updates to time")
     parser.add_argument("--tiny", action="store_true", help="speed: tiny sizes (CI)")
@@ -1848,12 +2168,23 @@ def main(argv=None):
         speed(algos, args.updates, args.tiny, args.env, results / "speed", args.device,
               args.variants, args.variant_timeout)
         return 0
+    if args.suite == "report" and args.report_suite == "transfer":
+        if not args.transfer_suite:
+            raise SystemExit("error: report transfer needs a suite: ./benchmark.sh report transfer "
+                             "<suite>, e.g. cpu")
+        transfer_report(args.transfer_suite, results, args.eval_episodes)
+        return 0
     if args.suite == "report":
         suite = args.report_suite or "dcs"
         default_budget = {"smoke": 6000, "minigrid": 50_000, "quick": 1_000_000,
                           "cpu": None}.get(suite, 500_000)
         summary = report(suite, args.budget or default_budget, results)
         return 0 if summary.get("passed", True) else 1
+
+    if args.suite == "transfer":
+        return transfer(args.report_suite, results, algos, args.levels or TRANSFER_LEVELS,
+                        args.eval_episodes or TRANSFER_EPISODES, args.workers, args.video_dir,
+                        args.dry_run, args.slurm)
 
     seeds = args.seeds or {"smoke": 2, "minigrid": 5, "quick": 1, "cpu": 1}.get(args.suite, 3)
     jobs = suite_jobs(args.suite, algos, seeds, args.budget, args.tasks, args.eval_every,

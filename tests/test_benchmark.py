@@ -743,3 +743,199 @@ def test_an_unfinished_job_resumes_from_an_absolute_checkpoint_path(tmp_path, mo
     cmd = benchmark.Job("blast", "dmc-cartpole-swingup", 1, [], folder).command()
     resume = Path(cmd[cmd.index("--resume") + 1])
     assert resume.is_absolute() and resume == (folder / "runs" / "run1" / "checkpoint.pt").resolve()
+
+
+# ---------------------------------------------------------------------------------------------
+# transfer: every finished run on every test setting of its task
+# ---------------------------------------------------------------------------------------------
+
+
+def job_folder(results, algo, column, seed, runs=("r1",), done=True):
+    """A job folder of results/cpu/runs with a checkpoint.pt in each of `runs` (empty files:
+    listing the jobs never opens them) and DONE where `done`."""
+    folder = results / "cpu" / "runs" / algo / column / seed
+    for run in runs:
+        (folder / "runs" / run).mkdir(parents=True)
+        (folder / "runs" / run / "checkpoint.pt").write_bytes(b"")
+    folder.mkdir(parents=True, exist_ok=True)
+    if done:
+        (folder / "DONE").write_text("x")
+    return folder
+
+
+def write_evaluation(folder, run, env, distraction, returns, trained_on=("dmc-cartpole-swingup",
+                     "none"), split="val", stamp=1000, env_steps=100_000):
+    """What `--evaluate` writes: <job>/runs/<run>__eval__<env>__<distraction>__<split>__<time>/."""
+    where = folder / "runs" / f"{run}__eval__{env}__{distraction}__{split}__{stamp}"
+    where.mkdir(parents=True)
+    report = dict(checkpoint=f"runs/{run}/checkpoint.pt", env_steps=env_steps,
+                  trained_on=dict(env=trained_on[0], distraction=trained_on[1]), env=env,
+                  distraction=distraction, dynamic=True, split=split, video_dir=None,
+                  seeds=list(range(len(returns))), returns=[float(r) for r in returns],
+                  mean=float(np.mean(returns)), standard_error=None)
+    (where / "evaluation.json").write_text(json.dumps(report))
+    return where
+
+
+def test_transfer_jobs_are_every_finished_run_on_every_test_setting_of_its_task(tmp_path):
+    clean = job_folder(tmp_path, "core", "dmc-cartpole-swingup", "seed1")
+    # resumed into a new folder once: the finished run is the last one (Job.command resumes it)
+    background = job_folder(tmp_path, "core", "dcs-cartpole-swingup@background", "seed2",
+                            runs=("dcs__core__2__100", "dcs__core__2__200"))
+    minigrid = job_folder(tmp_path, "blast-sg", "minigrid-dynamic-obstacles-6x6@video", "seed1")
+    job_folder(tmp_path, "dreamerv2", "dmc-cartpole-swingup", "seed2", done=False)  # unfinished
+    no_checkpoint = tmp_path / "cpu" / "runs" / "dreamerv2" / "dmc-cartpole-swingup" / "seed3"
+    no_checkpoint.mkdir(parents=True)
+    (no_checkpoint / "DONE").write_text("x")  # a clone: metrics committed, *.pt not
+    # done before: the same checkpoint, setting, split and episode count
+    write_evaluation(clean, "r1", "dcs-cartpole-swingup", "hard", [1.0] * 10)
+    # not done: another episode count, the training videos, another run's checkpoint
+    write_evaluation(clean, "r1", "dcs-cartpole-swingup", "easy", [1.0] * 3)
+    write_evaluation(clean, "r1", "dcs-cartpole-swingup", "medium", [1.0] * 10, split="train")
+    write_evaluation(background, "dcs__core__2__100", "dmc-cartpole-swingup", "none", [1.0] * 10)
+
+    algos = benchmark.available_algorithms()
+    jobs, skipped = benchmark.transfer_jobs(tmp_path, "cpu", algos, episodes=10)
+    by_run = {}
+    for job in jobs:
+        by_run.setdefault(job.folder, []).append((job.setting, job.done))
+    cartpole = ["dmc-cartpole-swingup", "dcs-cartpole-swingup@easy", "dcs-cartpole-swingup@medium",
+                "dcs-cartpole-swingup@hard", "dcs-cartpole-swingup@background"]
+    assert by_run[clean] == [(s, s == "dcs-cartpole-swingup@hard") for s in cartpole]
+    assert by_run[background] == [(s, False) for s in cartpole]
+    changes = ["none", "color_direction", "smaller_agent", "random_frames", "video"]
+    assert [s for s, _ in by_run[minigrid]] == [
+        benchmark.setting_label("minigrid-dynamic-obstacles-6x6", c) for c in changes]
+    assert len(by_run) == 3
+    assert sorted(line.split(": ", 1)[1] for line in skipped) == [
+        "no checkpoint (runs/*/checkpoint.pt)", "not finished (no DONE)"]
+
+    # each evaluation runs the script the run was trained with, in the job folder, on the DCS
+    # validation videos (dynamic) with the latest checkpoint
+    job = next(j for j in jobs if j.folder == background and j.distraction == "medium")
+    assert job.command()[1:] == [
+        str(ROOT / "core.py"), "--evaluate", "runs/dcs__core__2__200/checkpoint.pt", "--env",
+        "dcs-cartpole-swingup", "--distraction", "medium", "--eval-split", "val",
+        "--eval-episodes", "10", "--dynamic"]
+    rung = next(j for j in jobs if j.folder == minigrid)
+    assert rung.command()[1] == str(ROOT / "blast.py") and "--dynamic" not in rung.command()
+
+    # --levels and --algos choose; each task keeps the levels valid for it
+    jobs, _ = benchmark.transfer_jobs(tmp_path, "cpu", {"blast": algos["blast"]},
+                                      levels=("none", "background", "video"))
+    assert [j.setting for j in jobs] == ["minigrid-dynamic-obstacles-6x6",
+                                         "minigrid-dynamic-obstacles-6x6@video"]
+    jobs, _ = benchmark.transfer_jobs(tmp_path, "cpu", algos, levels=("none", "background"))
+    assert {j.setting for j in jobs if j.folder == clean} == {"dmc-cartpole-swingup",
+                                                              "dcs-cartpole-swingup@background"}
+
+    # the command line lists them without running anything
+    out = run_benchmark("transfer", "cpu", "--dry-run", "--results", str(tmp_path), cwd=tmp_path)
+    lines = out.splitlines()
+    assert sum(line.startswith("[done]") for line in lines) == 1
+    assert sum(line.startswith("[new]") for line in lines) == 14
+    assert lines[-1] == "15 evaluations of 3 finished runs; 2 job folders skipped"
+
+
+def test_transfer_table_is_mean_and_standard_error_over_seeds_of_each_seeds_mean(tmp_path):
+    runs = tmp_path / "cpu" / "runs"
+    clean = ("dmc-cartpole-swingup", "none")
+    background = ("dcs-cartpole-swingup", "background")
+    for seed, (on_clean, on_easy) in enumerate([(100, 50), (200, None), (300, None)], start=1):
+        folder = runs / "core" / "dmc-cartpole-swingup" / f"seed{seed}"
+        write_evaluation(folder, "r", "dmc-cartpole-swingup", "none",
+                         [on_clean - 10, on_clean + 10])
+        if on_easy is not None:
+            write_evaluation(folder, "r", "dcs-cartpole-swingup", "easy", [on_easy] * 2)
+    folder = runs / "dreamerv2" / "dcs-cartpole-swingup@background" / "seed1"
+    for episodes, value, stamp in [(2, 40, 1), (5, 60, 2), (2, 80, 3)]:
+        write_evaluation(folder, "r", "dcs-cartpole-swingup", "background", [value] * episodes,
+                         trained_on=background, stamp=stamp)
+    write_evaluation(folder, "r", "dmc-cartpole-swingup", "none", [10, 30], trained_on=background)
+    write_evaluation(folder, "r", "dcs-cartpole-swingup", "easy", [999] * 2, trained_on=background,
+                     split="train")  # not the validation videos: left out
+    (tmp_path / "cpu" / "random_policy.json").write_text(json.dumps({
+        "dmc-cartpole-swingup": dict(env="dmc-cartpole-swingup", distraction="none", mean=116.4,
+                                     se=7.3, n=75),
+        "minigrid-dynamic-obstacles-6x6@video": dict(
+            env="minigrid-dynamic-obstacles-6x6", distraction="video", mean=-15.6, se=0.3, n=150)}))
+
+    summary = benchmark.transfer_report("cpu", tmp_path)
+    text = (tmp_path / "cpu" / "transfer.md").read_text()
+    assert ("| method | trained on | env steps | dmc-cartpole-swingup | dcs-cartpole-swingup@easy "
+            "| dcs-cartpole-swingup@background |") in text
+    # 200 ± SD(100, 200, 300) / sqrt(3) = 57.7 over three seeds; one seed: no SE
+    assert "| core | dmc-cartpole-swingup | 100,000 | 200 ± 58 (3) | 50 (1) | - |" in text
+    # the most episodes of a setting count (5 at 60), not the newer 2-episode one
+    assert ("| dreamerv2 | dcs-cartpole-swingup@background | 100,000 | 20 (1) | - | 60 (1) |"
+            in text)
+    assert "| random policy | - | - | 116 ± 7 (75 episodes) | - | - |" in text
+    assert "minigrid" not in text.split("Random policy:")[0]  # no MiniGrid runs: no table
+    saved = json.loads((tmp_path / "cpu" / "transfer.json").read_text())
+    cell = saved["tables"]["cartpole-swingup"]["rows"][0]["cells"]["dmc-cartpole-swingup"]
+    assert cell["seeds"] == {"1": 100, "2": 200, "3": 300} and cell["n"] == 3
+    assert cell["se"] == pytest.approx(100 / np.sqrt(3))
+    assert summary["episodes"] == [2, 5]
+    # asked for 2 episodes: the newest 2-episode evaluation (80)
+    benchmark.transfer_report("cpu", tmp_path, episodes=2)
+    text = (tmp_path / "cpu" / "transfer.md").read_text()
+    assert "| dreamerv2 | dcs-cartpole-swingup@background | 100,000 | 20 (1) | - | 80 (1) |" in text
+    # `report transfer` rewrites it from the evaluation.json files alone (no checkpoint here)
+    (tmp_path / "cpu" / "transfer.md").unlink()
+    run_benchmark("report", "transfer", "cpu", "--results", str(tmp_path), cwd=tmp_path)
+    assert "| core | dmc-cartpole-swingup | 100,000 | 200 ± 58 (3) | 50 (1) | - |" in (
+        tmp_path / "cpu" / "transfer.md").read_text()
+
+
+def test_evaluation_files_are_committed_and_their_event_files_and_videos_are_not():
+    folder = "results/cpu/runs/core/dcs-cartpole-swingup/seed1"
+    run = "dcs-cartpole-swingup__core__1__1"
+    evaluation = f"{folder}/runs/{run}__eval__dmc-cartpole-swingup__none__val__2"
+
+    def ignored(path):
+        out = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", path])
+        if out.returncode not in (0, 1):
+            pytest.skip("not a git checkout")
+        return out.returncode == 0
+
+    assert not ignored(f"{evaluation}/evaluation.json")
+    assert not ignored(f"{folder}/transfer-log.txt") and not ignored("results/cpu/transfer.md")
+    assert ignored(f"{evaluation}/events.out.tfevents.1.vm.1.0")
+    assert ignored(f"{evaluation}/video.mp4")
+    assert ignored(f"{folder}/runs/{run}/checkpoint.pt")
+
+
+def test_transfer_evaluates_a_finished_run_on_both_toy_tasks_then_skips_them(tmp_path):
+    """End to end: a tiny DreamerV2 run on toy-reach (the toys have no distraction levels; their
+    two tasks are each other's test setting), then `transfer` with real --evaluate subprocesses."""
+    folder = tmp_path / "smoke" / "runs" / "dreamerv2" / "toy-reach" / "seed1"
+    job = benchmark.Job("dreamerv2", "toy-reach", 1,
+                        ["--preset", "tiny", "--total-steps", "100", "--prefill", "50",
+                         "--pretrain", "1", "--eval-every", "0", "--eval-episodes", "1"], folder)
+    [(_, rc)] = benchmark.run_jobs([job], workers=1)
+    assert rc == 0 and job.done
+    [run] = [p.parent for p in folder.glob("runs/*/checkpoint.pt")]
+    metrics = (run / "metrics.jsonl").read_text()
+
+    argv = ["transfer", "smoke", "--algos", "dreamerv2", "--eval-episodes", "2", "--workers", "2",
+            "--results", str(tmp_path)]
+    assert benchmark.main(argv) == 0
+    made = sorted(folder.glob("runs/*__eval__*/evaluation.json"))
+    assert [p.parent.name.split("__eval__")[1].rsplit("__", 1)[0] for p in made] == [
+        "toy-reach-center__none__val", "toy-reach__none__val"]
+    means = {}
+    for path in made:
+        e = json.loads(path.read_text())
+        assert path.parent.name.startswith(f"{run.name}__eval__")
+        assert e["checkpoint"] == f"runs/{run.name}/checkpoint.pt" and e["env_steps"] == 100
+        assert e["trained_on"]["env"] == "toy-reach" and len(e["returns"]) == 2
+        means[e["env"]] = e["mean"]
+    text = (tmp_path / "smoke" / "transfer.md").read_text()
+    assert "| method | trained on | env steps | toy-reach | toy-reach-center |" in text
+    assert (f"| dreamerv2 | toy-reach | 100 | {means['toy-reach']:.0f} (1) | "
+            f"{means['toy-reach-center']:.0f} (1) |") in text
+    assert (run / "metrics.jsonl").read_text() == metrics  # the run itself is untouched
+
+    # a rerun finds both evaluations done and starts nothing
+    assert benchmark.main(argv) == 0
+    assert sorted(folder.glob("runs/*__eval__*/evaluation.json")) == made

@@ -48,8 +48,7 @@ def load(path: str, script: str | None):
     module, args, checkpoint = load_agent(path, script, SCRIPTS)
     env = eval_env(module, args)
     discrete = hasattr(env.action_space, "n")
-    action_dim = env.action_space.n if discrete else env.action_space.shape[0]
-    return module, args, env, build_agent(module, args, checkpoint, action_dim, discrete), discrete
+    return module, args, env, build_agent(module, args, checkpoint, env.action_space), discrete
 
 
 @torch.no_grad()
@@ -64,15 +63,15 @@ def main(argv=None):
                         help="the evaluation's mode (default), training's samples, or the "
                              "truncated normal's mean (dreamerv2, dreamingv2, blast)")
     opts = parser.parse_args(argv)
-    torch.manual_seed(opts.seed)
     module, args, env, agent, discrete = load(opts.checkpoint, opts.script)
+    torch.manual_seed(opts.seed)  # after the agent is built (building seeds with the run's seed)
     if opts.actions == "mean" and (discrete or not hasattr(args, "eval_action")):
         sys.exit(f"--actions mean: {module.__name__}'s actor has no truncated-normal mean (the "
                  "Dreamer family's continuous actor has); use mode or explore")
     if hasattr(args, "eval_action"):  # what --eval-action makes the script's evaluations play;
         # --actions decides here, not the flag the run was trained with
         args.eval_action = "mean" if opts.actions == "mean" else "mode"
-    to_env = getattr(module, "env_action", lambda action, discrete: action)
+    to_env = module.env_action
     returns, actions, states = [], [], []
     try:
         for episode in range(opts.episodes):
@@ -84,7 +83,7 @@ def main(argv=None):
                 physics = physical_state(env)
                 if physics is not None:
                     states.append(physics)
-                obs, reward, terminated, truncated, _ = env.step(to_env(action, discrete))
+                obs, reward, terminated, truncated, _ = env.step(to_env(action, env.action_space))
                 total += float(reward)
                 done = terminated or truncated
             returns.append(total)

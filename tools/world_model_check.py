@@ -46,9 +46,10 @@ SCRIPTS = ("dreamerv2", "dreamingv2", "blast")
 
 def load_agent(path: str, script: str | None, scripts: tuple = SCRIPTS):
     """(module, args, checkpoint) of a checkpoint written by one of `scripts` (its `exp_name`, or
-    `script` where the run was renamed)."""
+    `script` where the run was renamed). Checkpoints keep the algorithm's flags in `args` and the
+    run settings in `settings` (earlier versions: all flags in `args`)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    saved = checkpoint["args"]
+    saved = {**checkpoint.get("settings", {}), **checkpoint["args"]}
     name = script or saved.get("exp_name")
     if name not in scripts:
         raise SystemExit(f"error: {path}: a checkpoint of {name!r}; this check reads {', '.join(scripts)}"
@@ -61,21 +62,14 @@ def load_agent(path: str, script: str | None, scripts: tuple = SCRIPTS):
 
 
 def eval_env(module, args):
-    """The environment a run's evaluations use: the script's own `make_env` where it has one
-    (dreamerv2.py builds its envs inline: the same call here)."""
-    split = getattr(args, "eval_split", "val")
-    if hasattr(module, "make_env"):
-        return module.make_env(args, split, args.seed)
-    import envs
-    return envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=args.seed,
-                     image_size=64, action_repeat=module.action_repeat(args), split=split,
-                     video_dir=args.video_dir)
+    """The environment a run's evaluations use: the script's own `make_env` on its eval split."""
+    return module.make_env(args, getattr(args, "eval_split", "val"))
 
 
-def build_agent(module, args, checkpoint: dict, action_dim: int, discrete: bool):
-    """The checkpoint's trained agent on the CPU (CVRL's and CoRe's Agents take no `discrete`)."""
-    extra = () if module.__name__ in ("cvrl", "core") else (discrete,)
-    agent = module.Agent(args, action_dim, *extra, torch.device("cpu"))
+def build_agent(module, args, checkpoint: dict, action_space):
+    """The checkpoint's trained agent on the CPU, built as the script builds it."""
+    compute = module.Compute(module.RunSettings(device="cpu"), args.seed)
+    agent = module.Agent(args, action_space, compute)
     agent.load_state_dict(checkpoint["agent"])
     return agent
 
@@ -141,18 +135,18 @@ def main(argv=None):
                         help="who acts: 'agent' (its mode actions), 'random' (uniform) or the path "
                              "of another checkpoint.pt whose agent acts")
     opts = parser.parse_args(argv)
-    torch.manual_seed(opts.seed)  # the prior's samples: the same numbers on every run
     module, args, checkpoint = load_agent(opts.checkpoint, opts.script)
     env = eval_env(module, args)
     discrete = hasattr(env.action_space, "n")
     action_dim = env.action_space.n if discrete else env.action_space.shape[0]
-    agent = build_agent(module, args, checkpoint, action_dim, discrete)
+    agent = build_agent(module, args, checkpoint, env.action_space)
     actor = None  # another run's agent that plays the episodes
     if opts.policy not in ("agent", "random"):
         other, other_args, other_checkpoint = load_agent(opts.policy, None)
         if other_args.env != args.env:
             raise SystemExit(f"error: --policy {opts.policy}: an agent for {other_args.env}, not {args.env}")
-        actor = build_agent(other, other_args, other_checkpoint, action_dim, discrete)
+        actor = build_agent(other, other_args, other_checkpoint, env.action_space)
+    torch.manual_seed(opts.seed)  # the prior's samples: the same numbers on every run
     wm, ac, H, gamma = agent.wm, agent.ac, opts.horizon, args.gamma
     wm.eval()
     rows = {k: ([], []) for k in ("reward_one_step", "reward_open_loop", "imagined_return",
@@ -174,7 +168,7 @@ def main(argv=None):
             state = (state[0], torch.as_tensor(action, dtype=torch.float32)[None])  # the action taken
             latents.append(state[0])
             actions.append(state[1])
-            obs, reward, terminated, truncated, _ = env.step(module.env_action(action, discrete))
+            obs, reward, terminated, truncated, _ = env.step(module.env_action(action, env.action_space))
             rewards.append(float(reward))
             physics.append(physical_state(env))
             done = terminated or truncated
