@@ -858,7 +858,8 @@ class Run:
               f"{replay.capacity:,} agent steps on {replay.device.type}, up to {replay.nbytes / 2**30:.2f} "
               f"GiB | replay ratio {ratio:.0f} replayed steps per agent step | videos: "
               f"{envs.video_source(self.args.env, self.args.distraction, self.args.video_dir)}", flush=True)
-        print(f"preset {self.args.preset}: {describe_presets(self.args, self.settings)}", flush=True)
+        print(f"presets {', '.join(presets(self.args)) or 'none'}: "
+              f"{describe_presets(self.args, self.settings)}", flush=True)
         if checkpoint is not None:
             c = checkpoint["counters"]  # (older checkpoints say nothing of what wrote them)
             by = checkpoint.get("saved_by") or ("evaluation" if c.get("last_eval") == c["env_steps"]

@@ -2,7 +2,6 @@
 (Eq. 3, 6), the momentum encoder (Sec. III-E), k-step predictions, augmentation (Sec. III-F),
 shapes, the fast update pattern and the CLI."""
 
-import dataclasses
 import math
 import types
 
@@ -13,13 +12,21 @@ import torch.nn.functional as F
 
 import benchmark
 import dreamingv2 as dv
-from conftest import check_beats_random, collect_episodes, smoke_args, without_host_sync, sync_test_device, check_bad_cli_input, check_dreamerv2_weight_decay, check_output_layer_in_fp32, check_behaviour_step_freezes_world_model
+from conftest import (check_beats_random, collect_episodes, smoke_args, without_host_sync, sync_test_device,
+                      check_bad_cli_input, check_dreamerv2_weight_decay, check_output_layer_in_fp32,
+                      check_behaviour_step_freezes_world_model, preset_flags, make_agent, tiny_checkpoint)
 
 CPU = torch.device("cpu")
 
 
 def tiny_args(**kw):
-    return dv.preset_args("tiny", **kw)
+    return preset_flags(dv, "tiny", **kw)[0]
+
+
+def tiny_agent(action_dim=2, discrete=False, device="cpu", **kw):
+    """A `--preset tiny` agent with `kw` set (Args or RunSettings fields, e.g. compile=True)."""
+    args, settings = preset_flags(dv, "tiny", **kw)
+    return make_agent(dv, args, settings, action_dim, discrete, device)
 
 
 def random_batch(args, action_dim=2, seed=0):
@@ -27,7 +34,15 @@ def random_batch(args, action_dim=2, seed=0):
     T, B = args.batch_length, args.batch_size
     return dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, generator=g),
                 action=torch.rand(T, B, action_dim, generator=g) * 2 - 1,
-                reward=torch.rand(T, B, generator=g), cont=torch.ones(T, B))
+                reward=torch.rand(T, B, generator=g), cont=torch.ones(T, B), is_first=torch.zeros(T, B))
+
+
+def captured(monkeypatch, name):
+    """The outputs of every call of `dv.<name>` (as world_model_loss computes them, with their
+    autograd graphs: its metrics are detached)."""
+    calls, original = [], getattr(dv, name)
+    monkeypatch.setattr(dv, name, lambda *a, **k: calls.append(original(*a, **k)) or calls[-1])
+    return calls
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +81,12 @@ def test_nce_loss_is_log_n_for_uniform_pmfs_and_falls_towards_zero_for_matching_
     z[5, 1] = F.one_hot(torch.tensor(4), classes).float()
     assert len({tuple(v.argmax(-1).tolist()) for v in z}) == n
     uniform = torch.full((n, stoch, classes), -math.log(classes))
-    loss, _ = dv.contrastive_nce(dv.contrastive_logits(z, uniform), 0)
+    loss, _ = dv.contrastive_nce(dv.contrastive_logits(z, uniform), torch.arange(n))
     torch.testing.assert_close(loss, torch.tensor(math.log(n)))
     losses = []
     for sharpness in (1.0, 2.0, 4.0, 8.0):  # PMFs that put more and more mass on z_j
         log_pmf = F.log_softmax(sharpness * z, -1)
-        loss, accuracy = dv.contrastive_nce(dv.contrastive_logits(z, log_pmf), 0)
+        loss, accuracy = dv.contrastive_nce(dv.contrastive_logits(z, log_pmf), torch.arange(n))
         losses.append(loss.item())
     assert all(a > b for a, b in zip(losses, losses[1:])) and losses[-1] < 1e-4, losses
     assert accuracy == 1.0
@@ -108,16 +123,15 @@ def test_window_negatives_score_b_times_k_plus_one_latents_pairwise():
     pmf = dv.windows(log_pmf, K)
     assert pmf.shape == (T - K, K + 1, B, S, C)
     torch.testing.assert_close(pmf[1, 2], log_pmf[3])  # window t, offset k holds time t + k
-    logits = dv.window_logits(dv.windows(z, K), pmf)
+    logits = dv.contrastive_logits(dv.windows(z, K).flatten(1, 2), pmf.flatten(1, 2))  # per window
     assert logits.shape == (T - K, (K + 1) * B, (K + 1) * B)
     # row k * B + b of window t is z_{t+k, b}; column j * B + b' the PMF of x'_{t+j, b'}
     torch.testing.assert_close(logits[1, 2 * B + 1, 3 * B + 0], (z[3, 1] * log_pmf[4, 0]).sum())
 
 
 def test_world_model_terms_are_finite_scalars_and_shapes_are_as_documented(cartpole_batch):
-    torch.manual_seed(0)
-    args = tiny_args()
-    agent = dv.Agent(args, 1, False, CPU)
+    agent = tiny_agent(1)
+    args = agent.args
     cartpole_batch.rng = np.random.default_rng(0)
     batch = cartpole_batch.sample(args.batch_size, args.batch_length)
     loss, post, metrics = dv.world_model_loss(agent.wm, batch, args)
@@ -134,36 +148,39 @@ def test_world_model_terms_are_finite_scalars_and_shapes_are_as_documented(cartp
     assert not any("decoder" in name for name, _ in agent.wm.named_modules())
 
 
-def test_linear_aux_dynamics_predicts_for_j_nce_while_j_kl_still_rolls_the_rssm(cartpole_batch):
+def test_linear_aux_dynamics_predicts_for_j_nce_while_j_kl_still_rolls_the_rssm(cartpole_batch, monkeypatch):
     """--aux-dynamics linear (Table III) replaces p~ in J_NCE_k only; the overshooting KL is the
     RSSM's, the same as with --aux-dynamics rssm for the same weights and random draws."""
     args = tiny_args()
-    linear = dataclasses.replace(args, aux_dynamics="linear")
     cartpole_batch.rng = np.random.default_rng(0)
     batch = cartpole_batch.sample(args.batch_size, args.batch_length)
-    torch.manual_seed(0)
-    wm = dv.Agent(linear, 1, False, CPU).wm
-    wm_rssm = dv.Agent(args, 1, False, CPU).wm
+    agent = tiny_agent(1, aux_dynamics="linear")
+    wm, linear = agent.wm, agent.args
+    wm_rssm = tiny_agent(1).wm
     wm_rssm.load_state_dict(wm.state_dict(), strict=False)
     torch.manual_seed(1)
-    _, _, m = dv.world_model_loss(wm, batch, linear)
-    torch.manual_seed(1)
     _, _, m_rssm = dv.world_model_loss(wm_rssm, batch, args)
+    nce, kl_terms = captured(monkeypatch, "nce_objectives"), captured(monkeypatch, "kl_balance")
+    kl_terms += captured(monkeypatch, "overshooting_kl")
+    torch.manual_seed(1)
+    _, _, m = dv.world_model_loss(wm, batch, linear)
     torch.testing.assert_close(m["kl_loss"], m_rssm["kl_loss"])
     assert not torch.allclose(m["nce_loss"], m_rssm["nce_loss"])
-    (g,) = torch.autograd.grad(m["nce_loss"], [wm.linear_dynamics.net.weight])
+    nce_loss = sum(loss for loss, _ in nce[0][0])  # J_NCE_k, k = 0..K, as world_model_loss sums them
+    (g,) = torch.autograd.grad(nce_loss, [wm.linear_dynamics.net.weight], retain_graph=True)
     assert g.abs().sum() > 0
-    (g,) = torch.autograd.grad(m["kl_loss"], [wm.linear_dynamics.net.weight], allow_unused=True)
+    kl_loss = sum(term[0] if isinstance(term, tuple) else term for term in kl_terms)  # every J_KL_k
+    (g,) = torch.autograd.grad(kl_loss, [wm.linear_dynamics.net.weight], allow_unused=True)
     assert g is None
 
 
 def test_overshooting_kl_pairs_each_k_step_prior_with_the_posterior_k_steps_later(cartpole_batch):
     """PlaNet's latent overshooting (Sec. 4, Eq. 7): kl_loss = KL_0 (DreamerV2's balanced KL) +
     mean_k KL(sg(q_{t+k}) || p_k(z_{t+k} | z_t)); no gradient into the posterior from k >= 1."""
-    args = tiny_args(free_nats=0.0)
+    agent = tiny_agent(1, free_nats=0.0)
+    args, wm = agent.args, agent.wm
     cartpole_batch.rng = np.random.default_rng(0)
     batch = cartpole_batch.sample(args.batch_size, args.batch_length)
-    wm = dv.Agent(args, 1, False, CPU).wm
     torch.manual_seed(1)
     _, post, m = dv.world_model_loss(wm, batch, args)
     # redo the draws: random shifts, then observe and the k-step rollouts
@@ -193,8 +210,8 @@ def test_overshooting_kl_pairs_each_k_step_prior_with_the_posterior_k_steps_late
 def test_the_two_augmented_views_inside_world_model_loss_differ():
     """Sec. III-F: x (online CNN) and x' (momentum CNN') are independent shifts of the same
     frames, seen by forward hooks on the two encoders during world_model_loss."""
-    args = tiny_args()
-    wm = dv.Agent(args, 2, False, CPU).wm
+    agent = tiny_agent(2)
+    args, wm = agent.args, agent.wm
     seen = {}
     hooks = [net.register_forward_pre_hook(lambda m, inp, name=name: seen.setdefault(name, inp[0].clone()))
              for name, net in (("online", wm.encoder), ("momentum", wm.momentum_encoder))]
@@ -212,9 +229,8 @@ def test_the_two_augmented_views_inside_world_model_loss_differ():
 
 
 def test_momentum_encoder_moves_by_eta_towards_the_online_encoder_after_each_update():
-    torch.manual_seed(0)
-    args = tiny_args()
-    agent = dv.Agent(args, 2, False, CPU)
+    agent = tiny_agent(2)
+    args = agent.args
     with torch.no_grad():  # make CNN' differ from CNN so that the update is visible
         for p in agent.wm.momentum_encoder.parameters():
             p.add_(0.1)
@@ -225,17 +241,19 @@ def test_momentum_encoder_moves_by_eta_towards_the_online_encoder_after_each_upd
         torch.testing.assert_close(new, (1 - args.momentum) * old + args.momentum * theta)
 
 
-def test_the_pmf_critic_w_learns_from_the_momentum_side_and_the_online_encoder_from_eq_6():
+def test_the_pmf_critic_w_learns_from_the_momentum_side_and_the_online_encoder_from_eq_6(monkeypatch):
     """J_NCE_k's latents come from the RSSM, so J_NCE_k reaches W only through the momentum
     PMFs: a gradient there shows that side trains W (stop-gradient after CNN', not after W).
     J_NCE_aux reaches the online CNN through its critic samples (Eq. 6)."""
-    torch.manual_seed(0)
-    args = tiny_args()
-    wm = dv.Agent(args, 2, False, CPU).wm
-    _, _, m = dv.world_model_loss(wm, random_batch(args), args)
-    (g_w,) = torch.autograd.grad(m["nce_loss"], [wm.pmf_critic_w.weight], retain_graph=True)
+    agent = tiny_agent(2)
+    args, wm = agent.args, agent.wm
+    nce = captured(monkeypatch, "nce_objectives")  # (J_NCE_k terms, J_NCE_aux), with their graphs
+    dv.world_model_loss(wm, random_batch(args), args)
+    (terms, (nce_aux_loss, _)), = nce
+    nce_loss = sum(loss for loss, _ in terms)
+    (g_w,) = torch.autograd.grad(nce_loss, [wm.pmf_critic_w.weight], retain_graph=True)
     assert g_w.abs().sum() > 0
-    g_cnn = torch.autograd.grad(m["nce_aux_loss"], list(wm.encoder.parameters()), retain_graph=True)
+    g_cnn = torch.autograd.grad(nce_aux_loss, list(wm.encoder.parameters()), retain_graph=True)
     assert all(g.abs().sum() > 0 for g in g_cnn)
 
 
@@ -268,10 +286,11 @@ def test_batched_observe_equals_the_step_by_step_obs_step_loop():
     torch.manual_seed(1)
     state = rssm.initial(3, CPU)
     for t in range(5):
-        state, step_prior = rssm.obs_step(state, action[t], embed[t])
+        state = rssm.obs_step(state, action[t], embed[t])
+        step_prior = rssm.img_out(state["deter"]).unflatten(-1, (3, 4))  # p(z_t | h_t) of that step
         for key in ("deter", "stoch", "logits"):
             torch.testing.assert_close(post[key][t], state[key], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(prior["logits"][t], step_prior["logits"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(prior["logits"][t], step_prior, atol=1e-5, rtol=1e-5)
 
 
 # --- augmentation -------------------------------------------------------------------------------
@@ -298,46 +317,41 @@ def test_behaviour_step_leaves_the_world_model_out_and_the_actor_gradient_throug
     the behaviour losses run with the world model frozen; the loss and the actor's gradient are
     unchanged. With no entropy bonus and dynamics gradients, the actor reaches its loss only
     through the imagined latents, so its non-zero gradient has come through them."""
-    torch.manual_seed(0)
-    args = tiny_args(actor_entropy=0.0, actor_grad="dynamics")
-    agent = dv.Agent(args, 2, False, CPU)
-    batch = random_batch(args)
-    check_behaviour_step_freezes_world_model(agent, "_ac_loss", lambda: agent.update(batch),
-                                             agent.wm, agent.ac.actor,
-                                             dv.frozen)
+    agent = tiny_agent(2, actor_entropy=0.0, actor_grad="dynamics")
+    batch = random_batch(agent.args)
+    check_behaviour_step_freezes_world_model(agent, "behaviour_losses", lambda: agent.update(batch),
+                                             agent.wm, agent.ac.actor, dv.frozen)
 
 
 def test_a_nan_reward_skips_the_whole_update_and_is_flagged():
-    torch.manual_seed(0)
-    args = tiny_args()
-    agent = dv.Agent(args, 2, False, CPU)
+    agent = tiny_agent(2)
+    args = agent.args
     agent.update(random_batch(args))  # Adam moments exist
     before = {k: v.clone() for k, v in agent.wm.state_dict().items()}
     ac_before = {k: v.clone() for k, v in agent.ac.state_dict().items()}
     opt_before = [s["exp_avg"].clone() for s in agent.model_opt.opt.state.values()]
     batch = random_batch(args, seed=1)
     batch["reward"][0, 0] = float("nan")
-    _, nonfinite = agent.update(batch)
-    assert nonfinite[0] == 1  # model_loss
+    agent.update(batch)
+    assert agent.compute.flags()[0] == 1  # model_loss
     assert all(torch.equal(before[k], v) for k, v in agent.wm.state_dict().items())
     assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(opt_before, agent.model_opt.opt.state.values()))
     # the actor and critic steps of that update are skipped too (and the slow critic's copy)
     assert all(torch.equal(ac_before[k], v) for k, v in agent.ac.state_dict().items())
     # later updates stay skipped (the loop reads the flags one update late and then stops)
-    _, nonfinite = agent.update(random_batch(args, seed=2))
-    assert nonfinite[0] == 1
+    agent.update(random_batch(args, seed=2))
+    assert agent.compute.skip == 1  # every step skipped from the non-finite update on
     assert all(torch.equal(before[k], v) for k, v in agent.wm.state_dict().items())
     assert all(torch.equal(ac_before[k], v) for k, v in agent.ac.state_dict().items())
 
 
 def test_bf16_keeps_kl_log_probs_values_and_score_matrices_in_fp32():
-    torch.manual_seed(0)
-    args = tiny_args(precision="bf16")
-    agent = dv.Agent(args, 2, False, CPU)
+    agent = tiny_agent(2, precision="bf16")
+    args = agent.args
     batch = random_batch(args)
-    loss, post, metrics = agent._world_model_loss(batch)
+    loss, post, metrics = agent.world_model_loss(agent.wm, batch, args)  # under --precision
     assert all(v.dtype == torch.float32 for v in metrics.values())
-    with agent.autocast:
+    with agent.compute.precision():
         embed = agent.wm.encoder(batch["obs"][0])
         assert embed.dtype == torch.bfloat16  # the networks do run in bf16
         log_pmf = dv.pmf_critic_log_pmf(agent.wm.pmf_critic_w, embed, args.stoch, args.classes)
@@ -346,10 +360,10 @@ def test_bf16_keeps_kl_log_probs_values_and_score_matrices_in_fp32():
         feats = agent.wm.rssm.feat({k: v[0] for k, v in post.items()})
         log_prob = agent.ac.actor(feats).log_prob(torch.zeros(args.batch_size, 2))
     assert log_pmf.dtype == logits.dtype == kl.dtype == log_prob.dtype == torch.float32
-    actor_loss, critic_loss, ac_metrics = agent._behaviour_losses({k: post[k].detach() for k in ("deter", "stoch")})
+    actor_loss, critic_loss, ac_metrics = agent.behaviour_losses(agent.wm, agent.ac, post, args, False)
     assert all(v.dtype == torch.float32 for v in (actor_loss, critic_loss, *ac_metrics.values()))
-    _, nonfinite = agent.update(batch)
-    assert not nonfinite.any()
+    agent.update(batch)
+    assert not agent.compute.flags().any()
     # reward and values are computed in fp32 (the output layer), not rounded to bf16 and cast
     feat = 3 * torch.randn(16, agent.wm.rssm.feat_dim)
     for net in (agent.wm.reward, agent.ac.critic, agent.ac.target_critic):
@@ -362,21 +376,19 @@ def test_compiled_losses_equal_eager_on_cpu(compile_backend):
     machine."""
     import torch._inductor.config as inductor_config
 
-    args = tiny_args(batch_length=4, batch_size=2, horizon=2, nce_steps=1, cnn_depth=2)
-    batch = random_batch(args)
-    torch.manual_seed(0)
-    eager = dv.Agent(args, 2, False, CPU)
-    torch.manual_seed(0)
-    compiled = dv.Agent(dataclasses.replace(args, compile=True), 2, False, CPU)
+    kw = dict(batch_length=4, batch_size=2, horizon=2, nce_steps=1, cnn_depth=2)
+    eager = tiny_agent(2, **kw)
+    compiled = tiny_agent(2, compile=True, **kw)
+    batch = random_batch(eager.args)
     compiled.wm.load_state_dict(eager.wm.state_dict())
     compiled.ac.load_state_dict(eager.ac.state_dict())
     old = inductor_config.fallback_random
     inductor_config.fallback_random = True
     try:
         torch.manual_seed(3)
-        want, _ = eager.update(batch)
+        want = eager.update(batch)
         torch.manual_seed(3)
-        got, _ = compiled.update(batch)
+        got = compiled.update(batch)
     finally:
         inductor_config.fallback_random = old
     for key in ("model_loss", "nce_loss", "kl_loss", "nce_aux_loss", "actor_loss", "critic_loss"):
@@ -385,17 +397,17 @@ def test_compiled_losses_equal_eager_on_cpu(compile_backend):
 
 @pytest.mark.parametrize("discrete", [False, True], ids=["continuous", "discrete"])  # discrete: REINFORCE
 def test_an_update_never_syncs_with_the_host(discrete):
-    args = tiny_args()
     device = sync_test_device()  # CUDA where there is one, else CPU (see without_host_sync)
-    agent = dv.Agent(args, 2, discrete, device)
+    agent = tiny_agent(2, discrete, device)
+    args = agent.args
     replay = dv.Replay(200, (3, 64, 64), 2, seed=0, device=device)
     batch = random_batch(args)
     replay.add_episode(*(batch[k][:, 0].numpy() for k in ("obs", "action", "reward", "cont")))
     # the training loop's device work: sampling, the update, acting (up to its numpy action)
-    metrics, nonfinite = without_host_sync(lambda: agent.update(replay.sample(args.batch_size, args.batch_length)))
+    without_host_sync(lambda: agent.update(dv.to_torch(replay.sample(args.batch_size, args.batch_length), device)))
     state = agent.act(np.zeros((3, 64, 64), np.uint8), None, explore=True)[1]
     without_host_sync(agent.act, np.zeros((3, 64, 64), np.uint8), state, True, returns_to_host=True)
-    assert not nonfinite.cpu().any()
+    assert not agent.compute.flags().cpu().any()
 
 
 # --- CLI and the paper's defaults --------------------------------------------------------------
@@ -405,11 +417,11 @@ def test_dreamingv2_defaults_match_paper():
     """Each value's source: dreamingv2.txt (section / table), DreamerV2's configs.yaml
     (danijar/dreamerv2, dmc_vision) where the paper is silent, PlaNet for the overshooting terms,
     or ours (see the module docstring)."""
-    a = dv.parse_args([])
+    a, s = dv.parse_args([])
     # paper: Sec. III-A 32 x 32 latents; III-G / Table II K = 3; III-E eta 0.05; III-F pad 4;
     # III-B RSSM p~; Fig. 2a / III-E window negatives; Table I budget 500K steps
     assert (a.stoch, a.classes, a.nce_steps, a.momentum, a.aug_pad) == (32, 32, 3, 0.05, 4)
-    assert (a.aux_dynamics, a.negatives, a.total_steps) == ("rssm", "window", 500_000)
+    assert (a.aux_dynamics, a.negatives, s.total_steps) == ("rssm", "window", 500_000)
     # Dreaming's J_KL_k = PlaNet's latent overshooting (Sec. 4, Eq. 7)
     assert a.overshooting_kl == "planet"
     # DreamerV2 configs.yaml (dmc_vision): sizes, KL, optimisers, behaviour, replay sampling
@@ -418,11 +430,11 @@ def test_dreamingv2_defaults_match_paper():
     assert (a.batch_size, a.batch_length, a.horizon, a.gamma, a.return_lambda) == (16, 50, 15, 0.99, 0.95)
     assert (a.model_lr, a.actor_lr, a.critic_lr, a.adam_eps, a.grad_clip) == (3e-4, 8e-5, 8e-5, 1e-5, 100.0)
     assert (a.actor_entropy, a.target_update_every, a.train_every, a.prefill) == (1e-4, 100, 5, 1000)
-    assert (a.pretrain, a.weight_decay, a.init, a.eval_every) == (100, 1e-6, "glorot", 10_000)
-    assert dv.action_repeat(a) == 2 and dv.action_repeat(dv.parse_args(["--env", "dmc-cartpole-swingup"])) == 2
+    assert (a.pretrain, a.weight_decay, a.init, s.eval_every) == (100, 1e-6, "glorot", 10_000)
+    assert dv.action_repeat(a) == 2 and dv.action_repeat(dv.parse_args(["--env", "dmc-cartpole-swingup"])[0]) == 2
     # ours: replay 1e6 simulator steps (a whole 500K run), 10 eval episodes
-    assert (a.replay_capacity, a.eval_episodes) == (1_000_000, 10)
-    agent = dv.Agent(tiny_args(), 1, False, CPU)
+    assert (a.replay_capacity, s.eval_episodes) == (1_000_000, 10)
+    agent = tiny_agent(1)
     assert all(torch.all(m.bias == 0) for m in agent.ac.modules() if isinstance(m, torch.nn.Linear))
     # (1 - wd) per step, as DreamerV2's optimiser; the helper steps the torch optimiser itself
     check_dreamerv2_weight_decay(types.SimpleNamespace(ac=agent.ac, critic_opt=agent.critic_opt.opt))
@@ -432,19 +444,17 @@ def test_dreamingv2_defaults_match_paper():
 
 def test_resume_refuses_flags_that_change_the_algorithm(tmp_path):
     args = tiny_args()
-    agent = dv.Agent(args, 2, False, CPU)
-    path = tmp_path / "checkpoint.pt"
-    dv.save_checkpoint(path, agent, None, dict(env_steps=0), args)
-    resumed = dv.parse_args(["--resume", str(path), "--total-steps", "5000"])
-    assert resumed.total_steps == 5000 and resumed.cnn_depth == args.cnn_depth
+    path = tiny_checkpoint(dv, tmp_path / "checkpoint.pt")
+    resumed, settings = dv.parse_args(["--resume", str(path), "--total-steps", "5000"])
+    assert settings.total_steps == 5000 and resumed.cnn_depth == args.cnn_depth
     with pytest.raises(SystemExit, match="--nce-steps 2 \\(checkpoint 3\\)"):
         dv.parse_args(["--resume", str(path), "--nce-steps", "2"])
 
 
 def test_tiny_preset_means_2000_steps_unless_told_otherwise():
-    assert dv.parse_args(["--preset", "tiny"]).total_steps == 2000
-    assert dv.parse_args(["--preset", "tiny", "--total-steps", "300"]).total_steps == 300
-    assert dv.parse_args([]).total_steps == 500_000  # Table I: 500K steps
+    assert dv.parse_args(["--preset", "tiny"])[1].total_steps == 2000
+    assert dv.parse_args(["--preset", "tiny", "--total-steps", "300"])[1].total_steps == 300
+    assert dv.parse_args([])[1].total_steps == 500_000  # Table I: 500K steps
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -462,16 +472,15 @@ def test_bad_cli_input_gets_a_clear_message_and_no_traceback(tmp_path, flags, me
 @pytest.mark.slow
 def test_contrastive_top1_accuracy_rises_on_real_dmc_data():
     """A few minutes on 1 CPU core: 150 world-model updates on cartpole-swingup pixels."""
-    torch.manual_seed(0)
-    args = tiny_args(cnn_depth=8, deter=64, hidden=64, stoch=8, classes=8, batch_size=8,
-                     batch_length=16, model_lr=1e-3)
+    agent = tiny_agent(1, cnn_depth=8, deter=64, hidden=64, stoch=8, classes=8, batch_size=8,
+                       batch_length=16, model_lr=1e-3, seed=0)
+    args = agent.args
     replay = dv.Replay(5000, (3, 64, 64), 1, seed=0)
     for episode in collect_episodes("dmc-cartpole-swingup", episodes=3, seed=0):
         replay.add_episode(*episode)
-    agent = dv.Agent(args, 1, False, CPU)
     accuracy = []
     for _ in range(150):
-        metrics, _ = agent.update(replay.sample(args.batch_size, args.batch_length))
+        metrics = agent.update(replay.sample(args.batch_size, args.batch_length))
         accuracy.append(metrics["nce_accuracy_0"].item())
     chance = 1 / (args.batch_size * (args.nce_steps + 1))  # window negatives (Fig. 2a)
     print(f"top-1 accuracy first 10: {np.mean(accuracy[:10]):.3f}, last 10: {np.mean(accuracy[-10:]):.3f}")
@@ -482,7 +491,7 @@ def test_contrastive_top1_accuracy_rises_on_real_dmc_data():
 def test_dreamingv2_beats_random_on_toy_reach_center(tmp_path, monkeypatch):
     """About 10-20 minutes on 2 CPU cores (criterion: conftest.check_beats_random)."""
     monkeypatch.chdir(tmp_path)
-    run_dir = dv.main(smoke_args(dv, "dreamingv2"))
+    run_dir = dv.main(*smoke_args(dv, "dreamingv2"))
     check_beats_random(run_dir, benchmark.SMOKE_ENV)
 
 
@@ -491,18 +500,16 @@ def test_cuda_graph_modes_keep_the_losses_and_survive_overwritten_outputs(cuda_g
     one is copied first (the posterior, the metrics read after the next update), so the losses
     equal the eager ones under the conftest simulation, which turns any use of an overwritten
     output into NaN. 'max-autotune' compiles without CUDA graphs."""
-    args = tiny_args(batch_length=4, batch_size=2, horizon=2, nce_steps=1, cnn_depth=2)
-    dv.Agent(dataclasses.replace(args, compile=True, compile_mode="max-autotune"), 2, False, CPU)
+    kw = dict(batch_length=4, batch_size=2, horizon=2, nce_steps=1, cnn_depth=2)
+    tiny_agent(2, compile=True, compile_mode="max-autotune", **kw)
     assert cuda_graph_steps.modes == ["max-autotune-no-cudagraphs"] * 2
-    batch, runs = random_batch(args), []
+    batch, runs = random_batch(tiny_args(**kw)), []
     for compile in (False, True):
-        torch.manual_seed(0)
-        agent = dv.Agent(dataclasses.replace(args, compile=compile, compile_mode="reduce-overhead"),
-                         2, False, CPU)
+        agent = tiny_agent(2, compile=compile, compile_mode="reduce-overhead", **kw)
         runs.append([])
         for seed in (3, 4):
             torch.manual_seed(seed)
-            runs[-1].append(agent.update(batch)[0])
+            runs[-1].append(agent.update(batch))
     assert cuda_graph_steps.marks == 4
     for want, got in zip(*runs):  # the first update's metrics are read after the second update
         for key in ("model_loss", "nce_loss", "kl_loss", "actor_loss", "critic_loss"):
@@ -511,7 +518,8 @@ def test_cuda_graph_modes_keep_the_losses_and_survive_overwritten_outputs(cuda_g
 
 def test_the_run_header_names_the_preset_overrides_a_run_applied():
     """Issue 24 item 3: one place for the numbers (PRESETS), and the header says which applied;
-    a flag that replaced a preset value is not listed."""
-    line = dv.applied_overrides(dv.preset_args("small", cnn_depth=8))
-    assert line.startswith("preset small:") and "deter=128" in line and "cnn_depth" not in line
-    assert dv.applied_overrides(dv.parse_args([])) == "preset paper: none (the paper's defaults)"
+    a flag that replaced a preset value is not listed among them (but apart, as replaced)."""
+    line = dv.describe_presets(*dv.parse_args(["--preset", "small", "--cnn-depth", "8"]))
+    applied, _, replaced = line.partition("; flags replaced ")
+    assert "deter=128" in applied and "cnn_depth" not in applied and replaced == "cnn_depth=8 (preset 16)"
+    assert dv.describe_presets(*dv.parse_args([])).startswith("no overrides")
