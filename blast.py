@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -1284,23 +1285,25 @@ class Run:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        (obs, _), state, env_steps, policy_time = env.reset(seed=self.args.seed), None, 0, 0.0
-        for i in range(52):
-            if i == 2:  # the first two steps are warm-up: the clock starts here
-                start, env_steps, policy_time = time.perf_counter(), 0, 0.0
-            t = time.perf_counter()
-            action, state = agent.act(obs, state, explore=True)
-            policy_time += time.perf_counter() - t
-            obs, _, terminated, truncated, info = env.step(env_action(action, env.action_space))
-            env_steps += info["env_steps"]
-            if terminated or truncated:
-                (obs, _), state = env.reset(), None
-        acting_time = time.perf_counter() - start
-        env.close()
         result = dict(seconds_per_update=float(np.median(times[2:])), updates=len(times) - 2,
-                      parameters=agent.num_parameters(), env=self.args.env,
-                      env_steps_per_second=env_steps / acting_time, policy_ms=1000 * policy_time / 50,
-                      device=str(device), precision=self.settings.precision, compile=self.settings.compile)
+                      parameters=agent.num_parameters(), env=self.args.env, device=str(device),
+                      precision=self.settings.precision, compile=self.settings.compile)
+        plans = [""] + ["_no_mpc"] * ("mpc" in inspect.signature(agent.act).parameters)  # CVRL's MPC
+        for plan in plans:
+            (obs, _), state, env_steps, policy_time = env.reset(seed=self.args.seed), None, 0, 0.0
+            for i in range(52):
+                if i == 2:  # the first two steps are warm-up: the clock starts here
+                    start, env_steps, policy_time = time.perf_counter(), 0, 0.0
+                t = time.perf_counter()
+                action, state = agent.act(obs, state, True, **(dict(mpc=False) if plan else {}))
+                policy_time += time.perf_counter() - t
+                obs, _, terminated, truncated, info = env.step(env_action(action, env.action_space))
+                env_steps += info["env_steps"]
+                if terminated or truncated:
+                    (obs, _), state = env.reset(), None
+            result[f"policy_ms{plan}"] = 1000 * policy_time / 50
+            result.setdefault("env_steps_per_second", env_steps / (time.perf_counter() - start))
+        env.close()
         if self.settings.compile:
             result["compile_seconds"] = times[0]
         if device.type == "cuda":

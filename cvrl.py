@@ -1,8 +1,8 @@
 """CVRL: contrastive variational reinforcement learning, in one file.
 
 Paper: Xiao Ma, Siwei Chen, David Hsu, Wee Sun Lee, "Contrastive Variational Reinforcement Learning
-for Complex Observations", Conference on Robot Learning (CoRL) 2020. Authors' code (TensorFlow 2,
-built on Dreamer's): https://github.com/Yusufma03/CVRL. Documentation: docs/cvrl.md.
+for Complex Observations", CoRL 2020. Authors' code (TensorFlow 2, built on Dreamer's):
+github.com/Yusufma03/CVRL. Documentation: docs/cvrl.md.
 
 The idea. A Dreamer-v1 world model (Gaussian RSSM) is trained without reconstructing pixels: the
 observation likelihood of the ELBO is replaced by the mutual information I(s_t, o_t), estimated
@@ -12,44 +12,44 @@ analytic gradients of imagined lambda-returns plus SAC on the real posterior tra
 replay (Sec. 3.3). Actions are chosen by latent-guided MPC: the actor's plan is refined by
 gradient ascent on the imagined value (Sec. 3.4, App. A.3).
 
-The paper, equation by equation, and where it is implemented:
-- RSSM (Sec. 3.1, App. B.4): h_t = GRU(h_{t-1}, s_{t-1}, a_{t-1}), prior p(s_t | h_t), posterior
-  q(s_t | h_t, o_t), diagonal Gaussians, stoch 30, deter 200: `RSSM`.
-- Eq. 5, InfoNCE (App. B.1, B.5): log f(s_t, o_t) - log sum_{o' in O} f(s_t, o'), with the
-  bilinear f(s, o) = exp(z_o^T W s'), z_o and s' 200-unit embeddings of the observation and the
-  state, W 200 x 200, O = all B*T observations of the batch: `ContrastiveHead`, `infonce`.
-- Eq. 6, CELBO: InfoNCE + ln p(r_t | s_t) - KL[q(s_t | ...) || p(s_t | s_{t-1}, a_{t-1})] (free
-  nats 3): `celbo_loss`. `--objective generative` uses ln p(o_t | s_t) instead (Eq. 2, Table 2's
-  CVRL-generative), `--objective reward` neither (CVRL-reward-only).
-- App. A.1, latent imagination: `imagine`. App. A.2, V_lambda (Dreamer's exponentially weighted
-  k-step returns): `lambda_return`.
-- Eq. 7, L_Dreamer: actor -sum V_lambda (dynamics backpropagation), critic 1/2 (v - V_lambda)^2:
-  `dreamer_actor_loss`, `value_loss_fn`.
-- Sec. 3.3, hybrid actor-critic: L_CVRL = L_Dreamer + alpha L_SAC, SAC on real posterior
-  transitions (s_t, a_t, r_{t+1}, s_{t+1}) of the batch, two Q-networks (App. B.6): `sac_q_loss`,
-  `sac_actor_loss`, `Agent.sac_losses`.
-- App. B.7, four optimisers (model, value, actor, SAC), every loss taken before any step:
-  `Agent.update`.
-- Sec. 3.4 / App. A.3 / B.8, latent-guided MPC: a~ <- a~ + lr grad_a~ V_lambda(s_t) over the whole
-  15-step action sequence, starting from the actor's plan, SGD lr 0.003; execute a~_0:
-  `Agent.plan`, `actor_plan`, `plan_value`, `Agent.optimise_plan`.
+The defaults are the paper's (Natural Mujoco, Table 1), else the authors' code's, else ours; each
+Args field names its source (docs/cvrl.md, "Deviations"). Where the paper and the authors' code
+differ, the paper's is the default: the bilinear score of App. B.5, SAC's actor loss applied to the
+actor (Sec. 3.3; --no-sac-updates-actor gives theirs), MPC moving the whole plan (App. A.3;
+--mpc-first-action-only gives theirs).
 
+Paper map (equation -> where it is implemented), in the order of this file:
+- RSSM (Sec. 3.1, App. B.4): h_t = GRU(h_{t-1}, s_{t-1}, a_{t-1}), prior p(s_t | h_t), posterior
+  q(s_t | h_t, o_t), diagonal Gaussians: `RSSM`.
+- Eq. 5, InfoNCE (App. B.1, B.5): log f(s_t, o_t) - log sum_{o' in O} f(s_t, o'), the bilinear
+  f(s, o) = exp(z_o^T W s'), O = all B*T observations of the batch: `ContrastiveHead`, `infonce`.
+- Eq. 6, CELBO: InfoNCE + ln p(r_t | s_t) - KL[q || p] (free nats 3): `celbo_loss`; Table 2's
+  ablations: ln p(o_t | s_t) instead (Eq. 2, `--objective generative`) or neither (`reward`).
+- App. A.1, latent imagination: `imagine`; App. A.2, V_lambda: `lambda_return`.
+- Eq. 7, L_Dreamer: actor -V_lambda (dynamics backpropagation), critic 1/2 (v - V_lambda)^2:
+  `dreamer_actor_loss`, `value_loss_fn`.
+- Sec. 3.3, L_CVRL = L_Dreamer + alpha L_SAC, SAC on the real posterior transitions (s_t, a_t,
+  r_{t+1}, s_{t+1}) of the batch, two Q-networks (App. B.6): `sac_q_loss`, `sac_actor_loss`,
+  `sac_losses`.
+- App. B.7, one optimiser per network, every loss taken before any step: `cvrl_losses`,
+  `Agent.update`; the data it runs on (prefill, pretrain, an update every 5 agent steps): `main`.
+- Sec. 3.4 / App. A.3 / B.8, latent-guided MPC: a~ <- a~ + lr grad_a~ V_lambda(s_t) over the
+  15-step action sequence, from the actor's plan; execute a~_0: `Agent.plan`, `optimise_plan`.
+
+The method runs from here to the APPENDIX banner; below it, the same text in all five scripts:
+run settings, the run object, the compute object (device, precision, speed), the replay.
 Shapes are time-major: replay sequences (T, B, ...), imagined rollouts (H + 1, N, ...) with
-N = T * B start states. What slot t of a sequence holds, and how imagined rollouts and
-lambda-returns are indexed, is stated once next to `Replay` ("Index conventions"). Images are
-uint8 (3, 64, 64) until the encoder, which maps them to [-0.5, 0.5]. Everything after `main`
-(logging, progress, signals, checkpoints, devices, the optimiser helper) is plumbing, the same
-text in every script of this repository.
+N = T * B start states.
 
     python cvrl.py --env natural-walker-walk
     python cvrl.py --env dcs-walker-walk --distraction medium --preset small
-    python cvrl.py --env toy-reach-center --preset tiny
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import importlib.util
+import inspect
 import json
 import math
 import os
@@ -58,7 +58,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -76,275 +76,89 @@ import envs
 td.Distribution.set_default_validate_args(False)
 
 
-# Args: the defaults are CVRL's setting for its main benchmark, Natural Mujoco (Table 1), as far as
-# the paper and the authors' code give it; each docstring names its source. Where the defaults are
-# NOT that setting, the defaults are kept, because changing them would change every run made so
-# far and the results measured with them (docs/cvrl.md, "Deviations"):
-#   - batch_size 50: the authors' code samples 60 sequences (config.batch_size = 60; the paper's
-#     App. B.1 names only "B"); 50 is Dreamer-v1's.
-#   - train_every 5 / updates_per_step 1: the authors' code (Dreamer-v1's loop) makes 100 updates
-#     in one burst every 1000 env steps; 1 update every 5 agent steps (10 env steps at action
-#     repeat 2) is the same number of updates per env step, spread out.
-#   - precision fp32: the authors' code trains in mixed fp16 (config.precision = 16).
-#   - replay_capacity 1e6 env steps: the authors' code (Dreamer-v1's) keeps every episode of the
-#     5e6-step run; ours caps the replay (memory), so a 5e6-step run forgets its oldest 4e6 steps.
-#   - the natural-* backgrounds: the paper's are ILSVRC videos (Sec. 4.1); envs' come from its
-#     built-in offline pool unless --video-dir names a folder of videos.
-#   - eval_episodes 10: ours (the paper averages 3 seeds and does not say how many episodes).
-# And where the defaults follow the paper rather than the authors' code: the bilinear
-# f(s, o) = exp(z^T W s') of App. B.5 (ContrastiveHead), SAC's actor loss applied to the actor
-# (Sec. 3.3; --no-sac-updates-actor gives the authors'), MPC updating the whole plan (App. A.3;
-# --mpc-first-action-only gives the authors'), SAC transitions of consecutive time steps.
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of this experiment (part of the run name; ours: CleanRL's convention)"""
-    env: str = "natural-walker-walk"
-    """env id: natural-<domain>-<task> (Table 1, Natural Mujoco; the paper's main benchmark),
-    pybullet-boxpush (Sec. 4.2), dmc-<domain>-<task>, dcs-<domain>-<task>, toy-reach,
-    toy-reach-center (docs/envs.md)"""
-    distraction: str = "none"
-    """dcs-*: none | easy | medium | hard | background; other families: none (ours: natural-*
-    always has its video backgrounds, Sec. 4.1)"""
-    dynamic: bool = True
-    """distractions move within an episode (False: static per episode; paper Sec. 4.1: videos)"""
-    video_dir: Optional[str] = None
-    """DAVIS 2017 or video folder for backgrounds (default: built-in offline pool; ours: the
-    paper's ILSVRC videos, Sec. 4.1, are not shipped)"""
-    eval_split: Literal["train", "val"] = "val"
-    """background videos used for evaluation (ours: held-out videos)"""
-    seed: int = 1
-    """seed of the experiment (ours)"""
-    torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic` (ours: CleanRL's default)"""
-    device: str = "auto"
-    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ... (ours)"""
-    compile: bool = False
-    """torch.compile the loss computations and the MPC unroll (ours: the first updates are slow)"""
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
-    """torch.compile mode (ours; CUDA: 'reduce-overhead' uses CUDA graphs; 'max-autotune' means
-    max-autotune-no-cudagraphs until a GPU run has shown CUDA graphs work with it)"""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocast for the networks; KL, log-probs, values and score matrices stay fp32 (ours:
-    fp32; the authors' code trains in mixed fp16, config.precision = 16)"""
-    preset: Literal["paper", "small", "tiny"] = "paper"
-    """'paper': these defaults; 'small': the same algorithm sized for a 2-core CPU (100K steps of
-    dmc-cartpole-swingup in under an hour); 'tiny': smoke tests; flags you set explicitly win
-    over the preset (ours; see PRESETS)"""
-    total_steps: int = 5_000_000
-    """environment steps to train for, counted after action repeat (simulator steps): Table 1's
-    5e6 (authors' code: steps = 5e6)"""
-    action_repeat: Optional[int] = 2
-    """simulator steps per action (authors' code: 2 for every task; None or 0: the per-task
-    default of envs, PlaNet's: cartpole 8, walker 2, ...)"""
-    eval_every: int = 10_000
-    """environment steps between evaluations (0: never, except at the end; authors' code: 1e4)"""
-    eval_episodes: int = 10
-    """episodes per evaluation (mode actions, no exploration noise, MPC as in training; ours: the
-    paper does not say)"""
-    log_every: int = 1_000
-    """environment steps between training-metric logs, progress lines also every 30 s (authors'
-    code: 1e3)"""
-    save_model: bool = False
-    """write checkpoint.pt (networks, optimisers, counters, RNG states) at every evaluation, and
-    replay.pt beside it at the end and every --replay-checkpoint-every evaluations (ours; an
-    interrupt or a non-finite loss always writes both)"""
-    checkpoint_replay: bool = True
-    """write the replay to replay.pt (see save_checkpoint), so that --resume keeps the same data;
-    --no-checkpoint-replay: never, a resumed run starts with an empty replay (ours)"""
-    replay_checkpoint_every: int = 10
-    """evaluations between the periodic replay.pt writes (0: only at the end, on an interrupt or a
-    non-finite stop). ours: the replay is gigabytes on a GPU run and writing it pauses training
-    (checkpoint.pt is megabytes); at every 10th evaluation (100K env steps at --eval-every 10000)
-    the pause is a small fraction of the time between writes, and a hard kill (SIGKILL, a lost
-    node) costs at most 10 evaluations' worth of replay, never the networks"""
-    resume: Optional[str] = None
-    """path of a checkpoint to continue from; its saved flags are the defaults (ours)"""
-    measure_updates: int = 0
-    """if > 0: time this many updates on a synthetic batch and 50 acting steps (with and without
-    MPC) on --env, print one JSON line and exit (ours: benchmark.sh speed)"""
-    capture_video: bool = False
-    """save an mp4 of the first eval episode (runs/<run>/videos) and a frame strip to TensorBoard
-    (ours)"""
-    replay_device: Literal["auto", "cpu", "cuda"] = "auto"
-    """where the replay's arrays live; auto = the training device when it is CUDA (ours: sampling
-    is one gather there)"""
+    """The algorithm: every default is CVRL's setting for Natural Mujoco (paper Table 1), from the
+    paper or, where it is silent, the authors' code, or says why not. How a run is carried out
+    (device, budget, evaluation, checkpoints): `RunSettings`, in the appendix."""
 
-    # Replay and schedule.
-    replay_capacity: int = 1_000_000
-    """replay capacity in environment steps, stored per agent step as uint8 images (ours: memory;
-    the authors' code keeps every episode)"""
-    batch_size: int = 50
-    """sequences per mini-batch (App. B.1's B; ours: Dreamer-v1's 50, the authors' code uses 60)"""
-    batch_length: int = 50
-    """steps per sequence (App. B.1's T; authors' code: 50); B*T - 1 negatives per pair"""
-    prefill: int = 2500
-    """agent steps with uniform random actions before training (authors' code: 5000 env steps)"""
-    pretrain: int = 100
-    """updates made once, right after the prefill (authors' code: pretrain = 100)"""
-    train_every: int = 5
-    """agent steps between training rounds (ours: the authors' code's 100 updates per 1000 env
-    steps, at action repeat 2, spread out as one update every 5 agent steps)"""
-    updates_per_step: int = 1
-    """updates per training round (ours: see train_every)"""
+    # Environment.
+    env: str = "natural-walker-walk"  # paper Table 1 (Natural Mujoco); any id of envs.make
+    distraction: str = "none"  # ours: natural-* always has its videos; dcs-*: easy ... background
+    dynamic: bool = True  # paper Sec. 4.1: the background videos move within an episode
+    video_dir: Optional[str] = None  # ours: a video folder (the paper's ILSVRC videos: not shipped)
+    eval_split: Literal["train", "val"] = "val"  # ours: evaluate on held-out videos
+    seed: int = 1  # ours: seeds the networks, the replay and every episode (CleanRL's default)
+    action_repeat: Optional[int] = 2  # authors' code: 2 for every task; None or 0: the env's own
+    preset: Literal["paper", "small", "tiny"] = "paper"  # ours: these defaults, or PRESETS below
 
-    # World model.
-    objective: Literal["contrastive", "generative", "reward"] = "contrastive"
-    """contrastive: CELBO (Eq. 6); generative: pixel reconstruction ELBO (Eq. 2, Table 2's
-    CVRL-generative); reward: no observation term, the latent learns from the reward and the KL
-    only (Table 2's CVRL-reward-only)"""
-    cnn_depth: int = 32
-    """encoder channels of the first layer (doubling: 32/64/128/256, App. B.3)"""
-    deter: int = 200
-    """GRU (deterministic) state size (App. B.4)"""
-    hidden: int = 200
-    """hidden units of the RSSM's input and output layers (App. B.4)"""
-    stoch: int = 30
-    """Gaussian stochastic state size (App. B.4)"""
-    contrast_units: int = 200
-    """size of the observation and state embeddings and of W (App. B.5: 200, W 200 x 200)"""
-    mlp_units: int = 400
-    """units of the reward, value, actor and Q MLPs (App. B.6)"""
-    free_nats: float = 3.0
-    """free nats, applied to the batch-mean KL (authors' code: free_nats = 3)"""
-    kl_scale: float = 1.0
-    """weight of the KL term (authors' code: kl_scale = 1; Eq. 6 has none)"""
-    model_lr: float = 6e-4
-    """world-model learning rate (App. B.7)"""
+    # Replay and training schedule.
+    replay_capacity: int = 1_000_000  # ours: env steps (memory; the authors' code keeps them all)
+    batch_size: int = 50  # App. B.1's B: Dreamer-v1's 50 (ours; the authors' code samples 60)
+    batch_length: int = 50  # App. B.1's T, authors' code 50: B*T - 1 negatives per pair
+    prefill: int = 2500  # authors' code: 5000 env steps of uniform random actions, in agent steps
+    pretrain: int = 100  # authors' code pretrain 100: updates once, after the prefill
+    train_every: int = 5  # ours: the authors' 100 updates per 1000 env steps, spread out
+    updates_per_step: int = 1  # ours: updates per training round (see train_every)
 
-    # Behaviour.
-    horizon: int = 15
-    """imagination (and MPC) horizon H (App. B.8: 15; authors' code: horizon = 15)"""
-    gamma: float = 0.99
-    """discount (authors' code: discount = 0.99)"""
-    return_lambda: float = 0.95
-    """lambda of V_lambda (App. A.2; authors' code: disclam = 0.95)"""
-    actor_lr: float = 8e-5
-    """actor learning rate (App. B.7)"""
-    value_lr: float = 8e-5
-    """value learning rate (App. B.7)"""
-    sac: bool = True
-    """hybrid actor-critic: add alpha * L_SAC on real trajectories (Sec. 3.3; False: CVRL-no-SAC,
-    Table 2)"""
-    sac_weight: float = 1.0
-    """alpha of L_CVRL = L_Dreamer + alpha L_SAC (Sec. 3.3). Ours: the paper gives no value and the
-    authors' code never applies L_SAC to the actor, so there is none to copy; 1 weighs both equally"""
-    sac_updates_actor: bool = True
-    """SAC's actor loss updates the actor (Sec. 3.3, B.7). False reproduces one thing of the authors'
-    code: their SAC actor (and temperature) losses are computed but never applied, so only the
-    Q-nets learn from SAC. It does not reproduce the rest of their SAC: their temperature is fixed
-    at 1 (that is our default, --learn-temperature off) and their transitions pair batch rows
-    (s of sequence b with s of sequence b + 1), not consecutive time steps as here"""
-    q_lr: float = 8e-5
-    """Q-network learning rate (App. B.7's SAC optimiser)"""
-    learn_temperature: bool = False
-    """tune the SAC temperature towards entropy -|A| (SAC v2). Off: fixed at init_temperature, as
-    the authors' code (the paper does not say; B.7's SAC optimiser trains the actor and Q-nets only)"""
-    temperature_lr: float = 3e-4
-    """SAC temperature learning rate, with --learn-temperature (ours: SAC v2's 3e-4)"""
-    init_temperature: float = 1.0
-    """SAC entropy temperature (authors' code: 1, never updated)"""
-    tau: float = 0.005
-    """Polyak rate of the target Q-networks (authors' code, soft_actor_critic.py: tau = 5e-3)"""
-    mpc: bool = True
-    """latent-guided MPC for acting (Sec. 3.4; False: CVRL-no-MPC, Table 2: act with the actor
-    alone)"""
-    mpc_iterations: int = 1
-    """gradient-ascent steps on the action sequence per acting step: App. A.3's one update of the
-    whole sequence ("repeat this for all actions and return the first action after update"), as the
-    authors' code; more is ours"""
-    mpc_lr: float = 0.003
-    """SGD learning rate of the MPC (App. B.8)"""
-    mpc_first_action_only: bool = False
-    """update only the first action of the plan (the authors' code; with --mpc-iterations 1 it is
-    their planner). The paper (App. A.3) updates the whole sequence, the default"""
-    expl_noise: float = 0.3
-    """std of the additive Gaussian exploration noise on the executed action, clipped to [-1, 1]
-    (authors' code: expl_amount = 0.3)"""
-    adam_eps: float = 1e-5
-    """Adam epsilon (ours: the paper does not say; the authors' code keeps TensorFlow's default)"""
-    grad_clip: float = 100.0
-    """gradient-norm clip of every optimiser (authors' code: grad_clip = 100)"""
+    # World model: the CELBO (Eq. 6).
+    objective: Literal["contrastive", "generative", "reward"] = "contrastive"  # Eq. 6; Table 2
+    cnn_depth: int = 32  # App. B.3: encoder channels 32/64/128/256
+    deter: int = 200  # App. B.4: GRU (deterministic) state h_t
+    hidden: int = 200  # App. B.4: the RSSM's input and output layers
+    stoch: int = 30  # App. B.4: Gaussian stochastic state s_t
+    contrast_units: int = 200  # App. B.5: observation and state embeddings, W 200 x 200
+    mlp_units: int = 400  # App. B.6: reward, value, actor and Q MLPs
+    free_nats: float = 3.0  # authors' code free_nats 3, on the batch-mean KL
+    kl_scale: float = 1.0  # authors' code kl_scale 1 (Eq. 6 has no weight)
+    model_lr: float = 6e-4  # App. B.7
+
+    # Behaviour: hybrid actor-critic (Eq. 7, Sec. 3.3) and latent-guided MPC (Sec. 3.4).
+    horizon: int = 15  # App. B.8, authors' code horizon 15: imagination and MPC
+    gamma: float = 0.99  # authors' code discount 0.99
+    return_lambda: float = 0.95  # App. A.2, authors' code disclam 0.95: lambda of V_lambda
+    actor_lr: float = 8e-5  # App. B.7
+    value_lr: float = 8e-5  # App. B.7
+    sac: bool = True  # Sec. 3.3: add alpha L_SAC on real trajectories (False: Table 2's no-SAC)
+    sac_weight: float = 1.0  # ours: alpha of L_CVRL = L_Dreamer + alpha L_SAC (the paper: none)
+    sac_updates_actor: bool = True  # Sec. 3.3; False: the authors' code (SAC's actor loss unused)
+    q_lr: float = 8e-5  # App. B.7's SAC optimiser
+    learn_temperature: bool = False  # authors' code: fixed; True: SAC v2's, towards entropy -|A|
+    temperature_lr: float = 3e-4  # ours: SAC v2's, with --learn-temperature
+    init_temperature: float = 1.0  # authors' code: 1, never updated
+    tau: float = 0.005  # authors' code (soft_actor_critic.py) tau 5e-3: target Q-nets' Polyak rate
+    mpc: bool = True  # Sec. 3.4: latent-guided MPC (False: Table 2's no-MPC, the actor alone)
+    mpc_iterations: int = 1  # App. A.3, authors' code: one ascent step of the action sequence
+    mpc_lr: float = 0.003  # App. B.8: SGD learning rate of the MPC
+    mpc_first_action_only: bool = False  # App. A.3: the whole plan moves; True: the authors' code
+    expl_noise: float = 0.3  # authors' code expl_amount 0.3: Gaussian noise on the action taken
+    adam_eps: float = 1e-5  # ours: the paper does not say (the authors' code: TensorFlow's)
+    grad_clip: float = 100.0  # authors' code grad_clip 100: gradient norm, every optimiser
 
 
-# Every other setting is a dict of overrides of the Args defaults (flags you set still win); the
-# run header prints the overrides applied.
-# 'small': the same algorithm sized for a 2-core CPU, 100K env steps of dmc-cartpole-swingup in
-#   under an hour (docs/cvrl.md, "Presets"); values measured on one CPU thread:
-#   - action_repeat 0: the env's per-task repeat (PlaNet's, 8 for cartpole), the DMC-100K setting;
-#     a frame costs ~20-30 ms to render here.
-#   - 16-channel CNN, 128-unit GRU/MLPs and score layers, 16 latents: 0.74M parameters.
-#   - batch 16 x 16 every 3 agent steps (0.6 s an update on one thread: 3,933 updates in
-#     100K env steps), prefill 1000 steps. An update every 5 steps (2,400) ended at 234 +- 21 over
-#     three seeds, every 3 at 266 +- 25 (results/cpu; the former runs: results/cpu/variants).
-#   - learning rates of the actor, value and Q networks raised to 3e-4, as for few, small updates.
-# 'tiny': runs end to end in well under a minute on 2 CPU cores (smoke tests).
+TOTAL_STEPS = 5_000_000  # paper Table 1, authors' code steps 5e6 (env steps, after action repeat)
+
+# Every setting other than the paper's: values that replace the defaults (flags you set win; the
+# run header prints what was applied). Reasons and measurements: docs/cvrl.md, "Presets".
 PRESETS = {
-    "small": dict(action_repeat=0, cnn_depth=16, deter=128, hidden=128, stoch=16, contrast_units=128,
-                  mlp_units=128, batch_size=16, batch_length=16, train_every=3, prefill=1000,
-                  actor_lr=3e-4, value_lr=3e-4, q_lr=3e-4, total_steps=100_000,
-                  eval_episodes=5, replay_capacity=100_000),
+    # ours: the same algorithm sized for a 2-core CPU, 100K env steps of dmc-cartpole-swingup:
+    "small": dict(
+        action_repeat=0,  # the env's per-task repeat (8 for cartpole: DMC-100K); frames cost ~30 ms
+        cnn_depth=16, deter=128, hidden=128, stoch=16, contrast_units=128,
+        mlp_units=128,  # 0.74M parameters
+        batch_size=16, batch_length=16, train_every=3, prefill=1000,  # ~0.6 s an update, one thread
+        actor_lr=3e-4, value_lr=3e-4, q_lr=3e-4,  # few, small updates
+        total_steps=100_000, eval_episodes=5, replay_capacity=100_000),
+    # ours: end to end in well under a minute (smoke tests on the toy envs)
     "tiny": dict(cnn_depth=4, deter=32, hidden=32, stoch=4, contrast_units=16, mlp_units=32,
                  batch_size=4, batch_length=8, prefill=100, pretrain=2, horizon=5, mpc_iterations=2,
                  total_steps=2000, eval_every=1000, eval_episodes=1, replay_capacity=100_000),
 }
 
-# Flags that may differ from the checkpoint's on --resume: they change the schedule, the logging
-# or the hardware, not the algorithm. Script-specific: replay_device (where the same data lives),
-# compile_mode (same numbers as plain compile up to float rounding).
-SCHEDULE_FLAGS = {"total_steps", "eval_every", "eval_episodes", "log_every", "save_model",
-                  "checkpoint_replay", "replay_checkpoint_every", "resume", "capture_video", "device",
-                  "compile", "precision",
-                  "measure_updates", "exp_name", "compile_mode", "replay_device"}
 
-
-def preset_args(preset: str = "paper", **overrides) -> Args:
-    """Args with a preset's values as defaults; `overrides` (and CLI flags) win over them."""
-    if preset not in ("paper", *PRESETS):
-        raise ValueError(f"unknown preset {preset!r}; known: paper, {', '.join(PRESETS)}")
-    return Args(**{**PRESETS.get(preset, {}), **overrides, "preset": preset})
-
-
-def preset_overrides(args: Args) -> str:
-    """For the run header: the preset and the overrides of the Args defaults it applied (those a
-    flag did not replace)."""
-    applied = {k: v for k, v in PRESETS.get(args.preset, {}).items() if getattr(args, k) == v}
-    if not applied:
-        return f"preset {args.preset}: the Args defaults"
-    return f"preset {args.preset}: " + ", ".join(f"{k}={v}" for k, v in applied.items())
-
-
-def _flag_value(argv: list[str], flag: str) -> Optional[str]:
-    """The value of `--name v` or `--name=v` in argv (the last one, as the parser takes it)."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
-def parse_args(argv=None) -> Args:
-    """Parse flags over the preset's defaults, or with --resume over the checkpoint's saved args
-    (so `--resume P` alone continues the same run); only SCHEDULE_FLAGS may then differ."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    resume = _flag_value(argv, "--resume")
-    if resume is None:
-        preset = _flag_value(argv, "--preset") or "paper"
-        default = preset_args(preset) if preset in ("paper", *PRESETS) else Args()
-        return tyro.cli(Args, args=argv, default=default)
-    if not Path(resume).is_file():
-        raise SystemExit(f"error: --resume {resume}: no such checkpoint file")
-    saved = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["args"]
-    names = {f.name for f in dataclasses.fields(Args)}
-    args = tyro.cli(Args, args=argv, default=Args(**{k: v for k, v in saved.items() if k in names}))
-    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint {saved[k]})"
-               for k in sorted(names - SCHEDULE_FLAGS) if k in saved and getattr(args, k) != saved[k]]
-    if changed:
-        raise SystemExit("error: --resume: these flags differ from the checkpoint's and change the "
-                         f"algorithm: {', '.join(changed)}; drop them or start a new run")
-    return args
+def presets(args: Args) -> dict:
+    """The PRESETS entries a run applies, by name, in order (later wins): here the one --preset names."""
+    return {args.preset: PRESETS[args.preset]} if args.preset in PRESETS else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,8 +167,8 @@ def parse_args(argv=None) -> Args:
 
 
 class MLP(nn.Sequential):
-    """`layers` hidden ELU layers of `units`, then a linear output (Dreamer-v1's dense heads). The output layer runs
-    in fp32 also under bf16 autocast (as dreamerv2.py's MLP): rewards, values, Q and action
+    """`layers` hidden ELU layers of `units`, then a linear output (Dreamer-v1's dense heads). The
+    output layer runs in fp32 also under --precision bf16: rewards, values, Q and action
     parameters feed returns and log-probs, and bf16 would resolve a value of 500 in steps of 2."""
 
     def __init__(self, inp: int, out: int, units: int, layers: int):
@@ -368,7 +182,7 @@ class MLP(nn.Sequential):
         *hidden, out = self
         for layer in hidden:
             x = layer(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with full_precision(x):
             return out(x.float())
 
 
@@ -405,10 +219,8 @@ class Decoder(nn.Module):
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         x = self.linear(feat).reshape(-1, 32 * self.depth)
-        # The first transposed conv sees a 1x1 input, where it is exactly a matmul (as in
-        # dreamerv2.py's Decoder): out[n, o, i, j] = sum_c x[n, c] W[c, o, i, j] + b[o]. Written as
-        # one (same parameters), it is one GEMM, and torch.compile's inductor no longer crashes in
-        # this conv's backward (a stride assertion, results/speed/h100-2026-11-23.md).
+        # On its 1x1 input the first transposed conv is a matmul: one GEMM, the same parameters
+        # (and inductor's crash in its backward avoided: results/speed/h100-2026-11-23.md).
         first = self.net[0]
         x = (x @ first.weight.flatten(1)).view(-1, *first.weight.shape[1:]) + first.bias[:, None, None]
         return self.net[1:](x).reshape(*feat.shape[:-1], 3, 64, 64)
@@ -503,7 +315,7 @@ class ContrastiveHead(nn.Module):
     def forward(self, feat: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
         """Score matrix (N, N) in fp32: row i = state i, column j = observation j."""
         s, z = self.state(feat.flatten(0, -2)), self.obs(embed.flatten(0, -2))
-        with torch.autocast(feat.device.type, enabled=False):
+        with full_precision(feat):
             return (s.float() @ self.W.float().T) @ z.float().T  # s'_i^T W^T z_j = z_j^T W s'_i
 
 
@@ -568,119 +380,26 @@ class WorldModel(nn.Module):
         self.reward = MLP(feat, 1, args.mlp_units, 2)
         if args.objective == "contrastive":
             self.contrastive = ContrastiveHead(self.encoder.out_dim, feat, args.contrast_units)
-        elif args.objective == "reward":  # CVRL-reward-only: no observation model
-            pass
-        else:
+        elif args.objective == "generative":  # CVRL-generative; CVRL-reward-only has neither
             self.decoder = Decoder(feat, args.cnn_depth)
 
 
 # ---------------------------------------------------------------------------------------------
-# Replay buffer, and the index conventions of the whole file
+# World-model objective: the CELBO (Eq. 6)
 # ---------------------------------------------------------------------------------------------
-#
-# Index conventions, in the paper's notation (Eq. 6: r_t ~ p(r_t | s_t), s_t ~ p(s_t | s_{t-1},
-# a_{t-1}); App. A.1: imagined s~_tau, a~_tau, r~_tau for tau = t .. t+H):
-#
-#   Replay, slot t of an episode (and of a sampled sequence, (T, B, ...) time-major):
-#       obs[t]    = o_t
-#       action[t] = a_{t-1}, the action that led to o_t (zeros at the episode's first slot)
-#       reward[t] = r_t, the reward received on arriving at o_t (0 at the first slot)
-#       cont[t]   = 0 if the episode terminated at o_t, else 1
-#     so the RSSM filters with action[t] (h_t = GRU(h_{t-1}, s_{t-1}, a_{t-1})) and the reward
-#     head at slot t predicts reward[t] from s_t (Eq. 6). A sequence starts from the zero state.
-#   SAC's transitions (s_t, a_t, r_{t+1}, s_{t+1}) pair slot t with slot t+1: states feat[:-1] and
-#     feat[1:], and action[1:], reward[1:], cont[1:] (slot t+1 holds a_t and r_{t+1}).
-#   Imagination from a start state s~_t (= a posterior s_t of the batch), k = 0 .. H:
-#       feats[k]   = s~_{t+k}            (H+1, N, F), feats[0] the start
-#       actions[k] = a~_{t+k} ~ pi(s~_{t+k}), k < H       (H, N, A)
-#     rewards and values are taken on feats[1:], so reward[k] = r~_{t+k+1} and
-#     value[k] = v(s~_{t+k+1}) (the issue's "value[t] = v(s_{t+1})").
-#   lambda_return(reward, value)[k] = V_lambda(s~_{t+k}), k = 0 .. H-1 (App. A.2): returns[0] is
-#     V_lambda(s_t) of the start, which MPC maximises; returns line up with feats[:-1].
 
-
-class Replay:
-    """Whole episodes in a flat ring of uint8 images; uniform sampling of in-episode sequences.
-
-    Slot t of an episode holds o_t, a_{t-1}, r_t and cont_t (index conventions above). A sequence
-    never crosses an episode boundary, so the RSSM starts each one from zeros.
-    The arrays are torch tensors on `device` (the GPU for CUDA training: sampling is one gather
-    there); start indices are drawn with numpy on the host and sent as one small tensor.
-    """
-
-    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device=torch.device("cpu")):
-        self.capacity, self.device = capacity, torch.device(device)
-        if self.device.type == "cpu":  # numpy zeros: pages are allocated as they fill
-            zeros = lambda shape, dt: torch.from_numpy(np.zeros(shape, dt))  # noqa: E731
-            self.obs = zeros((capacity, *obs_shape), np.uint8)
-            self.action, self.reward = zeros((capacity, action_dim), np.float32), zeros(capacity, np.float32)
-        else:
-            self.obs = torch.zeros((capacity, *obs_shape), dtype=torch.uint8, device=self.device)
-            self.action = torch.zeros((capacity, action_dim), device=self.device)
-            self.reward = torch.zeros(capacity, device=self.device)
-        self.cont = torch.ones(capacity, device=self.device)
-        self.episode = np.full(capacity, -1, np.int64)  # episode id per slot (host), -1 = empty
-        self.pos = self.size = self.episodes = 0
-        self.rng = np.random.default_rng(seed)
-        self._starts_length, self._starts = None, np.zeros(0, np.int64)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() for a in (self.obs, self.action, self.reward, self.cont))
-
-    def add_episode(self, obs, action, reward, cont):
-        n = len(obs)
-        if n > self.capacity:
-            raise ValueError(f"episode of {n} steps does not fit a replay of {self.capacity}")
-        idx = (self.pos + np.arange(n)) % self.capacity
-        t = torch.from_numpy(idx).to(self.device)
-        for key, value, dtype in (("obs", obs, np.uint8), ("action", action, np.float32),
-                                  ("reward", reward, np.float32), ("cont", cont, np.float32)):
-            getattr(self, key)[t] = torch.from_numpy(np.asarray(value, dtype)).to(self.device)
-        self.episode[idx] = self.episodes
-        self.episodes += 1
-        self.pos = (self.pos + n) % self.capacity
-        self.size = min(self.size + n, self.capacity)
-        self._starts_length = None
-
-    def valid_starts(self, length: int) -> np.ndarray:
-        """Slots i such that i .. i+length-1 lie in one stored episode."""
-        if self._starts_length != length:
-            last = np.roll(self.episode, -(length - 1))
-            ok = (self.episode >= 0) & (self.episode == last)
-            ok &= (np.arange(self.capacity) + length - 1 < self.capacity) | (self.size == self.capacity)
-            self._starts, self._starts_length = np.flatnonzero(ok), length
-        return self._starts
-
-    def can_sample(self, length: int) -> bool:
-        return len(self.valid_starts(length)) > 0
-
-    def sample(self, batch: int, length: int, device) -> dict:
-        """Device tensors, time-major: obs (T, B, 3, H, W) uint8, action (T, B, A), reward, cont."""
-        starts = self.rng.choice(self.valid_starts(length), size=batch)
-        idx = to_device_async((starts[None, :] + np.arange(length)[:, None]) % self.capacity, self.device)
-        return {k: getattr(self, k)[idx].to(device, non_blocking=True)
-                for k in ("obs", "action", "reward", "cont")}
-
-    def state_dict(self) -> dict:
-        n = self.size
-        return dict({k: getattr(self, k)[:n].cpu().numpy() for k in ("obs", "action", "reward", "cont")},
-                    episode=self.episode[:n].copy(), pos=self.pos, size=n, episodes=self.episodes,
-                    rng=self.rng.bit_generator.state)
-
-    def load_state_dict(self, state: dict):
-        n = state["size"]
-        for key in ("obs", "action", "reward", "cont"):
-            getattr(self, key)[:n] = torch.from_numpy(state[key]).to(self.device)
-        self.episode[:n] = state["episode"]
-        self.pos, self.size, self.episodes = state["pos"], n, state["episodes"]
-        self.rng.bit_generator.state = state["rng"]
-        self._starts_length = None
-
-
-# ---------------------------------------------------------------------------------------------
-# World-model objective: CELBO (Eq. 6)
-# ---------------------------------------------------------------------------------------------
+# Index conventions, in the paper's notation (Eq. 6; App. A.1: imagined s~, a~, r~).
+# Replay (appendix): step t of a sampled sequence (T, B) holds o_t (obs), a_{t-1} (action: the one
+#     that led to o_t; zeros at t = 0), r_t (reward on arriving at o_t; 0 at t = 0), cont_t (0 if
+#     the episode terminated at o_t). The RSSM filters with action[t] from the zero state, and the
+#     reward head at step t predicts reward[t] from s_t (Eq. 6).
+# SAC's transitions (s_t, a_t, r_{t+1}, s_{t+1}) pair step t with step t+1: feat[:-1], feat[1:],
+#     and action[1:], reward[1:], cont[1:] (step t+1 holds a_t and r_{t+1}).
+# Imagination from a start state s~_t (a posterior s_t of the batch): feats[k] = s~_{t+k},
+#     k = 0 .. H (H+1, N, F); actions[k] = a~_{t+k} ~ pi(s~_{t+k}), k < H. Rewards and values are
+#     taken on feats[1:]: reward[k] = r~_{t+k+1}, value[k] = v(s~_{t+k+1}).
+# Lambda-return: lambda_return(reward, value)[k] = V_lambda(s~_{t+k}), k = 0 .. H-1 (App. A.2),
+#     in line with feats[:-1]; returns[0] = V_lambda(s_t) of the start, what MPC maximises.
 
 
 def infonce(scores: torch.Tensor) -> torch.Tensor:
@@ -708,7 +427,7 @@ def celbo_loss(wm: WorldModel, batch: dict, args: Args):
     as in the authors' code. With `--objective generative`, ln p(o_t | s_t) (Eq. 2) replaces
     InfoNCE. Returns (loss, posterior states (T, B, ...), metrics)."""
     embed = wm.encoder(batch["obs"])  # (T, B, E)
-    post, prior = wm.rssm.observe(embed, batch["action"])
+    post, prior = wm.rssm.observe(embed, batch["action"])  # action[t] = a_{t-1}
     feat = RSSM.feat(post)  # (T, B, F)
     metrics = {}
     if args.objective == "reward":  # Table 2, CVRL-reward-only: no observation term
@@ -722,7 +441,7 @@ def celbo_loss(wm: WorldModel, batch: dict, args: Args):
     else:
         target = batch["obs"].float() / 255.0 - 0.5
         observation_term = gaussian_log_prob(target, wm.decoder(feat)).sum((-3, -2, -1)).mean()
-    reward_term = gaussian_log_prob(batch["reward"], wm.reward(feat).squeeze(-1)).mean()
+    reward_term = gaussian_log_prob(batch["reward"], wm.reward(feat).squeeze(-1)).mean()  # r_t | s_t
     kl = gaussian_kl(post, prior).mean()
     loss = -observation_term - reward_term + args.kl_scale * kl.clamp_min(args.free_nats)
     metrics.update(observation_loss=-observation_term.detach(), reward_loss=-reward_term.detach(),
@@ -731,7 +450,7 @@ def celbo_loss(wm: WorldModel, batch: dict, args: Args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Behaviour: imagination, V_lambda, hybrid actor-critic, latent-guided MPC
+# Behaviour: imagination, V_lambda, the hybrid actor-critic, latent-guided MPC
 # ---------------------------------------------------------------------------------------------
 
 
@@ -792,11 +511,12 @@ def value_loss_fn(value: nn.Module, feats: torch.Tensor, returns: torch.Tensor, 
 def sac_q_loss(actor: Actor, q: QNetworks, target_q: QNetworks, log_temperature: torch.Tensor,
                feat: torch.Tensor, batch: dict, args: Args):
     """SAC [33] critic on the real posterior trajectory of the batch (Sec. 3.3): transitions
-    (s_t, a_t, r_{t+1}, s_{t+1}); slot t+1 of the batch holds a_t and r_{t+1}. States are detached:
+    (s_t, a_t, r_{t+1}, s_{t+1}); step t+1 of the batch holds a_t and r_{t+1}. States are detached:
     SAC trains the actor, the Q-nets and the temperature, not the world model."""
     feat = feat.detach()
     s, s_next = feat[:-1], feat[1:]  # s_t, s_{t+1} for t = 0 .. T-2
-    action, reward, cont = batch["action"][1:], batch["reward"][1:], batch["cont"][1:]  # a_t, r_{t+1}, cont_{t+1}
+    # a_t, r_{t+1}, cont_{t+1} for t = 0 .. T-2
+    action, reward, cont = batch["action"][1:], batch["reward"][1:], batch["cont"][1:]
     with torch.no_grad():
         next_action, next_log_prob = actor(s_next).rsample_with_log_prob()
         target = torch.min(*target_q(s_next, next_action)) - log_temperature.exp() * next_log_prob
@@ -815,6 +535,46 @@ def sac_actor_loss(actor: Actor, q: QNetworks, log_temperature: torch.Tensor, fe
     return loss, log_prob.detach()
 
 
+def sac_losses(actor: Actor, q: QNetworks, target_q: QNetworks, log_temperature: torch.Tensor,
+               feat: torch.Tensor, batch: dict, args: Args):
+    """Sec. 3.3: SAC on the real posterior states `feat` (T, B, F) of the batch: its actor loss
+    (with the Q-nets frozen: it trains the actor only), the Q loss, the temperature loss, metrics."""
+    q_loss, metrics = sac_q_loss(actor, q, target_q, log_temperature, feat, batch, args)
+    with frozen(q):
+        pi_loss, log_prob = sac_actor_loss(actor, q, log_temperature, feat)
+    target_entropy = -float(batch["action"].shape[-1])  # SAC v2: towards entropy -|A|
+    temperature_loss = -(log_temperature * (log_prob + target_entropy)).mean()
+    if not (args.learn_temperature and args.sac_updates_actor):  # fixed, as the authors' code
+        temperature_loss = torch.zeros_like(q_loss)
+    metrics.update(sac_actor_loss=pi_loss.detach(), sac_entropy=-log_prob.mean(),
+                   temperature=log_temperature.exp().detach())
+    return pi_loss, q_loss, temperature_loss, metrics
+
+
+def cvrl_losses(wm: WorldModel, actor: Actor, value: nn.Module, q: QNetworks, target_q: QNetworks,
+                log_temperature: torch.Tensor, batch: dict, args: Args):
+    """Every loss of one update (App. B.7), from the parameters before it, as the authors' code
+    takes the behaviour gradients before the model step: the CELBO (Eq. 6), L_CVRL's actor loss
+    (Eq. 7 + alpha L_SAC, Sec. 3.3), the value loss (Eq. 7), SAC's Q and temperature losses (zero
+    without --sac; zero: no gradient, no step). Each trains its own network only: the others are
+    frozen inside it."""
+    model_loss, post, metrics = celbo_loss(wm, batch, args)  # Eq. 6
+    with frozen(wm), frozen(value):  # Eq. 7's actor loss trains the actor, through the latents
+        actor_loss, feats, returns, m = dreamer_actor_loss(wm, actor, value, post, args)
+    value_loss = value_loss_fn(value, feats, returns, args)  # Eq. 7's critic
+    metrics.update(m)
+    q_loss = temperature_loss = torch.zeros((), device=feats.device)
+    if args.sac:  # Sec. 3.3: L_CVRL = L_Dreamer + alpha L_SAC
+        pi_loss, q_loss, temperature_loss, m = sac_losses(actor, q, target_q, log_temperature,
+                                                          RSSM.feat(post), batch, args)
+        metrics.update(m)
+        if args.sac_updates_actor:  # else the authors' code: computed, never applied
+            # ours: the actor's one optimiser steps the sum (B.7 names a separate SAC optimiser)
+            actor_loss = actor_loss + args.sac_weight * pi_loss
+    metrics.update(actor_loss=actor_loss.detach(), value_loss=value_loss.detach())
+    return model_loss, actor_loss, value_loss, q_loss, temperature_loss, metrics
+
+
 def plan_value(wm: WorldModel, value: nn.Module, start: dict, actions: torch.Tensor, noise: torch.Tensor,
                gamma: float, lam: float) -> torch.Tensor:
     """V_lambda(s_t) of an action sequence (H, N, A) from start states, with fixed state noise
@@ -828,6 +588,12 @@ def plan_value(wm: WorldModel, value: nn.Module, start: dict, actions: torch.Ten
     return lambda_return(reward, value(feats).squeeze(-1).float(), gamma, lam)[0]  # V_lambda(s_0)
 
 
+def mpc_objective(wm: WorldModel, value: nn.Module, start: dict, actions: torch.Tensor,
+                  noise: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """What MPC ascends: the sum of `plan_value` over the start states (one gradient for all)."""
+    return plan_value(wm, value, start, actions, noise, gamma, lam).sum()
+
+
 def actor_plan(wm: WorldModel, actor: Actor, start: dict, noise: torch.Tensor, explore: bool):
     """The actor's plan: roll the prior under the actor (samples, or modes at evaluation)."""
     state, actions = start, []
@@ -839,115 +605,53 @@ def actor_plan(wm: WorldModel, actor: Actor, start: dict, noise: torch.Tensor, e
 
 
 # ---------------------------------------------------------------------------------------------
-# Agent: one update, acting
+# Agent: the training step and acting
 # ---------------------------------------------------------------------------------------------
-
-# The per-update non-finite flags (`Agent.nonfinite`), one per loss, in the order of the optimisers.
-LOSS_NAMES = ("model_loss", "actor_loss", "value_loss", "q_loss", "temperature_loss")
 
 
 class Agent:
     """The world model, the actor, the value, SAC's Q-nets (and targets) and their optimisers;
     `update` is one training step (App. B.7), `act` one acting step with latent-guided MPC."""
 
-    def __init__(self, args: Args, action_dim: int, device: torch.device):
-        self.args, self.device, self.action_dim = args, device, action_dim
-        self.wm = WorldModel(args, action_dim).to(device)
+    def __init__(self, args: Args, action_space, compute: Compute):
+        self.args, self.compute, self.device = args, compute, compute.device
+        self.discrete, self.action_dim = action_size(action_space)
+        self.wm = WorldModel(args, self.action_dim).to(self.device)
         feat = self.wm.rssm.feat_dim
-        self.actor = Actor(feat, action_dim, args.mlp_units).to(device)
-        self.value = MLP(feat, 1, args.mlp_units, 3).to(device)
-        self.q = QNetworks(feat, action_dim, args.mlp_units).to(device)
-        self.target_q = QNetworks(feat, action_dim, args.mlp_units).to(device)
+        self.actor = Actor(feat, self.action_dim, args.mlp_units).to(self.device)
+        self.value = MLP(feat, 1, args.mlp_units, 3).to(self.device)
+        self.q = QNetworks(feat, self.action_dim, args.mlp_units).to(self.device)
+        self.target_q = QNetworks(feat, self.action_dim, args.mlp_units).to(self.device)
         self.target_q.load_state_dict(self.q.state_dict())
         self.target_q.requires_grad_(False)
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(args.init_temperature), device=device))
-        self.target_entropy = -float(action_dim)
-        # App. B.7: separate optimisers for the model, the value, the actor and SAC's Q-nets (and
-        # the temperature with --learn-temperature); `opts`: those this run steps, by their loss.
-        opt = lambda name, params, lr: Optimizer(name, params, lr, args.adam_eps, args.grad_clip)  # noqa: E731
-        self.model_opt = opt("model", self.wm.parameters(), args.model_lr)
-        self.value_opt = opt("value", self.value.parameters(), args.value_lr)
-        self.actor_opt = opt("actor", self.actor.parameters(), args.actor_lr)
-        self.q_opt = opt("q", self.q.parameters(), args.q_lr)
-        self.temperature_opt = opt("temperature", [self.log_temperature], args.temperature_lr)
-        self.opts = dict(model_loss=self.model_opt, actor_loss=self.actor_opt, value_loss=self.value_opt)
-        if args.sac:
-            self.opts["q_loss"] = self.q_opt
-            if args.sac_updates_actor and args.learn_temperature:
-                self.opts["temperature_loss"] = self.temperature_opt
+        temperature = torch.tensor(math.log(args.init_temperature), device=self.device)
+        self.log_temperature = nn.Parameter(temperature)  # ln alpha of SAC
+        # App. B.7: one optimiser per network (and SAC's temperature), stepped in this order.
+        opt = dict(eps=args.adam_eps, clip=args.grad_clip)
+        self.model_opt = compute.optimizer("model", self.wm.parameters(), args.model_lr, **opt)
+        self.actor_opt = compute.optimizer("actor", self.actor.parameters(), args.actor_lr, **opt)
+        self.value_opt = compute.optimizer("value", self.value.parameters(), args.value_lr, **opt)
+        self.q_opt = compute.optimizer("q", self.q.parameters(), args.q_lr, **opt)
+        self.temperature_opt = compute.optimizer("temperature", [self.log_temperature],
+                                                 args.temperature_lr, **opt)
+        self.losses = compute.loss(cvrl_losses)
+        self.mpc_objective = compute.loss(mpc_objective)
         self.updates = 0
-        # Once an update has a non-finite loss, every later one is skipped too (a device flag): the
-        # main loop reads the flags one update late, without waiting for the GPU, and then stops.
-        self.halted = torch.zeros((), device=device)
-        self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-        self._model_loss, self._dreamer_actor_loss = celbo_loss, dreamer_actor_loss
-        self._value_loss = value_loss_fn
-        self._sac_q_loss, self._sac_actor_loss, self._plan_value = sac_q_loss, sac_actor_loss, plan_value
-        self.cudagraphs = args.compile and args.compile_mode == "reduce-overhead"
-        if args.compile:
-            mode = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(
-                args.compile_mode, args.compile_mode)
-            compile_fn = lambda fn: torch.compile(fn, dynamic=False, mode=mode)  # noqa: E731
-            for name in ("_model_loss", "_dreamer_actor_loss", "_value_loss", "_sac_q_loss",
-                         "_sac_actor_loss", "_plan_value"):
-                setattr(self, name, compile_fn(getattr(self, name)))
-
-    def sac_losses(self, feat: torch.Tensor, batch: dict, actor_loss: torch.Tensor, metrics: dict):
-        """Sec. 3.3, the hybrid actor-critic: SAC on the real posterior states `feat` (T, B, F) of
-        the batch. Returns L_Dreamer's actor loss plus alpha times SAC's actor part (Sec. 3.3:
-        L_CVRL = L_Dreamer + alpha L_SAC), SAC's Q loss and the temperature loss (zeros without
-        SAC); adds SAC's metrics to `metrics`."""
-        args = self.args
-        q_loss = temperature_loss = torch.zeros((), device=self.device)
-        if not args.sac:
-            return actor_loss, q_loss, temperature_loss
-        q_loss, m = self._sac_q_loss(self.actor, self.q, self.target_q, self.log_temperature, feat, batch, args)
-        pi_loss, log_prob = self._sac_actor_loss(self.actor, self.q, self.log_temperature, feat)
-        temperature_loss = -(self.log_temperature * (log_prob + self.target_entropy)).mean()
-        metrics.update(m, sac_actor_loss=pi_loss.detach(), sac_entropy=-log_prob.mean(),
-                       temperature=self.log_temperature.exp().detach())
-        if args.sac_updates_actor:
-            # Ours: one actor optimiser steps the sum. B.7 names a separate "SAC optimizer" for the
-            # actor and the Q-nets (both lr 8e-5); two Adams stepping the same actor weights would
-            # each normalise their own part, a detail the paper leaves open; the Q-nets do have
-            # their own optimiser (q_opt).
-            actor_loss = actor_loss + args.sac_weight * pi_loss
-        # else the authors' code: SAC's actor and temperature losses are computed, never applied
-        return actor_loss, q_loss, temperature_loss
 
     def update(self, batch: dict) -> dict:
-        """One update (App. B.7): every loss from the parameters before the update, as in the
-        authors' code (the behaviour gradients are taken before the model step), then one step
-        per optimiser, all or none: a non-finite loss or gradient norm anywhere skips every step
-        of this update and of all later ones (`halted`), the target Q-nets' Polyak step too."""
-        args = self.args
-        cudagraph_step(self.cudagraphs)  # one CUDA-graph step: every forward's outputs live to the end
-        with self.autocast:
-            model_loss, post, metrics = self._model_loss(self.wm, batch, args)  # CELBO, Eq. 6
-            with frozen(self.wm):  # Eq. 7's actor loss trains the actor, not the world model
-                actor_loss, feats, returns, m = self._dreamer_actor_loss(self.wm, self.actor, self.value,
-                                                                         post, args)
-            value_loss = self._value_loss(self.value, feats, returns, args)  # Eq. 7, critic
-            metrics.update(m)
-            actor_loss, q_loss, temperature_loss = self.sac_losses(RSSM.feat(post), batch, actor_loss,
-                                                                   metrics)  # Sec. 3.3
-        losses = dict(zip(LOSS_NAMES, (model_loss, actor_loss, value_loss, q_loss, temperature_loss)))
-        for name, opt in self.opts.items():  # each loss trains its own network only
-            backward(losses[name], opt)
-        norms = {name: opt.check(losses[name]) for name, opt in self.opts.items()}  # clip, flag
-        # One flag per LOSS_NAMES: the loss or its optimiser's gradient norm is not finite.
-        self.nonfinite = torch.stack([self.opts[name].flag if name in self.opts else nonfinite(loss)
-                                      for name, loss in losses.items()])
-        self.halted = torch.maximum(self.halted, self.nonfinite.max())  # sticky
-        for opt in self.opts.values():
-            opt.apply(self.halted)
-        if args.sac:  # Polyak averaging of the target Q-nets, skipped with the update
-            with torch.no_grad():
-                lerp_(list(self.target_q.parameters()), list(self.q.parameters()), args.tau * (1 - self.halted))
-        metrics.update(norms["model_loss"] | norms["actor_loss"] | norms["value_loss"],
-                       actor_loss=actor_loss.detach(), value_loss=value_loss.detach())
+        """One training step (App. B.7): every loss from the parameters before it (`cvrl_losses`),
+        then one step per optimiser, in order, and the target Q-nets' Polyak step (Sec. 3.3)."""
+        model_loss, actor_loss, value_loss, q_loss, temperature_loss, metrics = self.losses(
+            self.wm, self.actor, self.value, self.q, self.target_q, self.log_temperature, batch,
+            self.args)
+        norms = optimise((self.model_opt, model_loss), (self.actor_opt, actor_loss),
+                         (self.value_opt, value_loss), (self.q_opt, q_loss),
+                         (self.temperature_opt, temperature_loss))
+        if self.args.sac:
+            self.compute.update_target(self.target_q, self.q, self.args.tau)
         self.updates += 1
-        return outlive_step(metrics, self.cudagraphs)
+        logged = ("model_grad_norm", "actor_grad_norm", "value_grad_norm")  # the CELBO's and Eq. 7's
+        return metrics | {k: norms[k] for k in logged}
 
     def plan(self, latent: dict, explore: bool) -> torch.Tensor:
         """Latent-guided MPC (Sec. 3.4, App. A.3, B.8): the actor's plan, refined by
@@ -955,7 +659,7 @@ class Agent:
         per call, so every iteration ascends the same objective."""
         start = {k: v.detach() for k, v in latent.items()}
         noise = torch.randn(self.args.horizon, *start["stoch"].shape, device=self.device)
-        with torch.no_grad(), self.autocast:
+        with torch.no_grad(), self.compute.precision():
             actions = actor_plan(self.wm, self.actor, start, noise, explore).float()
         return self.optimise_plan(start, actions, noise)[0]
 
@@ -967,12 +671,12 @@ class Agent:
         args = self.args
         for _ in range(args.mpc_iterations):
             actions = actions.detach().requires_grad_(True)
-            cudagraph_step(self.cudagraphs)  # a step per iteration: its backward runs at once
-            # Only the actions are differentiated: the world model and the value are frozen.
-            with torch.enable_grad(), self.autocast, frozen(self.wm), frozen(self.value):
-                v = self._plan_value(self.wm, self.value, start, actions, noise, args.gamma,
-                                     args.return_lambda).sum()
-                (grad,) = torch.autograd.grad(v, actions)
+            # Only the actions are differentiated: the world model and the value are frozen; the
+            # gradient is taken under --precision too (with bf16, its rounding depends on that).
+            with torch.enable_grad(), self.compute.precision(), frozen(self.wm), frozen(self.value):
+                objective = self.mpc_objective(self.wm, self.value, start, actions, noise, args.gamma,
+                                               args.return_lambda)
+                (grad,) = torch.autograd.grad(objective, actions)
             if args.mpc_first_action_only:
                 grad = torch.cat([grad[:1], torch.zeros_like(grad[1:])])
             actions = (actions + args.mpc_lr * grad).clamp(-1, 1)
@@ -980,7 +684,8 @@ class Agent:
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, state, explore: bool, mpc: Optional[bool] = None):
-        """One filtering step and an action; state = (posterior, previous action) or None."""
+        """One filtering step and an action, planned with --mpc in training and evaluation alike;
+        state = (posterior, previous action) or None."""
         mpc = self.args.mpc if mpc is None else mpc
         if state is None:
             latent = self.wm.rssm.initial(1, self.device)
@@ -988,7 +693,7 @@ class Agent:
         else:
             latent, prev = state
         obs_t = torch.as_tensor(obs, device=self.device)[None]
-        with self.autocast:
+        with self.compute.precision():
             latent, _ = self.wm.rssm.obs_step(latent, prev, self.wm.encoder(obs_t))
             if not mpc:
                 dist = self.actor(RSSM.feat(latent))
@@ -1022,363 +727,706 @@ class Agent:
         self.updates = state["updates"]
 
 
-def evaluate(agent: Agent, env, seeds: list[int], record: bool = False, stop=lambda: False):
-    """Mean return of one episode per seed with mode actions (MPC as configured), frames of the
-    first if `record`; None if `stop()` turned true (an interrupted evaluation is not logged)."""
-    returns, frames = [], []
-    for ep, seed in enumerate(seeds):
-        obs, _ = env.reset(seed=seed)
-        state, total, done = None, 0.0, False
-        while not done:
-            if stop():
-                return None, frames
-            if record and ep == 0:
-                frames.append(obs.transpose(1, 2, 0))
-            action, state = agent.act(obs, state, explore=False)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += reward
-            done = terminated or truncated
-        returns.append(total)
-    return float(np.mean(returns)), frames
-
-
-def make_env(args: Args, split: str, seed: int):
-    try:  # bad input (env id, distraction, video folder) ends here with a message, not a traceback
-        env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=seed,
-                        image_size=64, action_repeat=args.action_repeat or None, split=split,
-                        video_dir=args.video_dir)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
-    if hasattr(env.action_space, "n"):
-        env.close()
-        raise SystemExit(f"error: {args.env} has discrete actions; CVRL's tanh-Gaussian actor and "
-                         "its MPC need a continuous (Box) action space: use dmc-*, dcs-*, natural-*, "
-                         "pybullet-boxpush or toy-*")
-    return env
-
-
-def synthetic_batch(args: Args, action_dim: int, device) -> dict:
-    T, B = args.batch_length, args.batch_size
-    return dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
-                action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
-                reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device))
-
-
-def measure_speed(args: Args, device: torch.device) -> dict:
-    """Speed benchmark. Updates: median seconds per update over `args.measure_updates` updates
-    (after 2 warm-ups) on a random batch of the configured size. Acting: 50 agent steps on
-    `args.env` (after 2 warm-ups) with exploration, with MPC as configured and without MPC
-    (policy_ms, policy_ms_no_mpc)."""
-    configure_torch(args, device)
-    env = make_env(args, "train", args.seed)
-    action_dim = env.action_space.shape[0]
-    agent = Agent(args, action_dim, device)
-    batch = synthetic_batch(args, action_dim, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times, compile_seconds = [], None
-    for i in range(args.measure_updates + 2):
-        sync()
-        start = time.perf_counter()
-        agent.update(batch)
-        sync()
-        if i == 0 and args.compile:
-            compile_seconds = time.perf_counter() - start
-            print(f"compiled in {compile_seconds:.1f} s", flush=True)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-
-    def acting(mpc: bool):
-        obs, _ = env.reset(seed=args.seed)
-        state, env_steps, policy_time = None, 0, 0.0
-        for i in range(52):
-            if i == 2:  # the first two steps are warm-up (and compilation): the clock starts here
-                start, env_steps, policy_time = time.perf_counter(), 0, 0.0
-            t = time.perf_counter()
-            action, state = agent.act(obs, state, explore=True, mpc=mpc)
-            policy_time += time.perf_counter() - t
-            obs, _, terminated, truncated, info = env.step(action)
-            env_steps += info["env_steps"]
-            if terminated or truncated:
-                (obs, _), state = env.reset(), None
-        return env_steps / (time.perf_counter() - start), 1000 * policy_time / 50
-
-    sps, policy_ms = acting(args.mpc)
-    _, policy_ms_no_mpc = acting(False)
-    env.close()
-    result = dict(seconds_per_update=float(np.median(times)), updates=len(times),
-                  parameters=agent.num_parameters(), env=args.env, env_steps_per_second=sps,
-                  policy_ms=policy_ms, policy_ms_no_mpc=policy_ms_no_mpc, mpc=args.mpc,
-                  mpc_iterations=args.mpc_iterations, device=str(device), precision=args.precision,
-                  compile=args.compile)
-    if compile_seconds is not None:
-        result["compile_seconds"] = compile_seconds
-    if device.type == "cuda":
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    # peak resident memory of the process (Linux reports KiB): weights, optimisers, activations, env
-    result["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps(result))
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # Main loop
 # ---------------------------------------------------------------------------------------------
 
-def main(args: Args):
-    device = resolve_device(args.device)
-    if args.measure_updates > 0:
-        return measure_speed(args, device)
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    seed_everything(args.seed)
-    configure_torch(args, device)
 
-    env = make_env(args, "train", args.seed)
-    # The evaluation env is reseeded per episode from episode_seed, so it is reproducible after a
-    # resume without storing its RNG.
-    eval_env = make_env(args, args.eval_split, args.seed + 10_000)
-    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.resume).parent if args.resume else Path("runs") / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_dir / "checkpoint.pt"
-    stop_flag = StopFlag()
-    action_dim = env.action_space.shape[0]
-    repeat = args.action_repeat or envs.default_action_repeat(args.env)
-    replay_on = replay_device(args, device)
+def action_repeat(args: Args) -> int:
+    """--action-repeat (the authors' 2 on every task), else (None or 0) the env's own default."""
+    return args.action_repeat or envs.default_action_repeat(args.env)
 
-    agent = Agent(args, action_dim, device)
-    replay = Replay(replay_slots(args.replay_capacity // repeat, args.total_steps, repeat, args.batch_length),
-                    env.observation_space.shape, action_dim, args.seed, replay_on)
-    counters = dict(env_steps=0, agent_steps=0, episodes=0, eval_rounds=0, next_eval=args.eval_every,
-                    last_eval=-1, pretrained=False)
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint["agent"])
-        counters.update(checkpoint["counters"])
-        load_replay(args.resume, checkpoint, replay, counters)
-        seed_everything(args.seed, checkpoint["rng"])  # after the networks' initialisation drew
-    logger = Logger(run_dir, args, counters["env_steps"] if checkpoint is not None else None)
 
-    params = agent.num_parameters()
-    ratio = args.updates_per_step * args.batch_size * args.batch_length / args.train_every
-    videos = envs.video_source(args.env, args.distraction, args.video_dir)
-    print(f"run {run_dir} | action repeat {repeat} | device {device} | {params / 1e6:.1f}M parameters | replay "
-          f"{replay.capacity:,} agent steps, up to {replay.nbytes / 2**30:.2f} GiB on {replay_on} | "
-          f"replay ratio {ratio:.0f} replayed steps per agent step | videos: {videos} | "
-          f"{preset_overrides(args)}", flush=True)
-    if checkpoint is not None:
-        print(f"resumed from {args.resume} at env step {counters['env_steps']} (the interrupted "
-              "episode was stored as truncated; a new episode starts)", flush=True)
-
-    # Progress: a line at step 0, then every log_every env steps or 30 s, also inside the pretrain
-    # burst; the ETA counts acting and updates separately once updates have started.
-    progress = Progress(args, counters, args.updates_per_step / args.train_every)
-    watch = NonFiniteWatch(LOSS_NAMES)  # each update's flags, read one update late
-    last_return = float("nan")
-
-    def write_checkpoint(with_replay: bool):
-        """checkpoint.pt, and replay.pt if `with_replay` (see save_checkpoint)."""
-        save_checkpoint(ckpt_path, agent, replay if with_replay else None, counters, args)
-
-    def close():
-        stop_flag.restore()  # the caller's signal handlers back (main() may run again in-process)
-        logger.close()
+def make_env(args: Args, split: str):
+    """The env the agent sees: 64 x 64 pixels, `split`'s background videos, continuous actions."""
+    env = envs.make(args.env, distraction=args.distraction, dynamic=args.dynamic, seed=args.seed,
+                    image_size=64, action_repeat=action_repeat(args), split=split,
+                    video_dir=args.video_dir)
+    if hasattr(env.action_space, "n"):
         env.close()
-        eval_env.close()
+        raise ValueError(f"{args.env} has discrete actions; CVRL's tanh-Gaussian actor and its MPC "
+                         "need a continuous (Box) action space: use dmc-*, dcs-*, natural-*, "
+                         "pybullet-boxpush or toy-*")
+    return env
 
-    def check_nonfinite():
-        """Stop at the first non-finite update: its steps (and all later ones) were skipped on the
-        device, so the checkpoint written here is the state from before it."""
-        bad = watch.first_bad()
-        if bad is not None:
-            names, update, _ = bad
-            write_checkpoint(with_replay=True)
-            print(f"error: non-finite {names[0]} at update {update} (env step "
-                  f"{counters['env_steps']}); checkpoint from before it: {ckpt_path}", flush=True)
-            close()
-            sys.exit(1)
 
-    def train_step():
-        check_nonfinite()  # the previous update's flags: their copy has long arrived
-        start = time.perf_counter()
-        batch = replay.sample(args.batch_size, args.batch_length, device)
-        metrics = agent.update(batch)
-        watch.push(agent.nonfinite, agent.updates, counters["env_steps"])
-        if progress.updates == 0 and args.compile:
-            print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
+def updates_due(args: Args, run: Run) -> int:
+    """Updates after this agent step: `pretrain` once, when training starts (after the prefill),
+    then `updates_per_step` every `train_every` agent steps (authors' code: pretrain, train_every)."""
+    if not run.counters.get("pretrained", False):
+        run.counters["pretrained"] = True
+        return args.pretrain
+    return args.updates_per_step if run.agent_steps % args.train_every == 0 else 0
+
+
+def main(args: Args, settings: RunSettings):
+    compute = Compute(settings, args.seed)  # device, precision, speed; seeds every RNG
+    env, eval_env = make_envs(make_env, args)  # for training, and on --eval-split's videos
+    agent = Agent(args, env.action_space, compute)
+    repeat = action_repeat(args)  # --replay-capacity counts env steps: capacity / repeat agent steps
+    slots = replay_slots(args.replay_capacity // repeat, settings.total_steps, repeat, args.batch_length)
+    replay = Replay(slots, env.observation_space.shape, agent.action_dim, args.seed, compute.replay_device)
+    run = Run(args, settings, compute, agent, replay, env, eval_env,
+              batch=(args.batch_size, args.batch_length),
+              updates_per_step=args.updates_per_step / args.train_every)
+    if settings.evaluate or settings.measure_updates:  # no training: score a checkpoint, time updates
+        return run.evaluate_checkpoint() if settings.evaluate else run.measure_speed()
+
+    obs, state = run.start(), None  # the run folder, --resume, the first observation
+    while run.env_steps < settings.total_steps:
+        if run.agent_steps < args.prefill:
+            action = random_action(env.action_space)
         else:
-            progress.update_time += time.perf_counter() - start
-        progress.updates += 1
-        return metrics
+            action, state = agent.act(obs, state, explore=True)  # latent-guided MPC (Sec. 3.4)
+        obs, reward, terminated, truncated, info = env.step(env_action(action, env.action_space))
+        if run.record(obs, action, reward, terminated, truncated, info):  # stored in the replay
+            obs, state = run.reset(), None
+        if run.agent_steps >= args.prefill and replay.can_sample(args.batch_length):
+            run.train(updates_due(args, run))
+        run.log_and_evaluate()
+    return run.finish()
 
-    def new_episode():
-        obs, _ = env.reset(seed=episode_seed(args.seed, "train", counters["episodes"]))
-        return obs, dict(obs=[obs], action=[np.zeros(action_dim, np.float32)], reward=[0.0], cont=[1.0])
 
-    def stop(ep: dict):
-        """Interrupted: store the running episode as truncated, checkpoint, exit 130/143."""
-        if len(ep["obs"]) >= 2:
-            replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
-            counters["episodes"] += 1
-        write_checkpoint(with_replay=True)
-        print(f"interrupted at step {counters['env_steps']}; resume with: python "
-              f"{os.path.basename(__file__)} --resume {ckpt_path}", flush=True)
-        close()
-        sys.exit(128 + stop_flag.signum)
+# =============================================================================================
+# APPENDIX: the same text in all five scripts of this repository (tests/test_plumbing.py compares
+# them; `python tools/sync_plumbing.py` copies a fix from one into the others). None of it is the
+# method: run settings and the command line; the run object `main` calls; acting helpers; the
+# compute object the Agent is built with (device, precision, torch.compile, CUDA graphs, the
+# optimiser helper, the non-finite skip); the replay buffer; logging, files and devices.
+# =============================================================================================
 
-    def run_eval(ep: dict):
-        seeds = [episode_seed(args.seed, "eval", counters["eval_rounds"] * 10_000 + j)
-                 for j in range(args.eval_episodes)]
-        ret, frames = evaluate(agent, eval_env, seeds, args.capture_video, lambda: stop_flag.signum is not None)
-        if ret is None:
-            stop(ep)
-        logger.log(counters["env_steps"], {"eval/episodic_return": ret})
-        if frames:
-            save_video(frames, run_dir / "videos" / f"eval_{counters['env_steps']}.mp4")
-            strip = np.concatenate(frames[:: max(1, len(frames) // 8)][:8], axis=1)
-            logger.writer.add_image("eval/frames", strip, counters["env_steps"], dataformats="HWC")
-        print(f"eval at {counters['env_steps']}: return {ret:.1f}", flush=True)
-        counters["last_eval"] = counters["env_steps"]
-        counters["eval_rounds"] += 1
-        if args.save_model:
-            write_checkpoint(with_replay=replay_due(args, counters["eval_rounds"], counters))
 
-    obs, ep = new_episode()
-    state, episode_return, metrics = None, 0.0, {}
-    progress.maybe_print(counters, "prefill" if counters["agent_steps"] < args.prefill else "train",
-                         last_return, agent.updates, force=True)
-    while counters["env_steps"] < args.total_steps:
-        if stop_flag.signum is not None:
-            stop(ep)
-        t = time.perf_counter()
-        if counters["agent_steps"] < args.prefill:
-            action = np.random.uniform(-1, 1, action_dim).astype(np.float32)
-        else:
-            action, state = agent.act(obs, state, explore=True)
-        obs, reward, terminated, truncated, info = env.step(action)
-        progress.acting_time += time.perf_counter() - t
-        counters["agent_steps"] += 1
-        counters["env_steps"] += info["env_steps"]
-        episode_return += reward
-        # slot t of the episode: o_t, a_{t-1}, r_t, cont_t (index conventions, next to Replay)
+@dataclass
+class RunSettings:
+    """How a run is carried out, not what is learned: these may change on --resume (Args may not)."""
+
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # part of the run folder's name
+    device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...
+    compile: bool = False  # torch.compile each loss function whole (the first update compiles)
+    # torch.compile mode: reduce-overhead replays CUDA graphs, max-autotune runs without them
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: networks autocast; values, losses fp32
+    torch_deterministic: bool = True  # cudnn.deterministic, cudnn.benchmark off (CleanRL's)
+    replay_device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the training GPU, else the host
+    total_steps: int = TOTAL_STEPS  # env steps to train for, after action repeat (paper's budget)
+    eval_every: int = 10_000  # env steps between evaluations (0: only at the end)
+    eval_episodes: int = 10  # episodes per evaluation, deterministic actions, seeds of their own
+    log_every: int = 1_000  # env steps between metric logs and progress lines (also every 30 s)
+    save_model: bool = False  # checkpoint.pt at every evaluation (CleanRL's; an interrupt always)
+    checkpoint_replay: bool = True  # replay.pt beside it, so that --resume keeps the same data
+    replay_checkpoint_every: int = 10  # evaluations between replay.pt writes (0: end, interrupt)
+    resume: Optional[str] = None  # continue this checkpoint.pt's run (its Args may not change)
+    evaluate: Optional[str] = None  # no training: score this checkpoint.pt on --env/--distraction
+    measure_updates: int = 0  # > 0: time that many updates and 50 acting steps, print JSON, exit
+    capture_video: bool = False  # an mp4 of each evaluation's first episode, TensorBoard frames
+    track: bool = False  # mirror scalars, flags and videos to Weights & Biases (CleanRL's)
+    wandb_project_name: str = "rfwm"  # the Weights & Biases project (CleanRL's flag)
+    wandb_entity: Optional[str] = None  # the Weights & Biases team or user (CleanRL's flag)
+
+
+@dataclass
+class Flags:
+    args: Args
+    run: RunSettings
+
+
+# Args fields --evaluate may set apart from the checkpoint's: where and how the agent is scored.
+EVALUATION_FLAGS = {"env", "distraction", "dynamic", "video_dir", "eval_split", "eval_action", "seed"}
+# Numbers that must be positive wherever a script has them; every other number must be >= 0.
+POSITIVE = {"total_steps", "eval_episodes", "log_every", "batch_size", "batch_length", "seq_len",
+            "horizon", "train_every", "updates_per_step", "replay_capacity", "deter", "hidden",
+            "stoch", "classes", "mlp_units", "cnn_depth", "cnn_filters", "embed", "crop_size",
+            "render_size", "contrast_units", "ac_hidden", "obs_mlp", "gru_mlp", "prior_mlp",
+            "posterior_mlp", "decoder_mlp", "reward_mlp", "inverse_mlp", "target_update_every"}
+
+
+def parse_args(argv=None) -> tuple[Args, RunSettings]:
+    """Every field of Args and RunSettings as a flat flag (`--batch-size`, `--compile`). Defaults:
+    the presets the run applies (`presets`, later wins), or the checkpoint's flags with --resume
+    (no Args field may differ) or --evaluate (only EVALUATION_FLAGS may). Numbers are checked
+    here, before anything is built or written."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    asked = _cli(argv, Flags(Args(), RunSettings()))
+    path = asked.run.resume or asked.run.evaluate
+    if asked.run.resume and asked.run.evaluate:
+        raise SystemExit("error: --resume continues training and --evaluate scores a checkpoint; "
+                         "give one of them")
+    if path is None:
+        values = {k: v for entry in presets(asked.args).values() for k, v in entry.items()}
+        flags = _cli(argv, split_flags(values, Flags(Args(), RunSettings())))
+    else:
+        checkpoint = load_checkpoint(path)
+        saved = {**checkpoint.get("settings", {}), **checkpoint["args"]}  # older ones: all in args
+        run = RunSettings() if asked.run.evaluate else split_flags(saved, Flags(Args(), RunSettings())).run
+        flags = _cli(argv, split_flags(saved, Flags(Args(), run)))
+        free = EVALUATION_FLAGS if asked.run.evaluate else set()
+        changed = [f"--{k.replace('_', '-')} {v} (checkpoint {saved[k]})" for k, v in
+                   vars(flags.args).items() if k in saved and k not in free and saved[k] != v]
+        if changed:  # a flag the checkpoint lacks (added later) takes its default
+            raise SystemExit(f"error: --{'evaluate' if asked.run.evaluate else 'resume'}: these flags "
+                             f"differ from the checkpoint's and change the algorithm: "
+                             f"{', '.join(changed)}; drop them or start a new run")
+    for part in (flags.args, flags.run):
+        for name, value in vars(part).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                flag = f"error: --{name.replace('_', '-')} {value}: must"
+                if not math.isfinite(value):
+                    raise SystemExit(f"{flag} be a finite number")
+                if value <= 0 and name in POSITIVE or value < 0:
+                    raise SystemExit(f"{flag} {'be positive' if name in POSITIVE else 'not be negative'}")
+    if flags.run.track and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("error: --track needs the wandb package: pip install wandb (or drop --track)")
+    return flags.args, flags.run
+
+
+def _cli(argv: list, default: Flags) -> Flags:
+    return tyro.cli(Flags, args=argv, default=default, description=__doc__.split("\n\n")[0],
+                    config=(tyro.conf.OmitArgPrefixes,))
+
+
+def split_flags(values: dict, flags: Flags) -> Flags:
+    """`flags` with `values` set, each in whichever of Args and RunSettings has the field."""
+    known = {name: {k: v for k, v in values.items() if k in type(part).__dataclass_fields__}
+             for name, part in vars(flags).items()}
+    return Flags(replace(flags.args, **known["args"]), replace(flags.run, **known["run"]))
+
+
+def describe_presets(args: Args, settings: RunSettings) -> str:
+    """The run header's account of the presets: each value applied, and each one a flag replaced."""
+    values = {k: v for entry in presets(args).values() for k, v in entry.items()}
+    if not values:
+        return "no overrides (every default is the paper's setting, see Args)"
+    now = {**vars(settings), **vars(args)}
+    used = [f"{k}={v}" for k, v in values.items() if now[k] == v]
+    replaced = [f"{k}={now[k]} (preset {v})" for k, v in values.items() if now[k] != v]
+    return ", ".join(used) + (f"; flags replaced {', '.join(replaced)}" if replaced else "")
+
+
+class Run:
+    """What a run promises besides the algorithm: a run folder of its own; episodes with seeds of
+    their own, stored in the replay; updates on replayed batches, the non-finite stop; logs and
+    progress; evaluation rounds; atomic checkpoints, --resume (no evaluation repeated); Ctrl-C and
+    SIGTERM; --evaluate, --measure-updates. `counters` is checkpointed (scripts may add their own)."""
+
+    def __init__(self, args: Args, settings: RunSettings, compute: Compute, agent: Agent,
+                 replay: Replay, env, eval_env, batch: tuple, updates_per_step: float):
+        self.args, self.settings, self.compute, self.agent = args, settings, compute, agent
+        self.replay, self.env, self.eval_env, self.batch = replay, env, eval_env, batch
+        self.updates_per_step, self.metrics, self.episode, self.dir = updates_per_step, {}, None, None
+        self.counters = dict(env_steps=0, agent_steps=0, episodes=0, updates_due=0, eval_rounds=0,
+                             next_eval=settings.eval_every, last_eval=-1, last_log=0)
+        self.last_return, self.pending = float("nan"), []  # last episode's return; unread flags
+
+    @property
+    def env_steps(self) -> int:
+        return self.counters["env_steps"]
+
+    @property
+    def agent_steps(self) -> int:
+        return self.counters["agent_steps"]
+
+    def start(self) -> np.ndarray:
+        """Make the run folder (or continue --resume's), print the header; the first observation."""
+        resume = self.settings.resume
+        checkpoint = load_checkpoint(resume) if resume else None
+        if checkpoint is not None:  # networks, optimisers, counters, replay.pt, then RNG states
+            self.agent.load_state_dict(checkpoint["agent"])
+            counters = dict(checkpoint["counters"])
+            counters.setdefault("eval_rounds", counters.pop("evals", 0))  # older checkpoints' names
+            self.counters.update(counters, last_log=counters.get("last_log", counters["env_steps"]))
+            load_replay(resume, checkpoint, self.replay, self.counters)
+            seed_everything(self.args.seed, checkpoint["rng"])
+        name = f"{self.args.env}__{self.settings.exp_name}__{self.args.seed}__{int(time.time())}"
+        self.dir = Path(resume).parent if resume else new_run_dir(name)
+        self.logger = Logger(self.dir, self.args, self.settings, self.env_steps if resume else None)
+        self.stop = StopFlag()
+        self.progress = Progress(self.settings, self.args.preset, self.counters, self.updates_per_step)
+        replay, ratio = self.replay, self.updates_per_step * math.prod(self.batch[:2])
+        print(f"run {self.dir} | device {self.compute.device} | {self.agent.num_parameters() / 1e6:.1f}M "
+              f"parameters | action repeat {getattr(self.env.unwrapped, 'action_repeat', 1)} | replay "
+              f"{replay.capacity:,} agent steps on {replay.device.type}, up to {replay.nbytes / 2**30:.2f} "
+              f"GiB | replay ratio {ratio:.0f} replayed steps per agent step | videos: "
+              f"{envs.video_source(self.args.env, self.args.distraction, self.args.video_dir)}", flush=True)
+        print(f"presets {', '.join(presets(self.args)) or 'none'}: "
+              f"{describe_presets(self.args, self.settings)}", flush=True)
+        if checkpoint is not None:
+            c = checkpoint["counters"]  # (older checkpoints say nothing of what wrote them)
+            by = checkpoint.get("saved_by") or ("evaluation" if c.get("last_eval") == c["env_steps"]
+                                                else "interrupt")
+            kept = ("the interrupted episode was stored as truncated" if by == "interrupt" else
+                    f"the checkpoint written at the {by} at that step: steps the run made after it, "
+                    "if it was killed, are not kept")
+            print(f"resumed from {resume} at env step {self.env_steps} ({kept}; a new episode starts)",
+                  flush=True)
+        self.log_mark = (time.time(), self.agent.updates)
+        obs = self.reset()
+        self.progress.maybe_print(self.counters, self.phase(), self.last_return, self.agent.updates, force=True)
+        return obs
+
+    def phase(self) -> str:
+        return "train" if self.agent.updates else "prefill"
+
+    def reset(self) -> np.ndarray:
+        """A new training episode, reset with its own seed (episode_seed: the same after a resume)."""
+        obs, _ = self.env.reset(seed=episode_seed(self.args.seed, "train", self.counters["episodes"]))
+        zeros = np.zeros(self.agent.action_dim, np.float32)
+        self.episode, self.episode_return = dict(obs=[obs], action=[zeros], reward=[0.0], cont=[1.0]), 0.0
+        self.acted = time.perf_counter()
+        return obs
+
+    def record(self, obs, action, reward, terminated, truncated, info) -> bool:
+        """Count the step and add it to the episode (slot t: x_t, a_{t-1}, r_t, cont_t). True if the
+        episode ended: it is then in the replay and `reset` starts the next one."""
+        self.progress.acting_time += time.perf_counter() - self.acted
+        self.counters["agent_steps"] += 1
+        self.counters["env_steps"] += info["env_steps"]
+        self.episode_return += reward
         for key, value in zip(("obs", "action", "reward", "cont"), (obs, action, reward, 1.0 - terminated)):
-            ep[key].append(value)
+            self.episode[key].append(value)
         if terminated or truncated:
-            replay.add_episode(*(np.asarray(ep[k]) for k in ("obs", "action", "reward", "cont")))
-            counters["episodes"] += 1
-            last_return = episode_return
-            logger.log(counters["env_steps"], {"charts/episodic_return": episode_return,
-                                               "charts/episodic_length": len(ep["reward"]) - 1})
-            obs, ep = new_episode()
-            state, episode_return = None, 0.0
+            length = self.store_episode()
+            self.last_return = self.episode_return
+            self.logger.log(self.env_steps, {"charts/episodic_return": self.episode_return,
+                                             "charts/episodic_length": length})
+        if self.stop.signum is not None:
+            self.interrupted()
+        self.acted = time.perf_counter()
+        return terminated or truncated
 
-        # Train: once `prefill` steps are in, `pretrain` updates, then every `train_every` steps.
-        phase = "prefill"
-        if counters["agent_steps"] >= args.prefill and replay.can_sample(args.batch_length):
-            phase = "train"
-            if not counters["pretrained"]:
-                for i in range(args.pretrain):
-                    metrics = train_step()
-                    if stop_flag.signum is not None:
-                        stop(ep)
-                    progress.maybe_print(counters, "pretrain", last_return, agent.updates,
-                                         pending_updates=args.pretrain - i - 1)
-                counters["pretrained"] = True
-            elif counters["agent_steps"] % args.train_every == 0:
-                for _ in range(args.updates_per_step):
-                    metrics = train_step()
+    def store_episode(self) -> int:
+        """The running episode into the replay (ended, or truncated by an interrupt); its length."""
+        episode, self.episode = self.episode, None
+        self.replay.add_episode(*(np.asarray(episode[k]) for k in ("obs", "action", "reward", "cont")))
+        self.counters["episodes"] += 1
+        return len(episode["reward"]) - 1
 
-        before = counters["env_steps"] - info["env_steps"]
-        crossed = counters["env_steps"] // args.log_every != before // args.log_every
+    def train(self, updates: int):
+        """`updates` more updates, each on a fresh replayed batch. Owed ones are checkpointed (an
+        interrupted burst is made up after --resume) and wait while no whole sequence is stored."""
+        self.counters["updates_due"] += updates
+        while self.counters["updates_due"] > 0 and self.replay.can_sample(self.batch[1]):
+            self.check_finite(keep=1 if self.compute.device.type == "cuda" else 0)
+            batch = to_torch(self.replay.sample(*self.batch), self.compute.device)
+            start = time.perf_counter()
+            self.metrics = self.agent.update(batch)
+            flags = self.compute.flags()  # read an update late: the host does not wait for the GPU
+            event = torch.cuda.Event() if flags.is_cuda else None
+            self.pending.append((flags.to("cpu", non_blocking=True), event, self.agent.updates, self.env_steps))
+            if event is not None:
+                event.record()
+            self.counters["updates_due"] -= 1
+            if self.settings.compile and not self.progress.compiled:  # the first update compiles
+                self.check_finite()  # waits for it: its wall time is the compile time
+                self.progress.compiled = True
+                print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
+            else:
+                self.progress.update_time += time.perf_counter() - start
+                self.progress.updates += 1
+            if self.stop.signum is not None:
+                self.interrupted()
+            if self.counters["updates_due"]:  # inside a burst (pretraining): a line every 30 s
+                self.progress.maybe_print(self.counters, "train", self.last_return, self.agent.updates,
+                                          pending_updates=self.counters["updates_due"])
+
+    def log_and_evaluate(self):
+        """Training metrics when a multiple of --log-every env steps was crossed, a progress line,
+        an evaluation round when one is due."""
+        step, every = self.env_steps, self.settings.log_every
+        crossed = step // every != self.counters["last_log"] // every
         if crossed:
-            elapsed = max(time.time() - progress.start, 1e-9)
-            logs = {f"losses/{k}": v for k, v in metrics.items()}
-            logs.update({"charts/SPS": (counters["env_steps"] - progress.start_steps) / elapsed,
-                         "charts/updates": agent.updates})
-            logger.log(counters["env_steps"], logs)
-        progress.maybe_print(counters, phase, last_return, agent.updates, force=crossed)
-        if args.eval_every and counters["env_steps"] >= counters["next_eval"]:
-            run_eval(ep)
-            counters["next_eval"] += args.eval_every  # advanced only once the evaluation completed
+            (then, before), now, updates = self.log_mark, time.time(), self.agent.updates
+            logs = {f"losses/{k}": v for k, v in self.metrics.items()}
+            logs.update({"charts/SPS": self.progress.sps(self.counters), "charts/updates": updates,
+                         "charts/updates_per_second": (updates - before) / max(now - then, 1e-9)})
+            self.logger.log(step, logs)
+            self.counters["last_log"], self.log_mark = step, (now, updates)
+        self.progress.maybe_print(self.counters, self.phase(), self.last_return, self.agent.updates,
+                                  force=crossed, pending_updates=self.counters["updates_due"])
+        if self.settings.eval_every and step >= self.counters["next_eval"]:
+            self.evaluate_round()
 
-    check_nonfinite()  # the last update's flags
-    if counters["last_eval"] != counters["env_steps"]:
-        run_eval(ep)
-    close()
-    return run_dir
+    def evaluate_round(self):
+        """Round e: episode j is reset with episode_seed(seed, 'eval', e * 10000 + j), the same after
+        a resume; `next_eval` moves on before the checkpoint is written."""
+        self.check_finite()
+        c, step, images = self.counters, self.env_steps, hasattr(self.agent, "eval_images")
+        seeds = [episode_seed(self.args.seed, "eval", c["eval_rounds"] * 10_000 + j)
+                 for j in range(self.settings.eval_episodes)]
+        returns, frames = evaluate(self.agent, self.eval_env, seeds, self.settings.capture_video or images,
+                                   self.stop)
+        if returns is None:
+            self.interrupted()
+        self.logger.log(step, {"eval/episodic_return": float(np.mean(returns))}, videos=envs.video_source(
+            self.args.env, self.args.distraction, self.args.video_dir))
+        if self.settings.capture_video:
+            self.logger.frames(frames, step, self.dir / "videos" / f"eval_{step}.mp4")
+        for name, image in (self.agent.eval_images(frames) if images else {}).items():  # CoRe's mask
+            self.logger.writer.add_image(name, image, step, dataformats="HWC")
+        print(f"eval at {step}: return {np.mean(returns):.1f}", flush=True)
+        c["last_eval"], c["eval_rounds"] = step, c["eval_rounds"] + 1
+        while self.settings.eval_every and c["next_eval"] <= step:
+            c["next_eval"] += self.settings.eval_every
+        if self.settings.save_model:
+            self.save(replay_due(self.settings, c["eval_rounds"], step), saved_by="evaluation")
+
+    def finish(self) -> Path:
+        """The last evaluation (unless one was just made) and the last updates' check; closes."""
+        if self.counters["last_eval"] != self.env_steps:
+            self.evaluate_round()
+        self.check_finite()
+        self.close()
+        return self.dir
+
+    def close(self):
+        self.stop.restore()
+        self.logger.close()
+        self.env.close()
+        self.eval_env.close()
+
+    def save(self, with_replay: bool, saved_by: str):
+        """checkpoint.pt (megabytes: networks, optimisers, counters, RNG states, flags) and, if
+        `with_replay` and --checkpoint-replay, replay.pt (gigabytes on a GPU run) after it: a kill
+        between the two leaves an older replay (which --resume reports), never a newer one."""
+        path, space = self.dir / "checkpoint.pt", self.env.observation_space
+        rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        try:
+            atomic_save(dict(agent=self.agent.state_dict(), counters=dict(self.counters), rng=rng,
+                             args=vars(self.args), settings=vars(self.settings), saved_by=saved_by,
+                             spaces=dict(obs=tuple(space.shape), action=self.agent.action_dim)), path)
+            if with_replay and self.settings.checkpoint_replay:
+                atomic_save(dict(replay=self.replay.state_dict(), env_steps=self.env_steps),
+                            path.with_name("replay.pt"))
+        except SystemExit:  # a full disk: give the signal handlers back, close what can be closed
+            with contextlib.suppress(Exception):
+                self.close()
+            raise
+
+    def interrupted(self):
+        """Ctrl-C or SIGTERM: the episode so far into the replay as truncated, a checkpoint with the
+        replay, exit 130 (SIGINT) or 143 (SIGTERM)."""
+        self.check_finite()
+        if self.episode is not None and len(self.episode["reward"]) >= 2:
+            self.store_episode()
+        self.save(with_replay=True, saved_by="interrupt")
+        print(f"interrupted at step {self.env_steps}; resume with: python "
+              f"{os.path.basename(__file__)} --resume {self.dir / 'checkpoint.pt'}", flush=True)
+        self.close()
+        sys.exit(128 + self.stop.signum)
+
+    def check_finite(self, keep: int = 0):
+        """Read the flags of all updates but the newest `keep`; stop at a non-finite one (its steps
+        and all later ones were skipped: the checkpoint has the parameters from before it)."""
+        while len(self.pending) > keep:
+            flags, event, update, step = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()  # normally long done: the copy was queued an update ago
+            if flags.any():
+                names = [f"{opt.name}_loss" for opt, bad in zip(self.compute.optimizers, flags.tolist()) if bad]
+                self.save(with_replay=True, saved_by="non-finite stop")
+                self.close()
+                raise SystemExit(f"error: non-finite {', '.join(names)} at update {update} (env step "
+                                 f"{step}); checkpoint from before it: {self.dir / 'checkpoint.pt'}")
+
+    def evaluate_checkpoint(self) -> dict:
+        """--evaluate: --eval-episodes episodes of the checkpoint's agent on this env (any level, either
+        video split); each return, mean +- standard error, in evaluation.json (with --capture-video an
+        mp4 and a frame strip) in a folder of its own; nothing of the run is touched."""
+        path, env, a = self.settings.evaluate, self.eval_env, self.args
+        checkpoint = load_checkpoint(path)
+        try:
+            if tuple(checkpoint.get("spaces", {}).get("obs", env.observation_space.shape)) != env.observation_space.shape:
+                raise RuntimeError("observation shape")
+            self.agent.load_state_dict(checkpoint["agent"])
+        except (RuntimeError, KeyError):
+            raise SystemExit(f"error: --evaluate {path}: its networks do not fit {a.env} (observations "
+                             f"{tuple(env.observation_space.shape)}, {self.agent.action_dim} actions); "
+                             "evaluate it on an env of the task it was trained on") from None
+        seeds = [episode_seed(a.seed, "eval", j) for j in range(self.settings.eval_episodes)]
+        returns, frames = evaluate(self.agent, env, seeds, self.settings.capture_video)
+        n, mean = len(returns), float(np.mean(returns))
+        se = float(np.std(returns, ddof=1) / math.sqrt(n)) if n > 1 else None
+        report = dict(checkpoint=str(path), env_steps=checkpoint["counters"]["env_steps"],
+                      trained_on=dict(env=checkpoint["args"]["env"],
+                                      distraction=checkpoint["args"].get("distraction")),
+                      env=a.env, distraction=a.distraction, dynamic=a.dynamic, split=a.eval_split,
+                      video_dir=a.video_dir, seeds=seeds, returns=[float(r) for r in returns],
+                      mean=mean, standard_error=se)
+        for j, value in enumerate(returns):
+            print(f"episode {j}: return {value:.1f}", flush=True)
+        where = new_run_dir(f"{Path(path).parent.name}__eval__{a.env}__{a.distraction}__{a.eval_split}"
+                            f"__{int(time.time())}")
+        (where / "evaluation.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+        writer = SummaryWriter(str(where))
+        writer.add_scalar("eval/episodic_return", mean, report["env_steps"])
+        if frames:
+            write_frames(writer, frames, report["env_steps"], where / "video.mp4")
+        writer.close()
+        self.env.close()
+        env.close()
+        print(f"return {mean:.1f}{f' +- {se:.1f}' if se is not None else ''} (mean +- standard error "
+              f"over {n} episodes) on {a.env} {a.distraction} ({a.eval_split} videos); written to "
+              f"{where}", flush=True)
+        return report
+
+    def measure_speed(self) -> dict:
+        """--measure-updates: median seconds per update (after 2 warm-ups, the first compiles) on
+        random frames at the configured sizes; env steps per second of acting over 50 steps."""
+        agent, env, device, length = self.agent, self.env, self.compute.device, max(self.batch[1], 2)
+        actions = np.stack([random_action(env.action_space) for _ in range(length)])
+        self.replay.add_episode(np.random.randint(0, 255, (length, *env.observation_space.shape),
+                                                  dtype=np.uint8), actions, np.random.rand(length),
+                                np.ones(length))
+        times = []
+        for _ in range(self.settings.measure_updates + 2):
+            batch = to_torch(self.replay.sample(*self.batch), device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            agent.update(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        result = dict(seconds_per_update=float(np.median(times[2:])), updates=len(times) - 2,
+                      parameters=agent.num_parameters(), env=self.args.env, device=str(device),
+                      precision=self.settings.precision, compile=self.settings.compile)
+        plans = [""] + ["_no_mpc"] * ("mpc" in inspect.signature(agent.act).parameters)  # CVRL's MPC
+        for plan in plans:
+            (obs, _), state, env_steps, policy_time = env.reset(seed=self.args.seed), None, 0, 0.0
+            for i in range(52):
+                if i == 2:  # the first two steps are warm-up: the clock starts here
+                    start, env_steps, policy_time = time.perf_counter(), 0, 0.0
+                t = time.perf_counter()
+                action, state = agent.act(obs, state, True, **(dict(mpc=False) if plan else {}))
+                policy_time += time.perf_counter() - t
+                obs, _, terminated, truncated, info = env.step(env_action(action, env.action_space))
+                env_steps += info["env_steps"]
+                if terminated or truncated:
+                    (obs, _), state = env.reset(), None
+            result[f"policy_ms{plan}"] = 1000 * policy_time / 50
+            result.setdefault("env_steps_per_second", env_steps / (time.perf_counter() - start))
+        env.close()
+        if self.settings.compile:
+            result["compile_seconds"] = times[0]
+        if device.type == "cuda":
+            result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        # peak resident memory of the process (Linux reports KiB): weights, optimisers, activations, env
+        result["peak_host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(json.dumps(result))
+        return result
 
 
-# =============================================================================================
-# Plumbing: identical in every script (tests/test_plumbing.py compares the five copies byte for
-# byte, so a fix made here is made in all of them). Nothing below is part of the method: replay
-# seeding, device copies, the optimiser helper, logging, progress, signals, checkpoints, devices.
-# =============================================================================================
-
-STREAMS = {"train": 0, "eval": 1}
+def replay_due(settings: RunSettings, evals: int, env_steps: int) -> bool:
+    """Whether the checkpoint after evaluation number `evals` (from 1) writes replay.pt too: the
+    run's last one and every --replay-checkpoint-every-th."""
+    every = settings.replay_checkpoint_every
+    return env_steps >= settings.total_steps or (every > 0 and evals % every == 0)
 
 
-def episode_seed(seed: int, stream: str, index: int) -> int:
-    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
-    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
-    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
+def new_run_dir(name: str) -> Path:
+    """runs/<name>, made here and never shared: if it exists (a second run started in the same
+    second), the next free suffix _2, _3, ...; a slash in the name (gym:ALE/Pong-v5) becomes '-'."""
+    for k in range(1, 1000):
+        path = Path("runs") / (name.replace("/", "-") + (f"_{k}" if k > 1 else ""))
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise SystemExit(f"error: cannot make the run folder {path} ({error.strerror}); run from a "
+                             "folder you can write to") from None
+    raise SystemExit(f"error: runs/{name}: a thousand run folders of that name exist already")
 
 
-def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on `device` without waiting for the GPU: staged through pinned (page-locked)
-    memory, copied non-blocking. A copy from pageable memory first waits for all work queued on
-    the stream (CUDA's rule), i.e. for the previous update, and the host could not run ahead."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+def make_envs(make_env, args: Args):
+    """The training env and the evaluation env (--eval-split's videos); bad input (env id,
+    distraction, video folder) ends here in one line."""
+    try:
+        return make_env(args, "train"), make_env(args, args.eval_split)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
-def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
-    """The replay's size in agent steps, allocated once: `capacity` (agent steps)
-    capped at what this run can fill, total_steps / repeat agent steps plus the first observation
-    of an episode, and at least one training sequence of `length`."""
-    return max(min(capacity, -(-total_steps // repeat) + 1), length)
+def action_size(space) -> tuple[bool, int]:
+    """(discrete, size of an action vector): one-hot over a Discrete space's n, else the Box's."""
+    discrete = hasattr(space, "n")
+    return discrete, int(space.n) if discrete else int(space.shape[0])
 
 
-def lerp_(targets: list, sources: list, weight: torch.Tensor):
-    """targets <- targets + weight * (sources - targets), in place, for a 0-dim device tensor
-    `weight`. The weight goes in as a list of tensors: the overload that takes one number would
-    read the tensor to the host (a GPU sync every update)."""
-    torch._foreach_lerp_(targets, sources, [weight] * len(targets))
+def random_action(space) -> np.ndarray:
+    """Uniform over the actions (prefill): a one-hot vector, or uniform in [-1, 1] per component."""
+    discrete, dim = action_size(space)
+    if discrete:
+        return np.eye(dim, dtype=np.float32)[np.random.randint(dim)]
+    return np.random.uniform(-1, 1, dim).astype(np.float32)
 
 
-def nonfinite(*values: torch.Tensor) -> torch.Tensor:
-    """1.0 if any value is NaN/inf, else 0.0: a 0-dim fp32 device tensor (no host sync)."""
-    return (~torch.isfinite(torch.stack([v.detach().float() for v in values]))).any().float()
+def env_action(action: np.ndarray, space):
+    """The agent's action (continuous vector or one-hot) in the env's format."""
+    return int(action.argmax()) if hasattr(space, "n") else action
 
 
-def cudagraph_step(enabled: bool):
-    """--compile-mode reduce-overhead: the compiled losses replay CUDA graphs whose outputs live in
-    a memory pool that the next step's graphs overwrite. Called before a compiled call: a step
-    begins, and outputs of earlier compiled calls are no longer valid (what is still needed was
-    copied by `outlive_step`). Unmarked, CUDA graph trees begin a step at any compiled call made
-    with no backward pending, freeing outputs that are still in use."""
-    if enabled:
+def evaluate(agent: Agent, env, seeds: list, record: bool = False, stop=None):
+    """The return of one episode per seed with deterministic actions, and the first one's frames
+    if `record`; (None, frames) if `stop` (a StopFlag) catches a signal before they are done."""
+    returns, frames = [], []
+    for ep, seed in enumerate(seeds):
+        (obs, _), state, total, done = env.reset(seed=seed), None, 0.0, False
+        while not done:
+            if record and ep == 0:
+                frames.append(obs.transpose(1, 2, 0))
+            action, state = agent.act(obs, state, explore=False)
+            obs, reward, terminated, truncated, _ = env.step(env_action(action, env.action_space))
+            total += reward
+            done = terminated or truncated
+            if stop is not None and stop.signum is not None:
+                return None, frames
+        returns.append(total)
+    return returns, frames
+
+
+class Compute:
+    """Where and how the method's tensors are computed: the device, --precision, --compile, CUDA
+    graphs, and the optimisers, which share one device flag, `skip`: from the first non-finite loss
+    or norm on, every step is skipped on the device, without a host sync (the run reads `flags()`
+    an update late and stops with the checkpoint from before)."""
+
+    def __init__(self, settings: RunSettings, seed: int):
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.replay_device = replay_device(settings, self.device)
+        configure_torch(settings, self.device)
+        seed_everything(seed)
+        self.skip, self.optimizers = torch.zeros((), device=self.device), []
+        self.graphs = settings.compile and settings.compile_mode == "reduce-overhead"
+
+    def precision(self):
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.settings.precision == "bf16")
+
+    def loss(self, fn) -> Loss:
+        return Loss(fn, self)
+
+    def optimizer(self, name: str, params, lr: float, **kw) -> Optimizer:
+        self.optimizers.append(Optimizer(name, params, lr, self, **kw))
+        return self.optimizers[-1]
+
+    def flags(self) -> torch.Tensor:
+        """The last step's non-finite flag of every optimiser, in their order (a device tensor)."""
+        return torch.stack([opt.flag for opt in self.optimizers])
+
+    @torch.no_grad()  # in place and outside autograd: a target network carries no history
+    def update_target(self, target, source, fraction: float):
+        """target <- target + fraction (source - target), parameters of two modules (or two lists of
+        tensors); not at all if this update's steps were skipped (the weight is a device tensor)."""
+        pairs = [list(m.parameters()) if isinstance(m, nn.Module) else list(m) for m in (target, source)]
+        torch._foreach_lerp_(pairs[0], pairs[1], [fraction * (1 - self.skip)] * len(pairs[0]))
+
+
+class Loss:
+    """A loss function under --precision; with --compile compiled whole (the RSSM's loops unrolled:
+    a few fused kernels); with reduce-overhead replayed as CUDA graphs, whose outputs the next call
+    overwrites: each call marks a step and copies every output but the losses (top-level 0-dim
+    tensors that require grad, backpropagated before the next call)."""
+
+    def __init__(self, fn, compute: Compute):
+        self.fn, self.compute, self.run = fn, compute, self.eager
+        if compute.settings.compile:
+            mode = compute.settings.compile_mode
+            mode = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+            self.run = torch.compile(self.eager, dynamic=False, mode=mode)
+
+    def eager(self, *args):
+        with self.compute.precision():
+            return self.fn(*args)
+
+    def __call__(self, *args):
+        if not self.compute.graphs:
+            return self.run(*args)
         torch.compiler.cudagraph_mark_step_begin()
+        return outlive(self.run(*args))
 
 
-def outlive_step(value, enabled: bool):
-    """Detached copies, outside the CUDA-graph pool, of a tensor or a dict of tensors that is used
-    after the next `cudagraph_step` (inputs of a later compiled call, metrics the logger reads);
-    `value` itself when not `enabled` (no CUDA graphs: no copy)."""
-    if not enabled:
-        return value
+def outlive(value, top: bool = True):
+    """Detached copies, outside the CUDA-graph pool, of every tensor in `value` but the losses."""
+    if torch.is_tensor(value):
+        return value if top and value.requires_grad and value.dim() == 0 else value.detach().clone()
     if isinstance(value, dict):
-        return {k: outlive_step(v, True) for k, v in value.items()}
-    return value.detach().clone()
+        return {k: outlive(v, False) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(outlive(v, top) for v in value)
+    return value
+
+
+def full_precision(x: torch.Tensor):
+    """fp32 inside, also under --precision bf16 (for outputs that feed returns and log-probs)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+class Optimizer:
+    """One network's optimiser (danijar/dreamerv2's `common.Optimizer`): `metrics |= opt(loss)`
+    backpropagates, clips, checks loss and norm, and takes a fused Adam step, skipped on the device
+    (`found_inf`, as GradScaler sets it) once this or an earlier loss or norm was not finite.
+    weight_decay multiplies parameters by (1 - wd) per step (official common/other.py: AdamW with
+    wd / lr); clip <= 0: measured only. `params`: tensors or groups (dicts with their own lr)."""
+
+    def __init__(self, name: str, params, lr: float, compute: Compute, eps: float = 1e-8,
+                 clip: float = 0.0, weight_decay: float = 0.0, clip_params=None,
+                 betas: tuple = (0.9, 0.999), extra_clips=()):
+        groups = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
+        self.name, self.compute, self.flag = name, compute, None
+        self.params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+        self.clips = [(f"{name}_grad_norm", self.params if clip_params is None else list(clip_params), clip)]
+        self.clips += [(key, list(ps), max_norm) for key, ps, max_norm in extra_clips]
+        if weight_decay > 0:
+            self.opt = torch.optim.AdamW(groups, lr=lr, eps=eps, betas=betas,
+                                         weight_decay=weight_decay / lr, fused=True)
+        else:
+            self.opt = torch.optim.Adam(groups, lr=lr, eps=eps, betas=betas, fused=True)
+
+    def __call__(self, loss: torch.Tensor) -> dict:
+        return optimise((self, loss))
+
+    def clip_and_step(self, loss: torch.Tensor) -> dict:
+        norms = {key: nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else
+                 nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                 for key, params, max_norm in self.clips}
+        self.flag = (~torch.isfinite(torch.stack([v.detach().float() for v in (loss, *norms.values())]))
+                     ).any().float()  # 1.0 if the loss or a norm is NaN or inf: a device tensor
+        self.compute.skip = torch.maximum(self.compute.skip, self.flag)
+        self.opt.found_inf = self.compute.skip
+        self.opt.step()
+        return norms
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.opt.load_state_dict(state)
+
+
+def optimise(*pairs) -> dict:
+    """(optimiser, loss) pairs: one backward pass of the losses' sum into the optimisers'
+    parameters only (a compiled graph can be backpropagated once; each network's gradient is its
+    own loss's), then each optimiser clips and steps, in order. Returns their metrics."""
+    total = pairs[0][1]
+    for _, loss in pairs[1:]:
+        total = total + loss
+    for opt, _ in pairs:
+        opt.opt.zero_grad(set_to_none=True)
+    total.backward(inputs=[p for opt, _ in pairs for p in opt.params])
+    metrics = {}
+    for opt, loss in pairs:
+        metrics |= opt.clip_and_step(loss)
+    return metrics
 
 
 @contextlib.contextmanager
 def frozen(module: nn.Module):
-    """Speed: `module`'s trainable parameters with requires_grad off for the forwards inside (and
-    on again after). A loss computed inside still backpropagates through `module` into its
-    inputs (the actor's gradient through the dynamics into the actions: the same loss, the same
-    gradients) but records no weight gradients for it. `backward(inputs=...)` prunes those in
-    eager mode, but a compiled graph's backward computes a gradient for every input that
-    requires one, here the whole world model's, for nothing."""
+    """`module`'s parameters frozen inside: a loss still backpropagates through it into its inputs
+    (the actor's gradient through the dynamics) but a compiled backward computes no weight
+    gradient for it, which `backward(inputs=...)` prunes only in eager mode."""
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
@@ -1389,95 +1437,165 @@ def frozen(module: nn.Module):
             p.requires_grad_(True)
 
 
-class Optimizer:
-    """One network's optimiser, called with its loss, as danijar/dreamerv2's `common.Optimizer`:
-    `metrics |= opt(loss, skip)` zeroes the gradients, backpropagates, clips the gradient norm and
-    takes a fused Adam step. The step is skipped on the device, with no host sync, when the loss
-    or the gradient norm is not finite or when `skip` (a 0-dim device tensor, e.g. an earlier
-    optimiser's `skipped`) is 1: fused Adam honours `found_inf` as GradScaler sets it, leaving
-    parameters and moments as they were. After a step, `flag` is 1.0 if this loss or norm was not
-    finite and `skipped` is 1.0 if the step was skipped. Returns {"<name>_grad_norm": norm}.
+class Replay:
+    """Whole episodes in a ring of uint8 images. Slot t of an episode: x_t, a_{t-1} (zeros at t = 0),
+    r_t (0 at t = 0), cont_t (0 where it terminated), is_first_t. A sampled window lies inside one
+    episode, never across the write position (newest slot into oldest). With `prioritize_ends` an
+    episode's last start counts length + 1 times (official replay.py, which picks episodes first:
+    the same for equal-length episodes). Tensors on `device` (a batch is one gather there),
+    allocated once (`replay_slots`); on the host numpy zeros, whose pages fill as episodes come."""
 
-    weight_decay > 0: every parameter is multiplied by (1 - weight_decay) once per step, as the
-    official DreamerV2 optimiser does (common/other.py); AdamW multiplies by (1 - lr * wd'), so
-    wd' = weight_decay / lr. clip <= 0: no clipping (the norm is still measured and checked).
-    `params` may be torch parameter groups (dicts with their own "lr"), stepped and skipped together.
-    Losses that share one backward pass: `backward(loss, opt_a, opt_b)`, then `opt_a.step(...)`."""
+    def __init__(self, capacity: int, obs_shape, action_dim: int, seed: int, device="cpu",
+                 prioritize_ends: bool = False):
+        self.capacity, self.device, self.prioritize_ends = capacity, torch.device(device), prioritize_ends
+        self.shapes = dict(obs=tuple(obs_shape), action=(action_dim,), reward=(), cont=(), is_first=())
+        self.dtypes = dict(obs=torch.uint8, action=torch.float32, reward=torch.float32,
+                           cont=torch.float32, is_first=torch.float32)
+        self.data = {k: torch.zeros((capacity, *s), dtype=self.dtypes[k], device=self.device)
+                     if self.device.type != "cpu" else torch.from_numpy(
+                         np.zeros((capacity, *s), np.uint8 if k == "obs" else np.float32))
+                     for k, s in self.shapes.items()}
+        self.episode = np.full(capacity, -1, np.int64)  # episode id per slot (host), -1 = empty
+        self.pos = self.size = self.episodes = 0
+        self.rng = np.random.default_rng(seed)
+        self._starts = self._ends = np.zeros(0, np.int64)
+        self._starts_length = None
 
-    def __init__(self, name: str, params, lr: float, eps: float = 1e-8, clip: float = 0.0,
-                 weight_decay: float = 0.0, clip_params=None, betas: tuple = (0.9, 0.999)):
-        # `params`: tensors, or torch's parameter groups (dicts with their own "lr", ...)
-        groups = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
-        self.name, self.clip = name, clip
-        self.params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
-        # the parameters whose gradient norm is clipped and checked (default: all of them)
-        self.clip_params = self.params if clip_params is None else list(clip_params)
-        if weight_decay > 0:
-            self.opt = torch.optim.AdamW(groups, lr=lr, eps=eps, betas=betas,
-                                         weight_decay=weight_decay / lr, fused=True)
-        else:
-            self.opt = torch.optim.Adam(groups, lr=lr, eps=eps, betas=betas, fused=True)
-        self.flag = self.skipped = None
+    @property
+    def nbytes(self) -> int:
+        """Bytes at full capacity."""
+        per_slot = sum(math.prod(s) * self.dtypes[k].itemsize for k, s in self.shapes.items())
+        return self.capacity * (per_slot + self.episode.itemsize)
 
-    def __call__(self, loss: torch.Tensor, skip: torch.Tensor | None = None) -> dict:
-        backward(loss, self)
-        return self.step(loss, skip)
+    def add_episode(self, obs, action, reward, cont):
+        n = len(obs)
+        if n > self.capacity:
+            raise ValueError(f"episode of {n} steps does not fit a replay of {self.capacity}")
+        idx = (self.pos + np.arange(n)) % self.capacity
+        is_first = np.zeros(n, np.float32)
+        is_first[0] = 1.0
+        index = torch.from_numpy(idx).to(self.device)
+        for key, value in zip(self.data, (obs, action, reward, cont, is_first)):
+            value = torch.as_tensor(np.asarray(value)).to(self.device, self.dtypes[key])
+            self.data[key][index] = value.reshape(n, *self.shapes[key])
+        self.episode[idx] = self.episodes
+        self.episodes += 1
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+        self._starts_length = None  # valid starts changed
 
-    def step(self, loss: torch.Tensor, skip: torch.Tensor | None = None, *checked: torch.Tensor) -> dict:
-        """Clip, check `loss`, the norm and any `checked` values, and step (gradients in place)."""
-        return self.apply(skip, self.check(loss, *checked))
+    def valid_starts(self, length: int) -> np.ndarray:
+        """Slots i such that i .. i+length-1 lie in one stored episode, not across the write position."""
+        if self._starts_length != length:
+            # Episodes are written contiguously: equal ids at both ends mean one episode, unless
+            # the window runs from the newest slot (pos - 1) into the oldest (pos).
+            ok = (self.episode >= 0) & (self.episode == np.roll(self.episode, -(length - 1)))
+            ok &= (np.arange(self.capacity) - self.pos) % self.capacity + length - 1 < self.capacity
+            self._starts, self._starts_length = np.flatnonzero(ok), length
+            # Each episode's last valid start: its successor is no valid start of the same episode.
+            after = (self._starts + 1) % self.capacity
+            self._ends = self._starts[~ok[after] | (self.episode[after] != self.episode[self._starts])]
+        return self._starts
 
-    def check(self, loss: torch.Tensor, *checked: torch.Tensor) -> dict:
-        """Clip and measure: sets `flag`; returns the metrics. `apply` steps."""
-        if self.clip > 0:
-            norm = nn.utils.clip_grad_norm_(self.clip_params, self.clip)
-        else:
-            norm = nn.utils.get_total_norm([p.grad for p in self.clip_params if p.grad is not None])
-        self.flag = nonfinite(loss, norm, *checked)
-        return {f"{self.name}_grad_norm": norm}
+    def can_sample(self, length: int) -> bool:
+        return len(self.valid_starts(length)) > 0
 
-    def apply(self, skip: torch.Tensor | None, metrics: dict | None = None) -> dict:
-        """The fused step, skipped on the device if `flag` or `skip` is set; returns `metrics`."""
-        self.skipped = self.flag if skip is None else torch.maximum(skip, self.flag)
-        self.opt.found_inf = self.skipped
-        self.opt.step()
-        return metrics or {}
+    def draw_starts(self, batch: int, length: int) -> np.ndarray:
+        starts = self.valid_starts(length)
+        if not self.prioritize_ends:
+            return self.rng.choice(starts, size=batch)
+        u = self.rng.integers(len(starts) + length * len(self._ends), size=batch)
+        extra = np.minimum(np.maximum(u - len(starts), 0) // length, len(self._ends) - 1)
+        return np.where(u < len(starts), starts[np.minimum(u, len(starts) - 1)], self._ends[extra])
+
+    def sample(self, batch: int, length: int, crop: int = 0) -> dict:
+        """Time-major tensors on the replay's device: obs (T, B, 3, H, W) uint8 (H = W = crop with
+        `crop`: one random crop for a whole sequence), action (T, B, A), reward, cont, is_first."""
+        starts = self.draw_starts(batch, length)
+        idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # (T, B)
+        if not crop:
+            index = to_device_async(idx, self.device)
+            return {key: value[index] for key, value in self.data.items()}
+        oy, ox = self.rng.integers(0, self.shapes["obs"][-1] - crop + 1, size=(2, batch))
+        # one small host -> device copy: slots (T*B), then the crop offsets (B each)
+        index = to_device_async(np.concatenate([idx.ravel(), oy, ox]), self.device)
+        slots, oy, ox = index[:length * batch].view(length, batch), index[-2 * batch:-batch], index[-batch:]
+        span = torch.arange(crop, device=self.device)
+        rows = (oy[:, None] + span)[None, :, None, :, None]  # (1, B, 1, crop, 1)
+        cols = (ox[:, None] + span)[None, :, None, None, :]  # (1, B, 1, 1, crop)
+        channels = torch.arange(self.shapes["obs"][0], device=self.device)[None, None, :, None, None]
+        obs = self.data["obs"][slots[:, :, None, None, None], channels, rows, cols]  # (T, B, C, crop, crop)
+        return dict({key: value[slots] for key, value in self.data.items() if key != "obs"}, obs=obs)
 
     def state_dict(self) -> dict:
-        return self.opt.state_dict()
+        keep = slice(0, self.size)  # a copy of the filled part (a view saves the whole storage)
+        return dict(**{k: v[keep].to("cpu", copy=True) for k, v in self.data.items()},
+                    episode=self.episode[keep].copy(), pos=self.pos, size=self.size,
+                    episodes=self.episodes, rng=self.rng.bit_generator.state)
 
     def load_state_dict(self, state: dict):
-        self.opt.load_state_dict(state)
+        n, ids = state["size"], np.asarray(state["episode"])
+        if "is_first" not in state:  # written before the replay stored it: an episode's first slot
+            state = dict(state, is_first=np.r_[True, ids[1:] != ids[:-1]].astype(np.float32))
+        for key in self.data:
+            self.data[key][:n] = torch.as_tensor(np.asarray(state[key])).reshape(
+                n, *self.shapes[key]).to(self.device)
+        self.episode[:n] = ids
+        self.pos, self.size, self.episodes = state["pos"], n, state["episodes"]
+        self.rng.bit_generator.state = state["rng"]
+        self._starts_length = None
 
 
-def backward(loss: torch.Tensor, *opts: Optimizer):
-    """Zero the gradients of `opts` and backpropagate `loss` into their parameters only (a
-    compiled graph can be backpropagated once: losses of different networks that come out of one
-    compiled call share one backward pass of their sum)."""
-    for opt in opts:
-        opt.opt.zero_grad(set_to_none=True)
-    loss.backward(inputs=[p for opt in opts for p in opt.params])
+def replay_slots(capacity: int, total_steps: int, repeat: int, length: int) -> int:
+    """The replay's size in agent steps: `capacity`, capped at what the run can fill (total_steps /
+    repeat agent steps, plus an episode's first observation), at least one sequence of `length`."""
+    return max(min(capacity, -(-total_steps // repeat) + 1), length)
+
+
+def to_torch(batch: dict, device: torch.device) -> dict:
+    """Batch (tensors or numpy arrays) -> tensors on `device`; images stay uint8 (4x less to copy)."""
+    return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def to_device_async(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the GPU: pinned memory, a non-blocking copy (a
+    copy from pageable memory first waits for the stream, i.e. for the previous update)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
+STREAMS = {"train": 0, "eval": 1}
+
+
+def episode_seed(seed: int, stream: str, index: int) -> int:
+    """Seed of one episode: a child of SeedSequence(seed), so runs with different seeds never
+    share episodes (seed + k schemes overlap: run s, episode 1 == run s+1, episode 0)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(STREAMS[stream], index)).generate_state(1)[0])
 
 
 class Logger:
-    """TensorBoard plus metrics.jsonl (one json object per log event). On resume, the records after
-    the checkpoint's step are dropped from both."""
+    """TensorBoard, metrics.jsonl (non-finite values as null: NaN is not JSON), W&B with --track; on
+    resume, records after the checkpoint's step are dropped."""
 
-    def __init__(self, run_dir: Path, args: Args, resume_step: int | None = None):
-        path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path, args: Args, settings: RunSettings, resume_step: int | None = None):
+        path, flags = run_dir / "metrics.jsonl", {**vars(args), **vars(settings)}
         if resume_step is not None and path.exists():
             keep = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in keep))
-        purge = None if resume_step is None else resume_step + 1
-        self.writer = SummaryWriter(str(run_dir), purge_step=purge)
+        self.writer = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{k}|{v}|" for k, v in vars(args).items()))
-        self.jsonl = open(path, "a")
+            f"|{k}|{v}|" for k, v in flags.items()))
+        self.jsonl, self.wandb = open(path, "a"), None
+        if settings.track:
+            import wandb
+
+            self.wandb = wandb.init(project=settings.wandb_project_name, entity=settings.wandb_entity,
+                                    name=run_dir.name, id=run_dir.name.replace(":", "-")[-128:],
+                                    resume="allow", config=flags, dir=str(run_dir))
 
     def log(self, step: int, scalars: dict, **text):
-        """Scalars (numbers or device tensors, copied to the host in one transfer) to both;
-        `text` fields only to metrics.jsonl."""
+        """Scalars (numbers, or device tensors copied in one transfer) to all; `text` to the jsonl."""
         record = {"step": step, "time": time.time()}
         tensors = {k: v for k, v in scalars.items() if torch.is_tensor(v)}
         if tensors:
@@ -1485,58 +1603,58 @@ class Logger:
             scalars = {**scalars, **dict(zip(tensors, values))}
         for key, value in scalars.items():
             self.writer.add_scalar(key, float(value), step)
-            record[key] = float(value)
-        self.jsonl.write(json.dumps({**record, **text}) + "\n")
+            record[key] = float(value) if math.isfinite(value) else None
+        self.jsonl.write(json.dumps({**record, **text}, allow_nan=False) + "\n")
         self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=step)
+
+    def frames(self, frames: list, step: int, path: Path):
+        """An evaluation's first episode: an mp4 and a frame strip to TensorBoard (and W&B)."""
+        write_frames(self.writer, frames, step, path)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"eval/video": wandb.Video(str(path), format="mp4")}, step=step)
 
     def close(self):
         self.writer.close()
         self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
-def format_eta(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+def write_frames(writer: SummaryWriter, frames: list, step: int, path: Path):
+    """An episode's frames as an mp4 at `path` and a strip of eight to TensorBoard."""
+    import av
 
-
-def preset_hint(args, eta: float | None):
-    """Once per process, when a CPU run at the paper's sizes would take many hours: say which
-    preset finishes in about an hour, and what it trades."""
-    if (eta is not None and eta > 6 * 3600 and args.preset == "paper" and not preset_hint.shown
-            and not torch.cuda.is_available()):
-        preset_hint.shown = True
-        print(f"note: at the paper's sizes this CPU needs about {format_eta(eta)}; --preset small "
-              "(the same algorithm with smaller networks and batches, fewer updates per step and "
-              "PlaNet's action repeat) trains 100K steps of dmc-cartpole-swingup in under an hour "
-              "on 2 cores", flush=True)
-
-
-preset_hint.shown = False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=30)
+        stream.height, stream.width, stream.pix_fmt = *frames[0].shape[:2], "yuv420p"
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        out.mux(stream.encode())
+    strip = np.concatenate(frames[:: max(1, len(frames) // 8)][:8], axis=1)
+    writer.add_image("eval/frames", strip, step, dataformats="HWC")
 
 
 class Progress:
-    """The progress line: at the first call, then every `log_every` env steps or 30 s (also between
-    the updates of a burst). s/update is this process's measured mean (the main loop adds to
-    `acting_time`, `update_time` and `updates`); the ETA counts `updates_per_agent_step` updates
-    per remaining agent step plus `pending_updates` (e.g. pretraining) once updates have started."""
+    """The progress line, every `log_every` env steps or 30 s; the ETA counts acting and updates
+    (`updates_per_agent_step`, plus `pending_updates`) at this process's measured speeds."""
 
-    def __init__(self, args: Args, counters: dict, updates_per_agent_step: float):
-        self.args, self.ratio = args, updates_per_agent_step
+    def __init__(self, settings: RunSettings, preset: str, counters: dict, updates_per_agent_step: float):
+        self.settings, self.preset, self.ratio = settings, preset, updates_per_agent_step
         self.start, self.start_steps = time.time(), counters["env_steps"]
-        self.start_agent_steps = counters["agent_steps"]
-        self.last_time, self.last_step = 0.0, None
+        self.start_agent_steps, self.last_time, self.last_step = counters["agent_steps"], 0.0, None
         self.acting_time = self.update_time = 0.0
-        self.updates = 0
+        self.updates, self.compiled = 0, False
 
     def sps(self, counters: dict) -> float:
         return (counters["env_steps"] - self.start_steps) / max(time.time() - self.start, 1e-9)
 
     def eta(self, counters: dict, pending_updates: int = 0) -> float | None:
-        remaining = self.args.total_steps - counters["env_steps"]
+        remaining = self.settings.total_steps - counters["env_steps"]
         acted = counters["agent_steps"] - self.start_agent_steps
         if acted == 0:
             return None
@@ -1550,23 +1668,44 @@ class Progress:
     def maybe_print(self, counters: dict, phase: str, episode_return: float, updates: int,
                     force: bool = False, pending_updates: int = 0):
         step, now = counters["env_steps"], time.time()
-        due = (self.last_step is None or step - self.last_step >= self.args.log_every
-               or now - self.last_time >= 30)
-        if not (due or force):
+        if not (force or self.last_step is None or step - self.last_step >= self.settings.log_every
+                or now - self.last_time >= 30):
             return
         self.last_step, self.last_time = step, now
         spu = f"{self.update_time / self.updates:.2f}" if self.updates else "-"
         eta = self.eta(counters, pending_updates)
-        preset_hint(self.args, eta)
-        print(f"step {step}/{self.args.total_steps} | {phase} | return {episode_return:.1f} | "
+        preset_hint(self.preset, eta)
+        print(f"step {step}/{self.settings.total_steps} | {phase} | return {episode_return:.1f} | "
               f"SPS {self.sps(counters):.1f} | updates {updates} ({spu} s/update) | "
               f"ETA {format_eta(eta)}", flush=True)
 
 
+def format_eta(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return (f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600
+            else f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+def preset_hint(preset: str, eta: float | None):
+    """Once per process, when a CPU run at the paper's sizes would take many hours: which preset
+    finishes in about an hour, and what it trades."""
+    if (eta is not None and eta > 6 * 3600 and preset == "paper" and not preset_hint.shown
+            and not torch.cuda.is_available()):
+        preset_hint.shown = True
+        print(f"note: at the paper's sizes this CPU needs about {format_eta(eta)}; --preset small "
+              "(the same algorithm with smaller networks and batches, fewer updates per step and "
+              "PlaNet's action repeat) trains 100K steps of dmc-cartpole-swingup in under an hour "
+              "on 2 cores", flush=True)
+
+
+preset_hint.shown = False
+
+
 class StopFlag:
-    """SIGINT/SIGTERM handler that only records the first signal; the loops check `signum` after
-    each step or update (exit code 128 + signum). A second signal, e.g. while the checkpoint is
-    written, is recorded and ignored. `restore()` puts the previous handlers back."""
+    """Records the first SIGINT/SIGTERM (the run checks `signum` after each step and update, exits
+    128 + signum); `restore()` puts the previous handlers back."""
 
     def __init__(self):
         self.signum = None
@@ -1581,107 +1720,61 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-class NonFiniteWatch:
-    """Reads each update's non-finite flags (one per name in `names`) late: copied non-blocking,
-    with a CUDA event, so the host never waits for the device it feeds. Once an update is
-    non-finite the agent skips every later step on the device (its `halted` flag), so what is
-    saved when the host notices is the state from before the bad update."""
-
-    def __init__(self, names: tuple):
-        self.names, self.pending = names, []
-
-    def push(self, flags: torch.Tensor, update: int, step: int):
-        host = flags.to("cpu", non_blocking=True)
-        event = None
-        if flags.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        self.pending.append((host, event, update, step))
-
-    def first_bad(self, keep: int = 0):
-        """(names of the non-finite losses, update, env step) of the first non-finite update among
-        the pending ones but the newest `keep`; None if they are all finite."""
-        while len(self.pending) > keep:
-            host, event, update, step = self.pending.pop(0)
-            if event is not None:
-                event.synchronize()  # normally long done: the copy was queued an update ago
-            if host.any():
-                return [n for n, flag in zip(self.names, host.tolist()) if flag], update, step
-        return None
-
-
-def save_video(frames: list, path: Path, fps: int = 30):
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=fps)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        out.mux(stream.encode())
-
-
-def save_checkpoint(path: Path, agent: Agent, replay: Replay | None, counters: dict, args: Args):
-    """checkpoint.pt at `path`: networks, optimisers, counters, RNG states (megabytes: written at
-    every evaluation). Given a replay, and unless --no-checkpoint-replay, replay.pt beside it too:
-    the filled replay and the env step it was written at (gigabytes on a GPU run, copied to the
-    host: written only at the end, on an interrupt or a non-finite stop and every
-    --replay-checkpoint-every evaluations). The checkpoint goes first, so that a kill between the
-    two leaves an older replay (which --resume reports), never one newer than the checkpoint."""
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    atomic_save(dict(agent=agent.state_dict(), counters=dict(counters), args=vars(args), rng=rng), path)
-    if replay is not None and args.checkpoint_replay:
-        atomic_save(dict(replay=replay.state_dict(), env_steps=counters["env_steps"]),
-                    path.with_name("replay.pt"))
-
-
 def atomic_save(state: dict, path: Path):
-    """Write to a temporary file, flush it to disk, then rename it over the old file: a kill leaves
-    the old file or the new one, never part of one."""
+    """Via a temporary file, flushed and renamed: a kill leaves the old file or the new one; a full
+    disk or an unwritable folder ends the run in one line, the last good file as it was."""
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"error: cannot write {path} ({error.strerror or error}); the last good "
+                         f"{path.name} is unchanged; free space or make the folder writable, then "
+                         "resume from it") from None
 
 
-def replay_due(args: Args, evals: int, counters: dict) -> bool:
-    """Whether the checkpoint after evaluation number `evals` (counted from 1) writes replay.pt
-    too: the run's last one and every --replay-checkpoint-every-th."""
-    every = args.replay_checkpoint_every
-    return counters["env_steps"] >= args.total_steps or (every > 0 and evals % every == 0)
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint.pt, its tensors read from disk as used (mmap); missing or damaged: one line."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: {path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if not isinstance(checkpoint, dict) or not {"agent", "args", "counters"} <= set(checkpoint):
+            raise ValueError("not a checkpoint of these scripts")
+    except Exception as error:  # torch raises many kinds for a truncated or corrupted file
+        raise SystemExit(f"error: {path} is damaged or not a checkpoint ("
+                         f"{(str(error).splitlines() or [type(error).__name__])[0][:120]}); use an "
+                         "earlier copy or start a new run") from None
+    return checkpoint
 
 
 def load_replay(path: str, checkpoint: dict, replay: Replay, counters: dict):
-    """--resume: fill `replay` from replay.pt beside the checkpoint at `path` (or from the
-    checkpoint itself if it was written before replay.pt existed); without one it stays empty.
-    `counters` are the checkpoint's. Prints one line on what the replay holds."""
+    """--resume: `replay` from replay.pt beside the checkpoint (or from the checkpoint itself, if
+    older); without one, or with a damaged one, empty. One line says what it holds."""
     replay_path = Path(path).with_name("replay.pt")
-    if checkpoint.get("replay") is not None:
-        saved = dict(replay=checkpoint["replay"], env_steps=counters["env_steps"])
-    elif replay_path.is_file():  # mmap: frames are read from disk as they are copied into the replay
-        saved = torch.load(replay_path, map_location="cpu", weights_only=False, mmap=True)
-    else:
-        print(f"no {replay_path}: the replay starts empty (updates resume once it holds a "
-              "training sequence)", flush=True)
+    if checkpoint.get("replay") is None and not replay_path.is_file():
+        print(f"no {replay_path}: the replay starts empty (updates resume once it holds a training "
+              "sequence)", flush=True)
         return
-    replay.load_state_dict(saved["replay"])
+    try:  # mmap: frames are read from disk as they are copied into the replay
+        saved = (dict(replay=checkpoint["replay"], env_steps=counters["env_steps"])
+                 if checkpoint.get("replay") is not None
+                 else torch.load(replay_path, map_location="cpu", weights_only=False, mmap=True))
+        replay.load_state_dict(saved["replay"])
+    except Exception as error:  # a truncated or corrupted replay.pt
+        replay.__init__(replay.capacity, replay.shapes["obs"], replay.shapes["action"][0], 0,
+                        replay.device, replay.prioritize_ends)
+        print(f"{replay_path} is damaged ({(str(error).splitlines() or [type(error).__name__])[0][:120]}"
+              "): the replay starts empty (updates resume once it holds a training sequence)", flush=True)
+        return
     note = "" if saved["env_steps"] == counters["env_steps"] else (
         f", written at env step {saved['env_steps']}, older than the checkpoint (env step "
         f"{counters['env_steps']}): the episodes in between are not in it")
     print(f"replay: {replay.size} agent steps from {replay_path}{note}", flush=True)
-
-
-def load_checkpoint(path: str) -> dict:
-    """--resume: the checkpoint at `path`, its tensors read from disk as they are used (mmap)."""
-    if not Path(path).is_file():
-        raise SystemExit(f"error: --resume {path}: no such checkpoint file")
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
 def seed_everything(seed: int, rng: dict | None = None):
@@ -1713,28 +1806,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def replay_device(args: Args, device: torch.device) -> torch.device:
-    """Where the replay's arrays live: --replay-device auto keeps them on the training GPU (no
-    host-to-device copy of the batch), on the host otherwise."""
-    if args.replay_device == "auto":
-        return device if device.type == "cuda" else torch.device("cpu")
-    if args.replay_device == "cuda" and device.type != "cuda":
+def replay_device(settings: RunSettings, device: torch.device) -> torch.device:
+    """--replay-device auto keeps the replay on the training GPU (no copy of a batch), else the host."""
+    if settings.replay_device == "cuda" and device.type != "cuda":
         raise SystemExit("error: --replay-device cuda needs training on CUDA (--device cuda or auto on a GPU)")
-    return device if args.replay_device == "cuda" else torch.device("cpu")
+    on_gpu = settings.replay_device == "cuda" or settings.replay_device == "auto" and device.type == "cuda"
+    return device if on_gpu else torch.device("cpu")
 
 
-def configure_torch(args: Args, device: torch.device):
-    """Determinism and, on CUDA, TF32: fp32 matmuls and convolutions on tensor cores (several
-    times faster on Ampere and later, ~1e-3 relative precision, which the losses tolerate)."""
+def configure_torch(settings: RunSettings, device: torch.device):
+    """Determinism; on CUDA, TF32 (fp32 matmuls on tensor cores, ~1e-3 relative precision)."""
     if device.type == "cuda":  # once: CUDA events, synchronize() and tensors made on "cuda" then
         torch.cuda.set_device(device)  # all mean --device's GPU (cuda:1 too), not cuda:0
-    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.deterministic = settings.torch_deterministic
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = not args.torch_deterministic
+        torch.backends.cudnn.benchmark = not settings.torch_deterministic
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(*parse_args())

@@ -558,8 +558,9 @@ def test_track_mirrors_the_run_to_weights_and_biases_offline(script, tmp_path):
     import wandb  # noqa: F401  (requirements.txt installs it)
 
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", MUJOCO_GL="egl")
-    done = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *TINY, "--total-steps", "100",
-                           "--track", "--wandb-project-name", "rfwm-test", "--capture-video"],
+    done = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *TINY, "--total-steps", "150",
+                           "--action-repeat", "1", "--track", "--wandb-project-name", "rfwm-test",
+                           "--capture-video"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     (record,) = tmp_path.glob("runs/*/wandb/offline-run-*/run-*.wandb")

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import check_beats_random, smoke_args, without_host_sync, sync_test_device, check_output_layer_in_fp32, check_behaviour_step_freezes_world_model, check_decoder_stem_equals_the_transposed_conv
+from conftest import (check_bad_cli_input, check_beats_random, smoke_args, without_host_sync, sync_test_device,
+                      check_output_layer_in_fp32, check_behaviour_step_freezes_world_model,
+                      check_decoder_stem_equals_the_transposed_conv, make_agent, preset_flags, tiny_checkpoint)
 
 import benchmark  # noqa: E402
 import cvrl  # noqa: E402
@@ -16,15 +18,33 @@ CPU = torch.device("cpu")
 
 
 def tiny(**overrides) -> cvrl.Args:
-    return cvrl.preset_args("tiny", **overrides)
+    return preset_flags(cvrl, "tiny", **overrides)[0]
+
+
+def random_batch(args: cvrl.Args, action_dim: int = 2, device=CPU) -> dict:
+    """B independent random sequences of T steps (pixels, actions, rewards), time-major."""
+    T, B = args.batch_length, args.batch_size
+    return dict(obs=torch.randint(0, 255, (T, B, 3, 64, 64), dtype=torch.uint8, device=device),
+                action=torch.rand(T, B, action_dim, device=device) * 2 - 1,
+                reward=torch.rand(T, B, device=device), cont=torch.ones(T, B, device=device))
+
+
+def tiny_agent(seed: int = 0, device=CPU, **overrides):
+    """A `--preset tiny` agent with 2-d actions, its networks drawn from `seed` (the run's seed);
+    `overrides`: Args or RunSettings fields (e.g. compile=True)."""
+    args, settings = preset_flags(cvrl, "tiny", seed=seed, **overrides)
+    return make_agent(cvrl, args, settings, 2, device=device)
 
 
 def agent_and_batch(seed: int = 0, **overrides):
     """A tiny agent (2-d actions) and a random batch of the tiny sizes, both from `seed`."""
-    args = tiny(**overrides)
-    torch.manual_seed(seed)
-    agent = cvrl.Agent(args, 2, CPU)
-    return agent, cvrl.synthetic_batch(args, 2, CPU)
+    agent = tiny_agent(seed, **overrides)
+    return agent, random_batch(agent.args)
+
+
+def flags(agent) -> dict:
+    """The last update's non-finite flag of each optimiser, by its loss's name."""
+    return dict(zip([f"{opt.name}_loss" for opt in agent.compute.optimizers], agent.compute.flags().tolist()))
 
 
 def parameters(*modules) -> list[torch.Tensor]:
@@ -137,7 +157,7 @@ def test_celbo_clamps_the_kl_at_free_nats_from_below_and_falls_as_the_positive_p
 
     def celbo(**overrides):
         torch.manual_seed(0)  # the same posterior and prior samples in every call
-        return cvrl.celbo_loss(wm, batch, cvrl.preset_args("tiny", **overrides))
+        return cvrl.celbo_loss(wm, batch, tiny(**overrides))
 
     loss, _, m = celbo(free_nats=0.0)
     kl = m["kl"]
@@ -184,7 +204,9 @@ def test_observe_imagine_and_update_have_the_documented_time_major_shapes():
     assert feats.shape == (args.horizon + 1, T * B, args.deter + args.stoch)
     assert actions.shape == (args.horizon, T * B, 2)
     metrics = agent.update(batch)
-    assert agent.nonfinite.shape == (len(cvrl.LOSS_NAMES),) and not agent.nonfinite.any()
+    # one flag per optimiser, in the order they step
+    assert flags(agent) == dict(model_loss=0.0, actor_loss=0.0, value_loss=0.0, q_loss=0.0,
+                                temperature_loss=0.0)
     for key in ("model_loss", "observation_loss", "reward_loss", "kl", "actor_loss", "value_loss",
                 "q_loss", "sac_actor_loss", "infonce_bound"):
         assert torch.isfinite(metrics[key]), key
@@ -329,7 +351,8 @@ def test_dreamer_actor_loss_leaves_the_world_model_out_and_the_actor_gradient_th
     with the world model frozen; the loss and the actor's gradient are unchanged. All losses are
     computed before any backward here, so the world model's .grad is not compared."""
     agent, batch = agent_and_batch()
-    check_behaviour_step_freezes_world_model(agent, "_dreamer_actor_loss", lambda: agent.update(batch),
+    # `cvrl_losses` (one call for every loss of an update) calls the module's dreamer_actor_loss
+    check_behaviour_step_freezes_world_model(cvrl, "dreamer_actor_loss", lambda: agent.update(batch),
                                              agent.wm, agent.actor, cvrl.frozen, grads_kept=False)
 
 
@@ -341,12 +364,11 @@ def test_a_nan_reward_skips_the_whole_update_and_names_the_loss():
     batch["reward"][2, 1] = float("nan")
     agent.update(batch)
     assert same(parameters(*modules), before) and agent.log_temperature.item() == temperature
-    flags = dict(zip(cvrl.LOSS_NAMES, agent.nonfinite.tolist()))
-    assert flags["model_loss"] and flags["q_loss"]
+    assert flags(agent)["model_loss"] and flags(agent)["q_loss"]
     batch["reward"][2, 1] = 0.0
-    agent.update(batch)  # halted (sticky, like the other scripts): a finite batch changes nothing
+    agent.update(batch)  # skipped (sticky, like the other scripts): a finite batch changes nothing
     assert same(parameters(*modules), before) and agent.log_temperature.item() == temperature
-    assert not agent.nonfinite.any() and agent.halted.item() == 1  # its own flags are clean
+    assert not any(flags(agent).values()) and agent.compute.skip.item() == 1  # its own flags are clean
 
 
 def test_bf16_keeps_kl_log_probs_values_and_scores_in_fp32():
@@ -366,7 +388,7 @@ def test_bf16_keeps_kl_log_probs_values_and_scores_in_fp32():
         assert loss.dtype == torch.float32
     metrics = agent.update(batch)
     assert all(v.dtype == torch.float32 for v in metrics.values())
-    assert not agent.nonfinite.any()
+    assert not any(flags(agent).values())
     # reward, value and Q are computed in fp32 (the output layer), not rounded to bf16 and cast
     F = wm.rssm.feat_dim
     feat = 3 * torch.randn(16, F)
@@ -397,15 +419,15 @@ def test_compiled_losses_equal_eager_ones_on_cpu(monkeypatch, compile_backend):
 
 
 def test_one_update_makes_no_host_sync():
-    args = tiny()
-    torch.manual_seed(0)
     device = sync_test_device()  # CUDA where there is one, else CPU (see without_host_sync)
-    agent = cvrl.Agent(args, 2, device)
+    agent = tiny_agent(device=device)
+    args = agent.args
     replay = cvrl.Replay(200, (3, 64, 64), 2, seed=0, device=device)
-    batch = cvrl.synthetic_batch(args, 2, torch.device("cpu"))
+    batch = random_batch(args)
     replay.add_episode(*(batch[k][:, 0].numpy() for k in ("obs", "action", "reward", "cont")))
     # the training loop's device work: sampling, the update, acting with MPC (up to its numpy action)
-    without_host_sync(lambda: agent.update(replay.sample(args.batch_size, args.batch_length, device)))
+    without_host_sync(lambda: agent.update(cvrl.to_torch(replay.sample(args.batch_size, args.batch_length),
+                                                         device)))
     state = agent.act(np.zeros((3, 64, 64), np.uint8), None, explore=True)[1]
     without_host_sync(agent.act, np.zeros((3, 64, 64), np.uint8), state, True, returns_to_host=True)
 
@@ -418,35 +440,31 @@ def test_one_update_makes_no_host_sync():
 
 
 def test_resume_refuses_flags_that_change_the_algorithm(tmp_path):
-    path = tmp_path / "checkpoint.pt"
-    torch.save({"args": vars(tiny(env="toy-reach"))}, path)
-    args = cvrl.parse_args(["--resume", str(path), "--total-steps", "5000"])
-    assert args.env == "toy-reach" and args.total_steps == 5000 and args.deter == 32
+    path = tiny_checkpoint(cvrl, tmp_path / "checkpoint.pt", env="toy-reach")
+    args, settings = cvrl.parse_args(["--resume", str(path), "--total-steps", "5000"])
+    assert args.env == "toy-reach" and settings.total_steps == 5000 and args.deter == 32
     with pytest.raises(SystemExit, match=r"--model-lr 0.001 \(checkpoint 0.0006\)"):
         cvrl.parse_args(["--resume", str(path), "--model-lr", "1e-3"])
 
 
 def test_tiny_preset_means_2000_steps_unless_told_otherwise():
-    assert cvrl.parse_args(["--preset", "tiny"]).total_steps == 2000
-    assert cvrl.parse_args(["--preset", "tiny", "--total-steps", "300"]).total_steps == 300
+    assert cvrl.parse_args(["--preset", "tiny"])[1].total_steps == 2000
+    assert cvrl.parse_args(["--preset", "tiny", "--total-steps", "300"])[1].total_steps == 300
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--env", "dcs-walkr-walk"], "did you mean 'walker'"),
     (["--env", "minigrid-empty-5x5"], "continuous (Box) action space"),
 ])
-def test_bad_cli_input_gets_a_clear_message_and_no_run_folder(tmp_path, monkeypatch, flags, message):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match=r"^error: ") as error:
-        cvrl.main(cvrl.parse_args(["--preset", "tiny", *flags]))
-    assert message in str(error.value) and not (tmp_path / "runs").exists()
+def test_bad_cli_input_gets_a_clear_message_and_no_run_folder(tmp_path, flags, message):
+    check_bad_cli_input("cvrl.py", flags, message, tmp_path)
 
 
 @pytest.mark.slow
 def test_cvrl_beats_random_on_toy_reach_center(tmp_path, monkeypatch):
     """The shared learning check (conftest.check_beats_random) with benchmark.sh smoke's flags."""
     monkeypatch.chdir(tmp_path)
-    run_dir = cvrl.main(smoke_args(cvrl, "cvrl"))
+    run_dir = cvrl.main(*smoke_args(cvrl, "cvrl"))
     check_beats_random(run_dir, benchmark.SMOKE_ENV)
 
 
@@ -498,8 +516,8 @@ def test_reward_only_objective_has_no_observation_model_or_term():
 def test_cvrl_defaults_match_paper():
     """Each value's source: the CVRL paper (Table 1, App. A-B), the authors' Yusufma03/CVRL code where
     the paper is silent, or ours."""
-    a = cvrl.parse_args([])
-    assert a.total_steps == 5_000_000 and a.action_repeat == 2  # Table 1 (authors' steps=5e6)
+    a, settings = cvrl.parse_args([])
+    assert settings.total_steps == cvrl.TOTAL_STEPS == 5_000_000 and a.action_repeat == 2  # Table 1
     assert (a.batch_size, a.batch_length, a.contrast_units) == (50, 50, 200)  # B.1, B.5
     assert (a.cnn_depth, a.deter, a.hidden, a.stoch, a.mlp_units) == (32, 200, 200, 30, 400)  # B.3, B.4, B.6
     assert (a.model_lr, a.actor_lr, a.value_lr, a.q_lr) == (6e-4, 8e-5, 8e-5, 8e-5)  # B.7
@@ -514,24 +532,26 @@ def test_cvrl_defaults_match_paper():
 
 def test_the_run_header_names_the_preset_and_the_overrides_it_applied():
     """One place for the numbers: Args defaults are the paper preset, PRESETS the overrides; the
-    header names those a flag did not replace, with their values."""
-    text = cvrl.preset_overrides(cvrl.parse_args(["--preset", "tiny", "--horizon", "3"]))
-    assert text.startswith("preset tiny: ") and "cnn_depth=4" in text and "horizon" not in text
-    assert cvrl.preset_overrides(cvrl.parse_args([])) == "preset paper: the Args defaults"
+    header names those a flag did not replace, with their values (and those it did, apart)."""
+    applied, _, replaced = cvrl.describe_presets(*cvrl.parse_args(["--preset", "tiny", "--horizon", "3"])
+                                                 ).partition("; flags replaced ")
+    assert "cnn_depth=4" in applied and "horizon" not in applied and replaced == "horizon=3 (preset 5)"
+    assert cvrl.describe_presets(*cvrl.parse_args([])).startswith("no overrides")
     assert set(cvrl.PRESETS) == {"small", "tiny"}
-    assert all(set(p) <= {f.name for f in dataclasses.fields(cvrl.Args)} for p in cvrl.PRESETS.values())
+    fields = {f.name for cls in (cvrl.Args, cvrl.RunSettings) for f in dataclasses.fields(cls)}
+    assert all(set(p) <= fields for p in cvrl.PRESETS.values())
 
 
 def test_cuda_graph_modes_keep_the_losses_and_survive_overwritten_outputs(cuda_graph_steps):
-    """--compile-mode reduce-overhead: one CUDA-graph step per update (all five losses are
-    computed before any backward) and one per MPC iteration in `act`; the metrics are copied out
-    of the step, so that the logger reads them correctly after acting with MPC (whose compiled
-    `plan_value` begins a new step). Under the conftest simulation, which turns any use of an
-    overwritten output into NaN, the losses equal the eager ones. 'max-autotune' compiles
-    without CUDA graphs."""
+    """--compile-mode reduce-overhead: one CUDA-graph step per update (all five losses come out of
+    one call, `cvrl_losses`, before any backward) and one per MPC iteration in `act`; the metrics
+    are copied out of the step, so that the logger reads them correctly after acting with MPC
+    (whose compiled `mpc_objective` begins a new step). Under the conftest simulation, which turns
+    any use of an overwritten output into NaN, the losses equal the eager ones. 'max-autotune'
+    compiles without CUDA graphs."""
     small = dict(batch_length=4, horizon=3, mpc_iterations=1)
     agent_and_batch(compile=True, compile_mode="max-autotune", **small)
-    assert cuda_graph_steps.modes == ["max-autotune-no-cudagraphs"] * 6
+    assert cuda_graph_steps.modes == ["max-autotune-no-cudagraphs"] * 2  # the losses, the MPC
     obs = np.zeros((3, 64, 64), np.uint8)
     runs = []
     for compile in (False, True):
