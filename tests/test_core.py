@@ -8,11 +8,25 @@ import torch
 
 import core
 import benchmark
-from conftest import collect_episodes, check_beats_random, check_run_then_resume, smoke_args, without_host_sync, sync_test_device, check_output_layer_in_fp32
+from conftest import (collect_episodes, check_beats_random, check_run_then_resume, smoke_args,
+                      without_host_sync, sync_test_device, check_output_layer_in_fp32, preset_flags,
+                      make_agent)
 
 
 def tiny_args(**kw):
-    return core.preset_args("tiny", **kw)
+    return preset_flags(core, "tiny", **kw)[0]
+
+
+def tiny_agent(action_dim=6, device="cpu", **kw):
+    """A `--preset tiny` agent with `kw` set (Args or RunSettings fields, e.g. compile=True)."""
+    args, settings = preset_flags(core, "tiny", **kw)
+    return make_agent(core, args, settings, action_dim, device=device)
+
+
+def critic_loss(agent, batch):
+    """J_Q of `agent` on `batch`, eager: (loss, states z, metrics)."""
+    return core.critic_loss(agent.wm, agent.critics, agent.target_critics, agent.actor, agent.log_alpha,
+                            batch, agent.args)
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +42,12 @@ def dcs_replay():
 
 def batch_from(replay, args, seed=0):
     replay.rng = np.random.default_rng(seed)
-    return core.to_device(replay.sample(args.batch_size, args.seq_len, args.crop_size), torch.device("cpu"))
+    return core.to_torch(replay.sample(args.batch_size, args.seq_len, args.crop_size), torch.device("cpu"))
 
 
 def test_every_model_and_sac_term_is_a_finite_scalar(dcs_replay):
-    args = tiny_args(gating=True)
-    agent = core.Agent(args, 6, torch.device("cpu"))
+    agent = tiny_agent(gating=True)
+    args = agent.args
     batch = batch_from(dcs_replay, args)
     assert batch["obs"].shape == (args.seq_len, args.batch_size, 3, args.crop_size, args.crop_size)
     loss, metrics = core.model_loss(agent.wm, batch, args)
@@ -44,15 +58,16 @@ def test_every_model_and_sac_term_is_a_finite_scalar(dcs_replay):
     assert x.shape == (T, B, args.embed)
     assert core.RSSM.latent(post).shape == (T, B, args.deter + args.stoch)
     assert mask.shape == (T, B, 1, args.crop_size, args.crop_size) and 0 <= mask.min() <= mask.max() <= 1
-    metrics, nonfinite = agent.update(batch)
+    metrics = agent.update(batch)
     for key in ("critic_loss", "actor_loss", "alpha_loss", "alpha", "entropy"):
         assert metrics[key].shape == () and torch.isfinite(metrics[key]), key
-    assert nonfinite.tolist() == [0.0] * len(core.LOSS_NAMES)
+    # one non-finite flag per optimiser: model, critic, actor, alpha
+    assert agent.compute.flags().tolist() == [0.0] * 4
 
 
 def test_reconstruction_objective_decodes_pixels_of_the_crop(dcs_replay):
-    args = tiny_args(objective="reconstruction")
-    agent = core.Agent(args, 6, torch.device("cpu"))
+    agent = tiny_agent(objective="reconstruction")
+    args = agent.args
     loss, metrics = core.model_loss(agent.wm, batch_from(dcs_replay, args), args)
     assert "contrastive_loss" not in metrics and torch.isfinite(metrics["reconstruction_loss"])
     z = torch.zeros(2, 3, agent.wm.rssm.state_dim)
@@ -84,8 +99,8 @@ def test_same_sequence_negatives_only_compare_within_a_sequence():
 
 
 def test_inverse_temperature_and_encoder_get_gradients_from_the_contrastive_loss(dcs_replay):
-    args = tiny_args(no_reward_loss=True, no_inverse_dynamics=True, beta=0.0)
-    agent = core.Agent(args, 6, torch.device("cpu"))
+    agent = tiny_agent(no_reward_loss=True, no_inverse_dynamics=True, beta=0.0)
+    args = agent.args
     loss, metrics = core.model_loss(agent.wm, batch_from(dcs_replay, args), args)
     loss.backward()
     assert agent.wm.inverse_temperature_raw.grad.abs() > 0
@@ -94,11 +109,9 @@ def test_inverse_temperature_and_encoder_get_gradients_from_the_contrastive_loss
 
 @pytest.mark.parametrize("no_grad", [False, True])
 def test_critic_loss_trains_the_encoder_unless_disabled(dcs_replay, no_grad):
-    args = tiny_args(no_critic_grad_to_model=no_grad)
-    agent = core.Agent(args, 6, torch.device("cpu"))
-    batch = batch_from(dcs_replay, args)
-    z = core.sac_states(agent.wm, batch, args, grad_to_model=not no_grad)
-    loss, _ = core.critic_loss(agent.critics, agent.target_critics, agent.actor, agent.log_alpha, z, batch, args)
+    agent = tiny_agent(no_critic_grad_to_model=no_grad)
+    batch = batch_from(dcs_replay, agent.args)
+    loss, _, _ = critic_loss(agent, batch)
     loss.backward()
     grads = [p.grad for p in agent.wm.encoder.parameters()]
     if no_grad:
@@ -109,13 +122,13 @@ def test_critic_loss_trains_the_encoder_unless_disabled(dcs_replay, no_grad):
 
 
 def test_actor_update_leaves_model_and_critic_parameters_untouched(dcs_replay):
-    args = tiny_args()
-    agent = core.Agent(args, 6, torch.device("cpu"))
+    agent = tiny_agent()
+    args = agent.args
     batch = batch_from(dcs_replay, args)
-    z = core.sac_states(agent.wm, batch, args, grad_to_model=True)
+    z = core.sac_states(agent.wm, batch, args)
     others = [p.detach().clone() for m in (agent.wm, agent.critics) for p in m.parameters()]
     actor_before = [p.detach().clone() for p in agent.actor.parameters()]
-    loss, _ = core.actor_loss(agent.critics, agent.actor, agent.log_alpha, z[:-1])
+    loss, _, _ = core.actor_loss(agent.critics, agent.actor, agent.log_alpha, z[:-1], agent.target_entropy)
     agent.actor_opt(loss)  # backpropagates into the actor's parameters only
     after = [p for m in (agent.wm, agent.critics) for p in m.parameters()]
     assert all(p.grad is None for p in after)
@@ -137,8 +150,8 @@ def test_sequences_share_one_crop_and_acting_uses_the_centre():
 def test_fifty_model_updates_raise_contrastive_accuracy_well_above_chance(dcs_replay):
     # Tiny sizes learn slower than the paper's, so this check uses a larger model learning rate.
     torch.manual_seed(0)
-    args = tiny_args(batch_size=8, seq_len=8, model_lr=1e-3)
-    agent = core.Agent(args, 6, torch.device("cpu"))
+    agent = tiny_agent(batch_size=8, seq_len=8, model_lr=1e-3)
+    args = agent.args
     batch = batch_from(dcs_replay, args)
     chance = 1 / ((args.seq_len - 1) * args.batch_size)  # t = 0 is left out of Eq. 1
 
@@ -155,6 +168,38 @@ def test_fifty_model_updates_raise_contrastive_accuracy_well_above_chance(dcs_re
     assert after > 2.5 * chance and after > 2 * before, (before, after, chance)
 
 
+def test_episodes_are_whole_and_each_actor_episode_earns_half_its_length_in_updates(tmp_path, monkeypatch):
+    """App. A.3: episodes of 50 agent steps; the two begun within the 60-step prefill act at
+    random and earn no updates, the third earns 0.5 x 50 = 25; it began within the 130-step
+    budget and runs to its end."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = core.main(*core.parse_args(["--env", "toy-reach-center", "--preset", "tiny", "--time-limit", "50",
+                                          "--prefill", "60", "--total-steps", "130", "--eval-every", "0",
+                                          "--save-model"]))
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert checkpoint["counters"]["env_steps"] == 150 and checkpoint["counters"]["episodes"] == 3
+    assert checkpoint["agent"]["updates"] == 25
+
+
+def test_discrete_action_spaces_are_refused_with_a_message():
+    args, settings = preset_flags(core, "tiny", env="minigrid-dynamic-obstacles-6x6")
+    with pytest.raises(SystemExit) as error:
+        make_agent(core, args, settings, 3, discrete=True)
+    assert "minigrid-dynamic-obstacles-6x6 has discrete actions; CoRe's SAC needs a Box action space" in str(error.value.code)
+
+
+def test_gating_masks_are_evaluation_images_only_with_gating():
+    """Sec. 3.5: with --gating the evaluation logs eight centre-cropped frames above their masks
+    (the appendix records frames for an agent with `eval_images`); without it there is none."""
+    assert not hasattr(tiny_agent(), "eval_images")
+    agent = tiny_agent(gating=True)
+    size, crop = agent.args.render_size, agent.args.crop_size
+    frames = [np.full((size, size, 3), i, np.uint8) for i in range(20)]
+    (name, image), = agent.eval_images(frames).items()
+    assert name == "eval/gating_mask" and image.dtype == np.uint8 and image.shape == (2 * crop, 8 * crop, 3)
+    assert np.all(image[:crop, :crop] == 0) and np.all(image[:crop, crop:2 * crop] == 2)  # frames 0, 2
+
+
 def test_cli_runs_end_to_end_on_dcs_writes_logs_and_checkpoint_and_resumes(tmp_path):
     flags = ["--env", "dcs-walker-walk", "--distraction", "medium", "--preset", "tiny",
              "--eval-every", "400", "--log-every", "200"]
@@ -165,7 +210,7 @@ def test_cli_runs_end_to_end_on_dcs_writes_logs_and_checkpoint_and_resumes(tmp_p
 def test_core_beats_random_on_toy_reach_center(tmp_path, monkeypatch):
     """About 8 minutes on 2 CPU cores (criterion: conftest.check_beats_random)."""
     monkeypatch.chdir(tmp_path)
-    run_dir = core.main(smoke_args(core, "core"))
+    run_dir = core.main(*smoke_args(core, "core"))
     check_beats_random(run_dir, benchmark.SMOKE_ENV)
 
 
@@ -210,11 +255,10 @@ def test_compiled_losses_equal_eager_on_cpu_and_compile_once(dcs_replay, compile
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        agent = core.Agent(core.preset_args("tiny", seq_len=4, batch_size=2, compile=compiled), 6,
-                           torch.device("cpu"))
+        agent = tiny_agent(seq_len=4, batch_size=2, compile=compiled)
         torch.manual_seed(1)
         with torch._inductor.config.patch(fallback_random=True):
-            metrics, _ = agent.update(batch)
+            metrics = agent.update(batch)
             if compiled:
                 with torch._dynamo.config.patch(error_on_recompile=True):
                     agent.update(batch)
@@ -228,8 +272,8 @@ def test_target_critics_are_polyak_averages_outside_autograd(dcs_replay):
     """Q' <- (1 - tau) Q' + tau Q after each update, in place and without autograd history
     (a history would chain every update to the last and keep growing)."""
     torch.manual_seed(0)
-    args = tiny_args()
-    agent = core.Agent(args, 6, torch.device("cpu"))
+    agent = tiny_agent()
+    args = agent.args
     with torch.no_grad():
         for p in agent.target_critics.parameters():
             p.add_(0.1)
@@ -241,8 +285,8 @@ def test_target_critics_are_polyak_averages_outside_autograd(dcs_replay):
 
 
 def test_bf16_keeps_critic_values_scores_log_probs_and_kl_in_fp32(dcs_replay):
-    args = tiny_args(precision="bf16")
-    agent = core.Agent(args, 6, torch.device("cpu"))
+    agent = tiny_agent(precision="bf16")
+    args = agent.args
     z, a = torch.randn(5, agent.wm.rssm.state_dim), torch.rand(5, 6) * 2 - 1
     x, y = torch.randn(7, args.embed), torch.randn(7, args.embed)
     lam = agent.wm.inverse_temperature
@@ -256,8 +300,9 @@ def test_bf16_keeps_critic_values_scores_log_probs_and_kl_in_fp32(dcs_replay):
     torch.testing.assert_close(scores, lam * x @ y.T)  # the fp32 product, not a bf16 one
     assert log_prob.dtype == torch.float32
     batch = batch_from(dcs_replay, args)
-    loss, metrics = agent.model_losses(batch)
-    q_loss, q_metrics, _ = agent.critic_losses(batch)
+    loss, metrics = agent.model_loss(agent.wm, batch, args)  # as the update computes it: bf16
+    q_loss, _, q_metrics = agent.critic_loss(agent.wm, agent.critics, agent.target_critics, agent.actor,
+                                             agent.log_alpha, batch, args)
     for key, value in {**metrics, **q_metrics}.items():  # KL, Q, targets and every loss
         assert value.dtype == torch.float32, key
     # Q and reward are computed in fp32 (the output layer), not rounded to bf16 and cast
@@ -299,7 +344,7 @@ def test_bf16_plain_gru_carries_its_state_in_fp32(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_nan_reward_stops_the_run_with_a_checkpoint_from_before_the_bad_update(tmp_path, monkeypatch, capsys):
+def test_nan_reward_stops_the_run_with_a_checkpoint_from_before_the_bad_update(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sample, update = core.Replay.sample, core.Agent.update
     calls, before = {"n": 0}, {}
@@ -319,12 +364,14 @@ def test_nan_reward_stops_the_run_with_a_checkpoint_from_before_the_bad_update(t
 
     monkeypatch.setattr(core.Replay, "sample", bad_sample)
     monkeypatch.setattr(core.Agent, "update", spying_update)
-    args = core.parse_args(["--env", "toy-reach-center", "--preset", "tiny", "--total-steps", "600"])
+    flags = core.parse_args(["--env", "toy-reach-center", "--preset", "tiny", "--total-steps", "600"])
     with pytest.raises(SystemExit) as exit_info:
-        core.main(args)
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert "error: non-finite model_loss at update 3 (env step 400); checkpoint from before it:" in err
+        core.main(*flags)
+    # SystemExit with a message: Python prints it to stderr and exits with status 1
+    message = exit_info.value.code
+    # the NaN reward enters J_M (reward prediction) and J_Q (the TD target)
+    assert message.startswith("error: non-finite model_loss, critic_loss at update 3 (env step 400); "
+                              "checkpoint from before it:")
     (run_dir,) = (tmp_path / "runs").iterdir()
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["agent"]
     after = {f"{m}.{k}": v for m in ("wm", "actor", "critics", "target_critics") for k, v in saved[m].items()}
@@ -358,20 +405,23 @@ def test_core_defaults_match_paper():
     assert a.critic_model_lr == 1e-3  # include_model_params_in_critic: Theta in the critic's Adam (lr_critic)
     assert a.critic_model_clip == 0.0  # max_grad_norm_critic clips the critic's parameters only
     assert a.kl_first_step is False  # loss_fwd_dynamics skips t = 0
-    assert a.total_steps == 500_000 and core.preset_args("tiny").total_steps == 2000
+    assert a.eval_split == "val"  # paper Sec. 3: scores on the validation videos
+    assert core.TOTAL_STEPS == core.RunSettings().total_steps == 500_000
+    assert preset_flags(core, "tiny")[1].total_steps == 2000
 
 
 def test_update_never_synchronises_with_the_host(dcs_replay):
-    args = tiny_args()
     device = sync_test_device()  # CUDA where there is one, else CPU (see without_host_sync)
-    agent = core.Agent(args, 6, device)
-    replay = core.Replay(1000, dcs_replay.obs.shape[1:], 6, seed=0, device=device)
+    agent = tiny_agent(device=device)
+    args = agent.args
+    shape = dcs_replay.shapes["obs"]
+    replay = core.Replay(1000, shape, 6, seed=0, device=device)
     n = dcs_replay.size
-    replay.add_episode(*(getattr(dcs_replay, k)[:n].cpu().numpy() for k in ("obs", "action", "reward", "cont")))
+    replay.add_episode(*(dcs_replay.data[k][:n].cpu().numpy() for k in ("obs", "action", "reward", "cont")))
     # the training loop's device work: sampling, the update, acting (up to its numpy action)
-    without_host_sync(lambda: agent.update(core.to_device(replay.sample(args.batch_size, args.seq_len,
-                                                                        args.crop_size), device)))
-    obs = np.zeros(dcs_replay.obs.shape[1:], np.uint8)
+    without_host_sync(lambda: agent.update(core.to_torch(replay.sample(args.batch_size, args.seq_len,
+                                                                       args.crop_size), device)))
+    obs = np.zeros(shape, np.uint8)
     state = agent.act(obs, None, explore=True)[1]
     without_host_sync(agent.act, obs, state, True, returns_to_host=True)
 
@@ -382,7 +432,7 @@ def test_cuda_graph_modes_keep_the_losses_and_survive_overwritten_outputs(cuda_g
     update), so the losses equal the eager ones under the conftest simulation, which turns any use
     of an overwritten output into NaN. 'max-autotune' compiles without CUDA graphs."""
     kw = dict(seq_len=4, batch_size=2)
-    core.Agent(tiny_args(compile=True, compile_mode="max-autotune", **kw), 6, torch.device("cpu"))
+    tiny_agent(compile=True, compile_mode="max-autotune", **kw)
     assert cuda_graph_steps.modes == ["max-autotune-no-cudagraphs"] * 3
     args = tiny_args(**kw)
     replay = core.Replay(100, (3, args.render_size, args.render_size), 6, seed=0)
@@ -393,12 +443,11 @@ def test_cuda_graph_modes_keep_the_losses_and_survive_overwritten_outputs(cuda_g
     batch, runs = batch_from(replay, args), []
     for compile in (False, True):
         torch.manual_seed(0)
-        agent = core.Agent(tiny_args(compile=compile, compile_mode="reduce-overhead", **kw), 6,
-                           torch.device("cpu"))
+        agent = tiny_agent(compile=compile, compile_mode="reduce-overhead", **kw)
         runs.append([])
         for seed in (1, 2):
             torch.manual_seed(seed)
-            runs[-1].append(agent.update(batch)[0])
+            runs[-1].append(agent.update(batch))
     assert cuda_graph_steps.marks == 6
     for want, got in zip(*runs):  # the first update's metrics are read after the second update
         for key in ("model_loss", "contrastive_loss", "kl_loss", "critic_loss", "actor_loss", "alpha_loss"):
