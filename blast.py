@@ -144,8 +144,7 @@ class Args:
 
 TOTAL_STEPS = 2_000_000  # paper App. A.2 (DMC steps 1e6 agent steps, action repeat 2): env steps
 
-# Every setting other than the paper's: values that replace the defaults (flags you set win; the
-# run header prints what was applied). Reasons and measurements: docs/blast.md, "Presets".
+# Every setting other than the paper's (flags you set win); why and what it measured: docs/blast.md.
 PRESETS = {
     # paper App. A.2 "Gym-MiniGrid" column (stoch 16: A.2's, the authors' grid_exps.yaml runs 8;
     # total_steps: A.2 steps 5e4 at action repeat 1), then authors' configs.yaml (minigrid-repeat,

@@ -150,8 +150,7 @@ class Args:
 
 TOTAL_STEPS = 500_000  # paper Sec. 3: results at 500K env steps (--total-steps)
 
-# Every setting other than the paper's: values that replace the defaults (flags you set win; the
-# run header prints what was applied). Reasons and measurements: docs/core.md, "Presets".
+# Every setting other than the paper's (flags you set win); why and what it measured: docs/core.md.
 PRESETS = {
     # ours: the same algorithm sized for a 2-core CPU, 100K env steps of dmc-cartpole-swingup:
     "small": dict(

@@ -138,8 +138,7 @@ class Args:
 
 TOTAL_STEPS = 5_000_000  # paper Table 1, authors' code steps 5e6 (env steps, after action repeat)
 
-# Every setting other than the paper's: values that replace the defaults (flags you set win; the
-# run header prints what was applied). Reasons and measurements: docs/cvrl.md, "Presets".
+# Every setting other than the paper's (flags you set win); why and what it measured: docs/cvrl.md.
 PRESETS = {
     # ours: the same algorithm sized for a 2-core CPU, 100K env steps of dmc-cartpole-swingup:
     "small": dict(

@@ -130,8 +130,7 @@ class Args:
 
 TOTAL_STEPS = 500_000  # paper Table I and Fig. 3: 500K env steps (--total-steps)
 
-# Every setting other than the paper's: values that replace the defaults (flags you set win; the
-# run header prints what was applied). Reasons and measurements: docs/dreamingv2.md, "Presets".
+# Every setting other than the paper's (flags you set win); why and what it measured: docs/dreamingv2.md.
 PRESETS = {
     # ours: the same algorithm sized for a 2-core CPU, 100K env steps of dmc-cartpole-swingup:
     "small": dict(
