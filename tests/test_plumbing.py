@@ -162,3 +162,31 @@ def test_no_reference_points_outside_the_repository():
     offenders = [str(path.relative_to(ROOT)) for path in files
                  if "../shared" in path.read_text(errors="ignore") and path.name != "test_plumbing.py"]
     assert not offenders, f"these files point at ../shared, which a clone does not have: {offenders}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_global_name_the_script_uses_is_defined_or_imported(script):
+    """The appendix is copied between scripts whose import blocks differ: a name it uses that a
+    script does not import fails only when that code path runs (a NameError in --measure-updates).
+    Every global the code looks up must be defined at module level, imported, or a builtin."""
+    import builtins
+    import dis
+
+    text = source(script)
+    tree = ast.parse(text)
+    defined = set(dir(builtins)) | {"__file__", "__name__", "__doc__", "__annotations__"}
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    code, used, stack = compile(text, f"{script}.py", "exec"), set(), []
+    stack.append(code)
+    while stack:
+        c = stack.pop()
+        used |= {i.argval for i in dis.get_instructions(c) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+        stack += [k for k in c.co_consts if hasattr(k, "co_code")]
+    assert not used - defined, f"{script}.py uses undefined globals: {sorted(used - defined)}"
