@@ -453,6 +453,21 @@ def centre_crop(obs: np.ndarray, crop: int) -> np.ndarray:
     return obs[..., off:off + crop, off:off + crop]
 
 
+def random_crop(batch: dict, rng: np.random.Generator, crop: int) -> dict:
+    """App. A.3: one random crop position for a whole sequence, obs (T, B, 3, S, S) -> (T, B, 3,
+    crop, crop), drawn from `rng` (the replay's, right after it drew the sequences)."""
+    obs = batch["obs"]
+    T, B, C, S = *obs.shape[:3], obs.shape[-1]
+    offsets = to_device_async(rng.integers(0, S - crop + 1, size=(2, B)), obs.device)  # (y, x)
+    span = torch.arange(crop, device=obs.device)
+    rows = (offsets[0][:, None] + span)[None, :, None, :, None]  # (1, B, 1, crop, 1)
+    cols = (offsets[1][:, None] + span)[None, :, None, None, :]  # (1, B, 1, 1, crop)
+    at = (torch.arange(T, device=obs.device)[:, None, None, None, None],
+          torch.arange(B, device=obs.device)[None, :, None, None, None],
+          torch.arange(C, device=obs.device)[None, None, :, None, None])
+    return dict(batch, obs=obs[at[0], at[1], at[2], rows, cols])
+
+
 def contrastive_scores(x: torch.Tensor, y: torch.Tensor, inverse_temperature: torch.Tensor) -> torch.Tensor:
     """lambda x_i^T y_j for all pairs (N, N), in fp32 also under --precision bf16 (the logits
     reach tens; bf16 would resolve them to ~0.25)."""
@@ -632,11 +647,12 @@ class Agent:
         self.actor_loss = compute.loss(actor_loss)
         if args.gating:  # the evaluation then also logs what the gating CNN lets through
             self.eval_images = self.gating_masks
-        self.updates = 0
+        self.crop_rng, self.updates = np.random.default_rng(args.seed), 0  # main: the replay's
 
     def update(self, batch: dict) -> dict:
         """One gradient step of Algorithm 1 on one mini-batch: J_M, then J_Q on the updated Theta,
         then J_pi and the temperature, then the target critics (Polyak averaging, Table 2)."""
+        batch = random_crop(batch, self.crop_rng, self.args.crop_size)  # App. A.3
         loss, metrics = self.model_loss(self.wm, batch, self.args)  # J_M (Sec. 2.2)
         metrics |= self.model_opt(loss)
         q_loss, z, q_metrics = self.critic_loss(self.wm, self.critics, self.target_critics, self.actor,
@@ -744,8 +760,9 @@ def main(args: Args, settings: RunSettings):
     slots = replay_slots(args.replay_capacity, settings.total_steps, action_repeat(args),
                          max(args.seq_len, episode_slots(env)))
     replay = Replay(slots, env.observation_space.shape, agent.action_dim, args.seed, compute.replay_device)
+    agent.crop_rng = replay.rng  # crops drawn right after their sequences, saved with the replay
     run = Run(args, settings, compute, agent, replay, env, eval_env,
-              batch=(args.batch_size, args.seq_len, args.crop_size), updates_per_step=args.updates_per_step)
+              batch=(args.batch_size, args.seq_len), updates_per_step=args.updates_per_step)
     if settings.evaluate or settings.measure_updates:  # no training: score a checkpoint, time updates
         return run.evaluate_checkpoint() if settings.evaluate else run.measure_speed()
 
@@ -1488,24 +1505,12 @@ class Replay:
         extra = np.minimum(np.maximum(u - len(starts), 0) // length, len(self._ends) - 1)
         return np.where(u < len(starts), starts[np.minimum(u, len(starts) - 1)], self._ends[extra])
 
-    def sample(self, batch: int, length: int, crop: int = 0) -> dict:
-        """Time-major tensors on the replay's device: obs (T, B, 3, H, W) uint8 (H = W = crop with
-        `crop`: one random crop for a whole sequence), action (T, B, A), reward, cont, is_first."""
+    def sample(self, batch: int, length: int) -> dict:
+        """Time-major tensors on the replay's device: obs (T, B, 3, H, W) uint8, action (T, B, A),
+        reward, cont, is_first (T, B); one gather, the start slots sent as one small copy."""
         starts = self.draw_starts(batch, length)
-        idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # (T, B)
-        if not crop:
-            index = to_device_async(idx, self.device)
-            return {key: value[index] for key, value in self.data.items()}
-        oy, ox = self.rng.integers(0, self.shapes["obs"][-1] - crop + 1, size=(2, batch))
-        # one small host -> device copy: slots (T*B), then the crop offsets (B each)
-        index = to_device_async(np.concatenate([idx.ravel(), oy, ox]), self.device)
-        slots, oy, ox = index[:length * batch].view(length, batch), index[-2 * batch:-batch], index[-batch:]
-        span = torch.arange(crop, device=self.device)
-        rows = (oy[:, None] + span)[None, :, None, :, None]  # (1, B, 1, crop, 1)
-        cols = (ox[:, None] + span)[None, :, None, None, :]  # (1, B, 1, 1, crop)
-        channels = torch.arange(self.shapes["obs"][0], device=self.device)[None, None, :, None, None]
-        obs = self.data["obs"][slots[:, :, None, None, None], channels, rows, cols]  # (T, B, C, crop, crop)
-        return dict({key: value[slots] for key, value in self.data.items() if key != "obs"}, obs=obs)
+        index = to_device_async((starts[None, :] + np.arange(length)[:, None]) % self.capacity, self.device)
+        return {key: value[index] for key, value in self.data.items()}
 
     def state_dict(self) -> dict:
         keep = slice(0, self.size)  # a copy of the filled part (a view saves the whole storage)

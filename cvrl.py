@@ -1507,24 +1507,12 @@ class Replay:
         extra = np.minimum(np.maximum(u - len(starts), 0) // length, len(self._ends) - 1)
         return np.where(u < len(starts), starts[np.minimum(u, len(starts) - 1)], self._ends[extra])
 
-    def sample(self, batch: int, length: int, crop: int = 0) -> dict:
-        """Time-major tensors on the replay's device: obs (T, B, 3, H, W) uint8 (H = W = crop with
-        `crop`: one random crop for a whole sequence), action (T, B, A), reward, cont, is_first."""
+    def sample(self, batch: int, length: int) -> dict:
+        """Time-major tensors on the replay's device: obs (T, B, 3, H, W) uint8, action (T, B, A),
+        reward, cont, is_first (T, B); one gather, the start slots sent as one small copy."""
         starts = self.draw_starts(batch, length)
-        idx = (starts[None, :] + np.arange(length)[:, None]) % self.capacity  # (T, B)
-        if not crop:
-            index = to_device_async(idx, self.device)
-            return {key: value[index] for key, value in self.data.items()}
-        oy, ox = self.rng.integers(0, self.shapes["obs"][-1] - crop + 1, size=(2, batch))
-        # one small host -> device copy: slots (T*B), then the crop offsets (B each)
-        index = to_device_async(np.concatenate([idx.ravel(), oy, ox]), self.device)
-        slots, oy, ox = index[:length * batch].view(length, batch), index[-2 * batch:-batch], index[-batch:]
-        span = torch.arange(crop, device=self.device)
-        rows = (oy[:, None] + span)[None, :, None, :, None]  # (1, B, 1, crop, 1)
-        cols = (ox[:, None] + span)[None, :, None, None, :]  # (1, B, 1, 1, crop)
-        channels = torch.arange(self.shapes["obs"][0], device=self.device)[None, None, :, None, None]
-        obs = self.data["obs"][slots[:, :, None, None, None], channels, rows, cols]  # (T, B, C, crop, crop)
-        return dict({key: value[slots] for key, value in self.data.items() if key != "obs"}, obs=obs)
+        index = to_device_async((starts[None, :] + np.arange(length)[:, None]) % self.capacity, self.device)
+        return {key: value[index] for key, value in self.data.items()}
 
     def state_dict(self) -> dict:
         keep = slice(0, self.size)  # a copy of the filled part (a view saves the whole storage)

@@ -415,7 +415,7 @@ def make_agent(module, args, settings, action_dim: int = 1, discrete: bool = Fal
     return module.Agent(args, action_space(action_dim, discrete), module.Compute(settings, args.seed))
 
 
-def synthetic_batch(module, agent, length: int, batch: int, obs_shape=(3, 64, 64), seed=0, crop=0):
+def synthetic_batch(module, agent, length: int, batch: int, obs_shape=(3, 64, 64), seed=0):
     """A replayed batch of one random episode (random pixels, actions, rewards), on the CPU."""
     import torch
 
@@ -425,7 +425,7 @@ def synthetic_batch(module, agent, length: int, batch: int, obs_shape=(3, 64, 64
     actions = rng.uniform(-1, 1, (n, agent.action_dim)).astype(np.float32)
     replay.add_episode(rng.integers(0, 255, (n, *obs_shape), dtype=np.uint8), actions,
                        rng.random(n).astype(np.float32), np.ones(n, np.float32))
-    return module.to_torch(replay.sample(batch, length, crop), torch.device("cpu"))
+    return module.to_torch(replay.sample(batch, length), torch.device("cpu"))
 
 
 def tiny_checkpoint(module, path, env="toy-reach-center", seed=3, action_dim=2, **overrides):

@@ -42,7 +42,8 @@ def dcs_replay():
 
 def batch_from(replay, args, seed=0):
     replay.rng = np.random.default_rng(seed)
-    return core.to_torch(replay.sample(args.batch_size, args.seq_len, args.crop_size), torch.device("cpu"))
+    batch = core.to_torch(replay.sample(args.batch_size, args.seq_len), torch.device("cpu"))
+    return core.random_crop(batch, replay.rng, args.crop_size)
 
 
 def test_every_model_and_sac_term_is_a_finite_scalar(dcs_replay):
@@ -140,7 +141,7 @@ def test_sequences_share_one_crop_and_acting_uses_the_centre():
     replay = core.Replay(50, (1, 6, 6), 1, seed=0)
     obs = np.arange(36, dtype=np.uint8).reshape(1, 1, 6, 6).repeat(20, 0)  # same image every step
     replay.add_episode(obs, np.zeros((20, 1)), np.zeros(20), np.ones(20))
-    batch = replay.sample(64, 5, crop=4)
+    batch = core.random_crop(replay.sample(64, 5), replay.rng, 4)
     crops = batch["obs"][:, :, 0].numpy()  # (T, B, 4, 4)
     assert np.all(crops == crops[:1])  # one crop position per sequence
     assert len({c.tobytes() for c in crops[0]}) > 1  # but different across sequences
@@ -419,8 +420,8 @@ def test_update_never_synchronises_with_the_host(dcs_replay):
     n = dcs_replay.size
     replay.add_episode(*(dcs_replay.data[k][:n].cpu().numpy() for k in ("obs", "action", "reward", "cont")))
     # the training loop's device work: sampling, the update, acting (up to its numpy action)
-    without_host_sync(lambda: agent.update(core.to_torch(replay.sample(args.batch_size, args.seq_len,
-                                                                       args.crop_size), device)))
+    without_host_sync(lambda: agent.update(core.to_torch(replay.sample(args.batch_size, args.seq_len),
+                                                         device)))
     obs = np.zeros(shape, np.uint8)
     state = agent.act(obs, None, explore=True)[1]
     without_host_sync(agent.act, obs, state, True, returns_to_host=True)
