@@ -938,7 +938,8 @@ class Run:
         name = f"{self.args.env}__{self.settings.exp_name}__{self.args.seed}__{int(time.time())}"
         self.dir = Path(resume).parent if resume else new_run_dir(name)
         self.logger = Logger(self.dir, self.args, self.settings, self.env_steps if resume else None)
-        self.stop = StopFlag()
+        self.signum, self.handlers = None, {s: signal.signal(s, self.on_signal) for s in (
+            signal.SIGINT, signal.SIGTERM)}  # Ctrl-C, SIGTERM: noted, acted on after the step
         self.progress = Progress(self.settings, self.args.preset, self.counters, self.updates_per_step)
         replay, ratio = self.replay, self.updates_per_step * math.prod(self.batch[:2])
         print(f"run {self.dir} | device {self.compute.device} | {self.agent.num_parameters() / 1e6:.1f}M "
@@ -987,7 +988,7 @@ class Run:
             self.last_return = self.episode_return
             self.logger.log(self.env_steps, {"charts/episodic_return": self.episode_return,
                                              "charts/episodic_length": length})
-        if self.stop.signum is not None:
+        if self.signum is not None:
             self.interrupted()
         self.acted = time.perf_counter()
         return terminated or truncated
@@ -1021,7 +1022,7 @@ class Run:
             else:
                 self.progress.update_time += time.perf_counter() - start
                 self.progress.updates += 1
-            if self.stop.signum is not None:
+            if self.signum is not None:
                 self.interrupted()
             if self.counters["updates_due"]:  # inside a burst (pretraining): a line every 30 s
                 self.progress.maybe_print(self.counters, "train", self.last_return, self.agent.updates,
@@ -1052,7 +1053,7 @@ class Run:
         seeds = [episode_seed(self.args.seed, "eval", c["eval_rounds"] * 10_000 + j)
                  for j in range(self.settings.eval_episodes)]
         returns, frames = evaluate(self.agent, self.eval_env, seeds, self.settings.capture_video or images,
-                                   self.stop)
+                                   self)
         if returns is None:
             self.interrupted()
         self.logger.log(step, {"eval/episodic_return": float(np.mean(returns))}, videos=envs.video_source(
@@ -1076,8 +1077,12 @@ class Run:
         self.close()
         return self.dir
 
+    def on_signal(self, signum, frame):
+        self.signum = self.signum or signum  # the first; a second one (while saving) is ignored
+
     def close(self):
-        self.stop.restore()
+        for sig, handler in self.handlers.items():  # the caller's handlers back
+            signal.signal(sig, handler)
         self.logger.close()
         self.env.close()
         self.eval_env.close()
@@ -1112,7 +1117,7 @@ class Run:
         print(f"interrupted at step {self.env_steps}; resume with: python "
               f"{os.path.basename(__file__)} --resume {self.dir / 'checkpoint.pt'}", flush=True)
         self.close()
-        sys.exit(128 + self.stop.signum)
+        sys.exit(128 + self.signum)
 
     def check_finite(self, keep: int = 0):
         """Read the flags of all updates but the newest `keep`; stop at a non-finite one (its steps
@@ -1269,7 +1274,7 @@ def env_action(action: np.ndarray, space):
 
 def evaluate(agent: Agent, env, seeds: list, record: bool = False, stop=None):
     """The return of one episode per seed with deterministic actions, and the first one's frames
-    if `record`; (None, frames) if `stop` (a StopFlag) catches a signal before they are done."""
+    if `record`; (None, frames) if `stop` (the run) caught a signal before they are done."""
     returns, frames = [], []
     for ep, seed in enumerate(seeds):
         (obs, _), state, total, done = env.reset(seed=seed), None, 0.0, False
@@ -1688,23 +1693,6 @@ def preset_hint(preset: str, eta: float | None):
 
 
 preset_hint.shown = False
-
-
-class StopFlag:
-    """Records the first SIGINT/SIGTERM (the run checks `signum` after each step and update, exits
-    128 + signum); `restore()` puts the previous handlers back."""
-
-    def __init__(self):
-        self.signum = None
-        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def __call__(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def atomic_save(state: dict, path: Path):
