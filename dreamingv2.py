@@ -840,6 +840,7 @@ class Flags:
     run: RunSettings
 
 
+SCRIPTS = ("dreamerv2.py", "core.py", "cvrl.py", "dreamingv2.py", "blast.py")  # this repository's
 # Args fields --evaluate may set apart from the checkpoint's: where and how the agent is scored.
 EVALUATION_FLAGS = {"env", "distraction", "dynamic", "video_dir", "eval_split", "eval_action", "seed"}
 # Numbers that must be positive wherever a script has them; every other number must be >= 0.
@@ -865,10 +866,18 @@ def parse_args(argv=None) -> tuple[Args, RunSettings]:
         values = {k: v for entry in presets(asked.args).values() for k, v in entry.items()}
         flags = _cli(argv, split_flags(values, Flags(Args(), RunSettings())))
     else:
-        checkpoint = load_checkpoint(path)
+        checkpoint, script = load_checkpoint(path), os.path.basename(__file__)
         saved = {**checkpoint.get("settings", {}), **checkpoint["args"]}  # older ones: all in args
+        other = checkpoint.get("script") or f"{saved.get('exp_name')}.py"  # older: the default name
+        if other != script and (other in SCRIPTS or not set(saved) & set(Args.__dataclass_fields__)):
+            raise SystemExit(f"error: {path} is a checkpoint of {other}, not {script}: give it to the "
+                             "script that wrote it")
         run = RunSettings() if asked.run.evaluate else split_flags(saved, Flags(Args(), RunSettings())).run
-        flags = _cli(argv, split_flags(saved, Flags(Args(), run)))
+        try:
+            flags = _cli(argv, split_flags(saved, Flags(Args(), run)))
+        except (TypeError, ValueError) as error:  # a flag of the checkpoint this script cannot take
+            raise SystemExit(f"error: {path}: its flags do not fit {script} ({error}); is it a "
+                             "checkpoint of another script?") from None
         free = EVALUATION_FLAGS if asked.run.evaluate else set()
         changed = [f"--{k.replace('_', '-')} {v} (checkpoint {saved[k]})" for k, v in
                    vars(flags.args).items() if k in saved and k not in free and saved[k] != v]
@@ -1007,6 +1016,9 @@ class Run:
     def store_episode(self) -> int:
         """The running episode into the replay (ended, or truncated by an interrupt); its length."""
         episode, self.episode = self.episode, None
+        if len(episode["obs"]) > self.replay.capacity:
+            raise SystemExit(f"error: an episode of {len(episode['obs'])} agent steps does not fit a "
+                             f"replay of {self.replay.capacity}; give --replay-capacity at least that")
         self.replay.add_episode(*(np.asarray(episode[k]) for k in ("obs", "action", "reward", "cont")))
         self.counters["episodes"] += 1
         return len(episode["reward"]) - 1
@@ -1109,6 +1121,7 @@ class Run:
         try:
             atomic_save(dict(agent=self.agent.state_dict(), counters=dict(self.counters), rng=rng,
                              args=vars(self.args), settings=vars(self.settings), saved_by=saved_by,
+                             script=os.path.basename(__file__),
                              spaces=dict(obs=tuple(space.shape), action=self.agent.action_dim)), path)
             if with_replay and self.settings.checkpoint_replay:
                 atomic_save(dict(replay=self.replay.state_dict(), env_steps=self.env_steps),

@@ -220,7 +220,7 @@ def make(env_id: str, *, distraction: str = "none", dynamic: bool = True, seed: 
     if family != "registered" and distraction not in levels:
         takes = [f for f, lv in FAMILY_LEVELS.items() if distraction in lv]
         hint = (f"; {distraction!r} is for {', '.join(f + '-*' for f in takes)} envs" if takes
-                else _suggest(distraction, levels))
+                else _suggest(distraction, levels) if isinstance(distraction, str) else "")
         form = "gym:<id>" if family == "gym" else f"{family}-*"
         raise ValueError(f"unknown distraction {distraction!r} for {env_id!r}{hint}; "
                          f"{form} takes: {', '.join(levels)}")

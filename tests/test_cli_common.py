@@ -775,3 +775,34 @@ def test_args_and_run_settings_share_no_flag_and_every_flag_of_before_is_still_t
             "capture_video", "replay_device", "checkpoint_replay", "exp_name"} <= run
     assert {"env", "distraction", "dynamic", "video_dir", "eval_split", "seed", "action_repeat",
             "preset"} <= args
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_checkpoint_of_another_script_is_refused_in_one_line(script, tmp_path):
+    """--resume or --evaluate of another script's checkpoint (also one written before checkpoints
+    named their script, by its default --exp-name) ends with one line naming both scripts."""
+    other = next(s for s in SCRIPTS if s != script)
+    path = tiny_checkpoint(module(other), tmp_path / "checkpoint.pt")
+    saved = torch.load(path, weights_only=False)
+    for written in ({**saved, "script": f"{other}.py"}, saved):  # saved: settings' exp_name only
+        torch.save(written, path)
+        for flag in ("--resume", "--evaluate"):
+            with pytest.raises(SystemExit) as error:
+                module(script).parse_args([flag, str(path)])
+            assert str(error.value.code) == (f"error: {path} is a checkpoint of {other}.py, not "
+                                             f"{script}.py: give it to the script that wrote it")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_replay_too_small_for_an_episode_ends_in_one_line(script, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    m = module(script)
+    if "replay_capacity" not in m.Args.__dataclass_fields__:
+        pytest.fail(f"{script}.py has no --replay-capacity")
+    try:  # CoRe sizes its replay to hold one whole episode whatever the flag says: it runs
+        run_dir = in_process(m, *TINY, "--total-steps", "120", "--replay-capacity", "5")
+    except SystemExit as error:
+        assert re.fullmatch(r"error: an episode of \d+ agent steps does not fit a replay of \d+; "
+                            r"give --replay-capacity at least that", str(error.value.code)), error
+    else:
+        assert script == "core" and any("eval/episodic_return" in r for r in read_metrics(run_dir))
