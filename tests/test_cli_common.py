@@ -803,6 +803,6 @@ def test_a_replay_too_small_for_an_episode_ends_in_one_line(script, tmp_path, mo
         run_dir = in_process(m, *TINY, "--total-steps", "120", "--replay-capacity", "5")
     except SystemExit as error:
         assert re.fullmatch(r"error: an episode of \d+ agent steps does not fit a replay of \d+; "
-                            r"give --replay-capacity at least that", str(error.value.code)), error
+                            r"give --replay-capacity at least that", str(error.code)), error
     else:
         assert script == "core" and any("eval/episodic_return" in r for r in read_metrics(run_dir))
