@@ -14,7 +14,7 @@ paper's cumulative ablation ladder (Sec. 3.3, Fig. 3 and 4) is `--ladder`, one P
   dreamerv2  DreamerV2 (Eq. 2.3): image + reward log losses + KL balanced 0.8 / 0.2;
   no-recon   - the image loss (`--probe-decoder`: a decoder on stop-gradient features, Fig. 8);
   sg         + KL balance 1: KL(sg(q(z|h,x)) || p(z|h)), no gradient into the posterior (2.3.1);
-  ema        + target encoder xi <- tau xi + (1 - tau) theta (Sec. 3.3), whose posteriors (through
+  ema        + target encoder xi <- tau xi + (1 - tau) theta (Sec. 2.3.1), whose posteriors (through
              the online posterior layer) are the KL targets (Eq. 2.4) and start imagination;
   bn         + BatchNorm in every encoder conv and in the posterior's layer (2.3.3);
   ar         + autoregressive prior over `ar_steps` chunks of categoricals (2.3.2): BLAST.
@@ -26,8 +26,10 @@ Paper map (equation -> where it is implemented), in the order of this file:
 - World-model loss (Eq. 2.4): beta_r reward log loss + beta_KL KL(sg(q_xi) || p_theta), the KL
   targets q_xi from `bootstrapped_posteriors` (Sec. 2.3.1-2.3.2). `world_model_loss`, `kl_balance`.
 - xi <- tau xi + (1 - tau) theta (Sec. 2.3.1) after the world-model step: `Agent.update`.
-- Behaviour learning is DreamerV2's (its Eqs. 4-6), from the target posteriors: `imagine`,
-  `lambda_return`, `behaviour_losses`; acting on the target encoder's posteriors: `Agent.act`.
+- Behaviour learning is DreamerV2's, from the target posteriors (dreamerv2.py's docstring): the
+  lambda-return V_t = r_t + gamma ((1 - lambda) v(z_{t+1}) + lambda V_{t+1}) (its Eq. 4), the critic
+  (v(z_t) - sg(V_t))^2 / 2 against a slow copy (Eq. 5), the actor's -V_{t+1} - eta H[pi] by dynamics
+  backpropagation (Eq. 6): `imagine`, `lambda_return`, `behaviour_losses`; acting: `Agent.act`.
 - The training step (world model, then actor and critic, one optimiser each): `Agent.update`;
   the data it is called on (prefill, pretrain, an update every 5 agent steps): `main`.
 
@@ -771,7 +773,7 @@ class Agent:
             metrics |= self.model_opt(model_loss)
         for target, online in self.wm.ema_pairs():  # Sec. 2.3.1: xi <- tau xi + (1 - tau) theta
             self.compute.update_target(target, online, fraction=1 - self.args.target_ema)
-        self.wm.eval()  # imagination: no BatchNorm statistics of imagined states
+        self.wm.eval()  # BatchNorm on running statistics outside the world-model step
         with frozen(self.wm):  # the actor's gradient flows through the model; no model weight learns
             actor_loss, critic_loss, behaviour = self.behaviour_losses(self.wm, self.ac, post,
                                                                        self.args, self.discrete)

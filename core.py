@@ -439,8 +439,9 @@ class Critics(nn.Module):
 #   a_{t-1}   the action that led to o_t (zeros at an episode's first slot),
 #   r_t       the reward received with o_t, i.e. for a_{t-1} (0 at an episode's first slot),
 #   cont_t    0 if the episode terminated at o_t, else 1.
-# We write r_{t+1} for the reward that follows a_t (Sutton and Barto); the paper writes it r_t
-# (Eq. 3, J_M). So for a transition (z_t, a_t, r_{t+1}, z_{t+1}) SAC reads a_t and r_{t+1} from
+# We write r_{t+1} for the reward that follows a_t (Sutton and Barto; the paper's Sec. 2 too, its
+# Eq. 3 writes r_t). J_M's reward head r(z_t) predicts slot t's reward, the one received with o_t,
+# as in ml-core. For a transition (z_t, a_t, r_{t+1}, z_{t+1}) SAC reads a_t and r_{t+1} from
 # slot t+1 and the states from slots t and t+1 ([:-1] and [1:]). States from `RSSM.observe` are
 # indexed like the slots: post[t] = z_t = [h_t, s_t] (has seen o_0 .. o_t), prior[t] = z^_t (has
 # seen o_0 .. o_{t-1} and a_{t-1}); y_t = g(z^_t) predicts x_t = f(o_t). There is no imagination:
@@ -478,9 +479,9 @@ def contrastive_scores(x: torch.Tensor, y: torch.Tensor, inverse_temperature: to
 def contrastive_loss(x: torch.Tensor, y: torch.Tensor, inverse_temperature: torch.Tensor,
                      same_sequence: torch.Tensor | None = None):
     """Eq. 1 over N (sequence, time) pairs: x, y (N, D). Scores lambda x_i^T y_j; the positive of
-    row i is column i. Softmax over observations and over predictions, averaged; each term is a
-    mean over pairs (the paper writes sums: a constant factor), so uninformative scores give
-    log N. `same_sequence` (N, N) bool restricts negatives to the same sequence (Fig. 3).
+    row i is column i. Softmax over observations and over predictions, averaged (0.5 (l + l^T):
+    ml-core's, so L_c weighs half of the paper's sum of the two against beta L_KL); each term a
+    mean over pairs (the paper writes sums: a constant factor): uninformative scores give log N. `same_sequence` (N, N) bool restricts negatives to the same sequence (Fig. 3).
     Returns (loss, top-1 accuracy of the positive among its row)."""
     scores = contrastive_scores(x, y, inverse_temperature)
     if same_sequence is not None:
@@ -532,9 +533,9 @@ def model_loss(wm: WorldModel, batch: dict, args: Args):
         target = batch["obs"].float() / 255.0
         l_c = 0.5 * ((wm.pixel_decoder(z).float() - target) ** 2).sum((-3, -2, -1)).mean()
         metrics["reconstruction_loss"] = l_c
-    # Eq. 2 from t = 1 on: the prior at t = 0 comes from the zero initial state and a zero
-    # action, not from anything in the sequence, so pulling the first posterior towards it
-    # would only teach q to ignore o_0. ml-core leaves t = 0 out ("prior is uninformative").
+    # Eq. 2 from t = 1 on: the prior at t = 0 comes from the zero initial state (and a_{-1}),
+    # not from anything the sequence has shown, so pulling the first posterior towards it would
+    # only teach q to ignore o_0. ml-core leaves t = 0 out ("prior is uninformative").
     first = 0 if args.kl_first_step else 1
     l_kl = kl_loss({k: v[first:] for k, v in post.items()}, {k: v[first:] for k, v in prior.items()},
                    args.free_nats)  # q(z_t) against p(z^_t), t = first .. T-1
@@ -583,10 +584,10 @@ def critic_loss(wm: WorldModel, critics: Critics, target_critics: Critics, actor
         next_action = dist.rsample()
         target_q = torch.min(*target_critics(next_z, next_action))
         v_target = target_q - log_alpha.exp() * dist.log_prob(next_action)  # Eq. 4
-        y = reward + args.gamma * cont * v_target
+        td_target = reward + args.gamma * cont * v_target
     q1, q2 = critics(z[:-1], action)  # Q_i(z_t, a_t), t = 0 .. T-2
-    loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
-    return loss, z, dict(critic_loss=loss.detach(), q=q1.mean().detach(), target_q=y.mean())
+    loss = F.mse_loss(q1, td_target) + F.mse_loss(q2, td_target)
+    return loss, z, dict(critic_loss=loss.detach(), q=q1.mean().detach(), target_q=td_target.mean())
 
 
 def actor_loss(critics: Critics, actor: Actor, log_alpha, z: torch.Tensor, target_entropy: float):
