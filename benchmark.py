@@ -1459,6 +1459,7 @@ def cpu_report(runs: dict, results: Path, budget: float | None = None) -> dict:
         "random_prefill": {c: dict(stat(p["returns"]), seeds=p["seeds"],
                                    env_steps=p["env_steps"]) for c, p in prefill.items()},
         **numbers}), indent=1) + "\n")
+    (results / "cpu" / "headline.md").write_text(headline_table(numbers["distraction"]))
     levels = {c: random[c] for c in CPU_TASKS if c in random}
     shown = complete_runs(runs, budgets)
     plot_curves(shown, results / "cpu" / "curves.png", "cpu", None, levels)
@@ -1466,6 +1467,28 @@ def cpu_report(runs: dict, results: Path, budget: float | None = None) -> dict:
     print(text)
     print(f"wrote {results / 'cpu' / 'summary.md'}, summary.json, curves.png and distraction.png")
     return {"rows": numbers["all"], "numbers": numbers, "text": text}
+
+
+def headline_table(distraction: dict) -> str:
+    """The README's results table (results/cpu/headline.md): per agent, the mean of the last three
+    evaluations on the clean task and with video backgrounds, mean +- SE over seeds (n), and the
+    fraction of its clean return it keeps."""
+    def number(v) -> bool:
+        return v is not None and math.isfinite(v)
+
+    def cell(x: dict, digits: int = 0) -> str:
+        if not x or not number(x.get("mean")):
+            return "-"
+        se = f" ± {x['se']:.{digits}f}" if number(x.get("se")) else ""
+        return f"{x['mean']:.{digits}f}{se} ({x['n']})"
+
+    rows = ["| agent | clean | video backgrounds | kept of clean |", "|---|---|---|---|"]
+    for algo in sorted(distraction, key=lambda a: (a != "dreamerv2", a)):  # the baseline first
+        last = distraction[algo]["last_three"]
+        name = f"{algo} (reconstruction)" if algo == "dreamerv2" else algo
+        rows.append(f"| {name} | {cell(last['clean'])} | {cell(last['background'])} | "
+                    f"{cell(last['kept'], 2)} |")
+    return "\n".join(rows) + "\n"
 
 
 def random_policy_notes(random: dict, columns: list[str]) -> list[str]:

@@ -939,3 +939,22 @@ def test_transfer_evaluates_a_finished_run_on_both_toy_tasks_then_skips_them(tmp
     # a rerun finds both evaluations done and starts nothing
     assert benchmark.main(argv) == 0
     assert sorted(folder.glob("runs/*__eval__*/evaluation.json")) == made
+
+
+def test_the_headline_table_gives_each_agent_clean_background_and_the_fraction_kept():
+    stat = lambda mean, se, n: dict(mean=mean, se=se, n=n)  # noqa: E731
+    table = benchmark.headline_table({
+        "core": {"last_three": dict(clean=stat(250.0, 10.0, 5), background=stat(200.0, 20.0, 3),
+                                    kept=stat(0.8, 0.09, 3))},
+        "dreamerv2": {"last_three": dict(clean=stat(230.0, 8.0, 5), background=stat(float("nan"),
+                                         float("nan"), 0), kept=stat(None, None, 0))}})
+    lines = table.splitlines()
+    assert lines[2] == "| dreamerv2 (reconstruction) | 230 ± 8 (5) | - | - |"  # the baseline first
+    assert lines[3] == "| core | 250 ± 10 (5) | 200 ± 20 (3) | 0.80 ± 0.09 (3) |"
+
+
+def test_the_readme_shows_the_cpu_table_that_report_cpu_wrote():
+    """README's results table is results/cpu/headline.md as `./benchmark.sh report cpu` writes it
+    from the committed runs: a regenerated table that the README does not show fails here."""
+    headline = (benchmark.ROOT / "results" / "cpu" / "headline.md").read_text()
+    assert headline in (benchmark.ROOT / "README.md").read_text()
