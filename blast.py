@@ -32,6 +32,7 @@ Paper map (equation -> where it is implemented), in the order of this file:
   backpropagation (Eq. 6): `imagine`, `lambda_return`, `behaviour_losses`; acting: `Agent.act`.
 - The training step (world model, then actor and critic, one optimiser each): `Agent.update`;
   the data it is called on (prefill, pretrain, an update every 5 agent steps): `main`.
+"Eq. 2.x" and "Sec." are BLAST's; the bare "Eq. 4-6" are DreamerV2's (arXiv:2010.02193).
 
 The method runs from here to the APPENDIX banner; below it, the same text in all five scripts:
 run settings, the run object, the compute object (device, precision, speed), the replay.
@@ -636,6 +637,7 @@ def world_model_loss(wm: WorldModel, batch: dict, args: Args):
     post, kl_target = bootstrapped_posteriors(wm, batch, args)
     # Sec. 2.3.2: the prior is teacher-forced on the KL targets' samples, chunk by chunk, in one
     # batched pass over all T * B steps after the filtering loop.
+    # Eq. 2.4's shared h_t holds on rows n..B-1; rows 0..n-1 read the online-rolled h_t instead.
     prior_logits, _ = wm.rssm.prior(post["deter"], kl_target["stoch"].detach())
     # With a target encoder the targets are sg(q_xi) (Eq. 2.4): their h_t still carries gradient.
     target_logits = kl_target["logits"].detach() if wm.target_encoder is not None else kl_target["logits"]
@@ -766,6 +768,7 @@ class Agent:
         target encoder (Sec. 2.3.1), then DreamerV2's behaviour learning in imagination from the
         target posteriors (its Eqs. 4-6)."""
         self.wm.train()  # BatchNorm: batch statistics (online and target), running statistics move
+        # post: the target posteriors kl_target (the authors' start of imagination), not Eq. 2.4's
         model_loss, probe_loss, post, metrics = self.world_model_loss(self.wm, batch, self.args)
         if self.probe:  # Fig. 8: the probe's own optimiser, one backward pass with the model's loss
             metrics |= optimise((self.model_opt, model_loss), (self.probe_opt, probe_loss))

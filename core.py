@@ -4,7 +4,7 @@ Paper: N. Srivastava, W. Talbott, M. Bertran Lopez, S. Zhai, J. M. Susskind, "Ro
 Control from Pixels using Contrastive Recurrent State-Space Models", NeurIPS Deep RL Workshop
 2021, arXiv:2112.01163. Authors' code: apple/ml-core (`train.py`, `world_model.py`,
 `configs/dcs/core.yaml`). "Table 1-3" below are the appendix's architecture, hyper-parameter and
-action-repeat tables.
+action-repeat tables; "main Table 2-3" and "Fig." are the paper's (variants, results).
 
 The idea. A recurrent state-space model is trained without reconstructing pixels: the *prior*
 latent state (the model's prediction before it sees the observation) is decoded to a vector y_t
@@ -122,8 +122,8 @@ class Args:
     alpha_r: float = 1.0  # paper Table 2: reward prediction weight
     alpha_a: float = 1.0  # paper Table 2: inverse dynamics weight
     free_nats: float = 0.0  # paper Eq. 2: none (authors' code: 1.0, a clamp of the per-step KL)
-    kl_first_step: bool = False  # authors' code (world_model.py): L_KL leaves t = 0 out
-    objective: Literal["contrastive", "reconstruction"] = "contrastive"  # paper Table 3: "Recon"
+    kl_first_step: bool = False  # False: L_KL from t = 1, as world_model.py (Eq. 2 reads z_{t-1})
+    objective: Literal["contrastive", "reconstruction"] = "contrastive"  # main Table 2-3: "Recon"
     negatives: Literal["batch", "same-sequence"] = "batch"  # paper Fig. 3: negatives' source
     predict_from: Literal["prior", "posterior"] = "prior"  # paper Sec. 2.2, App. C.3: y_t = g(z^_t)
     no_inverse_dynamics: bool = False  # paper App. C.1: ablation (Sec. 2.2 keeps the loss)
@@ -481,8 +481,9 @@ def contrastive_loss(x: torch.Tensor, y: torch.Tensor, inverse_temperature: torc
     """Eq. 1 over N (sequence, time) pairs: x, y (N, D). Scores lambda x_i^T y_j; the positive of
     row i is column i. Softmax over observations and over predictions, averaged (0.5 (l + l^T):
     ml-core's, so L_c weighs half of the paper's sum of the two against beta L_KL); each term a
-    mean over pairs (the paper writes sums: a constant factor): uninformative scores give log N. `same_sequence` (N, N) bool restricts negatives to the same sequence (Fig. 3).
-    Returns (loss, top-1 accuracy of the positive among its row)."""
+    mean over pairs (the paper writes sums: a constant factor): uninformative scores give log N.
+    `same_sequence` (N, N) bool restricts negatives to the same sequence (Fig. 3). Returns (loss,
+    top-1 accuracy of the positive among its row)."""
     scores = contrastive_scores(x, y, inverse_temperature)
     if same_sequence is not None:
         scores = scores.masked_fill(~same_sequence, float("-inf"))
