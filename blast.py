@@ -934,7 +934,8 @@ class Flags:
 SCRIPTS = ("dreamerv2.py", "core.py", "cvrl.py", "dreamingv2.py", "blast.py")  # this repository's
 # Args fields --evaluate may set apart from the checkpoint's: where and how the agent is scored.
 EVALUATION_FLAGS = {"env", "distraction", "dynamic", "video_dir", "eval_split", "eval_action", "seed"}
-# Numbers that must be positive wherever a script has them; every other number must be >= 0.
+# Numbers that must be positive wherever a script has them (and every learning rate, *_lr: AdamW's
+# weight decay is divided by it); every other number must be >= 0.
 POSITIVE = {"total_steps", "eval_episodes", "log_every", "batch_size", "batch_length", "seq_len",
             "horizon", "train_every", "updates_per_step", "replay_capacity", "deter", "hidden",
             "stoch", "classes", "mlp_units", "cnn_depth", "cnn_filters", "embed", "crop_size",
@@ -953,6 +954,9 @@ def parse_args(argv=None) -> tuple[Args, RunSettings]:
     if asked.run.resume and asked.run.evaluate:
         raise SystemExit("error: --resume continues training and --evaluate scores a checkpoint; "
                          "give one of them")
+    if asked.run.evaluate and asked.run.track:
+        raise SystemExit("error: --track mirrors a training run; --evaluate writes evaluation.json and "
+                         "TensorBoard only: drop --track")
     if path is None:
         values = {k: v for entry in presets(asked.args).values() for k, v in entry.items()}
         flags = _cli(argv, split_flags(values, Flags(Args(), RunSettings())))
@@ -982,8 +986,9 @@ def parse_args(argv=None) -> tuple[Args, RunSettings]:
                 flag = f"error: --{name.replace('_', '-')} {value}: must"
                 if not math.isfinite(value):
                     raise SystemExit(f"{flag} be a finite number")
-                if value <= 0 and name in POSITIVE or value < 0:
-                    raise SystemExit(f"{flag} {'be positive' if name in POSITIVE else 'not be negative'}")
+                positive = name in POSITIVE or name.endswith("_lr")
+                if value <= 0 and positive or value < 0:
+                    raise SystemExit(f"{flag} {'be positive' if positive else 'not be negative'}")
     if flags.run.track and importlib.util.find_spec("wandb") is None:
         raise SystemExit("error: --track needs the wandb package: pip install wandb (or drop --track)")
     return flags.args, flags.run
@@ -1284,9 +1289,10 @@ class Run:
         writer.close()
         self.env.close()
         env.close()
-        print(f"return {mean:.1f}{f' +- {se:.1f}' if se is not None else ''} (mean +- standard error "
-              f"over {n} episodes) on {a.env} {a.distraction} ({a.eval_split} videos); written to "
-              f"{where}", flush=True)
+        videos = envs.video_source(a.env, a.distraction, a.video_dir) != "none"
+        print(f"return {mean:.1f}" + (f" +- {se:.1f} (mean +- standard error over {n} episodes)" if n > 1
+              else " (one episode: no standard error)") + f" on {a.env} {a.distraction}"
+              f"{f' ({a.eval_split} videos)' if videos else ''}; written to {where}", flush=True)
         return report
 
     def measure_speed(self) -> dict:

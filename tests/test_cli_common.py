@@ -288,7 +288,10 @@ def test_episode_seeds_of_neighbouring_run_seeds_never_overlap(script):
     (["--batch-size", "0"], "--batch-size 0: must be positive"),
     (["--eval-every", "-1"], "--eval-every -1: must not be negative"),
     (["--log-every", "0"], "--log-every 0: must be positive"),
+    (["--model-lr", "0"], "--model-lr 0.0: must be positive"),  # not AdamW's weight_decay / 0
+    (["--actor-lr", "-0.001"], "--actor-lr -0.001: must be positive"),
     (["--resume", "a.pt", "--evaluate", "b.pt"], "give one of them"),
+    (["--evaluate", "b.pt", "--track"], "drop --track"),
 ])
 def test_bad_input_ends_with_a_message_and_no_run_folder(script, flags, message, tmp_path):
     """Issue 41 item 5: numbers are checked before anything is built or written, one line each."""
@@ -544,6 +547,9 @@ def test_evaluate_scores_a_checkpoint_on_another_setting_and_changes_nothing_of_
     (where,) = [p for p in (tmp_path / "runs").iterdir() if "__eval__" in p.name]
     assert json.loads((where / "evaluation.json").read_text()) == report
     assert (where / "video.mp4").stat().st_size > 0 and list(where.glob("events.out.tfevents.*"))
+    assert "videos)" not in out.splitlines()[-1]  # toy-reach-center shows no video
+    in_process(m, "--evaluate", str(run_dir / "checkpoint.pt"), "--eval-episodes", "1")
+    assert "(one episode: no standard error)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
