@@ -1113,6 +1113,17 @@ def compare_fractions(agent: dict, reference: dict) -> str | None:
     return "larger" if diff > 2 * se else "smaller" if diff < -2 * se else "cannot tell"
 
 
+def seeds_to_tell(agent: dict, reference: dict) -> int | None:
+    """Seeds per column at which the observed difference of two fractions would exceed two SE of
+    the difference, the per-seed spread taken as measured (SD^2 = SE^2 x n): the smallest n with
+    |diff| > 2 sqrt((SD_a^2 + SD_r^2) / n). None where a spread or the difference is unknown or 0."""
+    spread = agent["se"] ** 2 * agent["n"] + reference["se"] ** 2 * reference["n"]
+    diff = agent["mean"] - reference["mean"]
+    if not (np.isfinite(spread) and np.isfinite(diff) and diff != 0):
+        return None
+    return math.floor(4 * spread / diff ** 2) + 1
+
+
 def fmt_fraction(f: dict) -> str:
     if not f["n"]:
         return "-"
@@ -1256,8 +1267,11 @@ def distraction_section(cells: dict, budgets: dict, random: dict) -> tuple[list[
                     continue
                 diff = mine["mean"] - theirs["mean"]
                 se = math.hypot(mine["se"], theirs["se"])
-                verdicts.append(f"{name} {verdict} (difference {diff:+.2f}"
-                                + (f" ± {se:.2f})" if np.isfinite(se) else ", no SE)"))
+                seeds = seeds_to_tell(mine, theirs)
+                verdicts.append(f"{name} {verdict} (difference {diff:+.2f}" + (
+                    f" ± {se:.2f}" if np.isfinite(se) else ", no SE: one seed on a column") + (
+                    f"; at this spread a difference this large needs about {seeds} seeds per "
+                    "column" if verdict == "cannot tell" and seeds else "") + ")")
             text += (" Against DreamerV2's fraction: " + "; ".join(verdicts) + "." if verdicts
                      else " DreamerV2's fraction is not known yet (no finished runs on both "
                           "columns), so there is nothing to compare it with.")
@@ -1278,7 +1292,7 @@ def distraction_verdict(numbers: dict) -> str:
     kinds = {frozenset({"larger"}): "larger by both measures",
              frozenset({"smaller"}): "smaller by both measures",
              frozenset({"cannot tell"}): "cannot tell by either measure (differences within "
-                                         "two SE)",
+                                         "two SE, or no SE yet)",
              frozenset({"larger", "cannot tell"}): "larger by one measure, cannot tell by the "
                                                    "other",
              frozenset({"smaller", "cannot tell"}): "smaller by one measure, cannot tell by the "

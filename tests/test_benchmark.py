@@ -524,6 +524,14 @@ def test_background_runs_give_the_fraction_of_the_clean_return_kept(tmp_path):
     assert "- **core**: " in text and "Against DreamerV2's fraction: at 100,000 larger" in text
     (blast,) = [line for line in text.splitlines() if line.startswith("- **blast**")]
     assert "at 100,000 cannot tell" in blast and "last three cannot tell" in blast
+    # why not: the seeds per column at which blast's difference would pass the two-SE rule
+    distraction = summary["numbers"]["distraction"]
+    mine, theirs = (distraction[a]["last_three"]["kept"] for a in ("blast", "dreamerv2"))
+    spread = mine["se"] ** 2 * 3 + theirs["se"] ** 2 * 3
+    seeds = int(4 * spread / (mine["mean"] - theirs["mean"]) ** 2) + 1
+    assert seeds > 3 and f"needs about {seeds} seeds per column" in blast.split("last three")[-1]
+    assert 2 * np.sqrt(spread / seeds) < abs(mine["mean"] - theirs["mean"]) < 2 * np.sqrt(
+        spread / (seeds - 1))
     (dreamer,) = [line for line in text.splitlines() if line.startswith("- **dreamerv2**")]
     assert "above the random policy by more than two SE: no" in dreamer
     assert "Only core, by more than two SE by both measures." in text
