@@ -860,12 +860,9 @@ def parse_args(argv=None) -> tuple[Args, RunSettings]:
     argv = list(sys.argv[1:] if argv is None else argv)
     asked = _cli(argv, Flags(Args(), RunSettings()))
     path = asked.run.resume or asked.run.evaluate
-    if asked.run.resume and asked.run.evaluate:
-        raise SystemExit("error: --resume continues training and --evaluate scores a checkpoint; "
-                         "give one of them")
-    if asked.run.evaluate and asked.run.track:
-        raise SystemExit("error: --track mirrors a training run; --evaluate writes evaluation.json and "
-                         "TensorBoard only: drop --track")
+    if asked.run.evaluate and (asked.run.resume or asked.run.track):  # both belong to training runs
+        raise SystemExit("error: --evaluate scores a checkpoint without training: drop "
+                         f"--{'resume' if asked.run.resume else 'track'}")
     if path is None:
         values = {k: v for entry in presets(asked.args).values() for k, v in entry.items()}
         flags = _cli(argv, split_flags(values, Flags(Args(), RunSettings())))
@@ -1713,16 +1710,13 @@ def format_eta(seconds: float | None) -> str:
 def preset_hint(preset: str, eta: float | None):
     """Once per process, when a CPU run at the paper's sizes would take many hours: which preset
     finishes in about an hour, and what it trades."""
-    if (eta is not None and eta > 6 * 3600 and preset == "paper" and not preset_hint.shown
-            and not torch.cuda.is_available()):
+    if (eta is not None and eta > 6 * 3600 and preset == "paper"
+            and not getattr(preset_hint, "shown", False) and not torch.cuda.is_available()):
         preset_hint.shown = True
         print(f"note: at the paper's sizes this CPU needs about {format_eta(eta)}; --preset small "
               "(the same algorithm with smaller networks and batches, fewer updates per step and "
               "PlaNet's action repeat) trains 100K steps of dmc-cartpole-swingup in under an hour "
               "on 2 cores", flush=True)
-
-
-preset_hint.shown = False
 
 
 def atomic_save(state: dict, path: Path):
@@ -1821,10 +1815,9 @@ def replay_device(settings: RunSettings, device: torch.device) -> torch.device:
 
 def configure_torch(settings: RunSettings, device: torch.device):
     """Determinism; on CUDA, TF32 (fp32 matmuls on tensor cores, ~1e-3 relative precision)."""
+    torch.backends.cudnn.deterministic = settings.torch_deterministic
     if device.type == "cuda":  # once: CUDA events, synchronize() and tensors made on "cuda" then
         torch.cuda.set_device(device)  # all mean --device's GPU (cuda:1 too), not cuda:0
-    torch.backends.cudnn.deterministic = settings.torch_deterministic
-    if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -290,7 +290,7 @@ def test_episode_seeds_of_neighbouring_run_seeds_never_overlap(script):
     (["--log-every", "0"], "--log-every 0: must be positive"),
     (["--model-lr", "0"], "--model-lr 0.0: must be positive"),  # not AdamW's weight_decay / 0
     (["--actor-lr", "-0.001"], "--actor-lr -0.001: must be positive"),
-    (["--resume", "a.pt", "--evaluate", "b.pt"], "give one of them"),
+    (["--resume", "a.pt", "--evaluate", "b.pt"], "without training: drop --resume"),
     (["--evaluate", "b.pt", "--track"], "drop --track"),
 ])
 def test_bad_input_ends_with_a_message_and_no_run_folder(script, flags, message, tmp_path):
@@ -595,7 +595,7 @@ def test_track_without_wandb_installed_is_one_line(script, monkeypatch):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_cpu_run_of_many_hours_names_the_small_preset_once(script, capsys, monkeypatch):
     m = module(script)
-    monkeypatch.setattr(m.preset_hint, "shown", False)
+    monkeypatch.setattr(m.preset_hint, "shown", False, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     m.preset_hint("small", 100 * 3600)  # already the CPU preset: nothing to say
     m.preset_hint("paper", 3600)  # an hour: nothing to say
