@@ -1101,6 +1101,23 @@ def fraction_kept(background: dict, clean: dict) -> dict:
     return dict(mean=b["mean"] / c["mean"], se=se, n=min(b["n"], c["n"]))
 
 
+def margin_kept(background: dict, clean: dict, random: dict | None) -> dict:
+    """(background - random) / (clean - random): the share of its margin over the random policy
+    that an agent keeps. Near the random floor background / clean counts the floor (a policy at
+    the random level keeps random / clean, ~0.5 here); this does not. SE by first-order error
+    propagation over the three independent estimates, random in both terms:
+    d/db = 1 / (c - r), d/dc = -(b - r) / (c - r)^2, d/dr = (b - c) / (c - r)^2."""
+    b, c = background, clean
+    if not (random and b["n"] and c["n"] and np.isfinite(b["mean"]) and np.isfinite(c["mean"])
+            and c["mean"] > random["mean"]):
+        return dict(mean=float("nan"), se=float("nan"), n=0)
+    r = random["mean"]
+    gap = c["mean"] - r
+    se = math.sqrt((b["se"] / gap) ** 2 + ((b["mean"] - r) * c["se"] / gap ** 2) ** 2
+                   + ((b["mean"] - c["mean"]) * random["se"] / gap ** 2) ** 2)
+    return dict(mean=(b["mean"] - r) / gap, se=se, n=min(b["n"], c["n"]))
+
+
 def compare_fractions(agent: dict, reference: dict) -> str | None:
     """`larger` / `smaller` where the two fractions differ by more than two standard errors of the
     difference, `cannot tell` where they do not (or an SE is unknown), None without both."""
@@ -1206,18 +1223,24 @@ def distraction_section(cells: dict, budgets: dict, random: dict) -> tuple[list[
     a larger fraction than DreamerV2 (the two-SE rule on the difference of the fractions)."""
     clean_b, back_b = (budgets.get(c) or CPU_TASKS[c][2] for c in (CPU_CLEAN, CPU_BACKGROUND))
     lines = ["## Clean against video backgrounds", "",
-             f"`{CPU_BACKGROUND}` changes only the background (Distracting Control Suite videos, "
-             "dynamic; no camera or colour change) of the clean task `"
+             f"`{CPU_BACKGROUND}` changes only the background (the Distracting Control Suite's "
+             "background-video distraction, dynamic, with the videos named at the top of this "
+             "page; no camera or colour change) of the clean task `"
              f"{CPU_CLEAN}`: does the miniature show the reconstruction-free agents ("
              f"{', '.join(RECONSTRUCTION_FREE)}) keeping more of their clean return under video "
              "backgrounds than DreamerV2 at its paper loss weights? Kept = background / clean "
              "(the means over seeds); its standard error by first-order error propagation, "
              "SE^2 = (SE_background / clean)^2 + (background x SE_clean / clean^2)^2, the two "
              "columns' runs being independent (the same seed number is not a paired run). "
-             "Fractions are compared by the two-SE rule on their difference. Curves: "
-             "[`distraction.png`](distraction.png).", ""]
+             "Fractions are compared by the two-SE rule on their difference. *Margin kept* = "
+             "(background - random) / (clean - random), the share of its lead over the random "
+             "policy an agent keeps: near the random floor background / clean mostly counts the "
+             "floor (an agent at the random level keeps random / clean, about 0.5 here), this "
+             "does not (0 at the random level; SE by first-order propagation with the random "
+             "policy's SE in both terms). Curves: [`distraction.png`](distraction.png).", ""]
     head = ["method", f"clean at {clean_b:,.0f}", f"background at {back_b:,.0f}", "kept",
             "clean, last three", "background, last three", "kept, last three",
+            "margin kept (at the budget / last three)",
             "background above random (at the budget / last three)"]
     lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     numbers: dict = {}
@@ -1229,12 +1252,16 @@ def distraction_section(cells: dict, budgets: dict, random: dict) -> tuple[list[
         back = cell_stats(per_column[CPU_BACKGROUND]) if CPU_BACKGROUND in per_column else empty
         numbers[algo] = {k: dict(clean=clean[k], background=dict(
             back[k], above_random=above_random(back[k], random.get(CPU_BACKGROUND))),
-            kept=fraction_kept(back[k], clean[k])) for k in ("final", "last_three")}
+            kept=fraction_kept(back[k], clean[k]),
+            margin_kept=margin_kept(back[k], clean[k], random.get(CPU_BACKGROUND)))
+            for k in ("final", "last_three")}
         numbers[algo]["background_unfinished"] = [seed_label(k) for k in back["unfinished"]]
         n = numbers[algo]
         lines.append(f"| {algo} | {fmt_stat(clean['final'])} | {fmt_stat(back['final'])} | "
                      f"{fmt_fraction(n['final']['kept'])} | {fmt_stat(clean['last_three'])} | "
                      f"{fmt_stat(back['last_three'])} | {fmt_fraction(n['last_three']['kept'])} | "
+                     f"{fmt_fraction(n['final']['margin_kept'])} / "
+                     f"{fmt_fraction(n['last_three']['margin_kept'])} | "
                      f"{mark(n['final']['background']['above_random'])} / "
                      f"{mark(n['last_three']['background']['above_random'])} |")
     lines.append("")
@@ -1255,7 +1282,10 @@ def distraction_section(cells: dict, budgets: dict, random: dict) -> tuple[list[
         if n["final"]["kept"]["n"]:
             text += (f" It keeps {fmt_fraction(n['final']['kept'])} of its clean return at "
                      f"{back_b:,.0f} and {fmt_fraction(n['last_three']['kept'])} over the last "
-                     "three.")
+                     "three" + (f"; of its margin over the random policy "
+                                f"{fmt_fraction(n['final']['margin_kept'])} and "
+                                f"{fmt_fraction(n['last_three']['margin_kept'])}"
+                                if n["last_three"]["margin_kept"]["n"] else "") + ".")
         if algo in RECONSTRUCTION_FREE:
             verdicts = []
             for k, name in (("final", f"at {back_b:,.0f}"), ("last_three", "last three")):
@@ -1436,7 +1466,9 @@ def cpu_report(runs: dict, results: Path, budget: float | None = None) -> dict:
              "- *updates*: gradient updates a run made; *min / run*: wall-clock minutes per "
              "finished run (first to last metrics record, without the silences of a run paused "
              "or stopped and resumed later; two runs shared the machine's two cores, one thread "
-             "each).", ""]
+             "each). Runs were made on machines of different speeds and loads, so a mean over "
+             "them is a rough cost, not a timing: `results/cpu/README.md` gives the machines.",
+             ""]
     videos = suite_videos(results, "cpu")
     if videos:
         lines += [f"Background videos: {videos}.", ""]
@@ -1460,6 +1492,7 @@ def cpu_report(runs: dict, results: Path, budget: float | None = None) -> dict:
     distraction, numbers["distraction"] = distraction_section(cells, budgets, random)
     lines += distraction
     lines += random_policy_notes(random, [c for c in CPU_TASKS if c in columns or c in random])
+    lines += random_levels_agreement(numbers["all"], random, prefill)
     text = "\n".join(lines) + "\n"
     (results / "cpu" / "summary.md").write_text(text)
     (results / "cpu" / "summary.json").write_text(json.dumps(json_safe({
@@ -1485,8 +1518,8 @@ def cpu_report(runs: dict, results: Path, budget: float | None = None) -> dict:
 
 def headline_table(distraction: dict) -> str:
     """The README's results table (results/cpu/headline.md): per agent, the mean of the last three
-    evaluations on the clean task and with video backgrounds, mean +- SE over seeds (n), and the
-    fraction of its clean return it keeps."""
+    evaluations on the clean task and with video backgrounds, mean +- SE over seeds (n), the
+    fraction of its clean return it keeps and of its margin over the random policy."""
     def number(v) -> bool:
         return v is not None and math.isfinite(v)
 
@@ -1496,12 +1529,13 @@ def headline_table(distraction: dict) -> str:
         se = f" ± {x['se']:.{digits}f}" if number(x.get("se")) else ""
         return f"{x['mean']:.{digits}f}{se} ({x['n']})"
 
-    rows = ["| agent | clean | video backgrounds | kept of clean |", "|---|---|---|---|"]
+    rows = ["| agent | clean | video backgrounds | kept of clean | kept of the margin over "
+            "random |", "|---|---|---|---|---|"]
     for algo in sorted(distraction, key=lambda a: (a != "dreamerv2", a)):  # the baseline first
         last = distraction[algo]["last_three"]
         name = f"{algo} (reconstruction)" if algo == "dreamerv2" else algo
         rows.append(f"| {name} | {cell(last['clean'])} | {cell(last['background'])} | "
-                    f"{cell(last['kept'], 2)} |")
+                    f"{cell(last['kept'], 2)} | {cell(last.get('margin_kept'), 2)} |")
     return "\n".join(rows) + "\n"
 
 
@@ -1525,7 +1559,11 @@ def random_policy_notes(random: dict, columns: list[str]) -> list[str]:
         lines.append("")
         for c in measured:
             r = random[c]
-            lines.append(f"- `{c}`: {r['mean']:.1f} ± {r['se']:.1f} (SD {r['sd']:.1f}, "
+            lengths = sorted({int(n) for n in r.get("lengths", [])})
+            span = (f", episodes of {'-'.join(map(str, lengths[::max(len(lengths) - 1, 1)]))} "
+                    f"agent steps at action repeat {r.get('action_repeat', '?')}"
+                    if lengths else "")
+            lines.append(f"- `{c}`: {r['mean']:.1f} ± {r['se']:.1f} (SD {r['sd']:.1f}{span}, "
                          f"{r['n']} episodes: run seeds {', '.join(map(str, r['seeds']))}, "
                          f"rounds {', '.join(str(k) for k in r['rounds'])} (0-based), "
                          f"{r['episodes_per_round']} episodes each).")
@@ -1551,6 +1589,37 @@ def random_policy_notes(random: dict, columns: list[str]) -> list[str]:
               "They are training episodes (the training stream's seeds and videos): a second "
               "estimate of the random level, not used by the two-SE rule.", ""]
     return lines
+
+
+def random_levels_agreement(numbers: dict, random: dict, prefill: dict) -> list[str]:
+    """Per column, the two estimates of the random level side by side (the measured one against
+    the runs' prefill episodes: their difference and its SE) and the `above random` verdicts of
+    the all-seeds tables that the prefill level would turn (the page's rule keeps the measured
+    level)."""
+    lines = []
+    for column, per_algo in numbers.items():
+        if column not in random or not prefill.get(column, {}).get("returns"):
+            continue
+        measured, runs = random[column], stat(prefill[column]["returns"])
+        if runs["n"] < 2:
+            continue
+        diff, se = runs["mean"] - measured["mean"], math.hypot(runs["se"], measured["se"])
+        turned = [f"{algo} {name} ({mark(s[k]['above_random'])} -> {mark(other)})"
+                  for algo, s in per_algo.items()
+                  for k, name in (("final", "at the budget"), ("last_three", "last three"))
+                  if (other := above_random(s[k], runs)) != s[k]["above_random"]]
+        lines.append(f"- `{column}`: prefill {runs['mean']:.1f} ± {runs['se']:.1f} ({runs['n']} "
+                     f"episodes) against measured {measured['mean']:.1f} ± {measured['se']:.1f}: "
+                     f"difference {diff:+.1f} ± {se:.1f} ({abs(diff) / se:.1f} SE). Against the "
+                     "prefill level, " + ("these verdicts would turn: " + ", ".join(turned)
+                                          if turned else "no verdict would turn") + ".")
+    if not lines:
+        return []
+    return ["*The two estimates of the random level*, and what the second would change. Both "
+            "play uniformly random actions on the same task; they differ in the episodes' "
+            "seeds (evaluation against training streams) and in number. A difference of more "
+            "than two SE says the random level is less certain than either SE alone suggests: "
+            "read the `above random` verdicts it turns as not settled.", "", *lines, ""]
 
 
 QUICK_RANDOM_EPISODES = 5  # control-suite episodes cost seconds each: a few give the random level
@@ -1818,27 +1887,31 @@ def transfer_summary(found: dict, random: dict | None = None) -> dict:
 def transfer_markdown(summary: dict, suite: str, random_path: Path | None = None) -> str:
     counts = summary["episodes"]
     episodes = " or ".join(map(str, counts)) + (" episodes" if counts != [1] else " episode")
-    lines = [f"# {suite}: every run on every test setting", "",
-             f"Each finished run's checkpoint (`<script> --evaluate`), {episodes} with "
+    lines = [f"# {suite}: every run with a kept checkpoint on every test setting", "",
+             f"Each finished run's checkpoint, where it was kept (`<script> --evaluate`; "
+             "checkpoints are not in git, so a row holds the seeds whose checkpoints were at "
+             f"hand when `./benchmark.sh transfer {suite}` ran), {episodes} with "
              "deterministic actions per test setting: the episodes of the run's first evaluation "
              "round (`episode_seed(run seed, \"eval\", j)`), the same on every setting; the "
              "validation videos, dynamic distractions. A cell: mean ± standard error over seeds "
              "of each seed's mean return (number of seeds); `-`: not evaluated. `@<level>`: the "
              "Distracting Control Suite level or the MiniGrid rendering change (none without "
-             "`@`). A row: the algorithm, the setting it was trained on and its checkpoints' env "
-             f"steps. Written by `./benchmark.sh transfer {suite}`; `./benchmark.sh report "
-             f"transfer {suite}` rewrites it from the runs' evaluation.json files.", ""]
+             "`@`). A row: the algorithm, the setting it was trained on, the seeds (seeds "
+             f">= {CPU_HELD_OUT} never chose a preset value) and its checkpoints' env steps. "
+             f"Written by `./benchmark.sh transfer {suite}`; `./benchmark.sh report transfer "
+             f"{suite}` rewrites it from the runs' evaluation.json files.", ""]
     for task, table in summary["tables"].items():
         settings = table["settings"]
-        lines += [f"## {task}", "", "| method | trained on | env steps | " + " | ".join(settings)
-                  + " |", "|---" * (len(settings) + 3) + "|"]
+        lines += [f"## {task}", "", "| method | trained on | seeds | env steps | "
+                  + " | ".join(settings) + " |", "|---" * (len(settings) + 4) + "|"]
         for row in table["rows"]:
             steps = " / ".join(f"{s:,}" for s in row["env_steps"]) or "-"
-            lines.append(f"| {row['algo']} | {row['trained_on']} | {steps} | "
+            seeds = sorted({k for c in row["cells"].values() for k in c["seeds"]}, key=seed_sort)
+            lines.append(f"| {row['algo']} | {row['trained_on']} | {', '.join(seeds)} | {steps} | "
                          + " | ".join(fmt_stat(row["cells"].get(s)) for s in settings) + " |")
         if table["random"]:
             cells = [table["random"].get(s) for s in settings]
-            lines.append("| random policy | - | - | " + " | ".join(
+            lines.append("| random policy | - | - | - | " + " | ".join(
                 f"{fmt_stat(c, with_n=False)} ({c['n']} episodes)" if c else "-" for c in cells)
                 + " |")
         lines.append("")

@@ -539,6 +539,54 @@ def test_background_runs_give_the_fraction_of_the_clean_return_kept(tmp_path):
     assert (tmp_path / "cpu" / "distraction.png").stat().st_size > 10_000
 
 
+def test_the_margin_kept_measures_the_lead_over_random_not_the_floor(tmp_path):
+    """An agent at the random level on the background keeps ~0.6 of its clean return but none of
+    its margin over random; the margin's SE carries the random policy's SE too."""
+    root = tmp_path / "cpu" / "runs"
+    clean, background = (240, 250, 260), (140, 150, 160)
+    for k in range(3):
+        write_cpu_run(root, "cvrl", "dmc-cartpole-swingup", f"seed{k + 1}",
+                      evals_ending([clean[k]] * 3))
+        write_cpu_run(root, "cvrl", "dcs-cartpole-swingup@background", f"seed{k + 1}",
+                      evals_ending([background[k]] * 3))
+    write_random_policy(tmp_path, {c: (150.0, 5.0) for c in ("dmc-cartpole-swingup",
+                                                              "dcs-cartpole-swingup@background")})
+    summary = benchmark.report("cpu", None, tmp_path)
+    numbers = summary["numbers"]["distraction"]["cvrl"]["last_three"]
+    assert numbers["kept"]["mean"] == pytest.approx(0.6)
+    margin = numbers["margin_kept"]
+    se = 10 / np.sqrt(3)  # each column's SE over its three seeds
+    expected = np.sqrt((se / 100) ** 2 + (0 * se / 100 ** 2) ** 2 + (-100 * 5.0 / 100 ** 2) ** 2)
+    assert margin["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert margin["se"] == pytest.approx(expected)
+    assert row(summary["text"], "cvrl", "## Clean against")[7] == f"0.00 ± {expected:.2f} / " \
+                                                                   f"0.00 ± {expected:.2f}"
+    # no margin where the clean return is not above the random policy's
+    low = benchmark.margin_kept(dict(mean=100.0, se=1.0, n=3), dict(mean=140.0, se=1.0, n=3),
+                                dict(mean=150.0, se=5.0))
+    assert low["n"] == 0
+
+
+def test_the_page_says_which_verdicts_the_prefill_random_level_would_turn(tmp_path):
+    """The measured random level 120 ± 5 against prefill episodes at ~196 ± 2: core (200 ± 5.8)
+    is above the first by two SE and not above the second; the page says so."""
+    root = tmp_path / "cpu" / "runs"
+    prefill = [(k * 1000, 185.0 + (k % 2) * 20) for k in range(1, 9)]
+    for k, final in enumerate((190, 200, 210)):
+        write_cpu_run(root, "core", "dmc-cartpole-swingup", f"seed{k + 1}",
+                      evals_ending([final] * 3), [(s, r + k) for s, r in prefill])
+    write_random_policy(tmp_path, {"dmc-cartpole-swingup": (120.0, 5.0)})
+    text = benchmark.report("cpu", None, tmp_path)["text"]
+    assert row(text, "core", CLEAN)[2] == "yes"
+    (line,) = [x for x in text.splitlines() if x.startswith("- `dmc-cartpole-swingup`: prefill")]
+    assert "against measured 120.0 ± 5.0" in line
+    assert "core at the budget (yes -> no), core last three (yes -> no)" in line
+    # with the prefill at the measured level nothing turns
+    write_random_policy(tmp_path, {"dmc-cartpole-swingup": (197.0, 5.0)})
+    text = benchmark.report("cpu", None, tmp_path)["text"]
+    assert "no verdict would turn" in text
+
+
 def test_without_dreamerv2_on_both_columns_the_page_cannot_tell(tmp_path):
     root = tmp_path / "cpu" / "runs"
     for k in range(2):
@@ -870,14 +918,16 @@ def test_transfer_table_is_mean_and_standard_error_over_seeds_of_each_seeds_mean
 
     summary = benchmark.transfer_report("cpu", tmp_path)
     text = (tmp_path / "cpu" / "transfer.md").read_text()
-    assert ("| method | trained on | env steps | dmc-cartpole-swingup | dcs-cartpole-swingup@easy "
+    assert ("| method | trained on | seeds | env steps | dmc-cartpole-swingup | "
+            "dcs-cartpole-swingup@easy "
             "| dcs-cartpole-swingup@background |") in text
     # 200 ± SD(100, 200, 300) / sqrt(3) = 57.7 over three seeds; one seed: no SE
-    assert "| core | dmc-cartpole-swingup | 100,000 | 200 ± 58 (3) | 50 (1) | - |" in text
-    # the most episodes of a setting count (5 at 60), not the newer 2-episode one
-    assert ("| dreamerv2 | dcs-cartpole-swingup@background | 100,000 | 20 (1) | - | 60 (1) |"
+    assert ("| core | dmc-cartpole-swingup | 1, 2, 3 | 100,000 | 200 ± 58 (3) | 50 (1) | - |"
             in text)
-    assert "| random policy | - | - | 116 ± 7 (75 episodes) | - | - |" in text
+    # the most episodes of a setting count (5 at 60), not the newer 2-episode one
+    assert ("| dreamerv2 | dcs-cartpole-swingup@background | 1 | 100,000 | 20 (1) | - | 60 (1) |"
+            in text)
+    assert "| random policy | - | - | - | 116 ± 7 (75 episodes) | - | - |" in text
     assert "minigrid" not in text.split("Random policy:")[0]  # no MiniGrid runs: no table
     saved = json.loads((tmp_path / "cpu" / "transfer.json").read_text())
     cell = saved["tables"]["cartpole-swingup"]["rows"][0]["cells"]["dmc-cartpole-swingup"]
@@ -887,11 +937,12 @@ def test_transfer_table_is_mean_and_standard_error_over_seeds_of_each_seeds_mean
     # asked for 2 episodes: the newest 2-episode evaluation (80)
     benchmark.transfer_report("cpu", tmp_path, episodes=2)
     text = (tmp_path / "cpu" / "transfer.md").read_text()
-    assert "| dreamerv2 | dcs-cartpole-swingup@background | 100,000 | 20 (1) | - | 80 (1) |" in text
+    assert ("| dreamerv2 | dcs-cartpole-swingup@background | 1 | 100,000 | 20 (1) | - | 80 (1) |"
+            in text)
     # `report transfer` rewrites it from the evaluation.json files alone (no checkpoint here)
     (tmp_path / "cpu" / "transfer.md").unlink()
     run_benchmark("report", "transfer", "cpu", "--results", str(tmp_path), cwd=tmp_path)
-    assert "| core | dmc-cartpole-swingup | 100,000 | 200 ± 58 (3) | 50 (1) | - |" in (
+    assert "| core | dmc-cartpole-swingup | 1, 2, 3 | 100,000 | 200 ± 58 (3) | 50 (1) | - |" in (
         tmp_path / "cpu" / "transfer.md").read_text()
 
 
@@ -939,8 +990,8 @@ def test_transfer_evaluates_a_finished_run_on_both_toy_tasks_then_skips_them(tmp
         assert e["trained_on"]["env"] == "toy-reach" and len(e["returns"]) == 2
         means[e["env"]] = e["mean"]
     text = (tmp_path / "smoke" / "transfer.md").read_text()
-    assert "| method | trained on | env steps | toy-reach | toy-reach-center |" in text
-    assert (f"| dreamerv2 | toy-reach | 100 | {means['toy-reach']:.0f} (1) | "
+    assert "| method | trained on | seeds | env steps | toy-reach | toy-reach-center |" in text
+    assert (f"| dreamerv2 | toy-reach | 1 | 100 | {means['toy-reach']:.0f} (1) | "
             f"{means['toy-reach-center']:.0f} (1) |") in text
     assert (run / "metrics.jsonl").read_text() == metrics  # the run itself is untouched
 
@@ -953,12 +1004,14 @@ def test_the_headline_table_gives_each_agent_clean_background_and_the_fraction_k
     stat = lambda mean, se, n: dict(mean=mean, se=se, n=n)  # noqa: E731
     table = benchmark.headline_table({
         "core": {"last_three": dict(clean=stat(250.0, 10.0, 5), background=stat(200.0, 20.0, 3),
-                                    kept=stat(0.8, 0.09, 3))},
+                                    kept=stat(0.8, 0.09, 3), margin_kept=stat(0.6, 0.15, 3))},
         "dreamerv2": {"last_three": dict(clean=stat(230.0, 8.0, 5), background=stat(float("nan"),
-                                         float("nan"), 0), kept=stat(None, None, 0))}})
+                                         float("nan"), 0), kept=stat(None, None, 0),
+                                         margin_kept=stat(float("nan"), float("nan"), 0))}})
     lines = table.splitlines()
-    assert lines[2] == "| dreamerv2 (reconstruction) | 230 ± 8 (5) | - | - |"  # the baseline first
-    assert lines[3] == "| core | 250 ± 10 (5) | 200 ± 20 (3) | 0.80 ± 0.09 (3) |"
+    assert lines[2] == "| dreamerv2 (reconstruction) | 230 ± 8 (5) | - | - | - |"  # baseline first
+    assert lines[3] == ("| core | 250 ± 10 (5) | 200 ± 20 (3) | 0.80 ± 0.09 (3) | "
+                        "0.60 ± 0.15 (3) |")
 
 
 def test_the_readme_shows_the_cpu_table_that_report_cpu_wrote():
