@@ -1257,9 +1257,10 @@ def replay_due(settings: RunSettings, evals: int, env_steps: int) -> bool:
 
 def new_run_dir(name: str) -> Path:
     """runs/<name>, made here and never shared: if it exists (a second run started in the same
-    second), the next free suffix _2, _3, ...; a slash in the name (gym:ALE/Pong-v5) becomes '-'."""
+    second), the next free suffix _2, _3, ...; a slash or colon in the name (gym:ALE/Pong-v5)
+    becomes '-' (a colon would split TensorBoard's `--logdir_spec name:path`)."""
     for k in range(1, 1000):
-        path = Path("runs") / (name.replace("/", "-") + (f"_{k}" if k > 1 else ""))
+        path = Path("runs") / (name.replace("/", "-").replace(":", "-") + (f"_{k}" if k > 1 else ""))
         try:
             path.mkdir(parents=True)
             return path

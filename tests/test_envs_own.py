@@ -383,7 +383,7 @@ def test_docs_launcher_trains_dreamerv2_on_a_registered_env(tmp_path):
 
 def test_dreamerv2_trains_on_a_gym_id(tmp_path):
     run_dir = run_tiny_dreamerv2(tmp_path, str(ROOT / "dreamerv2.py"), "--env", "gym:Pendulum-v1")
-    assert run_dir.name.startswith("gym:Pendulum-v1__")
+    assert run_dir.name.startswith("gym-Pendulum-v1__")  # no colon: TensorBoard's name:path
 
 
 def test_speed_table_keeps_the_colons_of_gym_ids():
