@@ -1238,6 +1238,7 @@ def distraction_section(cells: dict, budgets: dict, random: dict) -> tuple[list[
              "floor (an agent at the random level keeps random / clean, about 0.5 here), this "
              "does not (0 at the random level; SE by first-order propagation with the random "
              "policy's SE in both terms). Curves: [`distraction.png`](distraction.png).", ""]
+    level = random.get(CPU_BACKGROUND)
     head = ["method", f"clean at {clean_b:,.0f}", f"background at {back_b:,.0f}", "kept",
             "clean, last three", "background, last three", "kept, last three",
             "margin kept (at the budget / last three)",
@@ -1251,9 +1252,8 @@ def distraction_section(cells: dict, budgets: dict, random: dict) -> tuple[list[
         clean = cell_stats(per_column[CPU_CLEAN]) if CPU_CLEAN in per_column else empty
         back = cell_stats(per_column[CPU_BACKGROUND]) if CPU_BACKGROUND in per_column else empty
         numbers[algo] = {k: dict(clean=clean[k], background=dict(
-            back[k], above_random=above_random(back[k], random.get(CPU_BACKGROUND))),
-            kept=fraction_kept(back[k], clean[k]),
-            margin_kept=margin_kept(back[k], clean[k], random.get(CPU_BACKGROUND)))
+            back[k], above_random=above_random(back[k], level)),
+            kept=fraction_kept(back[k], clean[k]), margin_kept=margin_kept(back[k], clean[k], level))
             for k in ("final", "last_three")}
         numbers[algo]["background_unfinished"] = [seed_label(k) for k in back["unfinished"]]
         n = numbers[algo]
@@ -1535,7 +1535,7 @@ def headline_table(distraction: dict) -> str:
         last = distraction[algo]["last_three"]
         name = f"{algo} (reconstruction)" if algo == "dreamerv2" else algo
         rows.append(f"| {name} | {cell(last['clean'])} | {cell(last['background'])} | "
-                    f"{cell(last['kept'], 2)} | {cell(last.get('margin_kept'), 2)} |")
+                    f"{cell(last['kept'], 2)} | {cell(last['margin_kept'], 2)} |")
     return "\n".join(rows) + "\n"
 
 
@@ -1560,9 +1560,9 @@ def random_policy_notes(random: dict, columns: list[str]) -> list[str]:
         for c in measured:
             r = random[c]
             lengths = sorted({int(n) for n in r.get("lengths", [])})
-            span = (f", episodes of {'-'.join(map(str, lengths[::max(len(lengths) - 1, 1)]))} "
-                    f"agent steps at action repeat {r.get('action_repeat', '?')}"
-                    if lengths else "")
+            span = "" if not lengths else (
+                f", episodes of {lengths[0]}" + (f"-{lengths[-1]}" if len(lengths) > 1 else "")
+                + f" agent steps at action repeat {r.get('action_repeat', '?')}")
             lines.append(f"- `{c}`: {r['mean']:.1f} ± {r['se']:.1f} (SD {r['sd']:.1f}{span}, "
                          f"{r['n']} episodes: run seeds {', '.join(map(str, r['seeds']))}, "
                          f"rounds {', '.join(str(k) for k in r['rounds'])} (0-based), "
